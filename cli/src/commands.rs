@@ -1,0 +1,418 @@
+//! The client commands: apply, keys, udf, rows.
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use layer_protocol::function::{GetUdfResponse, RevisionList, Udf, UdfList};
+use layer_protocol::keys::{
+    ApiKey, ApiKeyList, Entitlement, MintKeyRequest, MintKeyResponse, Scope,
+};
+use layer_protocol::namespace::{
+    Document, NamespaceList, QueryResponse, StatusResponse, WriteResponse,
+};
+use layer_protocol::resource::{ApplyResponse, parse_documents};
+use serde_json::{Value, json};
+
+use crate::client::{ApiFailure, Client, seg};
+
+fn read_input(file: &Path) -> Result<String> {
+    if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// `layer apply -f FILE...`: every document of every file, all or nothing.
+pub async fn apply(client: &Client, files: &[std::path::PathBuf], json_out: bool) -> Result<()> {
+    let mut documents = Vec::new();
+    for f in files {
+        let text = read_input(f)?;
+        let docs = parse_documents(&text).map_err(|e| anyhow!("{}: {e}", f.display()))?;
+        documents.extend(docs);
+    }
+    let resp: ApplyResponse = match client
+        .post("/v2/apply", &json!({ "documents": documents }))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(f) = e.downcast_ref::<ApiFailure>()
+                && let Some(body) = &f.body
+                && body.code == "invalid_resource"
+            {
+                let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+                let mut msg = format!("{} was not applied (nothing changed):", names.join(", "));
+                let problems: Vec<String> = if body.errors.is_empty() {
+                    vec![body.message.clone()]
+                } else {
+                    body.errors.iter().map(|p| p.message.clone()).collect()
+                };
+                for p in problems {
+                    msg.push_str(&format!("\n  {p}"));
+                }
+                bail!(msg);
+            }
+            return Err(e);
+        }
+    };
+    if json_out {
+        return print_json(&resp);
+    }
+    for r in resp.results {
+        let rev = r
+            .revision
+            .map(|n| format!(" (revision {n})"))
+            .unwrap_or_default();
+        let action = serde_json::to_value(r.action)?
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        println!("{}/{} {action}{rev}", r.kind.to_lowercase(), r.name);
+    }
+    Ok(())
+}
+
+/// Options of `layer keys create`.
+pub struct CreateKey {
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub claims: Vec<String>,
+    pub expires_after: Option<String>,
+    pub description: Option<String>,
+    pub owner: Option<String>,
+}
+
+pub async fn keys_create(client: &Client, k: CreateKey, json_out: bool) -> Result<()> {
+    let scopes = k
+        .scopes
+        .iter()
+        .map(|s| match s.as_str() {
+            "read" => Ok(Scope::Read),
+            "write" => Ok(Scope::Write),
+            "admin" => Ok(Scope::Admin),
+            other => Err(anyhow!("--scope {other}: use read, write or admin")),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ent = Entitlement {
+        scopes: (!scopes.is_empty()).then_some(scopes),
+        namespaces: (!k.namespaces.is_empty()).then_some(k.namespaces),
+        claims: (!k.claims.is_empty()).then_some(k.claims),
+    };
+    let req = MintKeyRequest {
+        name: k.name,
+        owner: k.owner,
+        description: k.description,
+        entitlements: Some([("default".to_string(), ent)].into()),
+        expires_after: k.expires_after,
+    };
+    let resp: MintKeyResponse = client.post("/v2/keys", &req).await?;
+    if json_out {
+        return print_json(&resp);
+    }
+    println!("created key {} ({})", resp.key.key_id, resp.key.name);
+    println!(
+        "token (shown this once; only its hash is stored):\n\n  {}\n",
+        resp.token
+    );
+    Ok(())
+}
+
+fn describe_entitlements(k: &ApiKey) -> String {
+    k.entitlements
+        .values()
+        .map(|e| {
+            let mut parts: Vec<String> = e
+                .scopes
+                .iter()
+                .flatten()
+                .map(|s| {
+                    serde_json::to_value(s)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default()
+                })
+                .collect();
+            if let Some(c) = &e.claims {
+                parts.extend(c.iter().map(|c| format!("claim:{c}")));
+            }
+            let ns = e
+                .namespaces
+                .as_ref()
+                .map(|n| format!(" on {}", n.join(",")))
+                .unwrap_or_default();
+            format!("{}{ns}", parts.join("+"))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+pub async fn keys_list(client: &Client, all: bool, json_out: bool) -> Result<()> {
+    let list: ApiKeyList = client
+        .get(&format!("/v2/keys?includeRevoked={all}"))
+        .await?;
+    if json_out {
+        return print_json(&list.keys);
+    }
+    println!(
+        "{:<22} {:<20} {:<8} {:<26} {}",
+        "KEY ID", "NAME", "PHASE", "CREATED", "GRANTS"
+    );
+    for k in list.keys {
+        println!(
+            "{:<22} {:<20} {:<8} {:<26} {}",
+            k.key_id,
+            k.name,
+            format!("{:?}", k.phase),
+            k.created_at,
+            describe_entitlements(&k)
+        );
+    }
+    Ok(())
+}
+
+pub async fn keys_revoke(client: &Client, key_id: &str) -> Result<()> {
+    let k: ApiKey = client
+        .post_empty(&format!("/v2/keys/{}/revoke", seg(key_id)))
+        .await?;
+    println!(
+        "revoked {} ({}) at {}",
+        k.key_id,
+        k.name,
+        k.revoked_at.unwrap_or_default()
+    );
+    Ok(())
+}
+
+pub async fn keys_delete(client: &Client, key_id: &str) -> Result<()> {
+    let s: StatusResponse = client.delete(&format!("/v2/keys/{}", seg(key_id))).await?;
+    println!("{}", s.message.unwrap_or(s.status));
+    Ok(())
+}
+
+pub async fn udf_list(client: &Client, json_out: bool) -> Result<()> {
+    let list: UdfList = client.get("/v2/udfs").await?;
+    if json_out {
+        return print_json(&list.udfs);
+    }
+    println!(
+        "{:<28} {:<9} {:<8} {:<7} {:<10} {}",
+        "NAME", "VERSION", "DISPATCH", "PAUSED", "REVISION", "TARGETS"
+    );
+    for u in list.udfs {
+        let targets = if u.spec.target_namespaces.is_empty() {
+            "indexSelector".to_string()
+        } else {
+            u.spec.target_namespaces.join(",")
+        };
+        println!(
+            "{:<28} {:<9} {:<8} {:<7} {:<10} {}",
+            u.id,
+            u.spec.version,
+            format!("{:?}", u.spec.worker.dispatch).to_lowercase(),
+            u.paused,
+            u.revision,
+            targets
+        );
+    }
+    Ok(())
+}
+
+pub async fn udf_get(client: &Client, name: &str, json_out: bool) -> Result<()> {
+    let r: GetUdfResponse = client.get(&format!("/v2/udfs/{}", seg(name))).await?;
+    if json_out {
+        return print_json(&json!({"udf": r.udf, "status": r.status}));
+    }
+    let u = &r.udf;
+    let s = &r.status;
+    println!("name:       {}", u.id);
+    println!("revision:   {} (updated {})", u.revision, u.updated_at);
+    println!(
+        "version:    {}  marker: {}",
+        u.spec.version,
+        layer_protocol::function::FunctionSpec::marker_attribute(&u.id)
+    );
+    println!("paused:     {}", u.paused);
+    println!(
+        "dispatch:   {:?}, batch {} rows, timeout {} s",
+        u.spec.worker.dispatch, u.spec.worker.batch_size, u.spec.worker.timeout_seconds
+    );
+    println!(
+        "namespaces: {}",
+        if s.active_namespaces.is_empty() {
+            "(none exist yet)".into()
+        } else {
+            s.active_namespaces.join(", ")
+        }
+    );
+    println!(
+        "rows:       {} pending, {} processing, {} failed",
+        s.pending_count, s.processing_count, s.failed_count
+    );
+    Ok(())
+}
+
+pub async fn udf_revisions(client: &Client, name: &str, json_out: bool) -> Result<()> {
+    let r: RevisionList = client
+        .get(&format!("/v2/udfs/{}/revisions", seg(name)))
+        .await?;
+    if json_out {
+        return print_json(&r.revisions);
+    }
+    println!(
+        "{:<9} {:<26} {:<22} {}",
+        "REVISION", "CREATED", "BY KEY", "CHANGED"
+    );
+    for rev in r.revisions {
+        println!(
+            "{:<9} {:<26} {:<22} {}",
+            rev.revision,
+            rev.created_at,
+            rev.key_id.unwrap_or_default(),
+            rev.changed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+pub async fn udf_set_paused(client: &Client, name: &str, paused: bool) -> Result<()> {
+    let verb = if paused { "pause" } else { "resume" };
+    let u: Udf = client
+        .post_empty(&format!("/v2/udfs/{}/{verb}", seg(name)))
+        .await?;
+    println!("{} {}", u.id, if u.paused { "paused" } else { "resumed" });
+    Ok(())
+}
+
+pub async fn udf_delete(client: &Client, name: &str) -> Result<()> {
+    let s: StatusResponse = client.delete(&format!("/v2/udfs/{}", seg(name))).await?;
+    println!("{}", s.message.unwrap_or(s.status));
+    Ok(())
+}
+
+/// Reads rows from a JSON array or JSON lines file.
+fn read_rows(file: &Path) -> Result<Vec<Value>> {
+    let text = read_input(file)?;
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        return serde_json::from_str(trimmed)
+            .with_context(|| format!("{}: not a JSON array of rows", file.display()));
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: not a JSON row", file.display(), i + 1))
+        })
+        .collect()
+}
+
+/// `layer rows upsert NS -f FILE`: sends the rows in writes of `batch`.
+pub async fn rows_upsert(client: &Client, ns: &str, file: &Path, batch: usize) -> Result<()> {
+    let rows = read_rows(file)?;
+    let total = rows.len();
+    let started = std::time::Instant::now();
+    let mut done = 0usize;
+    for chunk in rows.chunks(batch.max(1)) {
+        let r: WriteResponse = client
+            .post(
+                &format!("/v2/namespaces/{}", seg(ns)),
+                &json!({ "upsert_rows": chunk }),
+            )
+            .await?;
+        done += r.rows_upserted as usize;
+        eprint!(
+            "\rupserted {done}/{total} rows ({:.0} rows/s)",
+            done as f64 / started.elapsed().as_secs_f64().max(1e-3)
+        );
+    }
+    eprintln!();
+    println!(
+        "upserted {done} rows into {ns} in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+pub async fn rows_get(client: &Client, ns: &str, id: &str) -> Result<()> {
+    let d: Document = client
+        .get(&format!("/v2/namespaces/{}/documents/{}", seg(ns), seg(id)))
+        .await?;
+    print_json(&d)
+}
+
+/// Options of `layer rows query`.
+pub struct QueryArgs {
+    pub filter: Option<String>,
+    pub rank_by: Option<String>,
+    pub top_k: i64,
+    pub attributes: Option<String>,
+}
+
+pub async fn rows_query(client: &Client, ns: &str, q: QueryArgs) -> Result<()> {
+    let mut body = json!({ "top_k": q.top_k, "include_attributes": true });
+    if let Some(f) = q.filter {
+        body["filters"] = serde_json::from_str(&f)
+            .context("--filter must be a JSON filter like '[\"category\", \"Eq\", \"outdoor\"]'")?;
+    }
+    if let Some(r) = q.rank_by {
+        let (attr, dir) = r.split_once(':').unwrap_or((&r, "asc"));
+        body["rank_by"] = json!([attr, dir]);
+    }
+    if let Some(a) = q.attributes {
+        body["include_attributes"] = json!(a.split(',').map(str::trim).collect::<Vec<_>>());
+    }
+    let r: QueryResponse = client
+        .post(&format!("/v2/namespaces/{}/query", seg(ns)), &body)
+        .await?;
+    for row in r.rows {
+        println!("{}", serde_json::to_string(&row)?);
+    }
+    Ok(())
+}
+
+pub async fn rows_namespaces(client: &Client, prefix: Option<&str>) -> Result<()> {
+    let mut cursor: Option<String> = None;
+    println!("{:<40} {:>12}  {}", "NAMESPACE", "ROWS", "LABELS");
+    loop {
+        let mut path = format!(
+            "/v2/namespaces?page_size=1000&prefix={}",
+            seg(prefix.unwrap_or(""))
+        );
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={}", seg(c)));
+        }
+        let page: NamespaceList = client.get(&path).await?;
+        for n in &page.namespaces {
+            let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("{:<40} {:>12}  {}", n.name, n.row_count, labels.join(","));
+        }
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return Ok(()),
+        }
+    }
+}
+
+pub async fn rows_drop(client: &Client, ns: &str) -> Result<()> {
+    let s: StatusResponse = client
+        .delete(&format!("/v2/namespaces/{}", seg(ns)))
+        .await?;
+    println!(
+        "{} ({} rows)",
+        s.message.unwrap_or(s.status),
+        s.rows_affected.unwrap_or(0)
+    );
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! `layer`: the one binary. `dev` and `platform` run the control plane; the
+//! other commands talk to it over the REST API (`LAYER_URL`, `LAYER_API_KEY`).
+
+mod client;
+mod commands;
+mod serve;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "layer",
+    version,
+    about = "Run functions over the rows of an index, reliably."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the platform is, for client commands.
+#[derive(Args, Clone)]
+struct Remote {
+    /// The platform's base URL.
+    #[arg(
+        long,
+        env = "LAYER_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
+    /// The API key (sent as a bearer token).
+    #[arg(long, env = "LAYER_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+    /// Print raw JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything on one machine: an embedded PostgreSQL and the platform.
+    Dev {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Holds the PostgreSQL cluster and its log; reused on the next start.
+        #[arg(long, default_value = ".layer")]
+        data_dir: PathBuf,
+        /// The admin key to install at first start (else one is minted and printed).
+        #[arg(long, env = "LAYER_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+    /// A platform replica against an existing PostgreSQL.
+    Platform {
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        #[arg(long, env = "LAYER_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Connections this replica may hold.
+        #[arg(long, env = "LAYER_MAX_CONNECTIONS", default_value_t = 16)]
+        max_connections: u32,
+        /// Largest accepted request body, in bytes.
+        #[arg(long, env = "LAYER_MAX_BODY_BYTES", default_value_t = 64 << 20)]
+        max_body_bytes: usize,
+        /// The admin key to install when the database has no keys.
+        #[arg(long, env = "LAYER_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+    /// Apply Function, Index and InfraRules documents (YAML or JSON; `-` reads stdin).
+    Apply {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Inspect and control Functions.
+    Udf {
+        #[command(subcommand)]
+        command: UdfCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Write, read and query rows.
+    Rows {
+        #[command(subcommand)]
+        command: RowsCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Mint a key; its token is printed once.
+    Create {
+        name: String,
+        /// read, write or admin (repeatable). Default: read.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Restrict the key to these namespaces (repeatable; `prefix*` allowed).
+        #[arg(long = "namespace")]
+        namespaces: Vec<String>,
+        /// Claims, such as `runner` (repeatable).
+        #[arg(long = "claim")]
+        claims: Vec<String>,
+        /// Lifetime: 365d (default), 12h, 30m, or never.
+        #[arg(long)]
+        expires_after: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// List keys (never their secrets).
+    List {
+        /// Include revoked keys.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke a key: it is refused from now on.
+    Revoke { key_id: String },
+    /// Delete a key's record.
+    Delete { key_id: String },
+}
+
+#[derive(Subcommand)]
+enum UdfCommand {
+    List,
+    Get {
+        name: String,
+    },
+    /// Every revision of a Function's spec: when, by which key, what changed.
+    Revisions {
+        name: String,
+    },
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    /// Delete a Function; attributes it already wrote stay.
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RowsCommand {
+    /// Upsert rows from a JSON array or JSON-lines file (`-` reads stdin).
+    Upsert {
+        namespace: String,
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+    },
+    /// Fetch one row.
+    Get { namespace: String, id: String },
+    /// Query rows (one JSON row per line).
+    Query {
+        namespace: String,
+        /// A JSON filter, e.g. '["category", "Eq", "outdoor"]'.
+        #[arg(long)]
+        filter: Option<String>,
+        /// `attr`, `attr:asc` or `attr:desc`.
+        #[arg(long)]
+        rank_by: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        top_k: i64,
+        /// Comma-separated attributes to return (default: all).
+        #[arg(long)]
+        attributes: Option<String>,
+    },
+    /// List namespaces.
+    Namespaces {
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+    /// Delete a namespace and all its rows.
+    Drop { namespace: String },
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("LAYER_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("LAYER_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Dev {
+            listen,
+            data_dir,
+            api_key,
+        } => {
+            init_logging();
+            serve::dev(listen, data_dir, api_key).await
+        }
+        Command::Platform {
+            database_url,
+            listen,
+            max_connections,
+            max_body_bytes,
+            api_key,
+        } => {
+            init_logging();
+            serve::platform(serve::PlatformArgs {
+                database_url,
+                listen,
+                max_connections,
+                max_body_bytes,
+                api_key,
+            })
+            .await
+        }
+        Command::Apply { files, remote } => {
+            let c = client::Client::new(&remote.url, remote.api_key)?;
+            commands::apply(&c, &files, remote.json).await
+        }
+        Command::Keys { command, remote } => {
+            let c = client::Client::new(&remote.url, remote.api_key)?;
+            match command {
+                KeysCommand::Create {
+                    name,
+                    scopes,
+                    namespaces,
+                    claims,
+                    expires_after,
+                    description,
+                    owner,
+                } => {
+                    let k = commands::CreateKey {
+                        name,
+                        scopes,
+                        namespaces,
+                        claims,
+                        expires_after,
+                        description,
+                        owner,
+                    };
+                    commands::keys_create(&c, k, remote.json).await
+                }
+                KeysCommand::List { all } => commands::keys_list(&c, all, remote.json).await,
+                KeysCommand::Revoke { key_id } => commands::keys_revoke(&c, &key_id).await,
+                KeysCommand::Delete { key_id } => commands::keys_delete(&c, &key_id).await,
+            }
+        }
+        Command::Udf { command, remote } => {
+            let c = client::Client::new(&remote.url, remote.api_key)?;
+            match command {
+                UdfCommand::List => commands::udf_list(&c, remote.json).await,
+                UdfCommand::Get { name } => commands::udf_get(&c, &name, remote.json).await,
+                UdfCommand::Revisions { name } => {
+                    commands::udf_revisions(&c, &name, remote.json).await
+                }
+                UdfCommand::Pause { name } => commands::udf_set_paused(&c, &name, true).await,
+                UdfCommand::Resume { name } => commands::udf_set_paused(&c, &name, false).await,
+                UdfCommand::Delete { name } => commands::udf_delete(&c, &name).await,
+            }
+        }
+        Command::Rows { command, remote } => {
+            let c = client::Client::new(&remote.url, remote.api_key)?;
+            match command {
+                RowsCommand::Upsert {
+                    namespace,
+                    file,
+                    batch,
+                } => commands::rows_upsert(&c, &namespace, &file, batch).await,
+                RowsCommand::Get { namespace, id } => commands::rows_get(&c, &namespace, &id).await,
+                RowsCommand::Query {
+                    namespace,
+                    filter,
+                    rank_by,
+                    top_k,
+                    attributes,
+                } => {
+                    commands::rows_query(
+                        &c,
+                        &namespace,
+                        commands::QueryArgs {
+                            filter,
+                            rank_by,
+                            top_k,
+                            attributes,
+                        },
+                    )
+                    .await
+                }
+                RowsCommand::Namespaces { prefix } => {
+                    commands::rows_namespaces(&c, prefix.as_deref()).await
+                }
+                RowsCommand::Drop { namespace } => commands::rows_drop(&c, &namespace).await,
+            }
+        }
+    }
+}

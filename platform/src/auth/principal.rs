@@ -1,0 +1,141 @@
+//! The caller of a request and its permissions.
+
+use layer_protocol::keys::{Entitlements, Scope};
+
+use crate::error::PlatformError;
+
+/// An authenticated key.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub key_id: String,
+    pub entitlements: Entitlements,
+}
+
+fn pattern_matches(pattern: &str, namespace: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => namespace.starts_with(prefix),
+        None => pattern == namespace,
+    }
+}
+
+impl Principal {
+    fn grants(&self) -> impl Iterator<Item = (Scope, Option<&Vec<String>>)> {
+        self.entitlements.values().flat_map(|e| {
+            e.scopes
+                .iter()
+                .flatten()
+                .map(move |s| (*s, e.namespaces.as_ref()))
+        })
+    }
+
+    /// Whether the key holds `needed` for the whole platform (no namespace
+    /// restriction on the grant that gives it).
+    pub fn require(&self, needed: Scope) -> Result<(), PlatformError> {
+        if self
+            .grants()
+            .any(|(s, ns)| s.covers(needed) && ns.is_none())
+        {
+            Ok(())
+        } else {
+            Err(PlatformError::Forbidden(format!(
+                "key {} lacks the {} scope this operation needs",
+                self.key_id,
+                scope_name(needed)
+            )))
+        }
+    }
+
+    /// Whether the key may see a namespace at all (any scope).
+    pub fn can_see(&self, namespace: &str) -> bool {
+        self.grants()
+            .any(|(_, ns)| ns.is_none_or(|list| list.iter().any(|p| pattern_matches(p, namespace))))
+    }
+
+    /// Checks access to one namespace. A namespace outside the key's
+    /// restriction answers 404, as if it did not exist; a visible namespace
+    /// without the needed scope answers 403.
+    pub fn require_namespace(&self, namespace: &str, needed: Scope) -> Result<(), PlatformError> {
+        let allowed = self.grants().any(|(s, ns)| {
+            s.covers(needed)
+                && ns.is_none_or(|list| list.iter().any(|p| pattern_matches(p, namespace)))
+        });
+        if allowed {
+            Ok(())
+        } else if self.can_see(namespace) {
+            Err(PlatformError::Forbidden(format!(
+                "key {} lacks the {} scope on namespace {namespace}",
+                self.key_id,
+                scope_name(needed)
+            )))
+        } else {
+            Err(PlatformError::NotFound(format!(
+                "namespace {namespace} not found"
+            )))
+        }
+    }
+
+    /// Whether any entitlement carries a claim (`runner`).
+    pub fn has_claim(&self, claim: &str) -> bool {
+        self.entitlements
+            .values()
+            .any(|e| e.claims.iter().flatten().any(|c| c == claim))
+    }
+}
+
+fn scope_name(s: Scope) -> &'static str {
+    match s {
+        Scope::Read => "read",
+        Scope::Write => "write",
+        Scope::Admin => "admin",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layer_protocol::keys::Entitlement;
+
+    fn principal(scopes: Vec<Scope>, namespaces: Option<Vec<&str>>) -> Principal {
+        let e = Entitlement {
+            scopes: Some(scopes),
+            namespaces: namespaces.map(|v| v.into_iter().map(String::from).collect()),
+            claims: None,
+        };
+        Principal {
+            key_id: "k".into(),
+            entitlements: [("main".to_string(), e)].into(),
+        }
+    }
+
+    #[test]
+    fn restricted_namespaces_are_invisible() {
+        let p = principal(vec![Scope::Write], Some(vec!["shop", "logs-*"]));
+        assert!(p.require_namespace("shop", Scope::Write).is_ok());
+        assert!(p.require_namespace("logs-2026", Scope::Read).is_ok());
+        assert!(matches!(
+            p.require_namespace("other", Scope::Read),
+            Err(PlatformError::NotFound(_))
+        ));
+        assert!(matches!(
+            p.require(Scope::Read),
+            Err(PlatformError::Forbidden(_))
+        ));
+    }
+
+    #[test]
+    fn read_only_cannot_write() {
+        let p = principal(vec![Scope::Read], None);
+        assert!(p.require_namespace("a", Scope::Read).is_ok());
+        assert!(matches!(
+            p.require_namespace("a", Scope::Write),
+            Err(PlatformError::Forbidden(_))
+        ));
+    }
+
+    #[test]
+    fn admin_covers_everything() {
+        let p = principal(vec![Scope::Admin], None);
+        assert!(p.require(Scope::Admin).is_ok());
+        assert!(p.require_namespace("x", Scope::Write).is_ok());
+    }
+}

@@ -1,0 +1,278 @@
+//! The `api_keys` table.
+
+use chrono::{DateTime, Utc};
+use layer_protocol::keys::{
+    ApiKey, Entitlement, Entitlements, KeyPhase, MintKeyRequest, Scope, parse_expires_after,
+};
+use sqlx::PgPool;
+
+use super::principal::Principal;
+use super::token::{hash_token, hashes_match, mint_key_id, mint_token};
+use crate::error::{PlatformError, Result};
+use crate::time::rfc3339;
+
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    key_id: String,
+    name: String,
+    owner: Option<String>,
+    description: Option<String>,
+    entitlements: sqlx::types::Json<Entitlements>,
+    expires_after: Option<String>,
+    created_at: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+    last_seen_at: Option<DateTime<Utc>>,
+}
+
+const COLUMNS: &str = "key_id, name, owner, description, entitlements, expires_after, created_at, expires_at, revoked_at, last_seen_at";
+
+impl KeyRow {
+    fn into_api(self, now: DateTime<Utc>) -> ApiKey {
+        let phase = if self.revoked_at.is_some() {
+            KeyPhase::Revoked
+        } else if self.expires_at.is_some_and(|e| e <= now) {
+            KeyPhase::Expired
+        } else {
+            KeyPhase::Active
+        };
+        ApiKey {
+            key_id: self.key_id,
+            name: self.name,
+            owner: self.owner,
+            description: self.description,
+            entitlements: self.entitlements.0,
+            expires_after: self.expires_after,
+            phase,
+            created_at: rfc3339(self.created_at),
+            expires_at: self.expires_at.map(rfc3339),
+            revoked_at: self.revoked_at.map(rfc3339),
+            last_seen_at: self.last_seen_at.map(rfc3339),
+        }
+    }
+}
+
+/// The entitlements of the bootstrap admin key.
+pub fn admin_entitlements() -> Entitlements {
+    [(
+        "admin".to_string(),
+        Entitlement {
+            scopes: Some(vec![Scope::Admin]),
+            namespaces: None,
+            claims: None,
+        },
+    )]
+    .into()
+}
+
+/// Validates a mint request; a key without entitlements gets read-only access.
+fn check_mint(req: &MintKeyRequest) -> Result<(Entitlements, Option<i64>)> {
+    if req.name.trim().is_empty() || req.name.len() > 128 {
+        return Err(PlatformError::invalid("name", "must be 1-128 characters"));
+    }
+    let entitlements = match &req.entitlements {
+        Some(e) if !e.is_empty() => e.clone(),
+        _ => [(
+            "default".to_string(),
+            Entitlement {
+                scopes: Some(vec![Scope::Read]),
+                namespaces: None,
+                claims: None,
+            },
+        )]
+        .into(),
+    };
+    for (name, e) in &entitlements {
+        if e.scopes.as_ref().is_none_or(Vec::is_empty)
+            && e.claims.as_ref().is_none_or(Vec::is_empty)
+        {
+            return Err(PlatformError::invalid(
+                format!("entitlements.{name}"),
+                "grants nothing: give scopes (read, write, admin) or claims",
+            ));
+        }
+        if let Some(list) = &e.namespaces {
+            for (i, ns) in list.iter().enumerate() {
+                let bare = ns.strip_suffix('*').unwrap_or(ns);
+                if !bare.is_empty() && layer_protocol::validate::check_namespace_name(bare).is_err()
+                {
+                    return Err(PlatformError::invalid(
+                        format!("entitlements.{name}.namespaces[{i}]"),
+                        format!("\"{ns}\" is not a namespace name or prefix pattern (name*)"),
+                    ));
+                }
+            }
+        }
+    }
+    let ttl = parse_expires_after(req.expires_after.as_deref().unwrap_or("365d"))
+        .map_err(|m| PlatformError::invalid("expiresAfter", m))?;
+    Ok((entitlements, ttl))
+}
+
+/// Mints a key and returns it with its token (shown this once).
+pub async fn mint(pool: &PgPool, req: &MintKeyRequest) -> Result<(ApiKey, String)> {
+    let (entitlements, ttl) = check_mint(req)?;
+    let token = mint_token();
+    let key = insert(pool, req, &entitlements, ttl, &token).await?;
+    Ok((key, token))
+}
+
+async fn insert(
+    pool: &PgPool,
+    req: &MintKeyRequest,
+    entitlements: &Entitlements,
+    ttl_seconds: Option<i64>,
+    token: &str,
+) -> Result<ApiKey> {
+    let row: KeyRow = sqlx::query_as(&format!(
+        "INSERT INTO api_keys (key_id, name, owner, description, entitlements, token_hash, expires_after, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
+         RETURNING {COLUMNS}"
+    ))
+    .bind(mint_key_id())
+    .bind(&req.name)
+    .bind(&req.owner)
+    .bind(&req.description)
+    .bind(sqlx::types::Json(entitlements))
+    .bind(hash_token(token))
+    .bind(req.expires_after.clone().or(Some("365d".into())))
+    .bind(ttl_seconds.map(|s| s as f64))
+    .fetch_one(pool)
+    .await?;
+    Ok(row.into_api(Utc::now()))
+}
+
+/// On a database with no keys, installs the bootstrap admin key: `token`
+/// when given (`LAYER_API_KEY`), else a fresh one, which is returned so the
+/// caller can show it once. Runs under an advisory lock so replicas that
+/// start together install one key.
+pub async fn bootstrap_admin(pool: &PgPool, token: Option<&str>) -> Result<Option<String>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(crate::db::BOOTSTRAP_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys)")
+        .fetch_one(&mut *tx)
+        .await?;
+    if any {
+        return Ok(None);
+    }
+    let (token, minted) = match token {
+        Some(t) if t.len() >= 16 => (t.to_string(), false),
+        Some(_) => {
+            return Err(PlatformError::Setup(
+                "LAYER_API_KEY is shorter than 16 characters; use a long random secret".into(),
+            ));
+        }
+        None => (mint_token(), true),
+    };
+    sqlx::query(
+        "INSERT INTO api_keys (key_id, name, description, entitlements, token_hash, expires_after)
+         VALUES ($1, 'bootstrap-admin', 'created at first start', $2, $3, 'never')",
+    )
+    .bind(mint_key_id())
+    .bind(sqlx::types::Json(admin_entitlements()))
+    .bind(hash_token(&token))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::info!(minted, "installed the bootstrap admin key");
+    Ok(minted.then_some(token))
+}
+
+/// Resolves a bearer token to a principal: 401 when unknown, 403 when
+/// revoked or expired.
+pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Principal> {
+    let hash = hash_token(token);
+    let row: Option<(
+        String,
+        sqlx::types::Json<Entitlements>,
+        Vec<u8>,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+        DateTime<Utc>,
+    )> = sqlx::query_as(
+        "SELECT key_id, entitlements, token_hash, revoked_at, expires_at, last_seen_at, now()
+             FROM api_keys WHERE token_hash = $1",
+    )
+    .bind(&hash)
+    .fetch_optional(pool)
+    .await?;
+    let Some((key_id, entitlements, stored, revoked_at, expires_at, last_seen_at, now)) = row
+    else {
+        return Err(PlatformError::Unauthorized("invalid API key".into()));
+    };
+    if !hashes_match(&stored, &hash) {
+        return Err(PlatformError::Unauthorized("invalid API key".into()));
+    }
+    if revoked_at.is_some() {
+        return Err(PlatformError::Forbidden(format!(
+            "key {key_id} has been revoked"
+        )));
+    }
+    if let Some(exp) = expires_at
+        && exp <= now
+    {
+        return Err(PlatformError::Forbidden(format!(
+            "key {key_id} expired at {}",
+            rfc3339(exp)
+        )));
+    }
+    if last_seen_at.is_none_or(|t| (now - t).num_seconds() >= 60) {
+        sqlx::query("UPDATE api_keys SET last_seen_at = now() WHERE key_id = $1")
+            .bind(&key_id)
+            .execute(pool)
+            .await?;
+    }
+    Ok(Principal {
+        key_id,
+        entitlements: entitlements.0,
+    })
+}
+
+pub async fn list(pool: &PgPool, include_revoked: bool) -> Result<Vec<ApiKey>> {
+    let rows: Vec<KeyRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE $1 OR revoked_at IS NULL ORDER BY created_at, key_id"
+    ))
+    .bind(include_revoked)
+    .fetch_all(pool)
+    .await?;
+    let now = Utc::now();
+    Ok(rows.into_iter().map(|r| r.into_api(now)).collect())
+}
+
+pub async fn get(pool: &PgPool, key_id: &str) -> Result<ApiKey> {
+    let row: Option<KeyRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM api_keys WHERE key_id = $1"))
+            .bind(key_id)
+            .fetch_optional(pool)
+            .await?;
+    row.map(|r| r.into_api(Utc::now()))
+        .ok_or_else(|| PlatformError::NotFound(format!("key {key_id} not found")))
+}
+
+/// Revokes a key; revoking twice keeps the first time.
+pub async fn revoke(pool: &PgPool, key_id: &str) -> Result<ApiKey> {
+    let row: Option<KeyRow> = sqlx::query_as(&format!(
+        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(key_id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|r| r.into_api(Utc::now()))
+        .ok_or_else(|| PlatformError::NotFound(format!("key {key_id} not found")))
+}
+
+pub async fn delete(pool: &PgPool, key_id: &str) -> Result<()> {
+    let n = sqlx::query("DELETE FROM api_keys WHERE key_id = $1")
+        .bind(key_id)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    if n == 0 {
+        return Err(PlatformError::NotFound(format!("key {key_id} not found")));
+    }
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! The `functions` and `function_revisions` tables.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use layer_protocol::function::{
+    FunctionSpec, Revision, Udf, UdfDiscoveryStatus, UdfStatus, changed_paths,
+};
+use layer_protocol::resource::ApplyAction;
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool};
+
+use crate::error::{PlatformError, Result};
+use crate::time::rfc3339;
+
+#[derive(sqlx::FromRow)]
+struct FunctionRow {
+    id: String,
+    labels: Json<BTreeMap<String, String>>,
+    spec: Json<FunctionSpec>,
+    paused: bool,
+    revision: i32,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "id, labels, spec, paused, revision, created_at, updated_at";
+
+impl From<FunctionRow> for Udf {
+    fn from(r: FunctionRow) -> Self {
+        Udf {
+            id: r.id,
+            spec: r.spec.0,
+            paused: r.paused,
+            created_at: rfc3339(r.created_at),
+            updated_at: rfc3339(r.updated_at),
+            revision: r.revision,
+            labels: r.labels.0,
+        }
+    }
+}
+
+/// A Function to create or update.
+#[derive(Debug, Clone)]
+pub struct FunctionInput {
+    pub id: String,
+    pub k8s_namespace: String,
+    /// `None` keeps the labels a Function already has.
+    pub labels: Option<BTreeMap<String, String>>,
+    pub spec: FunctionSpec,
+    /// `None` keeps the current state (a new Function starts unpaused).
+    pub paused: Option<bool>,
+}
+
+fn not_found(id: &str) -> PlatformError {
+    PlatformError::NotFound(format!("function {id} not found"))
+}
+
+/// Creates or updates a Function. A changed spec stores a new revision with
+/// the paths that changed; an identical one changes nothing. With
+/// `create_only`, an existing Function is a 409.
+///
+/// Concurrency: the Function row is locked (`FOR UPDATE`) for the caller's
+/// transaction, so two applies of one Function produce consecutive revisions.
+pub async fn upsert(
+    conn: &mut PgConnection,
+    input: &FunctionInput,
+    key_id: Option<&str>,
+    create_only: bool,
+) -> Result<(Udf, ApplyAction)> {
+    let new_spec = serde_json::to_value(&input.spec)
+        .map_err(|e| PlatformError::invalid("spec", e.to_string()))?;
+    let current: Option<FunctionRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM functions WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(&input.id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let (action, revision) = match &current {
+        None => {
+            // A re-created Function continues its revision history.
+            let last: Option<(i32, Json<serde_json::Value>)> = sqlx::query_as(
+                "SELECT revision, spec FROM function_revisions WHERE function_id = $1 ORDER BY revision DESC LIMIT 1",
+            )
+            .bind(&input.id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            let (revision, changed) = match last {
+                Some((n, old)) => (n + 1, changed_paths(&old.0, &new_spec)),
+                None => (1, vec!["spec".to_string()]),
+            };
+            insert_revision(conn, &input.id, revision, &new_spec, &changed, key_id).await?;
+            sqlx::query(
+                "INSERT INTO functions (id, k8s_namespace, labels, spec, paused, revision) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&input.id)
+            .bind(&input.k8s_namespace)
+            .bind(Json(input.labels.clone().unwrap_or_default()))
+            .bind(Json(&new_spec))
+            .bind(input.paused.unwrap_or(false))
+            .bind(revision)
+            .execute(&mut *conn)
+            .await?;
+            (ApplyAction::Created, revision)
+        }
+        Some(_) if create_only => {
+            return Err(PlatformError::Conflict(format!(
+                "function {} already exists; PUT /v2/udfs/{} updates it",
+                input.id, input.id
+            )));
+        }
+        Some(row) => {
+            let old_spec = serde_json::to_value(&row.spec.0).unwrap_or_default();
+            let changed = changed_paths(&old_spec, &new_spec);
+            let labels = input.labels.clone().unwrap_or_else(|| row.labels.0.clone());
+            let paused = input.paused.unwrap_or(row.paused);
+            if changed.is_empty() && labels == row.labels.0 && paused == row.paused {
+                (ApplyAction::Unchanged, row.revision)
+            } else {
+                let revision = if changed.is_empty() {
+                    row.revision
+                } else {
+                    row.revision + 1
+                };
+                if !changed.is_empty() {
+                    insert_revision(conn, &input.id, revision, &new_spec, &changed, key_id).await?;
+                }
+                sqlx::query(
+                    "UPDATE functions SET spec = $2, labels = $3, paused = $4, revision = $5, k8s_namespace = $6,
+                         updated_at = now()
+                     WHERE id = $1",
+                )
+                .bind(&input.id)
+                .bind(Json(&new_spec))
+                .bind(Json(&labels))
+                .bind(paused)
+                .bind(revision)
+                .bind(&input.k8s_namespace)
+                .execute(&mut *conn)
+                .await?;
+                (ApplyAction::Updated, revision)
+            }
+        }
+    };
+    let row: FunctionRow =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM functions WHERE id = $1"))
+            .bind(&input.id)
+            .fetch_one(&mut *conn)
+            .await?;
+    debug_assert_eq!(row.revision, revision);
+    Ok((row.into(), action))
+}
+
+async fn insert_revision(
+    conn: &mut PgConnection,
+    id: &str,
+    revision: i32,
+    spec: &serde_json::Value,
+    changed: &[String],
+    key_id: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO function_revisions (function_id, revision, spec, changed, key_id) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(revision)
+    .bind(Json(spec))
+    .bind(changed)
+    .bind(key_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn get(pool: &PgPool, id: &str) -> Result<Udf> {
+    let row: Option<FunctionRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM functions WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    row.map(Udf::from).ok_or_else(|| not_found(id))
+}
+
+pub async fn list(pool: &PgPool) -> Result<Vec<Udf>> {
+    let rows: Vec<FunctionRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM functions ORDER BY id"))
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().map(Udf::from).collect())
+}
+
+/// Deletes a Function. Attributes already written stay; revisions are kept.
+pub async fn delete(pool: &PgPool, id: &str) -> Result<()> {
+    let n = sqlx::query("DELETE FROM functions WHERE id = $1")
+        .bind(id)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    if n == 0 { Err(not_found(id)) } else { Ok(()) }
+}
+
+pub async fn set_paused(pool: &PgPool, id: &str, paused: bool) -> Result<Udf> {
+    let row: Option<FunctionRow> = sqlx::query_as(&format!(
+        "UPDATE functions SET paused = $2, updated_at = CASE WHEN paused = $2 THEN updated_at ELSE now() END
+         WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(paused)
+    .fetch_optional(pool)
+    .await?;
+    row.map(Udf::from).ok_or_else(|| not_found(id))
+}
+
+pub async fn revisions(pool: &PgPool, id: &str) -> Result<Vec<Revision>> {
+    let rows: Vec<(
+        i32,
+        DateTime<Utc>,
+        Option<String>,
+        Vec<String>,
+        Json<FunctionSpec>,
+    )> = sqlx::query_as(
+        "SELECT revision, created_at, key_id, changed, spec FROM function_revisions
+         WHERE function_id = $1 ORDER BY revision",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    if rows.is_empty() {
+        return Err(not_found(id));
+    }
+    Ok(rows
+        .into_iter()
+        .map(|(revision, at, key_id, changed, spec)| Revision {
+            revision,
+            created_at: rfc3339(at),
+            key_id,
+            changed,
+            spec: spec.0,
+        })
+        .collect())
+}
+
+/// The namespaces a Function currently targets that exist: its
+/// `target_namespaces`, plus the Index resources its selector matches.
+pub async fn active_namespaces(pool: &PgPool, spec: &FunctionSpec) -> Result<Vec<String>> {
+    let mut names: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM namespaces WHERE name = ANY($1) ORDER BY name")
+            .bind(&spec.target_namespaces)
+            .fetch_all(pool)
+            .await?;
+    if let Some(selector) = &spec.index_selector {
+        let indexes: Vec<(String, Json<BTreeMap<String, String>>)> = sqlx::query_as(
+            "SELECT i.name, i.labels FROM indexes i JOIN namespaces n ON n.name = i.name ORDER BY i.name",
+        )
+        .fetch_all(pool)
+        .await?;
+        for (name, labels) in indexes {
+            if selector.matches(&labels.0) && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names.sort();
+    }
+    Ok(names)
+}
+
+/// The status the client's `UdfStatus` expects. The queue arrives with the
+/// Function engine; until then nothing is pending, processing or failed.
+pub async fn status(pool: &PgPool, udf: &Udf) -> Result<UdfStatus> {
+    Ok(UdfStatus {
+        udf_id: udf.id.clone(),
+        paused: udf.paused,
+        active_namespaces: active_namespaces(pool, &udf.spec).await?,
+        discovery: UdfDiscoveryStatus {
+            sweeps_completed: 0,
+            last_completed_at: None,
+        },
+        counts: BTreeMap::from([
+            ("pending".to_string(), 0),
+            ("processing".to_string(), 0),
+            ("failed".to_string(), 0),
+            ("completed".to_string(), 0),
+        ]),
+        pending_count: 0,
+        processing_count: 0,
+        failed_count: 0,
+        indexed_rate_per_min: 0.0,
+        rate_window_seconds: 300,
+    })
+}

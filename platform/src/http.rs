@@ -1,0 +1,203 @@
+//! The HTTP server: shared state, the JSON extractor, authentication and
+//! request-id middleware, and the router that puts the domains together.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{Next, from_fn, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::de::DeserializeOwned;
+use sqlx::PgPool;
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::TraceLayer;
+
+use crate::error::{ApiError, PlatformError, REQUEST_ID};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub settings: Arc<Settings>,
+}
+
+/// Limits the HTTP layer enforces.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_body_bytes: usize,
+}
+
+/// A JSON request body. Errors name the JSON path of the offending field
+/// (`upsert_rows[3].id: invalid type ...`) and an oversized body is a 413.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError(PlatformError::PayloadTooLarge(
+                    "request body is larger than the platform's limit (--max-body-bytes); split the write".into(),
+                ))
+            } else {
+                ApiError(PlatformError::invalid("", e.body_text()))
+            }
+        })?;
+        if bytes.is_empty() {
+            return Err(ApiError(PlatformError::invalid(
+                "",
+                "the request body is empty; expected a JSON object",
+            )));
+        }
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Parses JSON with the path of any error.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ApiError(PlatformError::invalid(path, e.inner().to_string()))
+    })
+}
+
+/// Query-string parameters, parsed by hand so a bad one gets a clear error.
+pub type Params = axum::extract::Query<HashMap<String, String>>;
+
+/// Reads an optional integer parameter within bounds.
+pub fn int_param(
+    params: &HashMap<String, String>,
+    name: &str,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Result<i64, ApiError> {
+    match params.get(name) {
+        None => Ok(default),
+        Some(s) => match s.parse::<i64>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError(PlatformError::invalid(
+                name,
+                format!("\"{s}\" is not an integer in {min}..={max}"),
+            ))),
+        },
+    }
+}
+
+/// Resolves the bearer token to a [`crate::auth::Principal`] for the handlers.
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let token = match header.map(str::trim) {
+        Some(h) if h.len() > 7 && h[..7].eq_ignore_ascii_case("bearer ") => {
+            h[7..].trim().to_string()
+        }
+        Some(_) => {
+            return ApiError(PlatformError::Unauthorized(
+                "the Authorization header must be `Bearer <api key>`".into(),
+            ))
+            .into_response();
+        }
+        None => {
+            return ApiError(PlatformError::Unauthorized(
+                "missing API key: send `Authorization: Bearer <api key>`".into(),
+            ))
+            .into_response();
+        }
+    };
+    match crate::auth::store::authenticate(&state.pool, &token).await {
+        Ok(principal) => {
+            tracing::Span::current().record("key_id", principal.key_id.as_str());
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
+/// Makes the request id available to error bodies.
+async fn request_context(req: Request, next: Next) -> Response {
+    let id = req
+        .extensions()
+        .get::<RequestId>()
+        .and_then(|r| r.header_value().to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    REQUEST_ID.scope(id, next.run(req)).await
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    match sqlx::query("SELECT 1").execute(&state.pool).await {
+        Ok(_) => axum::Json(serde_json::json!({"status": "ok"})).into_response(),
+        Err(e) => ApiError(PlatformError::Unavailable(format!(
+            "database unreachable: {e}"
+        )))
+        .into_response(),
+    }
+}
+
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        crate::openapi::DOCUMENT,
+    )
+        .into_response()
+}
+
+async fn no_route() -> ApiError {
+    ApiError(PlatformError::NotFound(
+        "no such endpoint; GET /openapi.json lists them".into(),
+    ))
+}
+
+async fn wrong_method() -> Response {
+    let body = layer_protocol::error::ErrorBody {
+        error: "method_not_allowed".into(),
+        code: "method_not_allowed".into(),
+        message: "this endpoint does not accept that method; GET /openapi.json lists them".into(),
+        field: None,
+        errors: Vec::new(),
+        request_id: REQUEST_ID.try_with(Clone::clone).ok(),
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let authenticated = Router::new()
+        .merge(crate::rows::api::routes())
+        .merge(crate::auth::api::routes())
+        .merge(crate::functions::api::routes())
+        .merge(crate::resources::api::routes())
+        .route("/openapi.json", get(openapi))
+        .route_layer(from_fn_with_state(state.clone(), authenticate));
+    let max_body = state.settings.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(authenticated)
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(from_fn(request_context))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id, key_id = tracing::field::Empty)
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}

@@ -1,0 +1,119 @@
+//! The Layer control plane: the REST API, the row store, API keys and the
+//! Function/Index/InfraRules resources, all state in PostgreSQL. Replicas
+//! are stateless; any number may run over one database.
+//!
+//! - [`http`]: router, JSON extractor, authentication and request ids.
+//! - [`auth`]: API keys (`/v2/keys`), hashing, principals and scopes.
+//! - [`rows`]: namespaces of rows (`/v2/namespaces`) and the filter compiler.
+//! - [`functions`]: Function resources and their revisions (`/v2/udfs`).
+//! - [`resources`]: `POST /v2/apply` for resource documents, Index and InfraRules.
+//! - [`db`]: pools and migrations; [`embedded`]: the PostgreSQL `layer dev` runs.
+//! - [`error`]: the one error type and its HTTP mapping.
+//! - [`openapi`]: the OpenAPI document served at `/openapi.json`.
+
+pub mod auth;
+pub mod db;
+pub mod embedded;
+pub mod error;
+pub mod functions;
+pub mod http;
+pub mod openapi;
+pub mod resources;
+pub mod rows;
+pub mod time;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use sqlx::postgres::PgConnectOptions;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use error::{PlatformError, Result};
+
+/// Everything a platform replica needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the API listens (`127.0.0.1:0` picks a free port).
+    pub listen: SocketAddr,
+    pub database: PgConnectOptions,
+    /// Connections this replica may hold.
+    pub max_connections: u32,
+    /// The largest request body accepted (413 above it).
+    pub max_body_bytes: usize,
+    /// Installed as the admin key when the database has no keys yet
+    /// (`LAYER_API_KEY` at first start). `None` mints one.
+    pub bootstrap_admin_key: Option<String>,
+}
+
+impl Config {
+    /// Defaults for a database: port 8080 on loopback, 64 MiB bodies.
+    pub fn new(database: PgConnectOptions) -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database,
+            max_connections: 16,
+            max_body_bytes: 64 << 20,
+            bootstrap_admin_key: None,
+        }
+    }
+}
+
+/// A started replica.
+#[derive(Debug)]
+pub struct Started {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// The admin key minted at first start, to be shown once; `None` when
+    /// keys existed already or `bootstrap_admin_key` was given.
+    pub minted_admin_key: Option<String>,
+    task: JoinHandle<Result<()>>,
+}
+
+impl Started {
+    /// Waits until the server has drained after shutdown was requested.
+    pub async fn wait(self) -> Result<()> {
+        self.task
+            .await
+            .map_err(|e| PlatformError::Setup(format!("server task failed: {e}")))?
+    }
+}
+
+/// Connects, migrates, installs the bootstrap key if needed, binds and
+/// starts serving. Returns once the listener is bound.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Started> {
+    let pool = db::connect(config.database.clone(), config.max_connections).await?;
+    db::migrate(&pool).await?;
+    let minted_admin_key =
+        auth::store::bootstrap_admin(&pool, config.bootstrap_admin_key.as_deref()).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| PlatformError::Setup(format!("cannot listen on {}: {e}", config.listen)))?;
+    let addr = listener.local_addr()?;
+    let state = http::AppState {
+        pool: pool.clone(),
+        settings: Arc::new(http::Settings {
+            max_body_bytes: config.max_body_bytes,
+        }),
+    };
+    let app = http::router(state);
+    tracing::info!(%addr, "platform listening");
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await?;
+        pool.close().await;
+        tracing::info!("platform stopped");
+        Ok(())
+    });
+    Ok(Started {
+        addr,
+        minted_admin_key,
+        task,
+    })
+}
+
+/// Runs a replica until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    start(config, shutdown).await?.wait().await
+}

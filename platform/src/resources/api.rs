@@ -1,0 +1,145 @@
+//! `POST /v2/apply`, `GET /v2/indexes`, `GET /v2/infrarules`.
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use layer_protocol::error::FieldProblem;
+use layer_protocol::keys::Scope;
+use layer_protocol::resource::{
+    ApplyRequest, ApplyResponse, ApplyResult, Resource, validate_document,
+};
+use serde_json::json;
+
+use super::store;
+use crate::auth::Principal;
+use crate::error::{ApiError, PlatformError};
+use crate::functions::store::{FunctionInput, upsert};
+use crate::http::{ApiJson, AppState};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v2/apply", post(apply))
+        .route("/v2/indexes", get(indexes))
+        .route("/v2/infrarules", get(infra_rules))
+}
+
+/// Validates every document, then applies them all in one transaction: a
+/// file with one bad document changes nothing.
+async fn apply(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    ApiJson(req): ApiJson<ApplyRequest>,
+) -> Result<Json<ApplyResponse>, ApiError> {
+    p.require(Scope::Write)?;
+    if req.documents.is_empty() {
+        return Err(PlatformError::invalid("documents", "no documents to apply").into());
+    }
+    let mut resources = Vec::with_capacity(req.documents.len());
+    let mut problems: Vec<FieldProblem> = Vec::new();
+    for (i, doc) in req.documents.iter().enumerate() {
+        let label = describe(doc, i);
+        match validate_document(doc) {
+            Ok(r) => resources.push(r),
+            Err(list) => problems.extend(list.into_iter().map(|pr| FieldProblem {
+                message: format!("{label}: {pr}"),
+                field: format!(
+                    "documents[{i}]{}{}",
+                    if pr.field.is_empty() { "" } else { "." },
+                    pr.field
+                ),
+            })),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(PlatformError::Invalid {
+            code: "invalid_resource",
+            message: problems
+                .iter()
+                .map(|p| p.message.clone())
+                .collect::<Vec<_>>()
+                .join("; "),
+            problems,
+        }
+        .into());
+    }
+    if resources
+        .iter()
+        .any(|r| matches!(r, Resource::InfraRules { .. }))
+    {
+        p.require(Scope::Admin)?;
+    }
+    let mut tx = state.pool.begin().await.map_err(PlatformError::from)?;
+    let mut results = Vec::with_capacity(resources.len());
+    for r in &resources {
+        let meta = r.metadata();
+        let (action, revision) = match r {
+            Resource::Function {
+                metadata,
+                spec,
+                paused,
+            } => {
+                let input = FunctionInput {
+                    id: metadata.name.clone(),
+                    k8s_namespace: metadata.namespace.clone(),
+                    labels: Some(metadata.labels.clone()),
+                    spec: spec.clone(),
+                    paused: *paused,
+                };
+                let (udf, action) = upsert(&mut tx, &input, Some(&p.key_id), false).await?;
+                (action, Some(udf.revision))
+            }
+            Resource::Index { metadata, spec } => {
+                (store::apply_index(&mut tx, metadata, spec).await?, None)
+            }
+            Resource::InfraRules { metadata, spec } => (
+                store::apply_infra_rules(&mut tx, metadata, spec).await?,
+                None,
+            ),
+        };
+        tracing::info!(kind = r.kind(), name = %meta.name, ?action, "applied resource");
+        results.push(ApplyResult {
+            kind: r.kind().to_string(),
+            name: meta.name.clone(),
+            action,
+            revision,
+        });
+    }
+    tx.commit().await.map_err(PlatformError::from)?;
+    Ok(Json(ApplyResponse { results }))
+}
+
+/// `document 2 (Function/tag-products)`, as far as the document says.
+fn describe(doc: &serde_json::Value, i: usize) -> String {
+    let kind = doc.get("kind").and_then(|v| v.as_str());
+    let name = doc
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|v| v.as_str());
+    match (kind, name) {
+        (Some(k), Some(n)) => format!("document {} ({k}/{n})", i + 1),
+        _ => format!("document {}", i + 1),
+    }
+}
+
+async fn indexes(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    p.require(Scope::Read)?;
+    let list: Vec<_> = store::list_indexes(&state.pool)
+        .await?
+        .into_iter()
+        .filter(|i| p.can_see(&i.name))
+        .collect();
+    Ok(Json(json!({ "indexes": list })))
+}
+
+async fn infra_rules(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    p.require(Scope::Read)?;
+    Ok(Json(
+        json!({ "infra_rules": store::list_infra_rules(&state.pool).await? }),
+    ))
+}

@@ -1,0 +1,256 @@
+//! `/v2/namespaces`: writes, fetches, queries, listing.
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use layer_protocol::filter::Filter;
+use layer_protocol::keys::Scope;
+use layer_protocol::namespace::{
+    FetchDocumentsRequest, FetchDocumentsResponse, IncludeAttributes, NamespaceList, QueryRequest,
+    QueryResponse, StatusResponse, WriteRequest, WriteResponse,
+};
+use layer_protocol::validate::check_namespace_name;
+use serde_json::{Map, Value, json};
+
+use super::plan::{normalize_id, plan};
+use super::store::{self, OrderBy, Query};
+use crate::auth::Principal;
+use crate::error::{ApiError, PlatformError, Result};
+use crate::http::{ApiJson, AppState, Params, int_param};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v2/namespaces", get(list))
+        .route("/v2/namespaces/{ns}", post(write).delete(delete))
+        .route("/v2/namespaces/{ns}/query", post(query))
+        .route("/v2/namespaces/{ns}/documents", post(fetch_many))
+        .route("/v2/namespaces/{ns}/documents/{id}", get(fetch_one))
+}
+
+fn check_ns(principal: &Principal, ns: &str, scope: Scope) -> Result<()> {
+    check_namespace_name(ns).map_err(|m| PlatformError::invalid("namespace", m))?;
+    principal.require_namespace(ns, scope)
+}
+
+fn millis(started: std::time::Instant) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert(
+        "server_total_ms".into(),
+        json!(started.elapsed().as_secs_f64() * 1000.0),
+    );
+    m
+}
+
+async fn write(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(ns): Path<String>,
+    ApiJson(req): ApiJson<WriteRequest>,
+) -> Result<Json<WriteResponse>, ApiError> {
+    let started = std::time::Instant::now();
+    check_ns(&principal, &ns, Scope::Write)?;
+    let metric = req.distance_metric.clone();
+    let plan = plan(req)?;
+    let c = store::write(&state.pool, &ns, plan, metric.as_deref()).await?;
+    let affected = c.upserted + c.patched + c.deleted;
+    Ok(Json(WriteResponse {
+        status: "OK".into(),
+        message: format!(
+            "{} upserted, {} patched, {} deleted",
+            c.upserted, c.patched, c.deleted
+        ),
+        rows_affected: affected,
+        rows_upserted: c.upserted,
+        rows_patched: c.patched,
+        rows_deleted: c.deleted,
+        billing: Map::new(),
+        performance: millis(started),
+    }))
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(ns): Path<String>,
+) -> Result<Json<StatusResponse>, ApiError> {
+    check_ns(&principal, &ns, Scope::Write)?;
+    let n = store::delete_namespace(&state.pool, &ns).await?;
+    Ok(Json(StatusResponse {
+        status: "OK".into(),
+        message: Some(format!("namespace {ns} deleted")),
+        rows_affected: Some(n),
+    }))
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    params: Params,
+) -> Result<Json<NamespaceList>, ApiError> {
+    let page_size = int_param(&params, "page_size", 100, 1, 1000)?;
+    let prefix = params.get("prefix").map(String::as_str).unwrap_or("");
+    let (mut namespaces, next_cursor) = store::list_namespaces(
+        &state.pool,
+        prefix,
+        params.get("cursor").map(String::as_str),
+        page_size,
+    )
+    .await?;
+    namespaces.retain(|n| principal.can_see(&n.name));
+    Ok(Json(NamespaceList {
+        namespaces,
+        next_cursor,
+    }))
+}
+
+async fn fetch_many(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(ns): Path<String>,
+    ApiJson(req): ApiJson<FetchDocumentsRequest>,
+) -> Result<Json<FetchDocumentsResponse>, ApiError> {
+    check_ns(&principal, &ns, Scope::Read)?;
+    if req.ids.len() > 10_000 {
+        return Err(PlatformError::invalid("ids", "at most 10000 ids per fetch").into());
+    }
+    let ids = req
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(i, v)| normalize_id(v, &format!("ids[{i}]")))
+        .collect::<Result<Vec<_>>>()?;
+    let (documents, missing) =
+        store::fetch(&state.pool, &ns, &ids, req.include_attributes.as_deref()).await?;
+    Ok(Json(FetchDocumentsResponse { documents, missing }))
+}
+
+async fn fetch_one(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((ns, id)): Path<(String, String)>,
+    params: Params,
+) -> Result<Json<layer_protocol::namespace::Document>, ApiError> {
+    check_ns(&principal, &ns, Scope::Read)?;
+    let include: Option<Vec<String>> = params.get("include_attributes").map(|s| {
+        s.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    });
+    let (mut docs, _) = store::fetch(
+        &state.pool,
+        &ns,
+        std::slice::from_ref(&id),
+        include.as_deref(),
+    )
+    .await?;
+    docs.pop().map(Json).ok_or_else(|| {
+        ApiError(PlatformError::NotFound(format!(
+            "document {id} not found in namespace {ns}"
+        )))
+    })
+}
+
+/// Parses `rank_by`: `["attr", "asc"|"desc"]` or a list of those.
+fn parse_rank_by(v: &Value) -> Result<Vec<OrderBy>> {
+    let bad = |m: &str| PlatformError::invalid("rank_by", m.to_string());
+    let Value::Array(items) = v else {
+        return Err(bad(
+            "expected [\"attribute\", \"asc\"|\"desc\"] or a list of those",
+        ));
+    };
+    let terms: Vec<&Value> = if items.first().is_some_and(Value::is_array) {
+        items.iter().collect()
+    } else {
+        vec![v]
+    };
+    let mut out = Vec::new();
+    for t in terms {
+        let parts = t.as_array().map(Vec::as_slice).unwrap_or_default();
+        match parts {
+            [Value::String(attr), Value::String(dir)] if dir == "asc" || dir == "desc" => {
+                out.push(OrderBy {
+                    attr: attr.clone(),
+                    descending: dir == "desc",
+                });
+            }
+            [Value::String(attr), Value::String(kind), ..] if kind == "ANN" || kind == "BM25" => {
+                return Err(PlatformError::Unsupported(format!(
+                    "rank_by [\"{attr}\", \"{kind}\", ...] is not supported by this store: rank by an attribute with \"asc\" or \"desc\""
+                )));
+            }
+            _ => return Err(bad("each term must be [\"attribute\", \"asc\"|\"desc\"]")),
+        }
+    }
+    if out.len() > 8 {
+        return Err(bad("at most 8 ordering terms"));
+    }
+    Ok(out)
+}
+
+async fn query(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(ns): Path<String>,
+    ApiJson(req): ApiJson<QueryRequest>,
+) -> Result<Json<QueryResponse>, ApiError> {
+    let started = std::time::Instant::now();
+    check_ns(&principal, &ns, Scope::Read)?;
+    for (name, set) in [
+        ("vector", req.vector.is_some()),
+        ("nearest_to_id", req.nearest_to_id.is_some()),
+        ("as_of", req.as_of.is_some()),
+        ("between", req.between.is_some()),
+        ("cursor", req.cursor.is_some()),
+    ] {
+        if set {
+            return Err(PlatformError::Unsupported(format!(
+                "{name} is not supported by this store: query with filters, rank_by on an attribute and top_k"
+            ))
+            .into());
+        }
+    }
+    let filter = match &req.filters {
+        Some(f) => {
+            Filter::parse(f, "filters").map_err(|e| PlatformError::invalid(e.path, e.message))?
+        }
+        None => None,
+    };
+    let order = match &req.rank_by {
+        Some(r) => parse_rank_by(r)?,
+        None => Vec::new(),
+    };
+    let top_k = match req.top_k {
+        None => 10,
+        Some(k) if (1..=10_000).contains(&k) => k,
+        Some(k) => {
+            return Err(PlatformError::invalid(
+                "top_k",
+                format!("{k} is out of range; allowed 1..=10000"),
+            )
+            .into());
+        }
+    };
+    let include = match req.include_attributes {
+        None | Some(IncludeAttributes::All(false)) => Some(Vec::new()),
+        Some(IncludeAttributes::All(true)) => None,
+        Some(IncludeAttributes::Some(list)) => Some(list),
+    };
+    let rows = store::query(
+        &state.pool,
+        &ns,
+        &Query {
+            filter,
+            order,
+            top_k,
+            include,
+        },
+    )
+    .await?;
+    Ok(Json(QueryResponse {
+        rows,
+        billing: Map::new(),
+        performance: millis(started),
+    }))
+}

@@ -1,0 +1,909 @@
+//! The Function spec in its canonical form: snake_case, every default filled
+//! in, as `/v2/udfs` stores and returns it (the client's `UdfSpec`). The same
+//! validator reads the camelCase of resource documents and the snake_case of
+//! the REST API, so errors name the field as the user spelled it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::filter::Filter;
+use crate::validate::{
+    Case, Field, Obj, Problems, check_attribute_name, check_namespace_name, field, index, join,
+};
+
+/// How batches reach the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dispatch {
+    /// Workers claim batches through `/v2/udfs/{id}/claim` (the `hevlayer` SDK loop).
+    Pull,
+    /// The platform pushes batches to a runner, which calls the worker's `POST /run`.
+    Push,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeClass {
+    Cpu,
+    Gpu,
+}
+
+/// What starts discovery of rows that need work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    /// Periodic sweeps, on apply, and on demand.
+    Discovery,
+    /// Rows written through the API are enqueued at once.
+    Write,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    pub dispatch: Dispatch,
+    pub compute_class: ComputeClass,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub batch_size: u32,
+    pub timeout_seconds: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_spec: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleSpec {
+    pub discovery_interval_seconds: u32,
+    pub lease_seconds: u32,
+    pub max_in_flight_batches: u32,
+    pub max_concurrent_scans: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetrySpec {
+    pub max_attempts: u32,
+    pub initial_backoff_seconds: u32,
+    pub max_backoff_seconds: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScalingMode {
+    Autoscale,
+    Fixed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Replicas {
+    pub min: u32,
+    pub max: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScalingSpec {
+    /// A compute pool of `InfraRules/default`; omitted, `worker.compute_class` picks `cpu` or `gpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    pub mode: ScalingMode,
+    pub replicas: Replicas,
+}
+
+/// A Kubernetes-style label selector over `Index` labels.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LabelSelector {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<LabelExpression>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelExpression {
+    pub key: String,
+    pub operator: SelectorOp,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SelectorOp {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl LabelSelector {
+    /// Whether a set of labels is selected.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|e| {
+                let got = labels.get(&e.key);
+                match e.operator {
+                    SelectorOp::In => got.is_some_and(|g| e.values.contains(g)),
+                    SelectorOp::NotIn => got.is_none_or(|g| !e.values.contains(g)),
+                    SelectorOp::Exists => got.is_some(),
+                    SelectorOp::DoesNotExist => got.is_none(),
+                }
+            })
+    }
+}
+
+/// The canonical Function spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionSpec {
+    pub target_namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_selector: Option<LabelSelector>,
+    pub inputs: Vec<String>,
+    pub version: String,
+    /// Stored exactly as given (array-form Turbopuffer filter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Value>,
+    pub worker: WorkerSpec,
+    pub schedule: ScheduleSpec,
+    pub retry: RetrySpec,
+    pub triggers: Vec<Trigger>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<ScalingSpec>,
+    #[serde(default)]
+    pub invalidates: Vec<String>,
+}
+
+impl FunctionSpec {
+    /// The completion-marker attribute for a Function name: hyphens become
+    /// underscores (`product-color` → `_hevlayer_udf_product_color_v`).
+    pub fn marker_attribute(function_name: &str) -> String {
+        format!(
+            "{}udf_{}_v",
+            crate::RESERVED_PREFIX,
+            function_name.replace('-', "_")
+        )
+    }
+
+    /// The stale-after marker for a Function name.
+    pub fn stale_after_attribute(function_name: &str) -> String {
+        format!(
+            "{}udf_{}_stale_after",
+            crate::RESERVED_PREFIX,
+            function_name.replace('-', "_")
+        )
+    }
+}
+
+/// Limits, in one place so the docs and the checks agree.
+pub mod limits {
+    pub const BATCH_SIZE: (i64, i64) = (1, 10_000);
+    pub const TIMEOUT_SECONDS: (i64, i64) = (1, 86_400);
+    pub const LEASE_SECONDS: (i64, i64) = (1, 86_400);
+    pub const DISCOVERY_INTERVAL_SECONDS: (i64, i64) = (1, 86_400);
+    pub const MAX_IN_FLIGHT_BATCHES: (i64, i64) = (1, 10_000);
+    pub const MAX_CONCURRENT_SCANS: (i64, i64) = (1, 64);
+    pub const MAX_ATTEMPTS: (i64, i64) = (1, 100);
+    pub const BACKOFF_SECONDS: (i64, i64) = (0, 86_400);
+    pub const REPLICAS: (i64, i64) = (0, 1_000);
+    pub const INPUTS: usize = 256;
+}
+
+const SPEC_FIELDS: &[Field] = &[
+    field("targetNamespaces", "target_namespaces"),
+    field("indexSelector", "index_selector"),
+    field("inputs", "inputs"),
+    field("version", "version"),
+    field("filter", "filter"),
+    field("worker", "worker"),
+    field("schedule", "schedule"),
+    field("retry", "retry"),
+    field("triggers", "triggers"),
+    field("scaling", "scaling"),
+    field("invalidates", "invalidates"),
+    field("paused", "paused"),
+];
+const F_TARGETS: Field = SPEC_FIELDS[0];
+const F_SELECTOR: Field = SPEC_FIELDS[1];
+const F_INPUTS: Field = SPEC_FIELDS[2];
+const F_VERSION: Field = SPEC_FIELDS[3];
+const F_FILTER: Field = SPEC_FIELDS[4];
+const F_WORKER: Field = SPEC_FIELDS[5];
+const F_SCHEDULE: Field = SPEC_FIELDS[6];
+const F_RETRY: Field = SPEC_FIELDS[7];
+const F_TRIGGERS: Field = SPEC_FIELDS[8];
+const F_SCALING: Field = SPEC_FIELDS[9];
+const F_INVALIDATES: Field = SPEC_FIELDS[10];
+const F_PAUSED: Field = SPEC_FIELDS[11];
+
+const WORKER_FIELDS: &[Field] = &[
+    field("image", "image"),
+    field("url", "url"),
+    field("dispatch", "dispatch"),
+    field("computeClass", "compute_class"),
+    field("port", "port"),
+    field("batchSize", "batch_size"),
+    field("timeoutSeconds", "timeout_seconds"),
+    field("podSpec", "pod_spec"),
+];
+const SCHEDULE_FIELDS: &[Field] = &[
+    field("discoveryIntervalSeconds", "discovery_interval_seconds"),
+    field("leaseSeconds", "lease_seconds"),
+    field("maxInFlightBatches", "max_in_flight_batches"),
+    field("maxConcurrentScans", "max_concurrent_scans"),
+];
+const RETRY_FIELDS: &[Field] = &[
+    field("maxAttempts", "max_attempts"),
+    field("initialBackoffSeconds", "initial_backoff_seconds"),
+    field("maxBackoffSeconds", "max_backoff_seconds"),
+];
+const SCALING_FIELDS: &[Field] = &[
+    field("pool", "pool"),
+    field("mode", "mode"),
+    field("replicas", "replicas"),
+];
+const REPLICA_FIELDS: &[Field] = &[field("min", "min"), field("max", "max")];
+const SELECTOR_FIELDS: &[Field] = &[
+    field("matchLabels", "match_labels"),
+    field("matchExpressions", "match_expressions"),
+];
+const EXPRESSION_FIELDS: &[Field] = &[
+    field("key", "key"),
+    field("operator", "operator"),
+    field("values", "values"),
+];
+
+/// A validated spec plus the `paused` flag a resource document may carry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidatedSpec {
+    pub spec: FunctionSpec,
+    pub paused: Option<bool>,
+}
+
+/// Validates a Function spec object at `path` (`spec`), in either spelling,
+/// filling in defaults. Every problem found is reported.
+pub fn validate_spec(
+    p: &mut Problems,
+    path: &str,
+    value: &Value,
+    case: Case,
+) -> Option<ValidatedSpec> {
+    let start = p.is_empty();
+    let obj = Obj::open(p, path, value, case, SPEC_FIELDS)?;
+
+    let target_namespaces = obj.string_list(p, F_TARGETS).unwrap_or_default();
+    for (i, ns) in target_namespaces.iter().enumerate() {
+        if let Err(m) = check_namespace_name(ns) {
+            p.push(index(&obj.path_of(F_TARGETS), i), m);
+        }
+    }
+    let index_selector = obj
+        .get(F_SELECTOR)
+        .and_then(|v| label_selector(p, &obj.path_of(F_SELECTOR), v, case));
+    if target_namespaces.is_empty() && index_selector.is_none() && obj.get(F_SELECTOR).is_none() {
+        p.push(
+            obj.path_of(F_TARGETS),
+            format!(
+                "one of {} or {} is required",
+                F_TARGETS.name(case),
+                F_SELECTOR.name(case)
+            ),
+        );
+    }
+
+    let inputs = obj.string_list(p, F_INPUTS).unwrap_or_default();
+    if inputs.len() > limits::INPUTS {
+        p.push(
+            obj.path_of(F_INPUTS),
+            format!("at most {} inputs", limits::INPUTS),
+        );
+    }
+    for (i, name) in inputs.iter().enumerate() {
+        if let Err(m) = check_attribute_name(name) {
+            p.push(index(&obj.path_of(F_INPUTS), i), m);
+        }
+        if inputs[..i].contains(name) {
+            p.push(
+                index(&obj.path_of(F_INPUTS), i),
+                format!("\"{name}\" is listed twice"),
+            );
+        }
+    }
+
+    let version = obj
+        .string(p, F_VERSION, false)
+        .unwrap_or_else(|| "v1".into());
+    if version.len() > 64 {
+        p.push(obj.path_of(F_VERSION), "must be at most 64 characters");
+    }
+
+    let filter = obj.get(F_FILTER).cloned();
+    if let Some(f) = &filter {
+        match Filter::parse(f, &obj.path_of(F_FILTER)) {
+            Ok(Some(parsed)) => {
+                for attr in parsed.attributes() {
+                    if attr.starts_with(crate::RESERVED_PREFIX) {
+                        p.push(
+                            obj.path_of(F_FILTER),
+                            format!(
+                                "filter reads the reserved attribute \"{attr}\"; do not filter on completion markers, the gateway adds the marker predicate from {}",
+                                join(path, F_VERSION.name(case))
+                            ),
+                        );
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => p.push(e.path, e.message),
+        }
+    }
+
+    let worker = match obj.get(F_WORKER) {
+        Some(w) => worker_spec(p, &obj.path_of(F_WORKER), w, case),
+        None => {
+            p.push(obj.path_of(F_WORKER), "required");
+            None
+        }
+    };
+    let schedule = schedule_spec(p, &obj, case);
+    let retry = retry_spec(p, &obj, case);
+    if let (Some(w), Some(s)) = (&worker, &schedule)
+        && s.lease_seconds < w.timeout_seconds
+    {
+        p.push(
+            join(&obj.path_of(F_SCHEDULE), SCHEDULE_FIELDS[1].name(case)),
+            format!(
+                "{} must be at least {} ({}), or claims are reissued while the worker is still running",
+                s.lease_seconds,
+                join(&obj.path_of(F_WORKER), WORKER_FIELDS[6].name(case)),
+                w.timeout_seconds
+            ),
+        );
+    }
+
+    let triggers = match obj.get(F_TRIGGERS) {
+        None => vec![Trigger::Discovery],
+        Some(_) => {
+            let raw = obj.string_list(p, F_TRIGGERS).unwrap_or_default();
+            let mut out = Vec::new();
+            for (i, t) in raw.iter().enumerate() {
+                let trig = match t.as_str() {
+                    "discovery" => Trigger::Discovery,
+                    "write" => Trigger::Write,
+                    other => {
+                        p.push(
+                            index(&obj.path_of(F_TRIGGERS), i),
+                            format!("\"{other}\" is not allowed; allowed: discovery, write"),
+                        );
+                        continue;
+                    }
+                };
+                if out.contains(&trig) {
+                    p.push(
+                        index(&obj.path_of(F_TRIGGERS), i),
+                        format!("\"{t}\" is listed twice"),
+                    );
+                }
+                out.push(trig);
+            }
+            if raw.is_empty() {
+                p.push(
+                    obj.path_of(F_TRIGGERS),
+                    "at least one trigger is required (discovery or write)",
+                );
+            }
+            out
+        }
+    };
+
+    let scaling = obj
+        .get(F_SCALING)
+        .and_then(|v| scaling_spec(p, &obj.path_of(F_SCALING), v, case));
+    let invalidates = obj.string_list(p, F_INVALIDATES).unwrap_or_default();
+    let paused = obj.boolean(p, F_PAUSED);
+
+    if !p.is_empty() && start {
+        return None;
+    }
+    Some(ValidatedSpec {
+        spec: FunctionSpec {
+            target_namespaces,
+            index_selector,
+            inputs,
+            version,
+            filter,
+            worker: worker?,
+            schedule: schedule?,
+            retry: retry?,
+            triggers,
+            scaling,
+            invalidates,
+        },
+        paused,
+    })
+}
+
+fn worker_spec(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<WorkerSpec> {
+    let o = Obj::open(p, path, v, case, WORKER_FIELDS)?;
+    let image = o.string(p, WORKER_FIELDS[0], false);
+    let url = o.string(p, WORKER_FIELDS[1], false);
+    if let Some(u) = &url
+        && !(u.starts_with("http://") || u.starts_with("https://"))
+    {
+        p.push(
+            o.path_of(WORKER_FIELDS[1]),
+            format!("\"{u}\" is not an http:// or https:// URL"),
+        );
+    }
+    let dispatch = match o.one_of(p, WORKER_FIELDS[2], &["pull", "push"]).as_deref() {
+        Some("push") => Dispatch::Push,
+        _ => Dispatch::Pull,
+    };
+    let compute_class = match o.one_of(p, WORKER_FIELDS[3], &["cpu", "gpu"]).as_deref() {
+        Some("gpu") => ComputeClass::Gpu,
+        _ => ComputeClass::Cpu,
+    };
+    let port = o.int(p, WORKER_FIELDS[4], 1, 65_535).map(|n| n as u16);
+    let (lo, hi) = limits::BATCH_SIZE;
+    let batch_size = o.int(p, WORKER_FIELDS[5], lo, hi).unwrap_or(32) as u32;
+    let (lo, hi) = limits::TIMEOUT_SECONDS;
+    let timeout_seconds = o.int(p, WORKER_FIELDS[6], lo, hi).unwrap_or(30) as u32;
+    let pod_spec = o.get(WORKER_FIELDS[7]).cloned();
+    if let Some(ps) = &pod_spec
+        && !ps.is_object()
+    {
+        p.push(
+            o.path_of(WORKER_FIELDS[7]),
+            "expected an object (a pod-level merge patch)",
+        );
+    }
+    if dispatch == Dispatch::Push && image.is_none() && url.is_none() {
+        p.push(
+            path,
+            format!(
+                "dispatch push needs {} or {}: the runner must have something to start or call",
+                WORKER_FIELDS[0].name(case),
+                WORKER_FIELDS[1].name(case)
+            ),
+        );
+    }
+    Some(WorkerSpec {
+        image,
+        url,
+        dispatch,
+        compute_class,
+        port,
+        batch_size,
+        timeout_seconds,
+        pod_spec,
+    })
+}
+
+fn schedule_spec(p: &mut Problems, spec: &Obj<'_>, case: Case) -> Option<ScheduleSpec> {
+    let mut out = ScheduleSpec {
+        discovery_interval_seconds: 60,
+        lease_seconds: 120,
+        max_in_flight_batches: 8,
+        max_concurrent_scans: 4,
+    };
+    let Some(v) = spec.get(F_SCHEDULE) else {
+        return Some(out);
+    };
+    let o = Obj::open(p, &spec.path_of(F_SCHEDULE), v, case, SCHEDULE_FIELDS)?;
+    let get = |p: &mut Problems, f: Field, (lo, hi): (i64, i64), d: u32| {
+        o.int(p, f, lo, hi).map_or(d, |n| n as u32)
+    };
+    out.discovery_interval_seconds = get(
+        p,
+        SCHEDULE_FIELDS[0],
+        limits::DISCOVERY_INTERVAL_SECONDS,
+        out.discovery_interval_seconds,
+    );
+    out.lease_seconds = get(
+        p,
+        SCHEDULE_FIELDS[1],
+        limits::LEASE_SECONDS,
+        out.lease_seconds,
+    );
+    out.max_in_flight_batches = get(
+        p,
+        SCHEDULE_FIELDS[2],
+        limits::MAX_IN_FLIGHT_BATCHES,
+        out.max_in_flight_batches,
+    );
+    out.max_concurrent_scans = get(
+        p,
+        SCHEDULE_FIELDS[3],
+        limits::MAX_CONCURRENT_SCANS,
+        out.max_concurrent_scans,
+    );
+    Some(out)
+}
+
+fn retry_spec(p: &mut Problems, spec: &Obj<'_>, case: Case) -> Option<RetrySpec> {
+    let mut out = RetrySpec {
+        max_attempts: 8,
+        initial_backoff_seconds: 5,
+        max_backoff_seconds: 300,
+    };
+    let Some(v) = spec.get(F_RETRY) else {
+        return Some(out);
+    };
+    let o = Obj::open(p, &spec.path_of(F_RETRY), v, case, RETRY_FIELDS)?;
+    let (lo, hi) = limits::MAX_ATTEMPTS;
+    out.max_attempts = o
+        .int(p, RETRY_FIELDS[0], lo, hi)
+        .map_or(out.max_attempts, |n| n as u32);
+    let (lo, hi) = limits::BACKOFF_SECONDS;
+    out.initial_backoff_seconds = o
+        .int(p, RETRY_FIELDS[1], lo, hi)
+        .map_or(out.initial_backoff_seconds, |n| n as u32);
+    out.max_backoff_seconds = o
+        .int(p, RETRY_FIELDS[2], lo, hi)
+        .map_or(out.max_backoff_seconds, |n| n as u32);
+    if out.initial_backoff_seconds > out.max_backoff_seconds {
+        p.push(
+            o.path_of(RETRY_FIELDS[1]),
+            format!(
+                "{} is larger than {} ({})",
+                out.initial_backoff_seconds,
+                RETRY_FIELDS[2].name(case),
+                out.max_backoff_seconds
+            ),
+        );
+    }
+    Some(out)
+}
+
+fn scaling_spec(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<ScalingSpec> {
+    let o = Obj::open(p, path, v, case, SCALING_FIELDS)?;
+    let pool = o.string(p, SCALING_FIELDS[0], false);
+    if let Some(name) = &pool
+        && let Err(m) = crate::validate::check_resource_name(name)
+    {
+        p.push(o.path_of(SCALING_FIELDS[0]), m);
+    }
+    let mode = match o
+        .one_of(p, SCALING_FIELDS[1], &["autoscale", "fixed"])
+        .as_deref()
+    {
+        Some("fixed") => ScalingMode::Fixed,
+        _ => ScalingMode::Autoscale,
+    };
+    let mut replicas = Replicas { min: 0, max: 1 };
+    if let Some(rv) = o.get(SCALING_FIELDS[2])
+        && let Some(r) = Obj::open(p, &o.path_of(SCALING_FIELDS[2]), rv, case, REPLICA_FIELDS)
+    {
+        let (lo, hi) = limits::REPLICAS;
+        replicas.min = r.int(p, REPLICA_FIELDS[0], lo, hi).map_or(0, |n| n as u32);
+        replicas.max = r
+            .int(p, REPLICA_FIELDS[1], 1, hi)
+            .map_or(replicas.min.max(1), |n| n as u32);
+        if replicas.min > replicas.max {
+            p.push(
+                r.path_of(REPLICA_FIELDS[0]),
+                format!("{} is larger than max ({})", replicas.min, replicas.max),
+            );
+        }
+    }
+    Some(ScalingSpec {
+        pool,
+        mode,
+        replicas,
+    })
+}
+
+fn label_selector(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<LabelSelector> {
+    let o = Obj::open(p, path, v, case, SELECTOR_FIELDS)?;
+    let match_labels = o.string_map(p, SELECTOR_FIELDS[0]).unwrap_or_default();
+    let mut match_expressions = Vec::new();
+    if let Some(list) = o.get(SELECTOR_FIELDS[1]) {
+        let lpath = o.path_of(SELECTOR_FIELDS[1]);
+        match list {
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let ipath = index(&lpath, i);
+                    let Some(e) = Obj::open(p, &ipath, item, case, EXPRESSION_FIELDS) else {
+                        continue;
+                    };
+                    let key = e.string(p, EXPRESSION_FIELDS[0], true);
+                    let op = e.one_of(
+                        p,
+                        EXPRESSION_FIELDS[1],
+                        &["In", "NotIn", "Exists", "DoesNotExist"],
+                    );
+                    let values = e.string_list(p, EXPRESSION_FIELDS[2]).unwrap_or_default();
+                    let operator = match op.as_deref() {
+                        Some("In") => SelectorOp::In,
+                        Some("NotIn") => SelectorOp::NotIn,
+                        Some("Exists") => SelectorOp::Exists,
+                        Some("DoesNotExist") => SelectorOp::DoesNotExist,
+                        _ => {
+                            if e.get(EXPRESSION_FIELDS[1]).is_none() {
+                                p.push(e.path_of(EXPRESSION_FIELDS[1]), "required");
+                            }
+                            continue;
+                        }
+                    };
+                    let needs_values = matches!(operator, SelectorOp::In | SelectorOp::NotIn);
+                    if needs_values == values.is_empty() {
+                        p.push(
+                            e.path_of(EXPRESSION_FIELDS[2]),
+                            if needs_values {
+                                "In and NotIn need values"
+                            } else {
+                                "Exists and DoesNotExist take no values"
+                            },
+                        );
+                    }
+                    if let Some(key) = key {
+                        match_expressions.push(LabelExpression {
+                            key,
+                            operator,
+                            values,
+                        });
+                    }
+                }
+            }
+            other => p.push(
+                lpath,
+                format!("expected a list, got {}", crate::validate::type_name(other)),
+            ),
+        }
+    }
+    if match_labels.is_empty() && match_expressions.is_empty() {
+        p.push(
+            path,
+            "an empty selector would select every Index; give matchLabels or matchExpressions",
+        );
+    }
+    Some(LabelSelector {
+        match_labels,
+        match_expressions,
+    })
+}
+
+/// A Function as `/v2/udfs` returns it (the client's `Udf`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Udf {
+    pub id: String,
+    pub spec: FunctionSpec,
+    pub paused: bool,
+    pub created_at: String,
+    pub updated_at: String,
+    /// The current revision number (1 for a new Function).
+    pub revision: i32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UdfList {
+    pub udfs: Vec<Udf>,
+}
+
+/// `GET /v2/udfs/{id}` (the client's `GetUdfResponse`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetUdfResponse {
+    pub udf: Udf,
+    pub status: UdfStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UdfDiscoveryStatus {
+    pub sweeps_completed: i64,
+    pub last_completed_at: Option<String>,
+}
+
+/// The client's `UdfStatus`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UdfStatus {
+    pub udf_id: String,
+    pub paused: bool,
+    pub active_namespaces: Vec<String>,
+    pub discovery: UdfDiscoveryStatus,
+    pub counts: BTreeMap<String, i64>,
+    pub pending_count: i64,
+    pub processing_count: i64,
+    pub failed_count: i64,
+    pub indexed_rate_per_min: f64,
+    pub rate_window_seconds: i64,
+}
+
+/// One stored revision of a Function's spec.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Revision {
+    pub revision: i32,
+    pub created_at: String,
+    /// The key that made the change (`null` for the bootstrap).
+    pub key_id: Option<String>,
+    /// The spec paths that differ from the previous revision.
+    pub changed: Vec<String>,
+    pub spec: FunctionSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevisionList {
+    pub revisions: Vec<Revision>,
+}
+
+/// The spec paths (snake_case) whose values differ between two specs.
+pub fn changed_paths(old: &Value, new: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    diff(old, new, "", &mut out);
+    out
+}
+
+fn diff(a: &Value, b: &Value, path: &str, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let child = join(path, k);
+                match (x.get(k), y.get(k)) {
+                    (Some(va), Some(vb)) => diff(va, vb, &child, out),
+                    _ => out.push(child),
+                }
+            }
+        }
+        _ if a != b => out.push(if path.is_empty() {
+            "spec".into()
+        } else {
+            path.to_string()
+        }),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(v: Value, case: Case) -> Result<ValidatedSpec, Vec<String>> {
+        let mut p = Problems::new();
+        let out = validate_spec(&mut p, "spec", &v, case);
+        let list = p.into_vec();
+        if list.is_empty() {
+            Ok(out.unwrap())
+        } else {
+            Err(list.iter().map(|x| x.to_string()).collect())
+        }
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let s = check(
+            json!({"targetNamespaces": ["a"], "worker": {}}),
+            Case::Camel,
+        )
+        .unwrap()
+        .spec;
+        assert_eq!(s.version, "v1");
+        assert_eq!(s.worker.batch_size, 32);
+        assert_eq!(s.worker.dispatch, Dispatch::Pull);
+        assert_eq!(s.schedule.lease_seconds, 120);
+        assert_eq!(s.retry.max_attempts, 8);
+        assert_eq!(s.triggers, vec![Trigger::Discovery]);
+    }
+
+    #[test]
+    fn snake_case_for_the_api() {
+        let s = check(
+            json!({"target_namespaces": ["a"], "worker": {"batch_size": 7}}),
+            Case::Snake,
+        )
+        .unwrap()
+        .spec;
+        assert_eq!(s.worker.batch_size, 7);
+        let e = check(
+            json!({"target_namespaces": ["a"], "worker": {"batchSize": 7}}),
+            Case::Snake,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            vec!["spec.worker.batchSize: unknown field, did you mean batch_size"]
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let e = check(
+            json!({
+                "targetNamespaces": ["ok", "bad/ns"],
+                "inputs": ["id", "_hevlayer_x"],
+                "worker": {"batchSize": 0, "dispatch": "shove", "computeClass": "tpu"},
+                "retry": {"initialBackoffSeconds": 10, "maxBackoffSeconds": 5},
+                "triggers": ["cron"],
+                "filter": ["a", "Like", 1]
+            }),
+            Case::Camel,
+        )
+        .unwrap_err();
+        let joined = e.join("\n");
+        for needle in [
+            "spec.targetNamespaces[1]",
+            "spec.inputs[1]",
+            "spec.worker.batchSize: 0 is out of range",
+            "spec.worker.dispatch: \"shove\" is not allowed",
+            "spec.worker.computeClass",
+            "spec.retry.initialBackoffSeconds",
+            "spec.triggers[0]",
+            "spec.filter[1]: unknown filter operator \"Like\"",
+        ] {
+            assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
+        }
+    }
+
+    #[test]
+    fn lease_must_outlast_timeout() {
+        let e = check(
+            json!({"targetNamespaces": ["a"], "worker": {"timeoutSeconds": 60}, "schedule": {"leaseSeconds": 30}}),
+            Case::Camel,
+        )
+        .unwrap_err();
+        assert!(
+            e[0].starts_with(
+                "spec.schedule.leaseSeconds: 30 must be at least spec.worker.timeoutSeconds"
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn filter_on_markers_is_refused() {
+        let e = check(
+            json!({"targetNamespaces": ["a"], "worker": {}, "filter": ["_hevlayer_udf_a_v", "Eq", "v1"]}),
+            Case::Camel,
+        )
+        .unwrap_err();
+        assert!(e[0].contains("reserved attribute"), "{e:?}");
+    }
+
+    #[test]
+    fn push_needs_something_to_run() {
+        let e = check(
+            json!({"targetNamespaces": ["a"], "worker": {"dispatch": "push"}}),
+            Case::Camel,
+        )
+        .unwrap_err();
+        assert!(
+            e[0].starts_with("spec.worker: dispatch push needs image or url"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn selector_matching() {
+        let s = check(
+            json!({"indexSelector": {"matchLabels": {"team": "shop"}, "matchExpressions": [{"key": "tier", "operator": "In", "values": ["gold"]}]}, "worker": {}}),
+            Case::Camel,
+        )
+        .unwrap()
+        .spec;
+        let sel = s.index_selector.unwrap();
+        let mut labels = BTreeMap::from([("team".to_string(), "shop".to_string())]);
+        assert!(!sel.matches(&labels));
+        labels.insert("tier".into(), "gold".into());
+        assert!(sel.matches(&labels));
+    }
+
+    #[test]
+    fn markers_normalise_hyphens() {
+        assert_eq!(
+            FunctionSpec::marker_attribute("product-color"),
+            "_hevlayer_udf_product_color_v"
+        );
+    }
+
+    #[test]
+    fn diff_names_changed_paths() {
+        let a = json!({"version": "v1", "worker": {"batch_size": 32, "image": "x"}});
+        let b = json!({"version": "v2", "worker": {"batch_size": 32}});
+        assert_eq!(changed_paths(&a, &b), vec!["version", "worker.image"]);
+    }
+}
