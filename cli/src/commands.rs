@@ -165,8 +165,8 @@ pub async fn keys_list(client: &Client, all: bool, json_out: bool) -> Result<()>
         return print_json(&list.keys);
     }
     println!(
-        "{:<22} {:<20} {:<8} {:<26} {}",
-        "KEY ID", "NAME", "PHASE", "CREATED", "GRANTS"
+        "{:<22} {:<20} {:<8} {:<26} GRANTS",
+        "KEY ID", "NAME", "PHASE", "CREATED"
     );
     for k in list.keys {
         println!(
@@ -206,8 +206,8 @@ pub async fn udf_list(client: &Client, json_out: bool) -> Result<()> {
         return print_json(&list.udfs);
     }
     println!(
-        "{:<28} {:<9} {:<8} {:<7} {:<10} {}",
-        "NAME", "VERSION", "DISPATCH", "PAUSED", "REVISION", "TARGETS"
+        "{:<28} {:<9} {:<8} {:<7} {:<10} TARGETS",
+        "NAME", "VERSION", "DISPATCH", "PAUSED", "REVISION"
     );
     for u in list.udfs {
         let targets = if u.spec.target_namespaces.is_empty() {
@@ -270,8 +270,8 @@ pub async fn udf_revisions(client: &Client, name: &str, json_out: bool) -> Resul
         return print_json(&r.revisions);
     }
     println!(
-        "{:<9} {:<26} {:<22} {}",
-        "REVISION", "CREATED", "BY KEY", "CHANGED"
+        "{:<9} {:<26} {:<22} CHANGED",
+        "REVISION", "CREATED", "BY KEY"
     );
     for rev in r.revisions {
         println!(
@@ -384,7 +384,7 @@ pub async fn rows_query(client: &Client, ns: &str, q: QueryArgs) -> Result<()> {
 
 pub async fn rows_namespaces(client: &Client, prefix: Option<&str>) -> Result<()> {
     let mut cursor: Option<String> = None;
-    println!("{:<40} {:>12}  {}", "NAMESPACE", "ROWS", "LABELS");
+    println!("{:<40} {:>12}  LABELS", "NAMESPACE", "ROWS");
     loop {
         let mut path = format!(
             "/v2/namespaces?page_size=1000&prefix={}",

@@ -339,10 +339,8 @@ fn check_regex(s: &str) -> Result<(), String> {
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
         match c {
-            '\\' => {
-                if chars.next().is_none() {
-                    return Err("regular expression ends with a lone backslash".into());
-                }
+            '\\' if chars.next().is_none() => {
+                return Err("regular expression ends with a lone backslash".into());
             }
             '[' if !in_class => in_class = true,
             ']' if in_class => in_class = false,

@@ -38,7 +38,7 @@ pub struct Metadata {
 pub enum Resource {
     Function {
         metadata: Metadata,
-        spec: FunctionSpec,
+        spec: Box<FunctionSpec>,
         paused: Option<bool>,
     },
     Index {
@@ -238,7 +238,7 @@ pub fn validate_document(doc: &Value) -> Result<Resource, Vec<FieldProblem>> {
                 .and_then(|(spec, paused)| {
                     Some(Resource::Function {
                         metadata: metadata.clone()?,
-                        spec,
+                        spec: Box::new(spec),
                         paused,
                     })
                 }),

@@ -3,7 +3,7 @@
 //! - [`token`]: minting secrets and hashing them (only hashes are stored).
 //! - [`principal`]: who is calling and what they may do.
 //! - [`store`]: the `api_keys` table.
-//! - [`api`]: `/v2/keys`.
+//! - [`api`]: the `/v2/keys` handlers.
 
 pub mod api;
 pub mod principal;

@@ -181,26 +181,37 @@ pub async fn bootstrap_admin(pool: &PgPool, token: Option<&str>) -> Result<Optio
     Ok(minted.then_some(token))
 }
 
+#[derive(sqlx::FromRow)]
+struct AuthRow {
+    key_id: String,
+    entitlements: sqlx::types::Json<Entitlements>,
+    token_hash: Vec<u8>,
+    revoked_at: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+    last_seen_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+}
+
 /// Resolves a bearer token to a principal: 401 when unknown, 403 when
 /// revoked or expired.
 pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Principal> {
     let hash = hash_token(token);
-    let row: Option<(
-        String,
-        sqlx::types::Json<Entitlements>,
-        Vec<u8>,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-        DateTime<Utc>,
-    )> = sqlx::query_as(
-        "SELECT key_id, entitlements, token_hash, revoked_at, expires_at, last_seen_at, now()
-             FROM api_keys WHERE token_hash = $1",
+    let row: Option<AuthRow> = sqlx::query_as(
+        "SELECT key_id, entitlements, token_hash, revoked_at, expires_at, last_seen_at, now() AS now
+         FROM api_keys WHERE token_hash = $1",
     )
     .bind(&hash)
     .fetch_optional(pool)
     .await?;
-    let Some((key_id, entitlements, stored, revoked_at, expires_at, last_seen_at, now)) = row
+    let Some(AuthRow {
+        key_id,
+        entitlements,
+        token_hash: stored,
+        revoked_at,
+        expires_at,
+        last_seen_at,
+        now,
+    }) = row
     else {
         return Err(PlatformError::Unauthorized("invalid API key".into()));
     };

@@ -211,14 +211,17 @@ pub async fn set_paused(pool: &PgPool, id: &str, paused: bool) -> Result<Udf> {
     row.map(Udf::from).ok_or_else(|| not_found(id))
 }
 
+#[derive(sqlx::FromRow)]
+struct RevisionRow {
+    revision: i32,
+    created_at: DateTime<Utc>,
+    key_id: Option<String>,
+    changed: Vec<String>,
+    spec: Json<FunctionSpec>,
+}
+
 pub async fn revisions(pool: &PgPool, id: &str) -> Result<Vec<Revision>> {
-    let rows: Vec<(
-        i32,
-        DateTime<Utc>,
-        Option<String>,
-        Vec<String>,
-        Json<FunctionSpec>,
-    )> = sqlx::query_as(
+    let rows: Vec<RevisionRow> = sqlx::query_as(
         "SELECT revision, created_at, key_id, changed, spec FROM function_revisions
          WHERE function_id = $1 ORDER BY revision",
     )
@@ -230,12 +233,12 @@ pub async fn revisions(pool: &PgPool, id: &str) -> Result<Vec<Revision>> {
     }
     Ok(rows
         .into_iter()
-        .map(|(revision, at, key_id, changed, spec)| Revision {
-            revision,
-            created_at: rfc3339(at),
-            key_id,
-            changed,
-            spec: spec.0,
+        .map(|r| Revision {
+            revision: r.revision,
+            created_at: rfc3339(r.created_at),
+            key_id: r.key_id,
+            changed: r.changed,
+            spec: r.spec.0,
         })
         .collect())
 }

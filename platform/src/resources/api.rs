@@ -82,7 +82,7 @@ async fn apply(
                     id: metadata.name.clone(),
                     k8s_namespace: metadata.namespace.clone(),
                     labels: Some(metadata.labels.clone()),
-                    spec: spec.clone(),
+                    spec: (**spec).clone(),
                     paused: *paused,
                 };
                 let (udf, action) = upsert(&mut tx, &input, Some(&p.key_id), false).await?;

@@ -12,6 +12,17 @@ use sqlx::{PgConnection, PgPool};
 use crate::error::Result;
 use crate::time::rfc3339;
 
+type Labels = Json<BTreeMap<String, String>>;
+
+#[derive(sqlx::FromRow)]
+struct IndexRow {
+    name: String,
+    labels: Labels,
+    spec: Json<IndexSpec>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
 /// Creates or updates an Index, and makes sure its namespace exists so
 /// Functions can select it before the first row is written.
 pub async fn apply_index(
@@ -19,14 +30,11 @@ pub async fn apply_index(
     meta: &Metadata,
     spec: &IndexSpec,
 ) -> Result<ApplyAction> {
-    let before: Option<(
-        Json<BTreeMap<String, String>>,
-        Json<BTreeMap<String, String>>,
-        Json<IndexSpec>,
-    )> = sqlx::query_as("SELECT labels, annotations, spec FROM indexes WHERE name = $1 FOR UPDATE")
-        .bind(&meta.name)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let before: Option<(Labels, Labels, Json<IndexSpec>)> =
+        sqlx::query_as("SELECT labels, annotations, spec FROM indexes WHERE name = $1 FOR UPDATE")
+            .bind(&meta.name)
+            .fetch_optional(&mut *conn)
+            .await?;
     let action = match &before {
         None => ApplyAction::Created,
         Some((l, a, s)) if l.0 == meta.labels && a.0 == meta.annotations && &s.0 == spec => {
@@ -64,7 +72,7 @@ pub async fn apply_infra_rules(
     meta: &Metadata,
     spec: &InfraRulesSpec,
 ) -> Result<ApplyAction> {
-    let before: Option<(Json<BTreeMap<String, String>>, Json<InfraRulesSpec>)> =
+    let before: Option<(Labels, Json<InfraRulesSpec>)> =
         sqlx::query_as("SELECT labels, spec FROM infra_rules WHERE name = $1 FOR UPDATE")
             .bind(&meta.name)
             .fetch_optional(&mut *conn)
@@ -90,25 +98,19 @@ pub async fn apply_infra_rules(
 }
 
 pub async fn list_indexes(pool: &PgPool) -> Result<Vec<IndexInfo>> {
-    let rows: Vec<(
-        String,
-        Json<BTreeMap<String, String>>,
-        Json<IndexSpec>,
-        DateTime<Utc>,
-        DateTime<Utc>,
-    )> = sqlx::query_as(
+    let rows: Vec<IndexRow> = sqlx::query_as(
         "SELECT name, labels, spec, created_at, updated_at FROM indexes ORDER BY name",
     )
     .fetch_all(pool)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(name, labels, spec, c, u)| IndexInfo {
-            name,
-            labels: labels.0,
-            spec: spec.0,
-            created_at: rfc3339(c),
-            updated_at: rfc3339(u),
+        .map(|r| IndexInfo {
+            name: r.name,
+            labels: r.labels.0,
+            spec: r.spec.0,
+            created_at: rfc3339(r.created_at),
+            updated_at: rfc3339(r.updated_at),
         })
         .collect())
 }

@@ -95,12 +95,18 @@ fn check_attr(name: &str, path: &str) -> Result<()> {
     check_attribute_name(name).map_err(|m| PlatformError::invalid(path, m))
 }
 
+/// One row object taken apart.
+struct SplitRow {
+    id: String,
+    attributes: Attributes,
+    /// Attributes set to `null` (a patch removes them).
+    unset: Vec<String>,
+    /// `Some(None)`: the vector was `null`.
+    vector: Option<Option<String>>,
+}
+
 /// Splits one row object into id, attributes and vector.
-fn split_row(
-    mut obj: Attributes,
-    path: &str,
-    patch: bool,
-) -> Result<(String, Attributes, Vec<String>, Option<Option<String>>)> {
+fn split_row(mut obj: Attributes, path: &str, patch: bool) -> Result<SplitRow> {
     let id = match obj.remove("id") {
         Some(v) => normalize_id(&v, &format!("{path}.id"))?,
         None => return Err(PlatformError::invalid(format!("{path}.id"), "required")),
@@ -122,7 +128,12 @@ fn split_row(
             attrs.insert(k, v);
         }
     }
-    Ok((id, attrs, unset, vector))
+    Ok(SplitRow {
+        id,
+        attributes: attrs,
+        unset,
+        vector,
+    })
 }
 
 /// Zips `{"id": [...], "attr": [...]}` into row objects.
@@ -218,7 +229,12 @@ pub fn plan(req: WriteRequest) -> Result<WritePlan> {
 
     let mut seen: HashMap<String, usize> = HashMap::with_capacity(upsert_objs.len());
     for (path, obj) in upsert_objs {
-        let (id, attributes, _, vector) = split_row(obj, &path, false)?;
+        let SplitRow {
+            id,
+            attributes,
+            vector,
+            ..
+        } = split_row(obj, &path, false)?;
         let row = UpsertRow {
             id: id.clone(),
             attributes,
@@ -234,7 +250,12 @@ pub fn plan(req: WriteRequest) -> Result<WritePlan> {
     }
     let mut seen: HashMap<String, usize> = HashMap::with_capacity(patch_objs.len());
     for (path, obj) in patch_objs {
-        let (id, set, unset, vector) = split_row(obj, &path, true)?;
+        let SplitRow {
+            id,
+            attributes: set,
+            unset,
+            vector,
+        } = split_row(obj, &path, true)?;
         match seen.get(&id) {
             Some(&at) => {
                 // Two patches of one row in one write compose in order.

@@ -299,6 +299,14 @@ pub async fn query(pool: &PgPool, namespace: &str, q: &Query) -> Result<Vec<Attr
         .collect())
 }
 
+#[derive(sqlx::FromRow)]
+struct NamespaceRow {
+    name: String,
+    row_count: i64,
+    last_write_at: Option<DateTime<Utc>>,
+    labels: sqlx::types::Json<BTreeMap<String, String>>,
+}
+
 /// A page of namespaces, by name, after `cursor`.
 pub async fn list_namespaces(
     pool: &PgPool,
@@ -306,13 +314,8 @@ pub async fn list_namespaces(
     cursor: Option<&str>,
     page_size: i64,
 ) -> Result<(Vec<NamespaceEntry>, Option<String>)> {
-    let rows: Vec<(
-        String,
-        i64,
-        Option<DateTime<Utc>>,
-        sqlx::types::Json<BTreeMap<String, String>>,
-    )> = sqlx::query_as(
-        "SELECT n.name, n.row_count, n.last_write_at, coalesce(i.labels, '{}'::jsonb)
+    let rows: Vec<NamespaceRow> = sqlx::query_as(
+        "SELECT n.name, n.row_count, n.last_write_at, coalesce(i.labels, '{}'::jsonb) AS labels
          FROM namespaces n LEFT JOIN indexes i ON i.name = n.name
          WHERE starts_with(n.name, $1) AND n.name > $2
          ORDER BY n.name LIMIT $3",
@@ -326,11 +329,11 @@ pub async fn list_namespaces(
     let entries: Vec<NamespaceEntry> = rows
         .into_iter()
         .take(page_size as usize)
-        .map(|(name, row_count, last, labels)| NamespaceEntry {
-            name,
-            row_count,
-            last_write_ms: last.map(|t| t.timestamp_millis()),
-            labels: labels.0,
+        .map(|r| NamespaceEntry {
+            name: r.name,
+            row_count: r.row_count,
+            last_write_ms: r.last_write_at.map(|t| t.timestamp_millis()),
+            labels: r.labels.0,
         })
         .collect();
     let next = if more {
