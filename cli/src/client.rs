@@ -46,11 +46,7 @@ impl Client {
             .user_agent(concat!("layer-cli/", env!("CARGO_PKG_VERSION")))
             .build()
             .context("building the HTTP client")?;
-        Ok(Client {
-            base: base.trim_end_matches('/').to_string(),
-            api_key: api_key.filter(|k| !k.is_empty()),
-            http,
-        })
+        Ok(Client { base: base.trim_end_matches('/').to_string(), api_key: api_key.filter(|k| !k.is_empty()), http })
     }
 
     /// Sends a request and decodes the JSON answer.
@@ -79,14 +75,13 @@ impl Client {
             let body: Option<ErrorBody> = serde_json::from_str(&text).ok();
             let failure = ApiFailure { status, body, text };
             if status == StatusCode::UNAUTHORIZED {
-                return Err(anyhow!(failure).context(
-                    "the platform refused the API key: set LAYER_API_KEY or pass --api-key",
-                ));
+                return Err(
+                    anyhow!(failure).context("the platform refused the API key: set LAYER_API_KEY or pass --api-key")
+                );
             }
             return Err(anyhow!(failure));
         }
-        serde_json::from_str(&text)
-            .with_context(|| format!("unexpected answer from the platform: {text}"))
+        serde_json::from_str(&text).with_context(|| format!("unexpected answer from the platform: {text}"))
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {

@@ -5,12 +5,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use layer_protocol::function::{GetUdfResponse, RevisionList, Udf, UdfList};
-use layer_protocol::keys::{
-    ApiKey, ApiKeyList, Entitlement, MintKeyRequest, MintKeyResponse, Scope,
-};
-use layer_protocol::namespace::{
-    Document, NamespaceList, QueryResponse, StatusResponse, WriteResponse,
-};
+use layer_protocol::keys::{ApiKey, ApiKeyList, Entitlement, MintKeyRequest, MintKeyResponse, Scope};
+use layer_protocol::namespace::{Document, NamespaceList, QueryResponse, StatusResponse, WriteResponse};
 use layer_protocol::resource::{ApplyResponse, parse_documents};
 use serde_json::{Value, json};
 
@@ -19,9 +15,7 @@ use crate::client::{ApiFailure, Client, seg};
 fn read_input(file: &Path) -> Result<String> {
     if file.as_os_str() == "-" {
         let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .context("reading standard input")?;
+        std::io::stdin().read_to_string(&mut s).context("reading standard input")?;
         return Ok(s);
     }
     std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))
@@ -40,10 +34,7 @@ pub async fn apply(client: &Client, files: &[std::path::PathBuf], json_out: bool
         let docs = parse_documents(&text).map_err(|e| anyhow!("{}: {e}", f.display()))?;
         documents.extend(docs);
     }
-    let resp: ApplyResponse = match client
-        .post("/v2/apply", &json!({ "documents": documents }))
-        .await
-    {
+    let resp: ApplyResponse = match client.post("/v2/apply", &json!({ "documents": documents })).await {
         Ok(r) => r,
         Err(e) => {
             if let Some(f) = e.downcast_ref::<ApiFailure>()
@@ -69,14 +60,8 @@ pub async fn apply(client: &Client, files: &[std::path::PathBuf], json_out: bool
         return print_json(&resp);
     }
     for r in resp.results {
-        let rev = r
-            .revision
-            .map(|n| format!(" (revision {n})"))
-            .unwrap_or_default();
-        let action = serde_json::to_value(r.action)?
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let rev = r.revision.map(|n| format!(" (revision {n})")).unwrap_or_default();
+        let action = serde_json::to_value(r.action)?.as_str().unwrap_or_default().to_string();
         println!("{}/{} {action}{rev}", r.kind.to_lowercase(), r.name);
     }
     Ok(())
@@ -121,10 +106,7 @@ pub async fn keys_create(client: &Client, k: CreateKey, json_out: bool) -> Resul
         return print_json(&resp);
     }
     println!("created key {} ({})", resp.key.key_id, resp.key.name);
-    println!(
-        "token (shown this once; only its hash is stored):\n\n  {}\n",
-        resp.token
-    );
+    println!("token (shown this once; only its hash is stored):\n\n  {}\n", resp.token);
     Ok(())
 }
 
@@ -136,21 +118,12 @@ fn describe_entitlements(k: &ApiKey) -> String {
                 .scopes
                 .iter()
                 .flatten()
-                .map(|s| {
-                    serde_json::to_value(s)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default()
-                })
+                .map(|s| serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())
                 .collect();
             if let Some(c) = &e.claims {
                 parts.extend(c.iter().map(|c| format!("claim:{c}")));
             }
-            let ns = e
-                .namespaces
-                .as_ref()
-                .map(|n| format!(" on {}", n.join(",")))
-                .unwrap_or_default();
+            let ns = e.namespaces.as_ref().map(|n| format!(" on {}", n.join(","))).unwrap_or_default();
             format!("{}{ns}", parts.join("+"))
         })
         .collect::<Vec<_>>()
@@ -158,16 +131,11 @@ fn describe_entitlements(k: &ApiKey) -> String {
 }
 
 pub async fn keys_list(client: &Client, all: bool, json_out: bool) -> Result<()> {
-    let list: ApiKeyList = client
-        .get(&format!("/v2/keys?includeRevoked={all}"))
-        .await?;
+    let list: ApiKeyList = client.get(&format!("/v2/keys?includeRevoked={all}")).await?;
     if json_out {
         return print_json(&list.keys);
     }
-    println!(
-        "{:<22} {:<20} {:<8} {:<26} GRANTS",
-        "KEY ID", "NAME", "PHASE", "CREATED"
-    );
+    println!("{:<22} {:<20} {:<8} {:<26} GRANTS", "KEY ID", "NAME", "PHASE", "CREATED");
     for k in list.keys {
         println!(
             "{:<22} {:<20} {:<8} {:<26} {}",
@@ -182,15 +150,8 @@ pub async fn keys_list(client: &Client, all: bool, json_out: bool) -> Result<()>
 }
 
 pub async fn keys_revoke(client: &Client, key_id: &str) -> Result<()> {
-    let k: ApiKey = client
-        .post_empty(&format!("/v2/keys/{}/revoke", seg(key_id)))
-        .await?;
-    println!(
-        "revoked {} ({}) at {}",
-        k.key_id,
-        k.name,
-        k.revoked_at.unwrap_or_default()
-    );
+    let k: ApiKey = client.post_empty(&format!("/v2/keys/{}/revoke", seg(key_id))).await?;
+    println!("revoked {} ({}) at {}", k.key_id, k.name, k.revoked_at.unwrap_or_default());
     Ok(())
 }
 
@@ -205,10 +166,7 @@ pub async fn udf_list(client: &Client, json_out: bool) -> Result<()> {
     if json_out {
         return print_json(&list.udfs);
     }
-    println!(
-        "{:<28} {:<9} {:<8} {:<7} {:<10} TARGETS",
-        "NAME", "VERSION", "DISPATCH", "PAUSED", "REVISION"
-    );
+    println!("{:<28} {:<9} {:<8} {:<7} {:<10} TARGETS", "NAME", "VERSION", "DISPATCH", "PAUSED", "REVISION");
     for u in list.udfs {
         let targets = if u.spec.target_namespaces.is_empty() {
             "indexSelector".to_string()
@@ -249,30 +207,18 @@ pub async fn udf_get(client: &Client, name: &str, json_out: bool) -> Result<()> 
     );
     println!(
         "namespaces: {}",
-        if s.active_namespaces.is_empty() {
-            "(none exist yet)".into()
-        } else {
-            s.active_namespaces.join(", ")
-        }
+        if s.active_namespaces.is_empty() { "(none exist yet)".into() } else { s.active_namespaces.join(", ") }
     );
-    println!(
-        "rows:       {} pending, {} processing, {} failed",
-        s.pending_count, s.processing_count, s.failed_count
-    );
+    println!("rows:       {} pending, {} processing, {} failed", s.pending_count, s.processing_count, s.failed_count);
     Ok(())
 }
 
 pub async fn udf_revisions(client: &Client, name: &str, json_out: bool) -> Result<()> {
-    let r: RevisionList = client
-        .get(&format!("/v2/udfs/{}/revisions", seg(name)))
-        .await?;
+    let r: RevisionList = client.get(&format!("/v2/udfs/{}/revisions", seg(name))).await?;
     if json_out {
         return print_json(&r.revisions);
     }
-    println!(
-        "{:<9} {:<26} {:<22} CHANGED",
-        "REVISION", "CREATED", "BY KEY"
-    );
+    println!("{:<9} {:<26} {:<22} CHANGED", "REVISION", "CREATED", "BY KEY");
     for rev in r.revisions {
         println!(
             "{:<9} {:<26} {:<22} {}",
@@ -287,9 +233,7 @@ pub async fn udf_revisions(client: &Client, name: &str, json_out: bool) -> Resul
 
 pub async fn udf_set_paused(client: &Client, name: &str, paused: bool) -> Result<()> {
     let verb = if paused { "pause" } else { "resume" };
-    let u: Udf = client
-        .post_empty(&format!("/v2/udfs/{}/{verb}", seg(name)))
-        .await?;
+    let u: Udf = client.post_empty(&format!("/v2/udfs/{}/{verb}", seg(name))).await?;
     println!("{} {}", u.id, if u.paused { "paused" } else { "resumed" });
     Ok(())
 }
@@ -305,16 +249,12 @@ fn read_rows(file: &Path) -> Result<Vec<Value>> {
     let text = read_input(file)?;
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
-        return serde_json::from_str(trimmed)
-            .with_context(|| format!("{}: not a JSON array of rows", file.display()));
+        return serde_json::from_str(trimmed).with_context(|| format!("{}: not a JSON array of rows", file.display()));
     }
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: not a JSON row", file.display(), i + 1))
-        })
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: not a JSON row", file.display(), i + 1)))
         .collect()
 }
 
@@ -325,12 +265,8 @@ pub async fn rows_upsert(client: &Client, ns: &str, file: &Path, batch: usize) -
     let started = std::time::Instant::now();
     let mut done = 0usize;
     for chunk in rows.chunks(batch.max(1)) {
-        let r: WriteResponse = client
-            .post(
-                &format!("/v2/namespaces/{}", seg(ns)),
-                &json!({ "upsert_rows": chunk }),
-            )
-            .await?;
+        let r: WriteResponse =
+            client.post(&format!("/v2/namespaces/{}", seg(ns)), &json!({ "upsert_rows": chunk })).await?;
         done += r.rows_upserted as usize;
         eprint!(
             "\rupserted {done}/{total} rows ({:.0} rows/s)",
@@ -338,17 +274,12 @@ pub async fn rows_upsert(client: &Client, ns: &str, file: &Path, batch: usize) -
         );
     }
     eprintln!();
-    println!(
-        "upserted {done} rows into {ns} in {:.2} s",
-        started.elapsed().as_secs_f64()
-    );
+    println!("upserted {done} rows into {ns} in {:.2} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
 pub async fn rows_get(client: &Client, ns: &str, id: &str) -> Result<()> {
-    let d: Document = client
-        .get(&format!("/v2/namespaces/{}/documents/{}", seg(ns), seg(id)))
-        .await?;
+    let d: Document = client.get(&format!("/v2/namespaces/{}/documents/{}", seg(ns), seg(id))).await?;
     print_json(&d)
 }
 
@@ -373,9 +304,7 @@ pub async fn rows_query(client: &Client, ns: &str, q: QueryArgs) -> Result<()> {
     if let Some(a) = q.attributes {
         body["include_attributes"] = json!(a.split(',').map(str::trim).collect::<Vec<_>>());
     }
-    let r: QueryResponse = client
-        .post(&format!("/v2/namespaces/{}/query", seg(ns)), &body)
-        .await?;
+    let r: QueryResponse = client.post(&format!("/v2/namespaces/{}/query", seg(ns)), &body).await?;
     for row in r.rows {
         println!("{}", serde_json::to_string(&row)?);
     }
@@ -386,10 +315,7 @@ pub async fn rows_namespaces(client: &Client, prefix: Option<&str>) -> Result<()
     let mut cursor: Option<String> = None;
     println!("{:<40} {:>12}  LABELS", "NAMESPACE", "ROWS");
     loop {
-        let mut path = format!(
-            "/v2/namespaces?page_size=1000&prefix={}",
-            seg(prefix.unwrap_or(""))
-        );
+        let mut path = format!("/v2/namespaces?page_size=1000&prefix={}", seg(prefix.unwrap_or("")));
         if let Some(c) = &cursor {
             path.push_str(&format!("&cursor={}", seg(c)));
         }
@@ -406,13 +332,7 @@ pub async fn rows_namespaces(client: &Client, prefix: Option<&str>) -> Result<()
 }
 
 pub async fn rows_drop(client: &Client, ns: &str) -> Result<()> {
-    let s: StatusResponse = client
-        .delete(&format!("/v2/namespaces/{}", seg(ns)))
-        .await?;
-    println!(
-        "{} ({} rows)",
-        s.message.unwrap_or(s.status),
-        s.rows_affected.unwrap_or(0)
-    );
+    let s: StatusResponse = client.delete(&format!("/v2/namespaces/{}", seg(ns))).await?;
+    println!("{} ({} rows)", s.message.unwrap_or(s.status), s.rows_affected.unwrap_or(0));
     Ok(())
 }

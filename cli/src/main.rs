@@ -12,11 +12,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "layer",
-    version,
-    about = "Run functions over the rows of an index, reliably."
-)]
+#[command(name = "layer", version, about = "Run functions over the rows of an index, reliably.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,12 +22,7 @@ struct Cli {
 #[derive(Args, Clone)]
 struct Remote {
     /// The platform's base URL.
-    #[arg(
-        long,
-        env = "LAYER_URL",
-        default_value = "http://127.0.0.1:8080",
-        global = true
-    )]
+    #[arg(long, env = "LAYER_URL", default_value = "http://127.0.0.1:8080", global = true)]
     url: String,
     /// The API key (sent as a bearer token).
     #[arg(long, env = "LAYER_API_KEY", hide_env_values = true, global = true)]
@@ -194,11 +185,9 @@ enum RowsCommand {
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("LAYER_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_env("LAYER_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if std::env::var("LAYER_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {
@@ -217,30 +206,14 @@ async fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Dev {
-            listen,
-            data_dir,
-            api_key,
-        } => {
+        Command::Dev { listen, data_dir, api_key } => {
             init_logging();
             serve::dev(listen, data_dir, api_key).await
         }
-        Command::Platform {
-            database_url,
-            listen,
-            max_connections,
-            max_body_bytes,
-            api_key,
-        } => {
+        Command::Platform { database_url, listen, max_connections, max_body_bytes, api_key } => {
             init_logging();
-            serve::platform(serve::PlatformArgs {
-                database_url,
-                listen,
-                max_connections,
-                max_body_bytes,
-                api_key,
-            })
-            .await
+            serve::platform(serve::PlatformArgs { database_url, listen, max_connections, max_body_bytes, api_key })
+                .await
         }
         Command::Apply { files, remote } => {
             let c = client::Client::new(&remote.url, remote.api_key)?;
@@ -249,24 +222,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Keys { command, remote } => {
             let c = client::Client::new(&remote.url, remote.api_key)?;
             match command {
-                KeysCommand::Create {
-                    name,
-                    scopes,
-                    namespaces,
-                    claims,
-                    expires_after,
-                    description,
-                    owner,
-                } => {
-                    let k = commands::CreateKey {
-                        name,
-                        scopes,
-                        namespaces,
-                        claims,
-                        expires_after,
-                        description,
-                        owner,
-                    };
+                KeysCommand::Create { name, scopes, namespaces, claims, expires_after, description, owner } => {
+                    let k = commands::CreateKey { name, scopes, namespaces, claims, expires_after, description, owner };
                     commands::keys_create(&c, k, remote.json).await
                 }
                 KeysCommand::List { all } => commands::keys_list(&c, all, remote.json).await,
@@ -279,9 +236,7 @@ async fn run(cli: Cli) -> Result<()> {
             match command {
                 UdfCommand::List => commands::udf_list(&c, remote.json).await,
                 UdfCommand::Get { name } => commands::udf_get(&c, &name, remote.json).await,
-                UdfCommand::Revisions { name } => {
-                    commands::udf_revisions(&c, &name, remote.json).await
-                }
+                UdfCommand::Revisions { name } => commands::udf_revisions(&c, &name, remote.json).await,
                 UdfCommand::Pause { name } => commands::udf_set_paused(&c, &name, true).await,
                 UdfCommand::Resume { name } => commands::udf_set_paused(&c, &name, false).await,
                 UdfCommand::Delete { name } => commands::udf_delete(&c, &name).await,
@@ -290,34 +245,15 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Rows { command, remote } => {
             let c = client::Client::new(&remote.url, remote.api_key)?;
             match command {
-                RowsCommand::Upsert {
-                    namespace,
-                    file,
-                    batch,
-                } => commands::rows_upsert(&c, &namespace, &file, batch).await,
+                RowsCommand::Upsert { namespace, file, batch } => {
+                    commands::rows_upsert(&c, &namespace, &file, batch).await
+                }
                 RowsCommand::Get { namespace, id } => commands::rows_get(&c, &namespace, &id).await,
-                RowsCommand::Query {
-                    namespace,
-                    filter,
-                    rank_by,
-                    top_k,
-                    attributes,
-                } => {
-                    commands::rows_query(
-                        &c,
-                        &namespace,
-                        commands::QueryArgs {
-                            filter,
-                            rank_by,
-                            top_k,
-                            attributes,
-                        },
-                    )
-                    .await
+                RowsCommand::Query { namespace, filter, rank_by, top_k, attributes } => {
+                    commands::rows_query(&c, &namespace, commands::QueryArgs { filter, rank_by, top_k, attributes })
+                        .await
                 }
-                RowsCommand::Namespaces { prefix } => {
-                    commands::rows_namespaces(&c, prefix.as_deref()).await
-                }
+                RowsCommand::Namespaces { prefix } => commands::rows_namespaces(&c, prefix.as_deref()).await,
                 RowsCommand::Drop { namespace } => commands::rows_drop(&c, &namespace).await,
             }
         }

@@ -11,14 +11,13 @@ use tokio_util::sync::CancellationToken;
 /// Cancels `token` on Ctrl-C or SIGTERM.
 pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -46,13 +45,9 @@ fn print_banner(addr: SocketAddr, minted: Option<&str>, data_dir: Option<&PathBu
 
 /// `layer dev`: embedded PostgreSQL plus the platform.
 pub async fn dev(listen: SocketAddr, data_dir: PathBuf, api_key: Option<String>) -> Result<()> {
-    let pg = EmbeddedPostgres::start(EmbeddedOptions {
-        data_dir: data_dir.clone(),
-        port: 5432,
-        ephemeral: false,
-    })
-    .await
-    .context("starting the embedded PostgreSQL")?;
+    let pg = EmbeddedPostgres::start(EmbeddedOptions { data_dir: data_dir.clone(), port: 5432, ephemeral: false })
+        .await
+        .context("starting the embedded PostgreSQL")?;
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let mut config = Config::new(pg.options(layer_platform::embedded::DATABASE));
@@ -65,11 +60,7 @@ pub async fn dev(listen: SocketAddr, data_dir: PathBuf, api_key: Option<String>)
             return Err(e).context("starting the platform");
         }
     };
-    print_banner(
-        started.addr,
-        started.minted_admin_key.as_deref(),
-        Some(&data_dir),
-    );
+    print_banner(started.addr, started.minted_admin_key.as_deref(), Some(&data_dir));
     let served = started.wait().await;
     pg.stop().await.context("stopping PostgreSQL")?;
     served.context("serving")?;
@@ -94,9 +85,7 @@ pub async fn platform(args: PlatformArgs) -> Result<()> {
     config.max_connections = args.max_connections;
     config.max_body_bytes = args.max_body_bytes;
     config.bootstrap_admin_key = args.api_key;
-    let started = layer_platform::start(config, shutdown)
-        .await
-        .context("starting the platform")?;
+    let started = layer_platform::start(config, shutdown).await.context("starting the platform")?;
     print_banner(started.addr, started.minted_admin_key.as_deref(), None);
     started.wait().await.context("serving")?;
     Ok(())

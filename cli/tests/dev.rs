@@ -3,17 +3,13 @@
 //! the client commands against it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_layer");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn data_dir(tag: &str) -> PathBuf {
@@ -26,32 +22,26 @@ struct Dev {
     child: Child,
     url: String,
     stdout: PathBuf,
+    /// The platform's log.
+    stderr: PathBuf,
 }
 
 impl Dev {
     fn start(dir: &Path, port: u16, key: Option<&str>) -> Dev {
         std::fs::create_dir_all(dir).unwrap();
         let stdout = dir.with_extension(format!("{port}.out"));
+        let stderr = dir.with_extension(format!("{port}.log"));
         let mut cmd = Command::new(BIN);
-        cmd.args([
-            "dev",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(dir)
-        .env_remove("LAYER_API_KEY")
-        .stdout(std::fs::File::create(&stdout).unwrap())
-        .stderr(Stdio::null());
+        cmd.args(["dev", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(dir)
+            .env_remove("LAYER_API_KEY")
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap());
         if let Some(k) = key {
             cmd.env("LAYER_API_KEY", k);
         }
         let child = cmd.spawn().unwrap();
-        Dev {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            stdout,
-        }
+        Dev { child, url: format!("http://127.0.0.1:{port}"), stdout, stderr }
     }
 
     /// Waits for `/healthz`; returns how long it took.
@@ -69,10 +59,7 @@ impl Dev {
                     std::fs::read_to_string(&self.stdout).unwrap_or_default()
                 );
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "no /healthz after 120 s"
-            );
+            assert!(start.elapsed() < Duration::from_secs(120), "no /healthz after 120 s");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -85,30 +72,18 @@ impl Dev {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "layer dev did not stop on SIGTERM"
-            );
+            assert!(start.elapsed() < Duration::from_secs(60), "layer dev did not stop on SIGTERM");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
 
 fn layer(url: &str, key: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("LAYER_URL", url)
-        .env("LAYER_API_KEY", key)
-        .output()
-        .unwrap()
+    Command::new(BIN).args(args).env("LAYER_URL", url).env("LAYER_API_KEY", key).output().unwrap()
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 #[test]
@@ -121,25 +96,15 @@ fn dev_starts_keeps_data_across_restarts_and_stops_cleanly() {
     eprintln!("first start (initdb included) answered /healthz after {took:?}");
 
     let rows = dir.with_extension("rows.jsonl");
-    std::fs::write(
-        &rows,
-        "{\"id\": \"p1\", \"title\": \"Wireless mouse\"}\n{\"id\": \"p2\", \"title\": \"Tent\"}\n",
-    )
-    .unwrap();
-    let o = layer(
-        &dev.url,
-        key,
-        &["rows", "upsert", "products", "-f", rows.to_str().unwrap()],
-    );
+    std::fs::write(&rows, "{\"id\": \"p1\", \"title\": \"Wireless mouse\"}\n{\"id\": \"p2\", \"title\": \"Tent\"}\n")
+        .unwrap();
+    let o = layer(&dev.url, key, &["rows", "upsert", "products", "-f", rows.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("upserted 2 rows"), "{}", text(&o));
 
     let status = dev.stop();
     assert!(status.success(), "layer dev exited with {status}");
-    assert!(
-        !dir.join("pg/postmaster.pid").exists(),
-        "PostgreSQL was not stopped"
-    );
+    assert!(!dir.join("pg/postmaster.pid").exists(), "PostgreSQL was not stopped");
 
     let mut dev = Dev::start(&dir, port, None);
     let took = dev.wait_healthy();
@@ -148,76 +113,34 @@ fn dev_starts_keeps_data_across_restarts_and_stops_cleanly() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("Tent"), "{}", text(&o));
     assert!(
-        !std::fs::read_to_string(&dev.stdout)
-            .unwrap()
-            .contains("export LAYER_API_KEY"),
+        !std::fs::read_to_string(&dev.stdout).unwrap().contains("export LAYER_API_KEY"),
         "no key is minted on restart"
     );
 
     // The client commands end to end.
     let f = dir.with_extension("fn.yaml");
-    let yaml = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../examples/functions/tag-products.yaml"
-    ))
-    .unwrap();
+    let yaml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/functions/tag-products.yaml"))
+        .unwrap();
     std::fs::write(&f, yaml.replace("batchSize", "batchsize")).unwrap();
     let o = layer(&dev.url, key, &["apply", "-f", f.to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(
-        text(&o).contains("spec.worker.batchsize: unknown field, did you mean batchSize"),
-        "{}",
-        text(&o)
-    );
+    assert!(text(&o).contains("spec.worker.batchsize: unknown field, did you mean batchSize"), "{}", text(&o));
     std::fs::write(&f, yaml).unwrap();
     let o = layer(&dev.url, key, &["apply", "-f", f.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        "function/tag-products created (revision 1)"
-    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "function/tag-products created (revision 1)");
     let o = layer(&dev.url, key, &["udf", "list"]);
     assert!(text(&o).contains("tag-products"), "{}", text(&o));
 
     let o = layer(&dev.url, key, &["keys", "create", "ci", "--scope", "read"]);
     assert!(o.status.success(), "{}", text(&o));
-    let token = text(&o)
-        .split_whitespace()
-        .find(|w| w.starts_with("lyr_"))
-        .unwrap()
-        .to_string();
-    let o = layer(
-        &dev.url,
-        &token,
-        &[
-            "rows",
-            "query",
-            "products",
-            "--filter",
-            "[\"title\", \"Glob\", \"Wire*\"]",
-        ],
-    );
-    assert!(
-        o.status.success() && text(&o).contains("p1") && !text(&o).contains("p2"),
-        "{}",
-        text(&o)
-    );
-    let o = layer(
-        &dev.url,
-        &token,
-        &["rows", "upsert", "products", "-f", rows.to_str().unwrap()],
-    );
-    assert!(
-        !o.status.success() && text(&o).contains("403"),
-        "{}",
-        text(&o)
-    );
+    let token = text(&o).split_whitespace().find(|w| w.starts_with("lyr_")).unwrap().to_string();
+    let o = layer(&dev.url, &token, &["rows", "query", "products", "--filter", "[\"title\", \"Glob\", \"Wire*\"]"]);
+    assert!(o.status.success() && text(&o).contains("p1") && !text(&o).contains("p2"), "{}", text(&o));
+    let o = layer(&dev.url, &token, &["rows", "upsert", "products", "-f", rows.to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o).contains("403"), "{}", text(&o));
     let o = layer(&dev.url, "lyr_wrong", &["udf", "list"]);
-    assert!(
-        !o.status.success() && text(&o).contains("LAYER_API_KEY"),
-        "{}",
-        text(&o)
-    );
+    assert!(!o.status.success() && text(&o).contains("LAYER_API_KEY"), "{}", text(&o));
 
     assert!(dev.stop().success());
     let _ = std::fs::remove_dir_all(&dir);
@@ -229,25 +152,22 @@ fn a_fresh_dev_without_a_key_mints_and_prints_one() {
     let mut dev = Dev::start(&dir, free_port(), None);
     dev.wait_healthy();
     let out = std::fs::read_to_string(&dev.stdout).unwrap();
-    let key = out
-        .split("export LAYER_API_KEY=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect(&out)
-        .to_string();
+    let key =
+        out.split("export LAYER_API_KEY=").nth(1).and_then(|s| s.split_whitespace().next()).expect(&out).to_string();
     let o = layer(&dev.url, &key, &["keys", "list"]);
-    assert!(
-        o.status.success() && text(&o).contains("bootstrap-admin"),
-        "{}",
-        text(&o)
-    );
-    assert!(
-        !std::fs::read_to_string(dir.join("postgres.log"))
-            .unwrap_or_default()
-            .contains(&key),
-        "the key reached a log"
-    );
+    assert!(o.status.success() && text(&o).contains("bootstrap-admin"), "{}", text(&o));
+    // Use the key for a while (a bad one too), then look for it in every log.
+    for args in [&["udf", "list"][..], &["rows", "namespaces"][..]] {
+        assert!(layer(&dev.url, &key, args).status.success());
+    }
+    assert!(!layer(&dev.url, &format!("{key}x"), &["udf", "list"]).status.success());
+    let log_path = dev.stderr.clone();
     assert!(dev.stop().success());
+    let platform_log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(platform_log.contains("/v2/udfs"), "the platform logs its requests: {platform_log}");
+    for log in [platform_log, std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default()] {
+        assert!(!log.contains(&key), "the key reached a log");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -260,20 +180,9 @@ fn missing_postgres_binaries_say_what_to_install() {
         .output()
         .unwrap();
     assert!(!o.status.success());
-    assert!(
-        text(&o).contains("does not contain initdb and postgres"),
-        "{}",
-        text(&o)
-    );
+    assert!(text(&o).contains("does not contain initdb and postgres"), "{}", text(&o));
 
-    let o = Command::new(BIN)
-        .args(["udf", "list", "--url", "http://127.0.0.1:9"])
-        .output()
-        .unwrap();
+    let o = Command::new(BIN).args(["udf", "list", "--url", "http://127.0.0.1:9"]).output().unwrap();
     assert!(!o.status.success());
-    assert!(
-        text(&o).contains("is `layer dev` (or `layer platform`) running?"),
-        "{}",
-        text(&o)
-    );
+    assert!(text(&o).contains("is `layer dev` (or `layer platform`) running?"), "{}", text(&o));
 }

@@ -34,6 +34,5 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 
 /// Parses a `postgres://` URL, with a clear error.
 pub fn parse_url(url: &str) -> Result<PgConnectOptions> {
-    url.parse::<PgConnectOptions>()
-        .map_err(|e| PlatformError::Setup(format!("invalid database URL: {e}")))
+    url.parse::<PgConnectOptions>().map_err(|e| PlatformError::Setup(format!("invalid database URL: {e}")))
 }

@@ -64,15 +64,11 @@ pub fn find_bindir() -> Result<PathBuf> {
             if has_both(&dir) {
                 // Resolve symlinks so initdb finds its sibling programs.
                 let real = std::fs::canonicalize(dir.join("initdb")).ok();
-                return Ok(real
-                    .and_then(|r| r.parent().map(Path::to_path_buf))
-                    .unwrap_or(dir));
+                return Ok(real.and_then(|r| r.parent().map(Path::to_path_buf)).unwrap_or(dir));
             }
         }
     }
-    if let Ok(out) = std::process::Command::new("pg_config")
-        .arg("--bindir")
-        .output()
+    if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output()
         && out.status.success()
     {
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -144,8 +140,7 @@ fn socket_dir_for(data_dir: &Path) -> PathBuf {
 
 fn own(path: &Path, user: Option<&User>) -> Result<()> {
     if let Some(u) = user {
-        chown(path, Some(u.uid), Some(u.gid))
-            .map_err(|e| setup_err(&format!("chown {}", path.display()), e))?;
+        chown(path, Some(u.uid), Some(u.gid)).map_err(|e| setup_err(&format!("chown {}", path.display()), e))?;
     }
     Ok(())
 }
@@ -162,9 +157,7 @@ fn command(bin: PathBuf, user: Option<&User>) -> Command {
         cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
         cmd.env("HOME", &u.dir);
     }
-    cmd.env_remove("PGDATA")
-        .env_remove("PGHOST")
-        .env_remove("PGPORT");
+    cmd.env_remove("PGDATA").env_remove("PGHOST").env_remove("PGPORT");
     cmd
 }
 
@@ -183,8 +176,7 @@ impl EmbeddedPostgres {
         let user = server_user()?;
         std::fs::create_dir_all(&opts.data_dir)
             .map_err(|e| setup_err(&format!("cannot create {}", opts.data_dir.display()), e))?;
-        let data_dir =
-            std::fs::canonicalize(&opts.data_dir).map_err(|e| setup_err("data dir", e))?;
+        let data_dir = std::fs::canonicalize(&opts.data_dir).map_err(|e| setup_err("data dir", e))?;
         let pgdata = data_dir.join("pg");
         let log_path = data_dir.join("postgres.log");
         let socket_dir = socket_dir_for(&data_dir);
@@ -197,15 +189,7 @@ impl EmbeddedPostgres {
             let out = command(bindir.join("initdb"), user.as_ref())
                 .arg("-D")
                 .arg(&pgdata)
-                .args([
-                    "-U",
-                    SUPERUSER,
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--locale=C",
-                    "--no-instructions",
-                ])
+                .args(["-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-instructions"])
                 .stdin(Stdio::null())
                 .output()
                 .await
@@ -233,17 +217,8 @@ impl EmbeddedPostgres {
 
         let mut server = match Self::running_postmaster(&pgdata) {
             Some(pid) => {
-                tracing::warn!(
-                    pid = pid.as_raw(),
-                    "adopting a PostgreSQL server left running by an earlier run"
-                );
-                EmbeddedPostgres {
-                    socket_dir,
-                    port: opts.port,
-                    pid,
-                    child: None,
-                    log_path,
-                }
+                tracing::warn!(pid = pid.as_raw(), "adopting a PostgreSQL server left running by an earlier run");
+                EmbeddedPostgres { socket_dir, port: opts.port, pid, child: None, log_path }
             }
             None => {
                 let log = std::fs::OpenOptions::new()
@@ -256,14 +231,7 @@ impl EmbeddedPostgres {
                     .arg(&pgdata)
                     .arg("-k")
                     .arg(&socket_dir)
-                    .args([
-                        "-p",
-                        &opts.port.to_string(),
-                        "-c",
-                        "listen_addresses=",
-                        "-c",
-                        "max_connections=200",
-                    ])
+                    .args(["-p", &opts.port.to_string(), "-c", "listen_addresses=", "-c", "max_connections=200"])
                     .stdin(Stdio::null())
                     .stdout(log.try_clone().map_err(|e| setup_err("log", e))?)
                     .stderr(log)
@@ -272,26 +240,11 @@ impl EmbeddedPostgres {
                     .process_group(0)
                     .kill_on_drop(false);
                 if opts.ephemeral {
-                    cmd.args([
-                        "-c",
-                        "fsync=off",
-                        "-c",
-                        "synchronous_commit=off",
-                        "-c",
-                        "full_page_writes=off",
-                    ]);
+                    cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
                 }
-                let child = cmd
-                    .spawn()
-                    .map_err(|e| setup_err("cannot start postgres", e))?;
+                let child = cmd.spawn().map_err(|e| setup_err("cannot start postgres", e))?;
                 let pid = Pid::from_raw(child.id().unwrap_or_default() as i32);
-                EmbeddedPostgres {
-                    socket_dir,
-                    port: opts.port,
-                    pid,
-                    child: Some(child),
-                    log_path,
-                }
+                EmbeddedPostgres { socket_dir, port: opts.port, pid, child: Some(child), log_path }
             }
         };
         server.wait_ready().await?;
@@ -337,15 +290,12 @@ impl EmbeddedPostgres {
 
     async fn ensure_database(&self) -> Result<()> {
         let mut conn = self.options("postgres").connect().await?;
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-                .bind(DATABASE)
-                .fetch_one(&mut conn)
-                .await?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(DATABASE)
+            .fetch_one(&mut conn)
+            .await?;
         if !exists {
-            sqlx::query(&format!("CREATE DATABASE {DATABASE}"))
-                .execute(&mut conn)
-                .await?;
+            sqlx::query(&format!("CREATE DATABASE {DATABASE}")).execute(&mut conn).await?;
         }
         conn.close().await?;
         Ok(())
@@ -353,20 +303,12 @@ impl EmbeddedPostgres {
 
     /// Connection options for a database of this server, over its socket.
     pub fn options(&self, database: &str) -> PgConnectOptions {
-        PgConnectOptions::new()
-            .socket(&self.socket_dir)
-            .port(self.port)
-            .username(SUPERUSER)
-            .database(database)
+        PgConnectOptions::new().socket(&self.socket_dir).port(self.port).username(SUPERUSER).database(database)
     }
 
     /// A `postgres://` URL for a database of this server (for tools and tests).
     pub fn url(&self, database: &str) -> String {
-        format!(
-            "postgres://{SUPERUSER}@localhost:{}/{database}?host={}",
-            self.port,
-            self.socket_dir.display()
-        )
+        format!("postgres://{SUPERUSER}@localhost:{}/{database}?host={}", self.port, self.socket_dir.display())
     }
 
     /// Fast shutdown: disconnects clients, checkpoints, exits. Waits for it.

@@ -10,11 +10,7 @@ use layer_protocol::error::{ErrorBody, FieldProblem};
 pub enum PlatformError {
     /// The request or resource is malformed; `problems` lists every field.
     #[error("{message}")]
-    Invalid {
-        code: &'static str,
-        message: String,
-        problems: Vec<FieldProblem>,
-    },
+    Invalid { code: &'static str, message: String, problems: Vec<FieldProblem> },
     /// The request uses a feature this store does not offer.
     #[error("{0}")]
     Unsupported(String),
@@ -47,29 +43,14 @@ pub type Result<T, E = PlatformError> = std::result::Result<T, E>;
 impl PlatformError {
     /// A 400 about one field.
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        let problem = FieldProblem {
-            field: field.into(),
-            message: message.into(),
-        };
-        Self::Invalid {
-            code: "invalid_request",
-            message: problem.to_string(),
-            problems: vec![problem],
-        }
+        let problem = FieldProblem { field: field.into(), message: message.into() };
+        Self::Invalid { code: "invalid_request", message: problem.to_string(), problems: vec![problem] }
     }
 
     /// A 400 listing several problems; the message names them all.
     pub fn invalid_fields(code: &'static str, problems: Vec<FieldProblem>) -> Self {
-        let message = problems
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ");
-        Self::Invalid {
-            code,
-            message,
-            problems,
-        }
+        let message = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        Self::Invalid { code, message, problems }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -82,9 +63,7 @@ impl PlatformError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Setup(_) | Self::Database(_) | Self::Migrate(_) | Self::Io(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Self::Setup(_) | Self::Database(_) | Self::Migrate(_) | Self::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -118,9 +97,7 @@ impl From<sqlx::Error> for PlatformError {
                 "22P02" | "22023" | "2202E" | "22003" => return Self::invalid("", msg),
                 "54001" => return Self::invalid("filters", "filter is too complex to evaluate"),
                 "57014" => {
-                    return Self::Unavailable(
-                        "the query was cancelled (statement timeout); narrow it or retry".into(),
-                    );
+                    return Self::Unavailable("the query was cancelled (statement timeout); narrow it or retry".into());
                 }
                 "40001" | "40P01" => {
                     return Self::Unavailable("a concurrent write conflicted; retry".into());
@@ -168,26 +145,13 @@ impl IntoResponse for ApiError {
         };
         let (field, errors) = match &e {
             PlatformError::Invalid { problems, .. } => (
-                problems
-                    .first()
-                    .map(|p| p.field.clone())
-                    .filter(|f| !f.is_empty()),
-                if problems.len() > 1 {
-                    problems.clone()
-                } else {
-                    Vec::new()
-                },
+                problems.first().map(|p| p.field.clone()).filter(|f| !f.is_empty()),
+                if problems.len() > 1 { problems.clone() } else { Vec::new() },
             ),
             _ => (None, Vec::new()),
         };
-        let body = ErrorBody {
-            error: e.code().to_string(),
-            code: e.code().to_string(),
-            message,
-            field,
-            errors,
-            request_id,
-        };
+        let body =
+            ErrorBody { error: e.code().to_string(), code: e.code().to_string(), message, field, errors, request_id };
         (status, axum::Json(body)).into_response()
     }
 }

@@ -13,10 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::de::DeserializeOwned;
 use sqlx::PgPool;
-use tower_http::request_id::{
-    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
-use tower_http::trace::TraceLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::error::{ApiError, PlatformError, REQUEST_ID};
 
@@ -51,10 +49,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             }
         })?;
         if bytes.is_empty() {
-            return Err(ApiError(PlatformError::invalid(
-                "",
-                "the request body is empty; expected a JSON object",
-            )));
+            return Err(ApiError(PlatformError::invalid("", "the request body is empty; expected a JSON object")));
         }
         parse_json(&bytes).map(ApiJson)
     }
@@ -85,29 +80,19 @@ pub fn int_param(
         None => Ok(default),
         Some(s) => match s.parse::<i64>() {
             Ok(n) if (min..=max).contains(&n) => Ok(n),
-            _ => Err(ApiError(PlatformError::invalid(
-                name,
-                format!("\"{s}\" is not an integer in {min}..={max}"),
-            ))),
+            _ => Err(ApiError(PlatformError::invalid(name, format!("\"{s}\" is not an integer in {min}..={max}")))),
         },
     }
 }
 
 /// Resolves the bearer token to a [`crate::auth::Principal`] for the handlers.
 async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let header = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let token = match header.map(str::trim) {
-        Some(h) if h.len() > 7 && h[..7].eq_ignore_ascii_case("bearer ") => {
-            h[7..].trim().to_string()
-        }
+        Some(h) if h.len() > 7 && h[..7].eq_ignore_ascii_case("bearer ") => h[7..].trim().to_string(),
         Some(_) => {
-            return ApiError(PlatformError::Unauthorized(
-                "the Authorization header must be `Bearer <api key>`".into(),
-            ))
-            .into_response();
+            return ApiError(PlatformError::Unauthorized("the Authorization header must be `Bearer <api key>`".into()))
+                .into_response();
         }
         None => {
             return ApiError(PlatformError::Unauthorized(
@@ -140,28 +125,16 @@ async fn request_context(req: Request, next: Next) -> Response {
 async fn healthz(State(state): State<AppState>) -> Response {
     match sqlx::query("SELECT 1").execute(&state.pool).await {
         Ok(_) => axum::Json(serde_json::json!({"status": "ok"})).into_response(),
-        Err(e) => ApiError(PlatformError::Unavailable(format!(
-            "database unreachable: {e}"
-        )))
-        .into_response(),
+        Err(e) => ApiError(PlatformError::Unavailable(format!("database unreachable: {e}"))).into_response(),
     }
 }
 
 async fn openapi() -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        crate::openapi::DOCUMENT,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], crate::openapi::DOCUMENT).into_response()
 }
 
 async fn no_route() -> ApiError {
-    ApiError(PlatformError::NotFound(
-        "no such endpoint; GET /openapi.json lists them".into(),
-    ))
+    ApiError(PlatformError::NotFound("no such endpoint; GET /openapi.json lists them".into()))
 }
 
 async fn wrong_method() -> Response {
@@ -193,10 +166,22 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(from_fn(request_context))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id, key_id = tracing::field::Empty)
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                    tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                        request_id = %id,
+                        key_id = tracing::field::Empty
+                    )
+                })
+                // One line per request, with status and latency; headers
+                // (and so keys) are never logged.
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+        )
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)

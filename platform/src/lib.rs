@@ -73,9 +73,7 @@ pub struct Started {
 impl Started {
     /// Waits until the server has drained after shutdown was requested.
     pub async fn wait(self) -> Result<()> {
-        self.task
-            .await
-            .map_err(|e| PlatformError::Setup(format!("server task failed: {e}")))?
+        self.task.await.map_err(|e| PlatformError::Setup(format!("server task failed: {e}")))?
     }
 }
 
@@ -84,33 +82,24 @@ impl Started {
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Started> {
     let pool = db::connect(config.database.clone(), config.max_connections).await?;
     db::migrate(&pool).await?;
-    let minted_admin_key =
-        auth::store::bootstrap_admin(&pool, config.bootstrap_admin_key.as_deref()).await?;
+    let minted_admin_key = auth::store::bootstrap_admin(&pool, config.bootstrap_admin_key.as_deref()).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| PlatformError::Setup(format!("cannot listen on {}: {e}", config.listen)))?;
     let addr = listener.local_addr()?;
     let state = http::AppState {
         pool: pool.clone(),
-        settings: Arc::new(http::Settings {
-            max_body_bytes: config.max_body_bytes,
-        }),
+        settings: Arc::new(http::Settings { max_body_bytes: config.max_body_bytes }),
     };
     let app = http::router(state);
     tracing::info!(%addr, "platform listening");
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await?;
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
         pool.close().await;
         tracing::info!("platform stopped");
         Ok(())
     });
-    Ok(Started {
-        addr,
-        minted_admin_key,
-        task,
-    })
+    Ok(Started { addr, minted_admin_key, task })
 }
 
 /// Runs a replica until `shutdown` is cancelled.

@@ -100,14 +100,7 @@ impl Op {
     fn operand(self) -> Operand {
         match self {
             Op::Eq | Op::NotEq | Op::Contains | Op::NotContains => Operand::Any,
-            Op::Lt
-            | Op::Lte
-            | Op::Gt
-            | Op::Gte
-            | Op::AnyLt
-            | Op::AnyLte
-            | Op::AnyGt
-            | Op::AnyGte => Operand::Ordered,
+            Op::Lt | Op::Lte | Op::Gt | Op::Gte | Op::AnyLt | Op::AnyLte | Op::AnyGt | Op::AnyGte => Operand::Ordered,
             Op::In | Op::NotIn | Op::ContainsAny | Op::NotContainsAny => Operand::List,
             Op::Glob | Op::NotGlob | Op::IGlob | Op::NotIGlob | Op::Regex => Operand::Pattern,
         }
@@ -170,79 +163,39 @@ impl Filter {
 }
 
 fn err(path: &str, message: impl Into<String>) -> FilterError {
-    FilterError {
-        path: path.to_string(),
-        message: message.into(),
-    }
+    FilterError { path: path.to_string(), message: message.into() }
 }
 
-fn parse_node(
-    v: &Value,
-    path: &str,
-    depth: usize,
-    count: &mut usize,
-) -> Result<Filter, FilterError> {
+fn parse_node(v: &Value, path: &str, depth: usize, count: &mut usize) -> Result<Filter, FilterError> {
     if depth > MAX_DEPTH {
-        return Err(err(
-            path,
-            format!("filter is nested deeper than {MAX_DEPTH} levels"),
-        ));
+        return Err(err(path, format!("filter is nested deeper than {MAX_DEPTH} levels")));
     }
     let Value::Array(items) = v else {
-        return Err(err(
-            path,
-            format!(
-                "expected a filter array like [\"attr\", \"Eq\", value], got {}",
-                type_name(v)
-            ),
-        ));
+        return Err(err(path, format!("expected a filter array like [\"attr\", \"Eq\", value], got {}", type_name(v))));
     };
     let head = items.first().and_then(Value::as_str);
     match (head, items.len()) {
         (Some(kind @ ("And" | "Or")), 2) => {
             let sub_path = index(path, 1);
             let Value::Array(subs) = &items[1] else {
-                return Err(err(
-                    &sub_path,
-                    format!(
-                        "{kind} takes a list of filters, got {}",
-                        type_name(&items[1])
-                    ),
-                ));
+                return Err(err(&sub_path, format!("{kind} takes a list of filters, got {}", type_name(&items[1]))));
             };
             let parsed = subs
                 .iter()
                 .enumerate()
                 .map(|(i, s)| parse_node(s, &index(&sub_path, i), depth + 1, count))
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(if kind == "And" {
-                Filter::And(parsed)
-            } else {
-                Filter::Or(parsed)
-            })
+            Ok(if kind == "And" { Filter::And(parsed) } else { Filter::Or(parsed) })
         }
-        (Some("Not"), 2) => Ok(Filter::Not(Box::new(parse_node(
-            &items[1],
-            &index(path, 1),
-            depth + 1,
-            count,
-        )?))),
-        (Some("And" | "Or" | "Not"), n) => Err(err(
-            path,
-            format!(
-                "{} takes exactly one operand, got {}",
-                head.unwrap_or_default(),
-                n - 1
-            ),
-        )),
+        (Some("Not"), 2) => Ok(Filter::Not(Box::new(parse_node(&items[1], &index(path, 1), depth + 1, count)?))),
+        (Some("And" | "Or" | "Not"), n) => {
+            Err(err(path, format!("{} takes exactly one operand, got {}", head.unwrap_or_default(), n - 1)))
+        }
         (_, 3) => {
             let Value::String(attr) = &items[0] else {
                 return Err(err(
                     &index(path, 0),
-                    format!(
-                        "attribute name must be a string, got {}",
-                        type_name(&items[0])
-                    ),
+                    format!("attribute name must be a string, got {}", type_name(&items[0])),
                 ));
             };
             if attr.is_empty() || attr.len() > 128 {
@@ -250,10 +203,7 @@ fn parse_node(
             }
             let op_path = index(path, 1);
             let Value::String(op_name) = &items[1] else {
-                return Err(err(
-                    &op_path,
-                    format!("operator must be a string, got {}", type_name(&items[1])),
-                ));
+                return Err(err(&op_path, format!("operator must be a string, got {}", type_name(&items[1]))));
             };
             let Some(op) = Op::parse(op_name) else {
                 let names: Vec<&str> = Op::ALL.iter().map(|o| o.name()).collect();
@@ -270,23 +220,13 @@ fn parse_node(
             };
             *count += 1;
             if *count > MAX_CONDITIONS {
-                return Err(err(
-                    path,
-                    format!("filter has more than {MAX_CONDITIONS} conditions"),
-                ));
+                return Err(err(path, format!("filter has more than {MAX_CONDITIONS} conditions")));
             }
             let value = items[2].clone();
             check_operand(op, &value, &index(path, 2))?;
-            Ok(Filter::Cmp {
-                attr: attr.clone(),
-                op,
-                value,
-            })
+            Ok(Filter::Cmp { attr: attr.clone(), op, value })
         }
-        _ => Err(err(
-            path,
-            "expected [attr, Op, value], [\"And\", [...]], [\"Or\", [...]] or [\"Not\", filter]",
-        )),
+        _ => Err(err(path, "expected [attr, Op, value], [\"And\", [...]], [\"Or\", [...]] or [\"Not\", filter]")),
     }
 }
 
@@ -295,37 +235,16 @@ fn check_operand(op: Op, value: &Value, path: &str) -> Result<(), FilterError> {
         Operand::Any => Ok(()),
         Operand::Ordered => match value {
             Value::Number(_) | Value::String(_) => Ok(()),
-            other => Err(err(
-                path,
-                format!(
-                    "{} compares numbers or strings, got {}",
-                    op.name(),
-                    type_name(other)
-                ),
-            )),
+            other => Err(err(path, format!("{} compares numbers or strings, got {}", op.name(), type_name(other)))),
         },
         Operand::List => match value {
             Value::Array(_) => Ok(()),
-            other => Err(err(
-                path,
-                format!(
-                    "{} takes a list of values, got {}",
-                    op.name(),
-                    type_name(other)
-                ),
-            )),
+            other => Err(err(path, format!("{} takes a list of values, got {}", op.name(), type_name(other)))),
         },
         Operand::Pattern => match value {
             Value::String(s) if op == Op::Regex => check_regex(s).map_err(|m| err(path, m)),
             Value::String(_) => Ok(()),
-            other => Err(err(
-                path,
-                format!(
-                    "{} takes a pattern string, got {}",
-                    op.name(),
-                    type_name(other)
-                ),
-            )),
+            other => Err(err(path, format!("{} takes a pattern string, got {}", op.name(), type_name(other)))),
         },
     }
 }
@@ -446,15 +365,9 @@ mod tests {
 
     #[test]
     fn nested_boolean_structure() {
-        let f = parse(json!([
-            "And",
-            [
-                ["a", "Eq", 1],
-                ["Or", [["b", "In", [1, 2]], ["Not", ["c", "Glob", "x*"]]]]
-            ]
-        ]))
-        .unwrap()
-        .unwrap();
+        let f = parse(json!(["And", [["a", "Eq", 1], ["Or", [["b", "In", [1, 2]], ["Not", ["c", "Glob", "x*"]]]]]]))
+            .unwrap()
+            .unwrap();
         assert_eq!(f.attributes(), vec!["a", "b", "c"]);
     }
 
@@ -462,39 +375,15 @@ mod tests {
     fn unknown_operator_is_named_with_path() {
         let e = parse(json!(["And", [["a", "Eq", 1], ["b", "Equals", 2]]])).unwrap_err();
         assert_eq!(e.path, "filters[1][1][1]");
-        assert!(
-            e.message.contains("unknown filter operator \"Equals\""),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("unknown filter operator \"Equals\""), "{}", e.message);
     }
 
     #[test]
     fn operand_shapes_are_checked() {
-        assert!(
-            parse(json!(["a", "In", 3]))
-                .unwrap_err()
-                .message
-                .contains("list")
-        );
-        assert!(
-            parse(json!(["a", "Lt", [1]]))
-                .unwrap_err()
-                .message
-                .contains("numbers or strings")
-        );
-        assert!(
-            parse(json!(["a", "Glob", 1]))
-                .unwrap_err()
-                .message
-                .contains("pattern")
-        );
-        assert!(
-            parse(json!(["a", "Regex", "(a"]))
-                .unwrap_err()
-                .message
-                .contains("unclosed")
-        );
+        assert!(parse(json!(["a", "In", 3])).unwrap_err().message.contains("list"));
+        assert!(parse(json!(["a", "Lt", [1]])).unwrap_err().message.contains("numbers or strings"));
+        assert!(parse(json!(["a", "Glob", 1])).unwrap_err().message.contains("pattern"));
+        assert!(parse(json!(["a", "Regex", "(a"])).unwrap_err().message.contains("unclosed"));
         assert!(parse(json!(["And", ["a", "Eq", 1]])).is_err());
         assert!(parse(json!(["a", "Eq"])).is_err());
         assert!(parse(json!({"a": 1})).is_err());

@@ -9,9 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::filter::Filter;
-use crate::validate::{
-    Case, Field, Obj, Problems, check_attribute_name, check_namespace_name, field, index, join,
-};
+use crate::validate::{Case, Field, Obj, Problems, check_attribute_name, check_namespace_name, field, index, join};
 
 /// How batches reach the worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,9 +119,7 @@ pub enum SelectorOp {
 impl LabelSelector {
     /// Whether a set of labels is selected.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
             && self.match_expressions.iter().all(|e| {
                 let got = labels.get(&e.key);
                 match e.operator {
@@ -161,20 +157,12 @@ impl FunctionSpec {
     /// The completion-marker attribute for a Function name: hyphens become
     /// underscores (`product-color` → `_hevlayer_udf_product_color_v`).
     pub fn marker_attribute(function_name: &str) -> String {
-        format!(
-            "{}udf_{}_v",
-            crate::RESERVED_PREFIX,
-            function_name.replace('-', "_")
-        )
+        format!("{}udf_{}_v", crate::RESERVED_PREFIX, function_name.replace('-', "_"))
     }
 
     /// The stale-after marker for a Function name.
     pub fn stale_after_attribute(function_name: &str) -> String {
-        format!(
-            "{}udf_{}_stale_after",
-            crate::RESERVED_PREFIX,
-            function_name.replace('-', "_")
-        )
+        format!("{}udf_{}_stale_after", crate::RESERVED_PREFIX, function_name.replace('-', "_"))
     }
 }
 
@@ -240,21 +228,11 @@ const RETRY_FIELDS: &[Field] = &[
     field("initialBackoffSeconds", "initial_backoff_seconds"),
     field("maxBackoffSeconds", "max_backoff_seconds"),
 ];
-const SCALING_FIELDS: &[Field] = &[
-    field("pool", "pool"),
-    field("mode", "mode"),
-    field("replicas", "replicas"),
-];
+const SCALING_FIELDS: &[Field] = &[field("pool", "pool"), field("mode", "mode"), field("replicas", "replicas")];
 const REPLICA_FIELDS: &[Field] = &[field("min", "min"), field("max", "max")];
-const SELECTOR_FIELDS: &[Field] = &[
-    field("matchLabels", "match_labels"),
-    field("matchExpressions", "match_expressions"),
-];
-const EXPRESSION_FIELDS: &[Field] = &[
-    field("key", "key"),
-    field("operator", "operator"),
-    field("values", "values"),
-];
+const SELECTOR_FIELDS: &[Field] =
+    &[field("matchLabels", "match_labels"), field("matchExpressions", "match_expressions")];
+const EXPRESSION_FIELDS: &[Field] = &[field("key", "key"), field("operator", "operator"), field("values", "values")];
 
 /// A validated spec plus the `paused` flag a resource document may carry.
 #[derive(Debug, Clone, PartialEq)]
@@ -265,12 +243,7 @@ pub struct ValidatedSpec {
 
 /// Validates a Function spec object at `path` (`spec`), in either spelling,
 /// filling in defaults. Every problem found is reported.
-pub fn validate_spec(
-    p: &mut Problems,
-    path: &str,
-    value: &Value,
-    case: Case,
-) -> Option<ValidatedSpec> {
+pub fn validate_spec(p: &mut Problems, path: &str, value: &Value, case: Case) -> Option<ValidatedSpec> {
     let start = p.is_empty();
     let obj = Obj::open(p, path, value, case, SPEC_FIELDS)?;
 
@@ -280,42 +253,28 @@ pub fn validate_spec(
             p.push(index(&obj.path_of(F_TARGETS), i), m);
         }
     }
-    let index_selector = obj
-        .get(F_SELECTOR)
-        .and_then(|v| label_selector(p, &obj.path_of(F_SELECTOR), v, case));
+    let index_selector = obj.get(F_SELECTOR).and_then(|v| label_selector(p, &obj.path_of(F_SELECTOR), v, case));
     if target_namespaces.is_empty() && index_selector.is_none() && obj.get(F_SELECTOR).is_none() {
         p.push(
             obj.path_of(F_TARGETS),
-            format!(
-                "one of {} or {} is required",
-                F_TARGETS.name(case),
-                F_SELECTOR.name(case)
-            ),
+            format!("one of {} or {} is required", F_TARGETS.name(case), F_SELECTOR.name(case)),
         );
     }
 
     let inputs = obj.string_list(p, F_INPUTS).unwrap_or_default();
     if inputs.len() > limits::INPUTS {
-        p.push(
-            obj.path_of(F_INPUTS),
-            format!("at most {} inputs", limits::INPUTS),
-        );
+        p.push(obj.path_of(F_INPUTS), format!("at most {} inputs", limits::INPUTS));
     }
     for (i, name) in inputs.iter().enumerate() {
         if let Err(m) = check_attribute_name(name) {
             p.push(index(&obj.path_of(F_INPUTS), i), m);
         }
         if inputs[..i].contains(name) {
-            p.push(
-                index(&obj.path_of(F_INPUTS), i),
-                format!("\"{name}\" is listed twice"),
-            );
+            p.push(index(&obj.path_of(F_INPUTS), i), format!("\"{name}\" is listed twice"));
         }
     }
 
-    let version = obj
-        .string(p, F_VERSION, false)
-        .unwrap_or_else(|| "v1".into());
+    let version = obj.string(p, F_VERSION, false).unwrap_or_else(|| "v1".into());
     if version.len() > 64 {
         p.push(obj.path_of(F_VERSION), "must be at most 64 characters");
     }
@@ -382,26 +341,18 @@ pub fn validate_spec(
                     }
                 };
                 if out.contains(&trig) {
-                    p.push(
-                        index(&obj.path_of(F_TRIGGERS), i),
-                        format!("\"{t}\" is listed twice"),
-                    );
+                    p.push(index(&obj.path_of(F_TRIGGERS), i), format!("\"{t}\" is listed twice"));
                 }
                 out.push(trig);
             }
             if raw.is_empty() {
-                p.push(
-                    obj.path_of(F_TRIGGERS),
-                    "at least one trigger is required (discovery or write)",
-                );
+                p.push(obj.path_of(F_TRIGGERS), "at least one trigger is required (discovery or write)");
             }
             out
         }
     };
 
-    let scaling = obj
-        .get(F_SCALING)
-        .and_then(|v| scaling_spec(p, &obj.path_of(F_SCALING), v, case));
+    let scaling = obj.get(F_SCALING).and_then(|v| scaling_spec(p, &obj.path_of(F_SCALING), v, case));
     let invalidates = obj.string_list(p, F_INVALIDATES).unwrap_or_default();
     let paused = obj.boolean(p, F_PAUSED);
 
@@ -433,10 +384,7 @@ fn worker_spec(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<Wo
     if let Some(u) = &url
         && !(u.starts_with("http://") || u.starts_with("https://"))
     {
-        p.push(
-            o.path_of(WORKER_FIELDS[1]),
-            format!("\"{u}\" is not an http:// or https:// URL"),
-        );
+        p.push(o.path_of(WORKER_FIELDS[1]), format!("\"{u}\" is not an http:// or https:// URL"));
     }
     let dispatch = match o.one_of(p, WORKER_FIELDS[2], &["pull", "push"]).as_deref() {
         Some("push") => Dispatch::Push,
@@ -455,10 +403,7 @@ fn worker_spec(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<Wo
     if let Some(ps) = &pod_spec
         && !ps.is_object()
     {
-        p.push(
-            o.path_of(WORKER_FIELDS[7]),
-            "expected an object (a pod-level merge patch)",
-        );
+        p.push(o.path_of(WORKER_FIELDS[7]), "expected an object (a pod-level merge patch)");
     }
     if dispatch == Dispatch::Push && image.is_none() && url.is_none() {
         p.push(
@@ -470,16 +415,7 @@ fn worker_spec(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<Wo
             ),
         );
     }
-    Some(WorkerSpec {
-        image,
-        url,
-        dispatch,
-        compute_class,
-        port,
-        batch_size,
-        timeout_seconds,
-        pod_spec,
-    })
+    Some(WorkerSpec { image, url, dispatch, compute_class, port, batch_size, timeout_seconds, pod_spec })
 }
 
 fn schedule_spec(p: &mut Problems, spec: &Obj<'_>, case: Case) -> Option<ScheduleSpec> {
@@ -493,57 +429,26 @@ fn schedule_spec(p: &mut Problems, spec: &Obj<'_>, case: Case) -> Option<Schedul
         return Some(out);
     };
     let o = Obj::open(p, &spec.path_of(F_SCHEDULE), v, case, SCHEDULE_FIELDS)?;
-    let get = |p: &mut Problems, f: Field, (lo, hi): (i64, i64), d: u32| {
-        o.int(p, f, lo, hi).map_or(d, |n| n as u32)
-    };
-    out.discovery_interval_seconds = get(
-        p,
-        SCHEDULE_FIELDS[0],
-        limits::DISCOVERY_INTERVAL_SECONDS,
-        out.discovery_interval_seconds,
-    );
-    out.lease_seconds = get(
-        p,
-        SCHEDULE_FIELDS[1],
-        limits::LEASE_SECONDS,
-        out.lease_seconds,
-    );
-    out.max_in_flight_batches = get(
-        p,
-        SCHEDULE_FIELDS[2],
-        limits::MAX_IN_FLIGHT_BATCHES,
-        out.max_in_flight_batches,
-    );
-    out.max_concurrent_scans = get(
-        p,
-        SCHEDULE_FIELDS[3],
-        limits::MAX_CONCURRENT_SCANS,
-        out.max_concurrent_scans,
-    );
+    let get = |p: &mut Problems, f: Field, (lo, hi): (i64, i64), d: u32| o.int(p, f, lo, hi).map_or(d, |n| n as u32);
+    out.discovery_interval_seconds =
+        get(p, SCHEDULE_FIELDS[0], limits::DISCOVERY_INTERVAL_SECONDS, out.discovery_interval_seconds);
+    out.lease_seconds = get(p, SCHEDULE_FIELDS[1], limits::LEASE_SECONDS, out.lease_seconds);
+    out.max_in_flight_batches = get(p, SCHEDULE_FIELDS[2], limits::MAX_IN_FLIGHT_BATCHES, out.max_in_flight_batches);
+    out.max_concurrent_scans = get(p, SCHEDULE_FIELDS[3], limits::MAX_CONCURRENT_SCANS, out.max_concurrent_scans);
     Some(out)
 }
 
 fn retry_spec(p: &mut Problems, spec: &Obj<'_>, case: Case) -> Option<RetrySpec> {
-    let mut out = RetrySpec {
-        max_attempts: 8,
-        initial_backoff_seconds: 5,
-        max_backoff_seconds: 300,
-    };
+    let mut out = RetrySpec { max_attempts: 8, initial_backoff_seconds: 5, max_backoff_seconds: 300 };
     let Some(v) = spec.get(F_RETRY) else {
         return Some(out);
     };
     let o = Obj::open(p, &spec.path_of(F_RETRY), v, case, RETRY_FIELDS)?;
     let (lo, hi) = limits::MAX_ATTEMPTS;
-    out.max_attempts = o
-        .int(p, RETRY_FIELDS[0], lo, hi)
-        .map_or(out.max_attempts, |n| n as u32);
+    out.max_attempts = o.int(p, RETRY_FIELDS[0], lo, hi).map_or(out.max_attempts, |n| n as u32);
     let (lo, hi) = limits::BACKOFF_SECONDS;
-    out.initial_backoff_seconds = o
-        .int(p, RETRY_FIELDS[1], lo, hi)
-        .map_or(out.initial_backoff_seconds, |n| n as u32);
-    out.max_backoff_seconds = o
-        .int(p, RETRY_FIELDS[2], lo, hi)
-        .map_or(out.max_backoff_seconds, |n| n as u32);
+    out.initial_backoff_seconds = o.int(p, RETRY_FIELDS[1], lo, hi).map_or(out.initial_backoff_seconds, |n| n as u32);
+    out.max_backoff_seconds = o.int(p, RETRY_FIELDS[2], lo, hi).map_or(out.max_backoff_seconds, |n| n as u32);
     if out.initial_backoff_seconds > out.max_backoff_seconds {
         p.push(
             o.path_of(RETRY_FIELDS[1]),
@@ -566,10 +471,7 @@ fn scaling_spec(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<S
     {
         p.push(o.path_of(SCALING_FIELDS[0]), m);
     }
-    let mode = match o
-        .one_of(p, SCALING_FIELDS[1], &["autoscale", "fixed"])
-        .as_deref()
-    {
+    let mode = match o.one_of(p, SCALING_FIELDS[1], &["autoscale", "fixed"]).as_deref() {
         Some("fixed") => ScalingMode::Fixed,
         _ => ScalingMode::Autoscale,
     };
@@ -579,21 +481,12 @@ fn scaling_spec(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<S
     {
         let (lo, hi) = limits::REPLICAS;
         replicas.min = r.int(p, REPLICA_FIELDS[0], lo, hi).map_or(0, |n| n as u32);
-        replicas.max = r
-            .int(p, REPLICA_FIELDS[1], 1, hi)
-            .map_or(replicas.min.max(1), |n| n as u32);
+        replicas.max = r.int(p, REPLICA_FIELDS[1], 1, hi).map_or(replicas.min.max(1), |n| n as u32);
         if replicas.min > replicas.max {
-            p.push(
-                r.path_of(REPLICA_FIELDS[0]),
-                format!("{} is larger than max ({})", replicas.min, replicas.max),
-            );
+            p.push(r.path_of(REPLICA_FIELDS[0]), format!("{} is larger than max ({})", replicas.min, replicas.max));
         }
     }
-    Some(ScalingSpec {
-        pool,
-        mode,
-        replicas,
-    })
+    Some(ScalingSpec { pool, mode, replicas })
 }
 
 fn label_selector(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<LabelSelector> {
@@ -610,11 +503,7 @@ fn label_selector(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option
                         continue;
                     };
                     let key = e.string(p, EXPRESSION_FIELDS[0], true);
-                    let op = e.one_of(
-                        p,
-                        EXPRESSION_FIELDS[1],
-                        &["In", "NotIn", "Exists", "DoesNotExist"],
-                    );
+                    let op = e.one_of(p, EXPRESSION_FIELDS[1], &["In", "NotIn", "Exists", "DoesNotExist"]);
                     let values = e.string_list(p, EXPRESSION_FIELDS[2]).unwrap_or_default();
                     let operator = match op.as_deref() {
                         Some("In") => SelectorOp::In,
@@ -640,30 +529,17 @@ fn label_selector(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option
                         );
                     }
                     if let Some(key) = key {
-                        match_expressions.push(LabelExpression {
-                            key,
-                            operator,
-                            values,
-                        });
+                        match_expressions.push(LabelExpression { key, operator, values });
                     }
                 }
             }
-            other => p.push(
-                lpath,
-                format!("expected a list, got {}", crate::validate::type_name(other)),
-            ),
+            other => p.push(lpath, format!("expected a list, got {}", crate::validate::type_name(other))),
         }
     }
     if match_labels.is_empty() && match_expressions.is_empty() {
-        p.push(
-            path,
-            "an empty selector would select every Index; give matchLabels or matchExpressions",
-        );
+        p.push(path, "an empty selector would select every Index; give matchLabels or matchExpressions");
     }
-    Some(LabelSelector {
-        match_labels,
-        match_expressions,
-    })
+    Some(LabelSelector { match_labels, match_expressions })
 }
 
 /// A Function as `/v2/udfs` returns it (the client's `Udf`).
@@ -749,11 +625,7 @@ fn diff(a: &Value, b: &Value, path: &str, out: &mut Vec<String>) {
                 }
             }
         }
-        _ if a != b => out.push(if path.is_empty() {
-            "spec".into()
-        } else {
-            path.to_string()
-        }),
+        _ if a != b => out.push(if path.is_empty() { "spec".into() } else { path.to_string() }),
         _ => {}
     }
 }
@@ -767,21 +639,12 @@ mod tests {
         let mut p = Problems::new();
         let out = validate_spec(&mut p, "spec", &v, case);
         let list = p.into_vec();
-        if list.is_empty() {
-            Ok(out.unwrap())
-        } else {
-            Err(list.iter().map(|x| x.to_string()).collect())
-        }
+        if list.is_empty() { Ok(out.unwrap()) } else { Err(list.iter().map(|x| x.to_string()).collect()) }
     }
 
     #[test]
     fn defaults_fill_in() {
-        let s = check(
-            json!({"targetNamespaces": ["a"], "worker": {}}),
-            Case::Camel,
-        )
-        .unwrap()
-        .spec;
+        let s = check(json!({"targetNamespaces": ["a"], "worker": {}}), Case::Camel).unwrap().spec;
         assert_eq!(s.version, "v1");
         assert_eq!(s.worker.batch_size, 32);
         assert_eq!(s.worker.dispatch, Dispatch::Pull);
@@ -792,22 +655,10 @@ mod tests {
 
     #[test]
     fn snake_case_for_the_api() {
-        let s = check(
-            json!({"target_namespaces": ["a"], "worker": {"batch_size": 7}}),
-            Case::Snake,
-        )
-        .unwrap()
-        .spec;
+        let s = check(json!({"target_namespaces": ["a"], "worker": {"batch_size": 7}}), Case::Snake).unwrap().spec;
         assert_eq!(s.worker.batch_size, 7);
-        let e = check(
-            json!({"target_namespaces": ["a"], "worker": {"batchSize": 7}}),
-            Case::Snake,
-        )
-        .unwrap_err();
-        assert_eq!(
-            e,
-            vec!["spec.worker.batchSize: unknown field, did you mean batch_size"]
-        );
+        let e = check(json!({"target_namespaces": ["a"], "worker": {"batchSize": 7}}), Case::Snake).unwrap_err();
+        assert_eq!(e, vec!["spec.worker.batchSize: unknown field, did you mean batch_size"]);
     }
 
     #[test]
@@ -847,9 +698,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            e[0].starts_with(
-                "spec.schedule.leaseSeconds: 30 must be at least spec.worker.timeoutSeconds"
-            ),
+            e[0].starts_with("spec.schedule.leaseSeconds: 30 must be at least spec.worker.timeoutSeconds"),
             "{e:?}"
         );
     }
@@ -866,15 +715,8 @@ mod tests {
 
     #[test]
     fn push_needs_something_to_run() {
-        let e = check(
-            json!({"targetNamespaces": ["a"], "worker": {"dispatch": "push"}}),
-            Case::Camel,
-        )
-        .unwrap_err();
-        assert!(
-            e[0].starts_with("spec.worker: dispatch push needs image or url"),
-            "{e:?}"
-        );
+        let e = check(json!({"targetNamespaces": ["a"], "worker": {"dispatch": "push"}}), Case::Camel).unwrap_err();
+        assert!(e[0].starts_with("spec.worker: dispatch push needs image or url"), "{e:?}");
     }
 
     #[test]
@@ -894,10 +736,7 @@ mod tests {
 
     #[test]
     fn markers_normalise_hyphens() {
-        assert_eq!(
-            FunctionSpec::marker_attribute("product-color"),
-            "_hevlayer_udf_product_color_v"
-        );
+        assert_eq!(FunctionSpec::marker_attribute("product-color"), "_hevlayer_udf_product_color_v");
     }
 
     #[test]

@@ -107,11 +107,7 @@ pub fn parse_expires_after(s: &str) -> Result<Option<i64>, String> {
     if s == "never" {
         return Ok(None);
     }
-    let bad = || {
-        format!(
-            "\"{s}\" is not a lifetime: use a number followed by d, h, m or s (\"365d\"), or \"never\""
-        )
-    };
+    let bad = || format!("\"{s}\" is not a lifetime: use a number followed by d, h, m or s (\"365d\"), or \"never\"");
     let (digits, unit) = s.split_at(s.len().checked_sub(1).ok_or_else(bad)?);
     let n: i64 = digits.parse().map_err(|_| bad())?;
     let mult = match unit {

@@ -148,10 +148,6 @@ pub struct StatusResponse {
 
 impl StatusResponse {
     pub fn ok(message: impl Into<String>) -> Self {
-        Self {
-            status: "OK".into(),
-            message: Some(message.into()),
-            rows_affected: None,
-        }
+        Self { status: "OK".into(), message: Some(message.into()), rows_affected: None }
     }
 }

@@ -13,8 +13,7 @@ use serde_json::Value;
 use crate::error::FieldProblem;
 use crate::function::{FunctionSpec, validate_spec};
 use crate::validate::{
-    Case, Field, Obj, Problems, check_namespace_name, check_resource_name, field, index, join,
-    string_map_at,
+    Case, Field, Obj, Problems, check_namespace_name, check_resource_name, field, index, join, string_map_at,
 };
 
 /// The resource kinds this platform understands.
@@ -36,19 +35,9 @@ pub struct Metadata {
 /// A validated resource.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
-    Function {
-        metadata: Metadata,
-        spec: Box<FunctionSpec>,
-        paused: Option<bool>,
-    },
-    Index {
-        metadata: Metadata,
-        spec: IndexSpec,
-    },
-    InfraRules {
-        metadata: Metadata,
-        spec: InfraRulesSpec,
-    },
+    Function { metadata: Metadata, spec: Box<FunctionSpec>, paused: Option<bool> },
+    Index { metadata: Metadata, spec: IndexSpec },
+    InfraRules { metadata: Metadata, spec: InfraRulesSpec },
 }
 
 impl Resource {
@@ -133,9 +122,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Value>, ParseError> {
     let docs: Vec<Value> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
         match serde_json::from_str::<Value>(text) {
             Ok(v) => vec![v],
-            Err(_) => {
-                serde_saphyr::from_multiple(text).map_err(|e| ParseError::Syntax(e.to_string()))?
-            }
+            Err(_) => serde_saphyr::from_multiple(text).map_err(|e| ParseError::Syntax(e.to_string()))?,
         }
     } else {
         serde_saphyr::from_multiple(text).map_err(|e| ParseError::Syntax(e.to_string()))?
@@ -202,26 +189,17 @@ pub fn validate_document(doc: &Value) -> Result<Resource, Vec<FieldProblem>> {
         return Err(p.into_vec());
     };
     match top.string(&mut p, TOP_FIELDS[0], true) {
-        Some(v) if v != crate::API_VERSION => p.push(
-            "apiVersion",
-            format!("\"{v}\" is not supported; use {}", crate::API_VERSION),
-        ),
+        Some(v) if v != crate::API_VERSION => {
+            p.push("apiVersion", format!("\"{v}\" is not supported; use {}", crate::API_VERSION))
+        }
         _ => {}
     }
     let kind = top.string(&mut p, TOP_FIELDS[1], true);
     if let Some(k) = &kind
         && !KINDS.contains(&k.as_str())
     {
-        let hint = crate::validate::suggest(k, KINDS)
-            .map(|s| format!(" (did you mean {s}?)"))
-            .unwrap_or_default();
-        p.push(
-            "kind",
-            format!(
-                "\"{k}\" is not a known kind{hint}; allowed: {}",
-                KINDS.join(", ")
-            ),
-        );
+        let hint = crate::validate::suggest(k, KINDS).map(|s| format!(" (did you mean {s}?)")).unwrap_or_default();
+        p.push("kind", format!("\"{k}\" is not a known kind{hint}; allowed: {}", KINDS.join(", ")));
     }
     let metadata = match top.get(TOP_FIELDS[2]) {
         Some(m) => metadata(&mut p, m, kind.as_deref() == Some("Index")),
@@ -233,33 +211,23 @@ pub fn validate_document(doc: &Value) -> Result<Resource, Vec<FieldProblem>> {
     let spec = top.get(TOP_FIELDS[3]);
     let resource = match kind.as_deref() {
         Some("Function") => match spec {
-            Some(s) => validate_spec(&mut p, "spec", s, Case::Camel)
-                .map(|v| (v.spec, v.paused))
-                .and_then(|(spec, paused)| {
-                    Some(Resource::Function {
-                        metadata: metadata.clone()?,
-                        spec: Box::new(spec),
-                        paused,
-                    })
-                }),
+            Some(s) => {
+                validate_spec(&mut p, "spec", s, Case::Camel).map(|v| (v.spec, v.paused)).and_then(|(spec, paused)| {
+                    Some(Resource::Function { metadata: metadata.clone()?, spec: Box::new(spec), paused })
+                })
+            }
             None => {
                 p.push("spec", "required");
                 None
             }
         },
-        Some("Index") => index_spec(&mut p, spec).and_then(|spec| {
-            Some(Resource::Index {
-                metadata: metadata.clone()?,
-                spec,
-            })
-        }),
+        Some("Index") => {
+            index_spec(&mut p, spec).and_then(|spec| Some(Resource::Index { metadata: metadata.clone()?, spec }))
+        }
         Some("InfraRules") => match spec {
-            Some(s) => infra_spec(&mut p, s).and_then(|spec| {
-                Some(Resource::InfraRules {
-                    metadata: metadata.clone()?,
-                    spec,
-                })
-            }),
+            Some(s) => {
+                infra_spec(&mut p, s).and_then(|spec| Some(Resource::InfraRules { metadata: metadata.clone()?, spec }))
+            }
             None => {
                 p.push("spec", "required");
                 None
@@ -282,29 +250,18 @@ fn metadata(p: &mut Problems, v: &Value, is_index: bool) -> Option<Metadata> {
     let name = o.string(p, META_FIELDS[0], true);
     if let Some(n) = &name {
         // An Index names a row-store namespace, which allows more characters.
-        let check = if is_index {
-            check_namespace_name(n)
-        } else {
-            check_resource_name(n)
-        };
+        let check = if is_index { check_namespace_name(n) } else { check_resource_name(n) };
         if let Err(m) = check {
             p.push("metadata.name", m);
         }
     }
-    let namespace = o
-        .string(p, META_FIELDS[1], false)
-        .unwrap_or_else(|| "layer".into());
+    let namespace = o.string(p, META_FIELDS[1], false).unwrap_or_else(|| "layer".into());
     if let Err(m) = check_resource_name(&namespace) {
         p.push("metadata.namespace", m);
     }
     let labels = o.string_map(p, META_FIELDS[2]).unwrap_or_default();
     let annotations = o.string_map(p, META_FIELDS[3]).unwrap_or_default();
-    Some(Metadata {
-        name: name?,
-        namespace,
-        labels,
-        annotations,
-    })
+    Some(Metadata { name: name?, namespace, labels, annotations })
 }
 
 fn index_spec(p: &mut Problems, spec: Option<&Value>) -> Option<IndexSpec> {
@@ -312,9 +269,7 @@ fn index_spec(p: &mut Problems, spec: Option<&Value>) -> Option<IndexSpec> {
         return Some(IndexSpec::default());
     };
     let o = Obj::open(p, "spec", v, Case::Camel, INDEX_FIELDS)?;
-    Some(IndexSpec {
-        distance_metric: o.one_of(p, INDEX_FIELDS[0], &DISTANCE_METRICS),
-    })
+    Some(IndexSpec { distance_metric: o.one_of(p, INDEX_FIELDS[0], &DISTANCE_METRICS) })
 }
 
 fn infra_spec(p: &mut Problems, v: &Value) -> Option<InfraRulesSpec> {
@@ -340,10 +295,7 @@ fn infra_spec(p: &mut Problems, v: &Value) -> Option<InfraRulesSpec> {
                 p.push(po.path_of(POOL_FIELDS[0]), m);
             }
             if pools.iter().any(|x| &x.name == n) {
-                p.push(
-                    po.path_of(POOL_FIELDS[0]),
-                    format!("pool \"{n}\" is defined twice"),
-                );
+                p.push(po.path_of(POOL_FIELDS[0]), format!("pool \"{n}\" is defined twice"));
             }
         }
         let kind = po.one_of(p, POOL_FIELDS[1], &["cpu", "gpu"]);
@@ -358,34 +310,20 @@ fn infra_spec(p: &mut Problems, v: &Value) -> Option<InfraRulesSpec> {
             match tv {
                 Value::Array(ts) => {
                     for (j, t) in ts.iter().enumerate() {
-                        let Some(to) =
-                            Obj::open(p, &index(&tpath, j), t, Case::Camel, TOLERATION_FIELDS)
-                        else {
+                        let Some(to) = Obj::open(p, &index(&tpath, j), t, Case::Camel, TOLERATION_FIELDS) else {
                             continue;
                         };
                         let key = to.string(p, TOLERATION_FIELDS[0], false);
-                        let operator = to
-                            .one_of(p, TOLERATION_FIELDS[1], &["Equal", "Exists"])
-                            .unwrap_or_else(|| "Equal".into());
+                        let operator =
+                            to.one_of(p, TOLERATION_FIELDS[1], &["Equal", "Exists"]).unwrap_or_else(|| "Equal".into());
                         let value = to.string(p, TOLERATION_FIELDS[2], false);
-                        let effect = to.one_of(
-                            p,
-                            TOLERATION_FIELDS[3],
-                            &["NoSchedule", "PreferNoSchedule", "NoExecute"],
-                        );
+                        let effect =
+                            to.one_of(p, TOLERATION_FIELDS[3], &["NoSchedule", "PreferNoSchedule", "NoExecute"]);
                         to.int(p, TOLERATION_FIELDS[4], 0, i64::MAX);
                         if operator == "Exists" && value.is_some() {
-                            p.push(
-                                to.path_of(TOLERATION_FIELDS[2]),
-                                "operator Exists takes no value",
-                            );
+                            p.push(to.path_of(TOLERATION_FIELDS[2]), "operator Exists takes no value");
                         }
-                        tolerations.push(Toleration {
-                            key,
-                            operator,
-                            value,
-                            effect,
-                        });
+                        tolerations.push(Toleration { key, operator, value, effect });
                     }
                 }
                 _ => p.push(tpath, "expected a list of tolerations"),
@@ -393,13 +331,7 @@ fn infra_spec(p: &mut Problems, v: &Value) -> Option<InfraRulesSpec> {
         }
         let mut resources = PoolResources::default();
         if let Some(rv) = po.get(POOL_FIELDS[5])
-            && let Some(ro) = Obj::open(
-                p,
-                &po.path_of(POOL_FIELDS[5]),
-                rv,
-                Case::Camel,
-                RESOURCES_FIELDS,
-            )
+            && let Some(ro) = Obj::open(p, &po.path_of(POOL_FIELDS[5]), rv, Case::Camel, RESOURCES_FIELDS)
         {
             resources.requests = quantities(p, &ro, RESOURCES_FIELDS[0]);
             resources.limits = quantities(p, &ro, RESOURCES_FIELDS[1]);
@@ -415,9 +347,7 @@ fn infra_spec(p: &mut Problems, v: &Value) -> Option<InfraRulesSpec> {
             });
         }
     }
-    Some(InfraRulesSpec {
-        compute_pools: pools,
-    })
+    Some(InfraRulesSpec { compute_pools: pools })
 }
 
 /// Kubernetes quantities may be written as strings or bare numbers.
@@ -496,15 +426,10 @@ spec:
     fn seed_function_validates() {
         let docs = parse_documents(SEED_TAG_PRODUCTS).unwrap();
         let r = validate_document(&docs[0]).unwrap();
-        let Resource::Function { metadata, spec, .. } = r else {
-            panic!()
-        };
+        let Resource::Function { metadata, spec, .. } = r else { panic!() };
         assert_eq!(metadata.name, "tag-products");
         assert_eq!(spec.schedule.discovery_interval_seconds, 300);
-        assert_eq!(
-            spec.filter,
-            Some(serde_json::json!(["category", "Eq", "outdoor"]))
-        );
+        assert_eq!(spec.filter, Some(serde_json::json!(["category", "Eq", "outdoor"])));
         assert_eq!(spec.scaling.unwrap().replicas.max, 6);
     }
 
@@ -513,10 +438,7 @@ spec:
         let text = SEED_TAG_PRODUCTS.replace("batchSize", "batchsize");
         let docs = parse_documents(&text).unwrap();
         let e = validate_document(&docs[0]).unwrap_err();
-        assert_eq!(
-            e[0].to_string(),
-            "spec.worker.batchsize: unknown field, did you mean batchSize"
-        );
+        assert_eq!(e[0].to_string(), "spec.worker.batchsize: unknown field, did you mean batchSize");
     }
 
     #[test]
@@ -528,22 +450,15 @@ spec:
         assert_eq!(docs.len(), 2);
         let r = validate_document(&docs[1]).unwrap();
         assert_eq!(r.kind(), "Index");
-        assert_eq!(
-            r.metadata().labels.get("team").map(String::as_str),
-            Some("shop")
-        );
+        assert_eq!(r.metadata().labels.get("team").map(String::as_str), Some("shop"));
     }
 
     #[test]
     fn wrong_kind_and_version() {
-        let v =
-            serde_json::json!({"apiVersion": "v1", "kind": "Functon", "metadata": {"name": "x"}});
+        let v = serde_json::json!({"apiVersion": "v1", "kind": "Functon", "metadata": {"name": "x"}});
         let e = validate_document(&v).unwrap_err();
         let s: Vec<String> = e.iter().map(ToString::to_string).collect();
-        assert!(
-            s[0].starts_with("apiVersion: \"v1\" is not supported"),
-            "{s:?}"
-        );
+        assert!(s[0].starts_with("apiVersion: \"v1\" is not supported"), "{s:?}");
         assert!(s[1].contains("did you mean Function"), "{s:?}");
     }
 
@@ -570,22 +485,14 @@ spec:
         limits: { memory: 10Gi, nvidia.com/gpu: 1 }
 "#;
         let r = validate_document(&parse_documents(text).unwrap()[0]).unwrap();
-        let Resource::InfraRules { spec, .. } = r else {
-            panic!()
-        };
+        let Resource::InfraRules { spec, .. } = r else { panic!() };
         assert_eq!(spec.compute_pools[0].max_replicas_per_workload, Some(4));
-        assert_eq!(
-            spec.compute_pools[0].resources.limits["nvidia.com/gpu"],
-            "1"
-        );
+        assert_eq!(spec.compute_pools[0].resources.limits["nvidia.com/gpu"], "1");
     }
 
     #[test]
     fn garbage_is_a_syntax_error() {
-        assert!(matches!(
-            parse_documents("a: [1, 2"),
-            Err(ParseError::Syntax(_))
-        ));
+        assert!(matches!(parse_documents("a: [1, 2"), Err(ParseError::Syntax(_))));
         assert!(matches!(parse_documents("   \n"), Err(ParseError::Empty)));
     }
 }

@@ -51,10 +51,7 @@ impl Problems {
     }
 
     pub fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.list.push(FieldProblem {
-            field: field.into(),
-            message: message.into(),
-        });
+        self.list.push(FieldProblem { field: field.into(), message: message.into() });
     }
 
     pub fn is_empty(&self) -> bool {
@@ -63,11 +60,7 @@ impl Problems {
 
     /// `Ok(value)` when nothing was found wrong.
     pub fn finish<T>(self, value: T) -> Result<T, Vec<FieldProblem>> {
-        if self.list.is_empty() {
-            Ok(value)
-        } else {
-            Err(self.list)
-        }
+        if self.list.is_empty() { Ok(value) } else { Err(self.list) }
     }
 
     pub fn into_vec(self) -> Vec<FieldProblem> {
@@ -77,11 +70,7 @@ impl Problems {
 
 /// `parent.child`, or `child` at the root.
 pub fn join(parent: &str, child: &str) -> String {
-    if parent.is_empty() {
-        child.to_string()
-    } else {
-        format!("{parent}.{child}")
-    }
+    if parent.is_empty() { child.to_string() } else { format!("{parent}.{child}") }
 }
 
 /// `parent[index]`.
@@ -111,10 +100,7 @@ pub fn suggest<'a>(unknown: &str, allowed: impl IntoIterator<Item = &'a str>) ->
         if squash(candidate) == wanted {
             return Some(candidate);
         }
-        let d = strsim::osa_distance(
-            &unknown.to_ascii_lowercase(),
-            &candidate.to_ascii_lowercase(),
-        );
+        let d = strsim::osa_distance(&unknown.to_ascii_lowercase(), &candidate.to_ascii_lowercase());
         let limit = (candidate.len() / 3).clamp(1, 3);
         if d <= limit && best.is_none_or(|(_, bd)| d < bd) {
             best = Some((candidate, d));
@@ -143,10 +129,7 @@ impl<'a> Obj<'a> {
         fields: &[Field],
     ) -> Option<Obj<'a>> {
         let Value::Object(map) = value else {
-            problems.push(
-                path,
-                format!("expected an object, got {}", type_name(value)),
-            );
+            problems.push(path, format!("expected an object, got {}", type_name(value)));
             return None;
         };
         for key in map.keys() {
@@ -163,11 +146,7 @@ impl<'a> Obj<'a> {
             };
             problems.push(join(path, key), message);
         }
-        Some(Obj {
-            path: path.to_string(),
-            map,
-            case,
-        })
+        Some(Obj { path: path.to_string(), map, case })
     }
 
     pub fn path_of(&self, f: Field) -> String {
@@ -193,10 +172,7 @@ impl<'a> Obj<'a> {
             }
             Some(Value::String(s)) => Some(s.clone()),
             Some(other) => {
-                p.push(
-                    self.path_of(f),
-                    format!("expected a string, got {}", type_name(other)),
-                );
+                p.push(self.path_of(f), format!("expected a string, got {}", type_name(other)));
                 None
             }
         }
@@ -207,17 +183,11 @@ impl<'a> Obj<'a> {
         match v.as_i64() {
             Some(n) if (min..=max).contains(&n) => Some(n),
             Some(n) => {
-                p.push(
-                    self.path_of(f),
-                    format!("{n} is out of range; allowed {min}..={max}"),
-                );
+                p.push(self.path_of(f), format!("{n} is out of range; allowed {min}..={max}"));
                 None
             }
             None => {
-                p.push(
-                    self.path_of(f),
-                    format!("expected an integer, got {}", describe(v)),
-                );
+                p.push(self.path_of(f), format!("expected an integer, got {}", describe(v)));
                 None
             }
         }
@@ -227,10 +197,7 @@ impl<'a> Obj<'a> {
         match self.get(f)? {
             Value::Bool(b) => Some(*b),
             other => {
-                p.push(
-                    self.path_of(f),
-                    format!("expected true or false, got {}", describe(other)),
-                );
+                p.push(self.path_of(f), format!("expected true or false, got {}", describe(other)));
                 None
             }
         }
@@ -241,10 +208,7 @@ impl<'a> Obj<'a> {
         if allowed.contains(&s.as_str()) {
             Some(s)
         } else {
-            p.push(
-                self.path_of(f),
-                format!("\"{s}\" is not allowed; allowed: {}", allowed.join(", ")),
-            );
+            p.push(self.path_of(f), format!("\"{s}\" is not allowed; allowed: {}", allowed.join(", ")));
             None
         }
     }
@@ -253,10 +217,7 @@ impl<'a> Obj<'a> {
         let v = self.get(f)?;
         let path = self.path_of(f);
         let Value::Array(items) = v else {
-            p.push(
-                path,
-                format!("expected a list of strings, got {}", type_name(v)),
-            );
+            p.push(path, format!("expected a list of strings, got {}", type_name(v)));
             return None;
         };
         let mut out = Vec::with_capacity(items.len());
@@ -264,10 +225,7 @@ impl<'a> Obj<'a> {
             match item {
                 Value::String(s) if !s.is_empty() => out.push(s.clone()),
                 Value::String(_) => p.push(index(&path, i), "must not be empty"),
-                other => p.push(
-                    index(&path, i),
-                    format!("expected a string, got {}", type_name(other)),
-                ),
+                other => p.push(index(&path, i), format!("expected a string, got {}", type_name(other))),
             }
         }
         Some(out)
@@ -282,10 +240,7 @@ impl<'a> Obj<'a> {
 /// A map of strings to strings (labels, node selectors).
 pub fn string_map_at(p: &mut Problems, path: &str, v: &Value) -> Option<BTreeMap<String, String>> {
     let Value::Object(map) = v else {
-        p.push(
-            path,
-            format!("expected a map of strings, got {}", type_name(v)),
-        );
+        p.push(path, format!("expected a map of strings, got {}", type_name(v)));
         return None;
     };
     let mut out = BTreeMap::new();
@@ -294,10 +249,7 @@ pub fn string_map_at(p: &mut Problems, path: &str, v: &Value) -> Option<BTreeMap
             Value::String(s) => {
                 out.insert(k.clone(), s.clone());
             }
-            other => p.push(
-                join(path, k),
-                format!("expected a string, got {}", describe(other)),
-            ),
+            other => p.push(join(path, k), format!("expected a string, got {}", describe(other))),
         }
     }
     Some(out)
@@ -316,15 +268,11 @@ fn describe(v: &Value) -> String {
 pub fn check_namespace_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "\"{name}\" is not a valid namespace name: use 1-128 letters, digits, '-', '_' or '.'"
-        ))
+        Err(format!("\"{name}\" is not a valid namespace name: use 1-128 letters, digits, '-', '_' or '.'"))
     }
 }
 
@@ -333,8 +281,7 @@ pub fn check_resource_name(name: &str) -> Result<(), String> {
     let b = name.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-';
     if ok {
@@ -352,9 +299,7 @@ pub fn check_attribute_name(name: &str) -> Result<(), String> {
         return Err("attribute names must not be empty".into());
     }
     if name.len() > 128 {
-        return Err(format!(
-            "attribute name \"{name}\" is longer than 128 bytes"
-        ));
+        return Err(format!("attribute name \"{name}\" is longer than 128 bytes"));
     }
     if name.starts_with(crate::RESERVED_PREFIX) {
         return Err(format!(
@@ -383,19 +328,10 @@ mod tests {
     fn unknown_key_names_path_and_suggestion() {
         let mut p = Problems::new();
         let v = json!({"batchsize": 3});
-        Obj::open(
-            &mut p,
-            "spec.worker",
-            &v,
-            Case::Camel,
-            &[field("batchSize", "batch_size")],
-        );
+        Obj::open(&mut p, "spec.worker", &v, Case::Camel, &[field("batchSize", "batch_size")]);
         let list = p.into_vec();
         assert_eq!(list.len(), 1);
-        assert_eq!(
-            list[0].to_string(),
-            "spec.worker.batchsize: unknown field, did you mean batchSize"
-        );
+        assert_eq!(list[0].to_string(), "spec.worker.batchsize: unknown field, did you mean batchSize");
     }
 
     #[test]

@@ -23,10 +23,7 @@ pub const ADMIN_KEY: &str = "lyr_test_admin_key_0123456789abcdef";
 
 /// The directory of the workspace (for examples and the Python venv).
 pub fn workspace_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
 }
 
 /// Holds an exclusive file lock while alive.
@@ -34,13 +31,8 @@ struct FileLock(std::fs::File);
 
 impl FileLock {
     fn acquire(path: &std::path::Path) -> Result<Self> {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)?;
-        f.lock()
-            .with_context(|| format!("locking {}", path.display()))?;
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+        f.lock().with_context(|| format!("locking {}", path.display()))?;
         Ok(FileLock(f))
     }
 }
@@ -61,13 +53,9 @@ async fn server_options() -> Result<PgConnectOptions> {
     std::fs::create_dir_all(&dir)?;
     let _lock = FileLock::acquire(&std::env::temp_dir().join(format!("layer-test-pg-{uid}.lock")))?;
     // Adopts the server an earlier test process started, or starts one.
-    let pg = EmbeddedPostgres::start(EmbeddedOptions {
-        data_dir: dir,
-        port: 5432,
-        ephemeral: true,
-    })
-    .await
-    .context("starting the test PostgreSQL (set DATABASE_URL to use your own server)")?;
+    let pg = EmbeddedPostgres::start(EmbeddedOptions { data_dir: dir, port: 5432, ephemeral: true })
+        .await
+        .context("starting the test PostgreSQL (set DATABASE_URL to use your own server)")?;
     let options = pg.options("postgres");
     // Deliberately left running for the next test process.
     std::mem::forget(pg);
@@ -85,28 +73,17 @@ pub struct TestDb {
 impl TestDb {
     pub async fn create() -> Result<TestDb> {
         let server = server_options().await?;
-        let mut conn = server
-            .connect()
-            .await
-            .context("connecting to the test PostgreSQL")?;
+        let mut conn = server.connect().await.context("connecting to the test PostgreSQL")?;
         drop_abandoned(&mut conn).await?;
         let pid = std::process::id();
         let name = format!("layer_t_{pid}_{}", NEXT_DB.fetch_add(1, Ordering::SeqCst));
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await?;
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
         conn.close().await?;
-        Ok(TestDb {
-            options: server.database(&name),
-            name,
-        })
+        Ok(TestDb { options: server.database(&name), name })
     }
 
     pub async fn pool(&self) -> Result<PgPool> {
-        Ok(sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .connect_with(self.options.clone())
-            .await?)
+        Ok(sqlx::postgres::PgPoolOptions::new().max_connections(4).connect_with(self.options.clone()).await?)
     }
 
     pub fn url(&self) -> String {
@@ -116,19 +93,16 @@ impl TestDb {
 
 /// Drops the databases of test processes that have exited.
 async fn drop_abandoned(conn: &mut PgConnection) -> Result<()> {
-    let names: Vec<String> =
-        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'layer\\_t\\_%'")
-            .fetch_all(&mut *conn)
-            .await?;
+    let names: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'layer\\_t\\_%'")
+        .fetch_all(&mut *conn)
+        .await?;
     for name in names {
         let Some(pid) = name.split('_').nth(2).and_then(|p| p.parse::<i32>().ok()) else {
             continue;
         };
         let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
         if !alive {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut *conn)
-                .await;
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut *conn).await;
         }
     }
     Ok(())
@@ -152,9 +126,7 @@ pub struct PlatformOptions {
 
 impl Default for PlatformOptions {
     fn default() -> Self {
-        PlatformOptions {
-            max_body_bytes: 64 << 20,
-        }
+        PlatformOptions { max_body_bytes: 64 << 20 }
     }
 }
 
@@ -179,19 +151,12 @@ impl TestPlatform {
             db,
             pool,
             shutdown,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()?,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?,
         })
     }
 
     /// A request with a bearer key (`None` sends no Authorization header).
-    pub fn request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        key: Option<&str>,
-    ) -> reqwest::RequestBuilder {
+    pub fn request(&self, method: reqwest::Method, path: &str, key: Option<&str>) -> reqwest::RequestBuilder {
         let mut r = self.http.request(method, format!("{}{}", self.url, path));
         if let Some(k) = key {
             r = r.bearer_auth(k);
@@ -206,8 +171,7 @@ impl TestPlatform {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<(u16, serde_json::Value)> {
-        self.call_as(&self.admin_key.clone(), method, path, body)
-            .await
+        self.call_as(&self.admin_key.clone(), method, path, body).await
     }
 
     pub async fn call_as(
@@ -263,28 +227,17 @@ pub fn python_with_hevlayer() -> Result<PathBuf> {
     let python = venv.join("bin/python");
     let _lock = FileLock::acquire(&target.join("pyenv.lock"))?;
     let ok = |py: &std::path::Path| {
-        std::process::Command::new(py)
-            .args(["-c", "import hevlayer"])
-            .output()
-            .is_ok_and(|o| o.status.success())
+        std::process::Command::new(py).args(["-c", "import hevlayer"]).output().is_ok_and(|o| o.status.success())
     };
     if python.exists() && ok(&python) {
         return Ok(python);
     }
-    let status = std::process::Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()?;
+    let status = std::process::Command::new("python3").args(["-m", "venv"]).arg(&venv).status()?;
     if !status.success() {
         bail!("python3 -m venv {} failed", venv.display());
     }
     let out = std::process::Command::new(venv.join("bin/pip"))
-        .args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "hevlayer==0.7.3",
-        ])
+        .args(["install", "--quiet", "--disable-pip-version-check", "hevlayer==0.7.3"])
         .output()?;
     if !out.status.success() || !ok(&python) {
         bail!(
@@ -298,11 +251,7 @@ pub fn python_with_hevlayer() -> Result<PathBuf> {
 
 /// Runs a Python script from `tests/python/` against a platform; fails with
 /// its output unless it exits 0.
-pub async fn run_python(
-    script: &str,
-    platform: &TestPlatform,
-    extra_env: &[(&str, &str)],
-) -> Result<String> {
+pub async fn run_python(script: &str, platform: &TestPlatform, extra_env: &[(&str, &str)]) -> Result<String> {
     let python = python_with_hevlayer()?;
     let path = workspace_dir().join("tests/python").join(script);
     let mut cmd = tokio::process::Command::new(python);
@@ -314,14 +263,8 @@ pub async fn run_python(
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
-        .await
-        .context("python timed out")??;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output()).await.context("python timed out")??;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
         bail!("{script} failed ({}):\n{text}", out.status);
     }

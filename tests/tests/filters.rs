@@ -22,13 +22,7 @@ fn rows() -> Value {
 
 async fn setup() -> anyhow::Result<TestPlatform> {
     let p = TestPlatform::start().await?;
-    let (s, r) = p
-        .call(
-            Method::POST,
-            "/v2/namespaces/f",
-            Some(json!({"upsert_rows": rows()})),
-        )
-        .await?;
+    let (s, r) = p.call(Method::POST, "/v2/namespaces/f", Some(json!({"upsert_rows": rows()}))).await?;
     anyhow::ensure!(s == 200, "{r}");
     let other: Vec<Value> = rows()
         .as_array()
@@ -40,32 +34,15 @@ async fn setup() -> anyhow::Result<TestPlatform> {
             r
         })
         .collect();
-    let (s, r) = p
-        .call(
-            Method::POST,
-            "/v2/namespaces/other",
-            Some(json!({"upsert_rows": other})),
-        )
-        .await?;
+    let (s, r) = p.call(Method::POST, "/v2/namespaces/other", Some(json!({"upsert_rows": other}))).await?;
     anyhow::ensure!(s == 200, "{r}");
     Ok(p)
 }
 
 async fn ids(p: &TestPlatform, filter: Value) -> anyhow::Result<Vec<String>> {
-    let (s, r) = p
-        .call(
-            Method::POST,
-            "/v2/namespaces/f/query",
-            Some(json!({"filters": filter, "top_k": 100})),
-        )
-        .await?;
+    let (s, r) = p.call(Method::POST, "/v2/namespaces/f/query", Some(json!({"filters": filter, "top_k": 100}))).await?;
     anyhow::ensure!(s == 200, "{filter} -> {s} {r}");
-    Ok(r["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x["id"].as_str().unwrap().to_string())
-        .collect())
+    Ok(r["rows"].as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap().to_string()).collect())
 }
 
 macro_rules! operator_test {
@@ -137,34 +114,17 @@ operator_test!(and_or_not,
 async fn unknown_operators_and_bad_operands_are_400_naming_the_path() -> anyhow::Result<()> {
     let p = setup().await?;
     let cases = [
-        (
-            json!(["And", [["n", "Eq", 1], ["s", "Contain", "x"]]]),
-            "filters[1][1][1]",
-            "Contain",
-        ),
+        (json!(["And", [["n", "Eq", 1], ["s", "Contain", "x"]]]), "filters[1][1][1]", "Contain"),
         (json!(["n", "In", 5]), "filters[2]", "list"),
         (json!(["s", "Regex", "(unclosed"]), "filters[2]", "unclosed"),
-        (
-            json!(["s", "Regex", "a{2,1}"]),
-            "filters",
-            "invalid regular expression",
-        ),
+        (json!(["s", "Regex", "a{2,1}"]), "filters", "invalid regular expression"),
         (json!({"n": 1}), "filters", "expected a filter array"),
     ];
     for (filter, field, needle) in cases {
-        let (s, r) = p
-            .call(
-                Method::POST,
-                "/v2/namespaces/f/query",
-                Some(json!({"filters": filter})),
-            )
-            .await?;
+        let (s, r) = p.call(Method::POST, "/v2/namespaces/f/query", Some(json!({"filters": filter}))).await?;
         assert_eq!(s, 400, "{filter} -> {r}");
         assert_eq!(r["field"], field, "{filter} -> {r}");
-        assert!(
-            r["message"].as_str().unwrap().contains(needle),
-            "{filter} -> {r}"
-        );
+        assert!(r["message"].as_str().unwrap().contains(needle), "{filter} -> {r}");
     }
     Ok(())
 }
@@ -179,27 +139,11 @@ async fn injection_through_names_and_values_is_inert() -> anyhow::Result<()> {
     assert_eq!(s, 200, "{r}");
     assert_eq!(ids(&p, json!([evil_name, "Eq", "v"])).await?, ["evil"]);
     assert_eq!(ids(&p, json!(["s", "Eq", evil_value])).await?, ["evil"]);
-    assert_eq!(
-        ids(&p, json!(["s", "Eq", "x' OR 1=1 --"])).await?,
-        Vec::<String>::new()
-    );
-    assert_eq!(
-        ids(&p, json!(["s", "Glob", "%"])).await?,
-        Vec::<String>::new(),
-        "LIKE wildcards are literal"
-    );
-    assert_eq!(
-        ids(&p, json!(["s", "Glob", "' OR '1'='1"])).await?,
-        ["evil"]
-    );
-    assert_eq!(
-        ids(&p, json!(["id", "In", ["a'; --", "evil"]])).await?,
-        ["evil"]
-    );
-    assert_eq!(
-        ids(&p, json!(["n\\\"; SELECT 1; --", "Gt", 0])).await?,
-        Vec::<String>::new()
-    );
+    assert_eq!(ids(&p, json!(["s", "Eq", "x' OR 1=1 --"])).await?, Vec::<String>::new());
+    assert_eq!(ids(&p, json!(["s", "Glob", "%"])).await?, Vec::<String>::new(), "LIKE wildcards are literal");
+    assert_eq!(ids(&p, json!(["s", "Glob", "' OR '1'='1"])).await?, ["evil"]);
+    assert_eq!(ids(&p, json!(["id", "In", ["a'; --", "evil"]])).await?, ["evil"]);
+    assert_eq!(ids(&p, json!(["n\\\"; SELECT 1; --", "Gt", 0])).await?, Vec::<String>::new());
     let (s, _) = p
         .call(
             Method::POST,
@@ -208,17 +152,10 @@ async fn injection_through_names_and_values_is_inert() -> anyhow::Result<()> {
         )
         .await?;
     assert_eq!(s, 200);
-    let (s, _) = p
-        .call(
-            Method::POST,
-            "/v2/namespaces/f",
-            Some(json!({"delete_by_filter": [evil_name, "Eq", "nope"]})),
-        )
-        .await?;
+    let (s, _) =
+        p.call(Method::POST, "/v2/namespaces/f", Some(json!({"delete_by_filter": [evil_name, "Eq", "nope"]}))).await?;
     assert_eq!(s, 200);
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM rows")
-        .fetch_one(&p.pool)
-        .await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM rows").fetch_one(&p.pool).await?;
     assert_eq!(total, 11, "rows are all still there");
     Ok(())
 }
@@ -246,10 +183,7 @@ fn scalar() -> impl Strategy<Value = Value> {
 }
 
 fn operand() -> impl Strategy<Value = Value> {
-    prop_oneof![
-        scalar(),
-        prop::collection::vec(scalar(), 0..4).prop_map(Value::Array)
-    ]
+    prop_oneof![scalar(), prop::collection::vec(scalar(), 0..4).prop_map(Value::Array)]
 }
 
 const OPS: [&str; 21] = [
@@ -277,8 +211,7 @@ const OPS: [&str; 21] = [
 ];
 
 fn filter_tree() -> impl Strategy<Value = Value> {
-    let leaf = (attr_name(), prop::sample::select(OPS.to_vec()), operand())
-        .prop_map(|(a, op, v)| json!([a, op, v]));
+    let leaf = (attr_name(), prop::sample::select(OPS.to_vec()), operand()).prop_map(|(a, op, v)| json!([a, op, v]));
     leaf.prop_recursive(4, 24, 4, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(|v| json!(["And", v])),
@@ -292,17 +225,9 @@ fn filter_tree() -> impl Strategy<Value = Value> {
 /// 500), and never return rows of another namespace.
 #[test]
 fn random_filters_never_fail_in_sql_or_leak_rows() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let p = rt.block_on(setup()).expect("platform");
-    let mut runner = TestRunner::new(Config {
-        cases: 256,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(Config { cases: 256, failure_persistence: None, ..Config::default() });
     let answered = std::cell::Cell::new(0u32);
     runner
         .run(&filter_tree(), |filter| {
@@ -313,26 +238,16 @@ fn random_filters_never_fail_in_sql_or_leak_rows() {
                     Some(json!({"filters": filter, "top_k": 100})),
                 ))
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert!(
-                s == 200 || (s == 400 && r["code"] == "invalid_request"),
-                "{filter} -> {s} {r}"
-            );
+            prop_assert!(s == 200 || (s == 400 && r["code"] == "invalid_request"), "{filter} -> {s} {r}");
             if s == 200 {
                 answered.set(answered.get() + 1);
                 for row in r["rows"].as_array().unwrap() {
                     let id = row["id"].as_str().unwrap();
-                    prop_assert!(
-                        ["a", "b", "c", "d", "e"].contains(&id),
-                        "{filter} returned {id}"
-                    );
+                    prop_assert!(["a", "b", "c", "d", "e"].contains(&id), "{filter} returned {id}");
                 }
             }
             Ok(())
         })
         .unwrap();
-    assert!(
-        answered.get() > 100,
-        "most generated filters are valid and must run; only {} did",
-        answered.get()
-    );
+    assert!(answered.get() > 100, "most generated filters are valid and must run; only {} did", answered.get());
 }

@@ -13,10 +13,7 @@ async fn replicas_start_together_migrate_once_and_mint_one_key() -> anyhow::Resu
         let mut config = layer_platform::Config::new(db.options.clone());
         config.listen = "127.0.0.1:0".parse()?;
         config.max_connections = 2;
-        starts.push(tokio::spawn(layer_platform::start(
-            config,
-            shutdown.clone(),
-        )));
+        starts.push(tokio::spawn(layer_platform::start(config, shutdown.clone())));
     }
     let mut minted = 0;
     for s in starts {
@@ -27,16 +24,9 @@ async fn replicas_start_together_migrate_once_and_mint_one_key() -> anyhow::Resu
     }
     assert_eq!(minted, 1, "exactly one replica mints the bootstrap key");
     let pool = db.pool().await?;
-    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys")
-        .fetch_one(&pool)
-        .await?;
-    let migrations: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
-        .fetch_one(&pool)
-        .await?;
-    assert_eq!(
-        (keys, migrations),
-        (1, layer_platform::db::MIGRATOR.iter().count() as i64)
-    );
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys").fetch_one(&pool).await?;
+    let migrations: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations").fetch_one(&pool).await?;
+    assert_eq!((keys, migrations), (1, layer_platform::db::MIGRATOR.iter().count() as i64));
     shutdown.cancel();
     Ok(())
 }

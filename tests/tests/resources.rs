@@ -8,18 +8,12 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 fn example(name: &str) -> Vec<Value> {
-    let text =
-        std::fs::read_to_string(workspace_dir().join("examples/functions").join(name)).unwrap();
+    let text = std::fs::read_to_string(workspace_dir().join("examples/functions").join(name)).unwrap();
     parse_documents(&text).unwrap()
 }
 
 async fn apply(p: &TestPlatform, documents: Vec<Value>) -> anyhow::Result<(u16, Value)> {
-    p.call(
-        Method::POST,
-        "/v2/apply",
-        Some(json!({ "documents": documents })),
-    )
-    .await
+    p.call(Method::POST, "/v2/apply", Some(json!({ "documents": documents }))).await
 }
 
 #[tokio::test]
@@ -43,10 +37,7 @@ async fn both_seed_functions_apply_unchanged() -> anyhow::Result<()> {
     assert_eq!(spec["schedule"]["discovery_interval_seconds"], 300);
     assert_eq!(spec["schedule"]["max_concurrent_scans"], 1);
     assert_eq!(spec["worker"]["image"], "ghcr.io/hev/tag-products:latest");
-    assert_eq!(
-        spec["scaling"],
-        json!({"pool": "cpu", "mode": "autoscale", "replicas": {"min": 0, "max": 6}})
-    );
+    assert_eq!(spec["scaling"], json!({"pool": "cpu", "mode": "autoscale", "replicas": {"min": 0, "max": 6}}));
     let (_, g) = p.call(Method::GET, "/v2/udfs/product-color", None).await?;
     assert_eq!(g["udf"]["spec"]["worker"]["compute_class"], "gpu");
     assert_eq!(
@@ -56,9 +47,7 @@ async fn both_seed_functions_apply_unchanged() -> anyhow::Result<()> {
     // Re-applying the same file changes nothing and stores no revision.
     let (_, r) = apply(&p, docs).await?;
     assert_eq!(r["results"][0]["action"], "unchanged");
-    let (_, revs) = p
-        .call(Method::GET, "/v2/udfs/tag-products/revisions", None)
-        .await?;
+    let (_, revs) = p.call(Method::GET, "/v2/udfs/tag-products/revisions", None).await?;
     assert_eq!(revs["revisions"].as_array().unwrap().len(), 1);
     Ok(())
 }
@@ -76,12 +65,7 @@ async fn misspelt_and_invalid_fields_are_400s_naming_the_path() -> anyhow::Resul
     assert_eq!(s, 400, "{r}");
     assert_eq!(r["code"], "invalid_resource");
     assert_eq!(r["field"], "documents[0].spec.worker.batchsize");
-    let messages: Vec<&str> = r["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["message"].as_str().unwrap())
-        .collect();
+    let messages: Vec<&str> = r["errors"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
     assert_eq!(
         messages,
         [
@@ -96,14 +80,8 @@ async fn misspelt_and_invalid_fields_are_400s_naming_the_path() -> anyhow::Resul
     let (s, r) = apply(&p, vec![json!({"apiVersion": "hevlayer.com/v1alpha1", "kind": "Function", "metadata": {"name": "Bad_Name"}, "spec": {"worker": {}, "targetNamespaces": ["x"], "filter": ["a", "Near", 1]}})]).await?;
     assert_eq!(s, 400);
     let text = r.to_string();
-    assert!(
-        text.contains("metadata.name: \\\"Bad_Name\\\" is not a valid name"),
-        "{text}"
-    );
-    assert!(
-        text.contains("spec.filter[1]: unknown filter operator \\\"Near\\\""),
-        "{text}"
-    );
+    assert!(text.contains("metadata.name: \\\"Bad_Name\\\" is not a valid name"), "{text}");
+    assert!(text.contains("spec.filter[1]: unknown filter operator \\\"Near\\\""), "{text}");
     Ok(())
 }
 
@@ -114,13 +92,7 @@ async fn one_bad_document_applies_nothing() -> anyhow::Result<()> {
     docs.push(json!({"apiVersion": "hevlayer.com/v1alpha1", "kind": "Index", "metadata": {"name": "products"}, "spec": {"distanceMetric": "manhattan"}}));
     let (s, r) = apply(&p, docs).await?;
     assert_eq!(s, 400, "{r}");
-    assert!(
-        r["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("document 2 (Index/products): spec.distanceMetric"),
-        "{r}"
-    );
+    assert!(r["message"].as_str().unwrap().starts_with("document 2 (Index/products): spec.distanceMetric"), "{r}");
     let (_, list) = p.call(Method::GET, "/v2/udfs", None).await?;
     assert_eq!(list["udfs"], json!([]));
     Ok(())
@@ -134,14 +106,7 @@ async fn every_spec_change_is_a_revision_with_key_and_changed_paths() -> anyhow:
     let writer = p.mint_key(json!({"w": {"scopes": ["write"]}})).await?;
     doc["spec"]["version"] = json!("v2");
     doc["spec"]["worker"]["batchSize"] = json!(64);
-    let (s, r) = p
-        .call_as(
-            &writer,
-            Method::POST,
-            "/v2/apply",
-            Some(json!({"documents": [doc.clone()]})),
-        )
-        .await?;
+    let (s, r) = p.call_as(&writer, Method::POST, "/v2/apply", Some(json!({"documents": [doc.clone()]}))).await?;
     assert_eq!(s, 200, "{r}");
     assert_eq!(
         r["results"][0],
@@ -154,9 +119,7 @@ async fn every_spec_change_is_a_revision_with_key_and_changed_paths() -> anyhow:
     let (_, g) = p.call(Method::GET, "/v2/udfs/tag-products", None).await?;
     assert_eq!(g["udf"]["paused"], true);
 
-    let (_, revs) = p
-        .call(Method::GET, "/v2/udfs/tag-products/revisions", None)
-        .await?;
+    let (_, revs) = p.call(Method::GET, "/v2/udfs/tag-products/revisions", None).await?;
     let revs = revs["revisions"].as_array().unwrap();
     assert_eq!(revs.len(), 2);
     assert_eq!(revs[0]["changed"], json!(["spec"]));
@@ -164,21 +127,15 @@ async fn every_spec_change_is_a_revision_with_key_and_changed_paths() -> anyhow:
     assert_eq!(revs[0]["spec"]["version"], "v1");
     assert_eq!(revs[1]["spec"]["version"], "v2");
     let admin_id: String =
-        sqlx::query_scalar("SELECT key_id FROM api_keys WHERE name = 'bootstrap-admin'")
-            .fetch_one(&p.pool)
-            .await?;
+        sqlx::query_scalar("SELECT key_id FROM api_keys WHERE name = 'bootstrap-admin'").fetch_one(&p.pool).await?;
     assert_eq!(revs[0]["key_id"], admin_id.as_str());
     assert_ne!(revs[1]["key_id"], admin_id.as_str());
     assert!(revs[1]["key_id"].as_str().unwrap().starts_with("key_"));
 
     // Deleting keeps the history; re-creating continues it.
-    let (s, _) = p
-        .call(Method::DELETE, "/v2/udfs/tag-products", None)
-        .await?;
+    let (s, _) = p.call(Method::DELETE, "/v2/udfs/tag-products", None).await?;
     assert_eq!(s, 200);
-    let (s, _) = p
-        .call(Method::GET, "/v2/udfs/tag-products/revisions", None)
-        .await?;
+    let (s, _) = p.call(Method::GET, "/v2/udfs/tag-products/revisions", None).await?;
     assert_eq!(s, 200);
     doc["spec"]["version"] = json!("v3");
     let (_, r) = apply(&p, vec![doc]).await?;
@@ -197,35 +154,17 @@ async fn index_labels_drive_index_selector_and_infra_rules_need_admin() -> anyho
     let (_, g) = p.call(Method::GET, "/v2/udfs/shop-embed", None).await?;
     assert_eq!(g["status"]["active_namespaces"], json!(["products"]), "{g}");
     let (_, list) = p.call(Method::GET, "/v2/namespaces", None).await?;
-    let labels = &list["namespaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == "products")
-        .unwrap()["labels"];
+    let labels = &list["namespaces"].as_array().unwrap().iter().find(|n| n["name"] == "products").unwrap()["labels"];
     assert_eq!(labels, &json!({"team": "shop", "tier": "gold"}));
 
     let writer = p.mint_key(json!({"w": {"scopes": ["write"]}})).await?;
-    let (s, _) = p
-        .call_as(
-            &writer,
-            Method::POST,
-            "/v2/apply",
-            Some(json!({"documents": example("infra-rules.yaml")})),
-        )
-        .await?;
+    let (s, _) =
+        p.call_as(&writer, Method::POST, "/v2/apply", Some(json!({"documents": example("infra-rules.yaml")}))).await?;
     assert_eq!(s, 403, "InfraRules need admin");
     let (s, r) = apply(&p, example("infra-rules.yaml")).await?;
-    assert_eq!(
-        (s, &r["results"][0]["action"]),
-        (200, &json!("created")),
-        "{r}"
-    );
+    assert_eq!((s, &r["results"][0]["action"]), (200, &json!("created")), "{r}");
     let (_, rules) = p.call(Method::GET, "/v2/infrarules", None).await?;
-    assert_eq!(
-        rules["infra_rules"][0]["spec"]["compute_pools"][1]["max_replicas_per_workload"],
-        4
-    );
+    assert_eq!(rules["infra_rules"][0]["spec"]["compute_pools"][1]["max_replicas_per_workload"], 4);
     Ok(())
 }
 
@@ -237,37 +176,20 @@ async fn the_snake_case_api_validates_like_the_documents() -> anyhow::Result<()>
         .await?;
     assert_eq!(s, 400);
     assert_eq!(r["field"], "spec.worker.batch_size", "{r}");
-    let (s, r) = p
-        .call(
-            Method::POST,
-            "/v2/udfs",
-            Some(json!({"spec": {"worker": {}}})),
-        )
-        .await?;
+    let (s, r) = p.call(Method::POST, "/v2/udfs", Some(json!({"spec": {"worker": {}}}))).await?;
     assert_eq!(s, 400);
     let text = r.to_string();
     assert!(
         text.contains("id: required")
-            && text.contains(
-                "spec.target_namespaces: one of target_namespaces or index_selector is required"
-            ),
+            && text.contains("spec.target_namespaces: one of target_namespaces or index_selector is required"),
         "{text}"
     );
     let (s, r) = p
-        .call(
-            Method::PUT,
-            "/v2/udfs/x",
-            Some(json!({"id": "y", "spec": {"target_namespaces": ["a"], "worker": {}}})),
-        )
+        .call(Method::PUT, "/v2/udfs/x", Some(json!({"id": "y", "spec": {"target_namespaces": ["a"], "worker": {}}})))
         .await?;
     assert_eq!(s, 400, "{r}");
-    let (s, r) = p
-        .call(
-            Method::PUT,
-            "/v2/udfs/x",
-            Some(json!({"spec": {"target_namespaces": ["a"], "worker": {}}})),
-        )
-        .await?;
+    let (s, r) =
+        p.call(Method::PUT, "/v2/udfs/x", Some(json!({"spec": {"target_namespaces": ["a"], "worker": {}}}))).await?;
     assert_eq!((s, &r["revision"]), (200, &json!(1)), "{r}");
     Ok(())
 }

@@ -27,12 +27,8 @@ async fn list(
     params: Params,
 ) -> Result<Json<ApiKeyList>, ApiError> {
     p.require(Scope::Admin)?;
-    let include_revoked = params
-        .get("includeRevoked")
-        .is_some_and(|v| v == "true" || v == "1");
-    Ok(Json(ApiKeyList {
-        keys: store::list(&state.pool, include_revoked).await?,
-    }))
+    let include_revoked = params.get("includeRevoked").is_some_and(|v| v == "true" || v == "1");
+    Ok(Json(ApiKeyList { keys: store::list(&state.pool, include_revoked).await? }))
 }
 
 async fn mint(

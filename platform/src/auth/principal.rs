@@ -20,21 +20,13 @@ fn pattern_matches(pattern: &str, namespace: &str) -> bool {
 
 impl Principal {
     fn grants(&self) -> impl Iterator<Item = (Scope, Option<&Vec<String>>)> {
-        self.entitlements.values().flat_map(|e| {
-            e.scopes
-                .iter()
-                .flatten()
-                .map(move |s| (*s, e.namespaces.as_ref()))
-        })
+        self.entitlements.values().flat_map(|e| e.scopes.iter().flatten().map(move |s| (*s, e.namespaces.as_ref())))
     }
 
     /// Whether the key holds `needed` for the whole platform (no namespace
     /// restriction on the grant that gives it).
     pub fn require(&self, needed: Scope) -> Result<(), PlatformError> {
-        if self
-            .grants()
-            .any(|(s, ns)| s.covers(needed) && ns.is_none())
-        {
+        if self.grants().any(|(s, ns)| s.covers(needed) && ns.is_none()) {
             Ok(())
         } else {
             Err(PlatformError::Forbidden(format!(
@@ -47,8 +39,7 @@ impl Principal {
 
     /// Whether the key may see a namespace at all (any scope).
     pub fn can_see(&self, namespace: &str) -> bool {
-        self.grants()
-            .any(|(_, ns)| ns.is_none_or(|list| list.iter().any(|p| pattern_matches(p, namespace))))
+        self.grants().any(|(_, ns)| ns.is_none_or(|list| list.iter().any(|p| pattern_matches(p, namespace))))
     }
 
     /// Checks access to one namespace. A namespace outside the key's
@@ -56,8 +47,7 @@ impl Principal {
     /// without the needed scope answers 403.
     pub fn require_namespace(&self, namespace: &str, needed: Scope) -> Result<(), PlatformError> {
         let allowed = self.grants().any(|(s, ns)| {
-            s.covers(needed)
-                && ns.is_none_or(|list| list.iter().any(|p| pattern_matches(p, namespace)))
+            s.covers(needed) && ns.is_none_or(|list| list.iter().any(|p| pattern_matches(p, namespace)))
         });
         if allowed {
             Ok(())
@@ -68,17 +58,13 @@ impl Principal {
                 scope_name(needed)
             )))
         } else {
-            Err(PlatformError::NotFound(format!(
-                "namespace {namespace} not found"
-            )))
+            Err(PlatformError::NotFound(format!("namespace {namespace} not found")))
         }
     }
 
     /// Whether any entitlement carries a claim (`runner`).
     pub fn has_claim(&self, claim: &str) -> bool {
-        self.entitlements
-            .values()
-            .any(|e| e.claims.iter().flatten().any(|c| c == claim))
+        self.entitlements.values().any(|e| e.claims.iter().flatten().any(|c| c == claim))
     }
 }
 
@@ -101,10 +87,7 @@ mod tests {
             namespaces: namespaces.map(|v| v.into_iter().map(String::from).collect()),
             claims: None,
         };
-        Principal {
-            key_id: "k".into(),
-            entitlements: [("main".to_string(), e)].into(),
-        }
+        Principal { key_id: "k".into(), entitlements: [("main".to_string(), e)].into() }
     }
 
     #[test]
@@ -112,24 +95,15 @@ mod tests {
         let p = principal(vec![Scope::Write], Some(vec!["shop", "logs-*"]));
         assert!(p.require_namespace("shop", Scope::Write).is_ok());
         assert!(p.require_namespace("logs-2026", Scope::Read).is_ok());
-        assert!(matches!(
-            p.require_namespace("other", Scope::Read),
-            Err(PlatformError::NotFound(_))
-        ));
-        assert!(matches!(
-            p.require(Scope::Read),
-            Err(PlatformError::Forbidden(_))
-        ));
+        assert!(matches!(p.require_namespace("other", Scope::Read), Err(PlatformError::NotFound(_))));
+        assert!(matches!(p.require(Scope::Read), Err(PlatformError::Forbidden(_))));
     }
 
     #[test]
     fn read_only_cannot_write() {
         let p = principal(vec![Scope::Read], None);
         assert!(p.require_namespace("a", Scope::Read).is_ok());
-        assert!(matches!(
-            p.require_namespace("a", Scope::Write),
-            Err(PlatformError::Forbidden(_))
-        ));
+        assert!(matches!(p.require_namespace("a", Scope::Write), Err(PlatformError::Forbidden(_))));
     }
 
     #[test]

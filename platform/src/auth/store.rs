@@ -1,9 +1,7 @@
 //! The `api_keys` table.
 
 use chrono::{DateTime, Utc};
-use layer_protocol::keys::{
-    ApiKey, Entitlement, Entitlements, KeyPhase, MintKeyRequest, Scope, parse_expires_after,
-};
+use layer_protocol::keys::{ApiKey, Entitlement, Entitlements, KeyPhase, MintKeyRequest, Scope, parse_expires_after};
 use sqlx::PgPool;
 
 use super::principal::Principal;
@@ -25,7 +23,8 @@ struct KeyRow {
     last_seen_at: Option<DateTime<Utc>>,
 }
 
-const COLUMNS: &str = "key_id, name, owner, description, entitlements, expires_after, created_at, expires_at, revoked_at, last_seen_at";
+const COLUMNS: &str =
+    "key_id, name, owner, description, entitlements, expires_after, created_at, expires_at, revoked_at, last_seen_at";
 
 impl KeyRow {
     fn into_api(self, now: DateTime<Utc>) -> ApiKey {
@@ -54,15 +53,7 @@ impl KeyRow {
 
 /// The entitlements of the bootstrap admin key.
 pub fn admin_entitlements() -> Entitlements {
-    [(
-        "admin".to_string(),
-        Entitlement {
-            scopes: Some(vec![Scope::Admin]),
-            namespaces: None,
-            claims: None,
-        },
-    )]
-    .into()
+    [("admin".to_string(), Entitlement { scopes: Some(vec![Scope::Admin]), namespaces: None, claims: None })].into()
 }
 
 /// Validates a mint request; a key without entitlements gets read-only access.
@@ -72,20 +63,11 @@ fn check_mint(req: &MintKeyRequest) -> Result<(Entitlements, Option<i64>)> {
     }
     let entitlements = match &req.entitlements {
         Some(e) if !e.is_empty() => e.clone(),
-        _ => [(
-            "default".to_string(),
-            Entitlement {
-                scopes: Some(vec![Scope::Read]),
-                namespaces: None,
-                claims: None,
-            },
-        )]
-        .into(),
+        _ => [("default".to_string(), Entitlement { scopes: Some(vec![Scope::Read]), namespaces: None, claims: None })]
+            .into(),
     };
     for (name, e) in &entitlements {
-        if e.scopes.as_ref().is_none_or(Vec::is_empty)
-            && e.claims.as_ref().is_none_or(Vec::is_empty)
-        {
+        if e.scopes.as_ref().is_none_or(Vec::is_empty) && e.claims.as_ref().is_none_or(Vec::is_empty) {
             return Err(PlatformError::invalid(
                 format!("entitlements.{name}"),
                 "grants nothing: give scopes (read, write, admin) or claims",
@@ -94,8 +76,7 @@ fn check_mint(req: &MintKeyRequest) -> Result<(Entitlements, Option<i64>)> {
         if let Some(list) = &e.namespaces {
             for (i, ns) in list.iter().enumerate() {
                 let bare = ns.strip_suffix('*').unwrap_or(ns);
-                if !bare.is_empty() && layer_protocol::validate::check_namespace_name(bare).is_err()
-                {
+                if !bare.is_empty() && layer_protocol::validate::check_namespace_name(bare).is_err() {
                     return Err(PlatformError::invalid(
                         format!("entitlements.{name}.namespaces[{i}]"),
                         format!("\"{ns}\" is not a namespace name or prefix pattern (name*)"),
@@ -148,13 +129,8 @@ async fn insert(
 /// start together install one key.
 pub async fn bootstrap_admin(pool: &PgPool, token: Option<&str>) -> Result<Option<String>> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(crate::db::BOOTSTRAP_LOCK)
-        .execute(&mut *tx)
-        .await?;
-    let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys)")
-        .fetch_one(&mut *tx)
-        .await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(crate::db::BOOTSTRAP_LOCK).execute(&mut *tx).await?;
+    let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys)").fetch_one(&mut *tx).await?;
     if any {
         return Ok(None);
     }
@@ -203,15 +179,7 @@ pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Principal> {
     .bind(&hash)
     .fetch_optional(pool)
     .await?;
-    let Some(AuthRow {
-        key_id,
-        entitlements,
-        token_hash: stored,
-        revoked_at,
-        expires_at,
-        last_seen_at,
-        now,
-    }) = row
+    let Some(AuthRow { key_id, entitlements, token_hash: stored, revoked_at, expires_at, last_seen_at, now }) = row
     else {
         return Err(PlatformError::Unauthorized("invalid API key".into()));
     };
@@ -219,28 +187,17 @@ pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Principal> {
         return Err(PlatformError::Unauthorized("invalid API key".into()));
     }
     if revoked_at.is_some() {
-        return Err(PlatformError::Forbidden(format!(
-            "key {key_id} has been revoked"
-        )));
+        return Err(PlatformError::Forbidden(format!("key {key_id} has been revoked")));
     }
     if let Some(exp) = expires_at
         && exp <= now
     {
-        return Err(PlatformError::Forbidden(format!(
-            "key {key_id} expired at {}",
-            rfc3339(exp)
-        )));
+        return Err(PlatformError::Forbidden(format!("key {key_id} expired at {}", rfc3339(exp))));
     }
     if last_seen_at.is_none_or(|t| (now - t).num_seconds() >= 60) {
-        sqlx::query("UPDATE api_keys SET last_seen_at = now() WHERE key_id = $1")
-            .bind(&key_id)
-            .execute(pool)
-            .await?;
+        sqlx::query("UPDATE api_keys SET last_seen_at = now() WHERE key_id = $1").bind(&key_id).execute(pool).await?;
     }
-    Ok(Principal {
-        key_id,
-        entitlements: entitlements.0,
-    })
+    Ok(Principal { key_id, entitlements: entitlements.0 })
 }
 
 pub async fn list(pool: &PgPool, include_revoked: bool) -> Result<Vec<ApiKey>> {
@@ -255,13 +212,11 @@ pub async fn list(pool: &PgPool, include_revoked: bool) -> Result<Vec<ApiKey>> {
 }
 
 pub async fn get(pool: &PgPool, key_id: &str) -> Result<ApiKey> {
-    let row: Option<KeyRow> =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM api_keys WHERE key_id = $1"))
-            .bind(key_id)
-            .fetch_optional(pool)
-            .await?;
-    row.map(|r| r.into_api(Utc::now()))
-        .ok_or_else(|| PlatformError::NotFound(format!("key {key_id} not found")))
+    let row: Option<KeyRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM api_keys WHERE key_id = $1"))
+        .bind(key_id)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| r.into_api(Utc::now())).ok_or_else(|| PlatformError::NotFound(format!("key {key_id} not found")))
 }
 
 /// Revokes a key; revoking twice keeps the first time.
@@ -272,16 +227,11 @@ pub async fn revoke(pool: &PgPool, key_id: &str) -> Result<ApiKey> {
     .bind(key_id)
     .fetch_optional(pool)
     .await?;
-    row.map(|r| r.into_api(Utc::now()))
-        .ok_or_else(|| PlatformError::NotFound(format!("key {key_id} not found")))
+    row.map(|r| r.into_api(Utc::now())).ok_or_else(|| PlatformError::NotFound(format!("key {key_id} not found")))
 }
 
 pub async fn delete(pool: &PgPool, key_id: &str) -> Result<()> {
-    let n = sqlx::query("DELETE FROM api_keys WHERE key_id = $1")
-        .bind(key_id)
-        .execute(pool)
-        .await?
-        .rows_affected();
+    let n = sqlx::query("DELETE FROM api_keys WHERE key_id = $1").bind(key_id).execute(pool).await?.rows_affected();
     if n == 0 {
         return Err(PlatformError::NotFound(format!("key {key_id} not found")));
     }

@@ -3,9 +3,7 @@
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use layer_protocol::function::{
-    GetUdfResponse, RevisionList, Udf, UdfList, UdfStatus, validate_spec,
-};
+use layer_protocol::function::{GetUdfResponse, RevisionList, Udf, UdfList, UdfStatus, validate_spec};
 use layer_protocol::keys::Scope;
 use layer_protocol::namespace::StatusResponse;
 use layer_protocol::validate::{Case, Obj, Problems, check_resource_name, field};
@@ -29,26 +27,16 @@ pub fn routes() -> Router<AppState> {
 /// Validates `{"id"?, "spec", "labels"?}` in snake_case.
 fn parse_body(body: &Value, id_from_path: Option<&str>) -> Result<FunctionInput> {
     let mut p = Problems::new();
-    let fields = [
-        field("id", "id"),
-        field("spec", "spec"),
-        field("labels", "labels"),
-    ];
+    let fields = [field("id", "id"), field("spec", "spec"), field("labels", "labels")];
     let Some(o) = Obj::open(&mut p, "", body, Case::Snake, &fields) else {
-        return Err(PlatformError::invalid_fields(
-            "invalid_function",
-            p.into_vec(),
-        ));
+        return Err(PlatformError::invalid_fields("invalid_function", p.into_vec()));
     };
     let id = match id_from_path {
         Some(id) => {
             if let Some(body_id) = o.string(&mut p, fields[0], false)
                 && body_id != id
             {
-                p.push(
-                    "id",
-                    format!("\"{body_id}\" differs from the id in the path (\"{id}\")"),
-                );
+                p.push("id", format!("\"{body_id}\" differs from the id in the path (\"{id}\")"));
             }
             Some(id.to_string())
         }
@@ -68,28 +56,16 @@ fn parse_body(body: &Value, id_from_path: Option<&str>) -> Result<FunctionInput>
         }
     };
     match (id, spec) {
-        (Some(id), Some(v)) if p.is_empty() => Ok(FunctionInput {
-            id,
-            k8s_namespace: "layer".into(),
-            labels,
-            spec: v.spec,
-            paused: v.paused,
-        }),
-        _ => Err(PlatformError::invalid_fields(
-            "invalid_function",
-            p.into_vec(),
-        )),
+        (Some(id), Some(v)) if p.is_empty() => {
+            Ok(FunctionInput { id, k8s_namespace: "layer".into(), labels, spec: v.spec, paused: v.paused })
+        }
+        _ => Err(PlatformError::invalid_fields("invalid_function", p.into_vec())),
     }
 }
 
-async fn list(
-    State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
-) -> Result<Json<UdfList>, ApiError> {
+async fn list(State(state): State<AppState>, Extension(p): Extension<Principal>) -> Result<Json<UdfList>, ApiError> {
     p.require(Scope::Read)?;
-    Ok(Json(UdfList {
-        udfs: store::list(&state.pool).await?,
-    }))
+    Ok(Json(UdfList { udfs: store::list(&state.pool).await? }))
 }
 
 async fn create(
@@ -148,9 +124,7 @@ async fn revisions(
     Path(id): Path<String>,
 ) -> Result<Json<RevisionList>, ApiError> {
     p.require(Scope::Read)?;
-    Ok(Json(RevisionList {
-        revisions: store::revisions(&state.pool, &id).await?,
-    }))
+    Ok(Json(RevisionList { revisions: store::revisions(&state.pool, &id).await? }))
 }
 
 async fn delete(
@@ -161,9 +135,7 @@ async fn delete(
     p.require(Scope::Write)?;
     store::delete(&state.pool, &id).await?;
     tracing::info!(udf = %id, "function deleted");
-    Ok(Json(StatusResponse::ok(format!(
-        "function {id} deleted; attributes already written are kept"
-    ))))
+    Ok(Json(StatusResponse::ok(format!("function {id} deleted; attributes already written are kept"))))
 }
 
 async fn pause(

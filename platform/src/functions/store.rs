@@ -3,9 +3,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use layer_protocol::function::{
-    FunctionSpec, Revision, Udf, UdfDiscoveryStatus, UdfStatus, changed_paths,
-};
+use layer_protocol::function::{FunctionSpec, Revision, Udf, UdfDiscoveryStatus, UdfStatus, changed_paths};
 use layer_protocol::resource::ApplyAction;
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
@@ -68,14 +66,12 @@ pub async fn upsert(
     key_id: Option<&str>,
     create_only: bool,
 ) -> Result<(Udf, ApplyAction)> {
-    let new_spec = serde_json::to_value(&input.spec)
-        .map_err(|e| PlatformError::invalid("spec", e.to_string()))?;
-    let current: Option<FunctionRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM functions WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(&input.id)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let new_spec = serde_json::to_value(&input.spec).map_err(|e| PlatformError::invalid("spec", e.to_string()))?;
+    let current: Option<FunctionRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM functions WHERE id = $1 FOR UPDATE"))
+            .bind(&input.id)
+            .fetch_optional(&mut *conn)
+            .await?;
     let (action, revision) = match &current {
         None => {
             // A re-created Function continues its revision history.
@@ -117,11 +113,7 @@ pub async fn upsert(
             if changed.is_empty() && labels == row.labels.0 && paused == row.paused {
                 (ApplyAction::Unchanged, row.revision)
             } else {
-                let revision = if changed.is_empty() {
-                    row.revision
-                } else {
-                    row.revision + 1
-                };
+                let revision = if changed.is_empty() { row.revision } else { row.revision + 1 };
                 if !changed.is_empty() {
                     insert_revision(conn, &input.id, revision, &new_spec, &changed, key_id).await?;
                 }
@@ -142,11 +134,10 @@ pub async fn upsert(
             }
         }
     };
-    let row: FunctionRow =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM functions WHERE id = $1"))
-            .bind(&input.id)
-            .fetch_one(&mut *conn)
-            .await?;
+    let row: FunctionRow = sqlx::query_as(&format!("SELECT {COLUMNS} FROM functions WHERE id = $1"))
+        .bind(&input.id)
+        .fetch_one(&mut *conn)
+        .await?;
     debug_assert_eq!(row.revision, revision);
     Ok((row.into(), action))
 }
@@ -174,28 +165,19 @@ async fn insert_revision(
 
 pub async fn get(pool: &PgPool, id: &str) -> Result<Udf> {
     let row: Option<FunctionRow> =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM functions WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(pool)
-            .await?;
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM functions WHERE id = $1")).bind(id).fetch_optional(pool).await?;
     row.map(Udf::from).ok_or_else(|| not_found(id))
 }
 
 pub async fn list(pool: &PgPool) -> Result<Vec<Udf>> {
     let rows: Vec<FunctionRow> =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM functions ORDER BY id"))
-            .fetch_all(pool)
-            .await?;
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM functions ORDER BY id")).fetch_all(pool).await?;
     Ok(rows.into_iter().map(Udf::from).collect())
 }
 
 /// Deletes a Function. Attributes already written stay; revisions are kept.
 pub async fn delete(pool: &PgPool, id: &str) -> Result<()> {
-    let n = sqlx::query("DELETE FROM functions WHERE id = $1")
-        .bind(id)
-        .execute(pool)
-        .await?
-        .rows_affected();
+    let n = sqlx::query("DELETE FROM functions WHERE id = $1").bind(id).execute(pool).await?.rows_affected();
     if n == 0 { Err(not_found(id)) } else { Ok(()) }
 }
 
@@ -246,11 +228,10 @@ pub async fn revisions(pool: &PgPool, id: &str) -> Result<Vec<Revision>> {
 /// The namespaces a Function currently targets that exist: its
 /// `target_namespaces`, plus the Index resources its selector matches.
 pub async fn active_namespaces(pool: &PgPool, spec: &FunctionSpec) -> Result<Vec<String>> {
-    let mut names: Vec<String> =
-        sqlx::query_scalar("SELECT name FROM namespaces WHERE name = ANY($1) ORDER BY name")
-            .bind(&spec.target_namespaces)
-            .fetch_all(pool)
-            .await?;
+    let mut names: Vec<String> = sqlx::query_scalar("SELECT name FROM namespaces WHERE name = ANY($1) ORDER BY name")
+        .bind(&spec.target_namespaces)
+        .fetch_all(pool)
+        .await?;
     if let Some(selector) = &spec.index_selector {
         let indexes: Vec<(String, Json<BTreeMap<String, String>>)> = sqlx::query_as(
             "SELECT i.name, i.labels FROM indexes i JOIN namespaces n ON n.name = i.name ORDER BY i.name",
@@ -274,10 +255,7 @@ pub async fn status(pool: &PgPool, udf: &Udf) -> Result<UdfStatus> {
         udf_id: udf.id.clone(),
         paused: udf.paused,
         active_namespaces: active_namespaces(pool, &udf.spec).await?,
-        discovery: UdfDiscoveryStatus {
-            sweeps_completed: 0,
-            last_completed_at: None,
-        },
+        discovery: UdfDiscoveryStatus { sweeps_completed: 0, last_completed_at: None },
         counts: BTreeMap::from([
             ("pending".to_string(), 0),
             ("processing".to_string(), 0),

@@ -5,9 +5,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use layer_protocol::error::FieldProblem;
 use layer_protocol::keys::Scope;
-use layer_protocol::resource::{
-    ApplyRequest, ApplyResponse, ApplyResult, Resource, validate_document,
-};
+use layer_protocol::resource::{ApplyRequest, ApplyResponse, ApplyResult, Resource, validate_document};
 use serde_json::json;
 
 use super::store;
@@ -42,30 +40,19 @@ async fn apply(
             Ok(r) => resources.push(r),
             Err(list) => problems.extend(list.into_iter().map(|pr| FieldProblem {
                 message: format!("{label}: {pr}"),
-                field: format!(
-                    "documents[{i}]{}{}",
-                    if pr.field.is_empty() { "" } else { "." },
-                    pr.field
-                ),
+                field: format!("documents[{i}]{}{}", if pr.field.is_empty() { "" } else { "." }, pr.field),
             })),
         }
     }
     if !problems.is_empty() {
         return Err(PlatformError::Invalid {
             code: "invalid_resource",
-            message: problems
-                .iter()
-                .map(|p| p.message.clone())
-                .collect::<Vec<_>>()
-                .join("; "),
+            message: problems.iter().map(|p| p.message.clone()).collect::<Vec<_>>().join("; "),
             problems,
         }
         .into());
     }
-    if resources
-        .iter()
-        .any(|r| matches!(r, Resource::InfraRules { .. }))
-    {
+    if resources.iter().any(|r| matches!(r, Resource::InfraRules { .. })) {
         p.require(Scope::Admin)?;
     }
     let mut tx = state.pool.begin().await.map_err(PlatformError::from)?;
@@ -73,11 +60,7 @@ async fn apply(
     for r in &resources {
         let meta = r.metadata();
         let (action, revision) = match r {
-            Resource::Function {
-                metadata,
-                spec,
-                paused,
-            } => {
+            Resource::Function { metadata, spec, paused } => {
                 let input = FunctionInput {
                     id: metadata.name.clone(),
                     k8s_namespace: metadata.namespace.clone(),
@@ -88,21 +71,11 @@ async fn apply(
                 let (udf, action) = upsert(&mut tx, &input, Some(&p.key_id), false).await?;
                 (action, Some(udf.revision))
             }
-            Resource::Index { metadata, spec } => {
-                (store::apply_index(&mut tx, metadata, spec).await?, None)
-            }
-            Resource::InfraRules { metadata, spec } => (
-                store::apply_infra_rules(&mut tx, metadata, spec).await?,
-                None,
-            ),
+            Resource::Index { metadata, spec } => (store::apply_index(&mut tx, metadata, spec).await?, None),
+            Resource::InfraRules { metadata, spec } => (store::apply_infra_rules(&mut tx, metadata, spec).await?, None),
         };
         tracing::info!(kind = r.kind(), name = %meta.name, ?action, "applied resource");
-        results.push(ApplyResult {
-            kind: r.kind().to_string(),
-            name: meta.name.clone(),
-            action,
-            revision,
-        });
+        results.push(ApplyResult { kind: r.kind().to_string(), name: meta.name.clone(), action, revision });
     }
     tx.commit().await.map_err(PlatformError::from)?;
     Ok(Json(ApplyResponse { results }))
@@ -111,10 +84,7 @@ async fn apply(
 /// `document 2 (Function/tag-products)`, as far as the document says.
 fn describe(doc: &serde_json::Value, i: usize) -> String {
     let kind = doc.get("kind").and_then(|v| v.as_str());
-    let name = doc
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(|v| v.as_str());
+    let name = doc.get("metadata").and_then(|m| m.get("name")).and_then(|v| v.as_str());
     match (kind, name) {
         (Some(k), Some(n)) => format!("document {} ({k}/{n})", i + 1),
         _ => format!("document {}", i + 1),
@@ -126,11 +96,7 @@ async fn indexes(
     Extension(p): Extension<Principal>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     p.require(Scope::Read)?;
-    let list: Vec<_> = store::list_indexes(&state.pool)
-        .await?
-        .into_iter()
-        .filter(|i| p.can_see(&i.name))
-        .collect();
+    let list: Vec<_> = store::list_indexes(&state.pool).await?.into_iter().filter(|i| p.can_see(&i.name)).collect();
     Ok(Json(json!({ "indexes": list })))
 }
 
@@ -139,7 +105,5 @@ async fn infra_rules(
     Extension(p): Extension<Principal>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     p.require(Scope::Read)?;
-    Ok(Json(
-        json!({ "infra_rules": store::list_infra_rules(&state.pool).await? }),
-    ))
+    Ok(Json(json!({ "infra_rules": store::list_infra_rules(&state.pool).await? })))
 }

@@ -3,9 +3,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use layer_protocol::resource::{
-    ApplyAction, IndexInfo, IndexSpec, InfraRulesInfo, InfraRulesSpec, Metadata,
-};
+use layer_protocol::resource::{ApplyAction, IndexInfo, IndexSpec, InfraRulesInfo, InfraRulesSpec, Metadata};
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 
@@ -25,11 +23,7 @@ struct IndexRow {
 
 /// Creates or updates an Index, and makes sure its namespace exists so
 /// Functions can select it before the first row is written.
-pub async fn apply_index(
-    conn: &mut PgConnection,
-    meta: &Metadata,
-    spec: &IndexSpec,
-) -> Result<ApplyAction> {
+pub async fn apply_index(conn: &mut PgConnection, meta: &Metadata, spec: &IndexSpec) -> Result<ApplyAction> {
     let before: Option<(Labels, Labels, Json<IndexSpec>)> =
         sqlx::query_as("SELECT labels, annotations, spec FROM indexes WHERE name = $1 FOR UPDATE")
             .bind(&meta.name)
@@ -37,9 +31,7 @@ pub async fn apply_index(
             .await?;
     let action = match &before {
         None => ApplyAction::Created,
-        Some((l, a, s)) if l.0 == meta.labels && a.0 == meta.annotations && &s.0 == spec => {
-            ApplyAction::Unchanged
-        }
+        Some((l, a, s)) if l.0 == meta.labels && a.0 == meta.annotations && &s.0 == spec => ApplyAction::Unchanged,
         Some(_) => ApplyAction::Updated,
     };
     if action != ApplyAction::Unchanged {
@@ -67,11 +59,7 @@ pub async fn apply_index(
     Ok(action)
 }
 
-pub async fn apply_infra_rules(
-    conn: &mut PgConnection,
-    meta: &Metadata,
-    spec: &InfraRulesSpec,
-) -> Result<ApplyAction> {
+pub async fn apply_infra_rules(conn: &mut PgConnection, meta: &Metadata, spec: &InfraRulesSpec) -> Result<ApplyAction> {
     let before: Option<(Labels, Json<InfraRulesSpec>)> =
         sqlx::query_as("SELECT labels, spec FROM infra_rules WHERE name = $1 FOR UPDATE")
             .bind(&meta.name)
@@ -98,11 +86,10 @@ pub async fn apply_infra_rules(
 }
 
 pub async fn list_indexes(pool: &PgPool) -> Result<Vec<IndexInfo>> {
-    let rows: Vec<IndexRow> = sqlx::query_as(
-        "SELECT name, labels, spec, created_at, updated_at FROM indexes ORDER BY name",
-    )
-    .fetch_all(pool)
-    .await?;
+    let rows: Vec<IndexRow> =
+        sqlx::query_as("SELECT name, labels, spec, created_at, updated_at FROM indexes ORDER BY name")
+            .fetch_all(pool)
+            .await?;
     Ok(rows
         .into_iter()
         .map(|r| IndexInfo {
@@ -117,15 +104,6 @@ pub async fn list_indexes(pool: &PgPool) -> Result<Vec<IndexInfo>> {
 
 pub async fn list_infra_rules(pool: &PgPool) -> Result<Vec<InfraRulesInfo>> {
     let rows: Vec<(String, Json<InfraRulesSpec>, DateTime<Utc>)> =
-        sqlx::query_as("SELECT name, spec, updated_at FROM infra_rules ORDER BY name")
-            .fetch_all(pool)
-            .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(name, spec, u)| InfraRulesInfo {
-            name,
-            spec: spec.0,
-            updated_at: rfc3339(u),
-        })
-        .collect())
+        sqlx::query_as("SELECT name, spec, updated_at FROM infra_rules ORDER BY name").fetch_all(pool).await?;
+    Ok(rows.into_iter().map(|(name, spec, u)| InfraRulesInfo { name, spec: spec.0, updated_at: rfc3339(u) }).collect())
 }

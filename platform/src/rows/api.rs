@@ -6,8 +6,8 @@ use axum::{Extension, Json, Router};
 use layer_protocol::filter::Filter;
 use layer_protocol::keys::Scope;
 use layer_protocol::namespace::{
-    FetchDocumentsRequest, FetchDocumentsResponse, IncludeAttributes, NamespaceList, QueryRequest,
-    QueryResponse, StatusResponse, WriteRequest, WriteResponse,
+    FetchDocumentsRequest, FetchDocumentsResponse, IncludeAttributes, NamespaceList, QueryRequest, QueryResponse,
+    StatusResponse, WriteRequest, WriteResponse,
 };
 use layer_protocol::validate::check_namespace_name;
 use serde_json::{Map, Value, json};
@@ -34,10 +34,7 @@ fn check_ns(principal: &Principal, ns: &str, scope: Scope) -> Result<()> {
 
 fn millis(started: std::time::Instant) -> Map<String, Value> {
     let mut m = Map::new();
-    m.insert(
-        "server_total_ms".into(),
-        json!(started.elapsed().as_secs_f64() * 1000.0),
-    );
+    m.insert("server_total_ms".into(), json!(started.elapsed().as_secs_f64() * 1000.0));
     m
 }
 
@@ -55,10 +52,7 @@ async fn write(
     let affected = c.upserted + c.patched + c.deleted;
     Ok(Json(WriteResponse {
         status: "OK".into(),
-        message: format!(
-            "{} upserted, {} patched, {} deleted",
-            c.upserted, c.patched, c.deleted
-        ),
+        message: format!("{} upserted, {} patched, {} deleted", c.upserted, c.patched, c.deleted),
         rows_affected: affected,
         rows_upserted: c.upserted,
         rows_patched: c.patched,
@@ -89,18 +83,10 @@ async fn list(
 ) -> Result<Json<NamespaceList>, ApiError> {
     let page_size = int_param(&params, "page_size", 100, 1, 1000)?;
     let prefix = params.get("prefix").map(String::as_str).unwrap_or("");
-    let (mut namespaces, next_cursor) = store::list_namespaces(
-        &state.pool,
-        prefix,
-        params.get("cursor").map(String::as_str),
-        page_size,
-    )
-    .await?;
+    let (mut namespaces, next_cursor) =
+        store::list_namespaces(&state.pool, prefix, params.get("cursor").map(String::as_str), page_size).await?;
     namespaces.retain(|n| principal.can_see(&n.name));
-    Ok(Json(NamespaceList {
-        namespaces,
-        next_cursor,
-    }))
+    Ok(Json(NamespaceList { namespaces, next_cursor }))
 }
 
 async fn fetch_many(
@@ -113,14 +99,9 @@ async fn fetch_many(
     if req.ids.len() > 10_000 {
         return Err(PlatformError::invalid("ids", "at most 10000 ids per fetch").into());
     }
-    let ids = req
-        .ids
-        .iter()
-        .enumerate()
-        .map(|(i, v)| normalize_id(v, &format!("ids[{i}]")))
-        .collect::<Result<Vec<_>>>()?;
-    let (documents, missing) =
-        store::fetch(&state.pool, &ns, &ids, req.include_attributes.as_deref()).await?;
+    let ids =
+        req.ids.iter().enumerate().map(|(i, v)| normalize_id(v, &format!("ids[{i}]"))).collect::<Result<Vec<_>>>()?;
+    let (documents, missing) = store::fetch(&state.pool, &ns, &ids, req.include_attributes.as_deref()).await?;
     Ok(Json(FetchDocumentsResponse { documents, missing }))
 }
 
@@ -131,49 +112,28 @@ async fn fetch_one(
     params: Params,
 ) -> Result<Json<layer_protocol::namespace::Document>, ApiError> {
     check_ns(&principal, &ns, Scope::Read)?;
-    let include: Option<Vec<String>> = params.get("include_attributes").map(|s| {
-        s.split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect()
-    });
-    let (mut docs, _) = store::fetch(
-        &state.pool,
-        &ns,
-        std::slice::from_ref(&id),
-        include.as_deref(),
-    )
-    .await?;
-    docs.pop().map(Json).ok_or_else(|| {
-        ApiError(PlatformError::NotFound(format!(
-            "document {id} not found in namespace {ns}"
-        )))
-    })
+    let include: Option<Vec<String>> = params
+        .get("include_attributes")
+        .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect());
+    let (mut docs, _) = store::fetch(&state.pool, &ns, std::slice::from_ref(&id), include.as_deref()).await?;
+    docs.pop()
+        .map(Json)
+        .ok_or_else(|| ApiError(PlatformError::NotFound(format!("document {id} not found in namespace {ns}"))))
 }
 
 /// Parses `rank_by`: `["attr", "asc"|"desc"]` or a list of those.
 fn parse_rank_by(v: &Value) -> Result<Vec<OrderBy>> {
     let bad = |m: &str| PlatformError::invalid("rank_by", m.to_string());
     let Value::Array(items) = v else {
-        return Err(bad(
-            "expected [\"attribute\", \"asc\"|\"desc\"] or a list of those",
-        ));
+        return Err(bad("expected [\"attribute\", \"asc\"|\"desc\"] or a list of those"));
     };
-    let terms: Vec<&Value> = if items.first().is_some_and(Value::is_array) {
-        items.iter().collect()
-    } else {
-        vec![v]
-    };
+    let terms: Vec<&Value> = if items.first().is_some_and(Value::is_array) { items.iter().collect() } else { vec![v] };
     let mut out = Vec::new();
     for t in terms {
         let parts = t.as_array().map(Vec::as_slice).unwrap_or_default();
         match parts {
             [Value::String(attr), Value::String(dir)] if dir == "asc" || dir == "desc" => {
-                out.push(OrderBy {
-                    attr: attr.clone(),
-                    descending: dir == "desc",
-                });
+                out.push(OrderBy { attr: attr.clone(), descending: dir == "desc" });
             }
             [Value::String(attr), Value::String(kind), ..] if kind == "ANN" || kind == "BM25" => {
                 return Err(PlatformError::Unsupported(format!(
@@ -212,9 +172,7 @@ async fn query(
         }
     }
     let filter = match &req.filters {
-        Some(f) => {
-            Filter::parse(f, "filters").map_err(|e| PlatformError::invalid(e.path, e.message))?
-        }
+        Some(f) => Filter::parse(f, "filters").map_err(|e| PlatformError::invalid(e.path, e.message))?,
         None => None,
     };
     let order = match &req.rank_by {
@@ -225,11 +183,7 @@ async fn query(
         None => 10,
         Some(k) if (1..=10_000).contains(&k) => k,
         Some(k) => {
-            return Err(PlatformError::invalid(
-                "top_k",
-                format!("{k} is out of range; allowed 1..=10000"),
-            )
-            .into());
+            return Err(PlatformError::invalid("top_k", format!("{k} is out of range; allowed 1..=10000")).into());
         }
     };
     let include = match req.include_attributes {
@@ -237,20 +191,6 @@ async fn query(
         Some(IncludeAttributes::All(true)) => None,
         Some(IncludeAttributes::Some(list)) => Some(list),
     };
-    let rows = store::query(
-        &state.pool,
-        &ns,
-        &Query {
-            filter,
-            order,
-            top_k,
-            include,
-        },
-    )
-    .await?;
-    Ok(Json(QueryResponse {
-        rows,
-        billing: Map::new(),
-        performance: millis(started),
-    }))
+    let rows = store::query(&state.pool, &ns, &Query { filter, order, top_k, include }).await?;
+    Ok(Json(QueryResponse { rows, billing: Map::new(), performance: millis(started) }))
 }

@@ -15,18 +15,10 @@ use sqlx::{Postgres, QueryBuilder};
 pub fn push_filter(qb: &mut QueryBuilder<'_, Postgres>, f: &Filter) {
     match f {
         Filter::And(parts) | Filter::Or(parts) if parts.is_empty() => {
-            qb.push(if matches!(f, Filter::And(_)) {
-                "true"
-            } else {
-                "false"
-            });
+            qb.push(if matches!(f, Filter::And(_)) { "true" } else { "false" });
         }
         Filter::And(parts) | Filter::Or(parts) => {
-            let joiner = if matches!(f, Filter::And(_)) {
-                " AND "
-            } else {
-                " OR "
-            };
+            let joiner = if matches!(f, Filter::And(_)) { " AND " } else { " OR " };
             qb.push("(");
             for (i, p) in parts.iter().enumerate() {
                 if i > 0 {
@@ -214,14 +206,7 @@ mod tests {
     #[test]
     fn names_and_values_are_bound_never_spliced() {
         let evil = "x'; DROP TABLE rows; --";
-        let s = sql(json!([
-            "And",
-            [
-                [evil, "Eq", evil],
-                [evil, "Glob", evil],
-                [evil, "In", [evil]]
-            ]
-        ]));
+        let s = sql(json!(["And", [[evil, "Eq", evil], [evil, "Glob", evil], [evil, "In", [evil]]]]));
         assert!(!s.contains("DROP"), "{s}");
         assert!(s.contains("$1") && s.contains("$6"), "{s}");
     }

@@ -43,10 +43,7 @@ pub struct WritePlan {
 
 impl WritePlan {
     pub fn is_empty(&self) -> bool {
-        self.deletes.is_empty()
-            && self.upserts.is_empty()
-            && self.patches.is_empty()
-            && self.delete_filter.is_none()
+        self.deletes.is_empty() && self.upserts.is_empty() && self.patches.is_empty() && self.delete_filter.is_none()
     }
 }
 
@@ -58,29 +55,20 @@ pub fn normalize_id(v: &Value, path: &str) -> Result<String> {
         Value::Number(n) if n.is_u64() || n.is_i64() => Ok(n.to_string()),
         other => Err(PlatformError::invalid(
             path,
-            format!(
-                "an id must be a string or an integer, got {}",
-                layer_protocol::validate::type_name(other)
-            ),
+            format!("an id must be a string or an integer, got {}", layer_protocol::validate::type_name(other)),
         )),
     }
 }
 
 fn vector_literal(v: &Value, path: &str) -> Result<String> {
     let Value::Array(items) = v else {
-        return Err(PlatformError::invalid(
-            path,
-            "a vector must be a list of numbers",
-        ));
+        return Err(PlatformError::invalid(path, "a vector must be a list of numbers"));
     };
     let mut out = String::with_capacity(items.len() * 10 + 2);
     out.push('{');
     for (i, x) in items.iter().enumerate() {
         let Some(f) = x.as_f64().filter(|f| f.is_finite()) else {
-            return Err(PlatformError::invalid(
-                format!("{path}[{i}]"),
-                "a vector holds finite numbers only",
-            ));
+            return Err(PlatformError::invalid(format!("{path}[{i}]"), "a vector holds finite numbers only"));
         };
         if i > 0 {
             out.push(',');
@@ -128,30 +116,19 @@ fn split_row(mut obj: Attributes, path: &str, patch: bool) -> Result<SplitRow> {
             attrs.insert(k, v);
         }
     }
-    Ok(SplitRow {
-        id,
-        attributes: attrs,
-        unset,
-        vector,
-    })
+    Ok(SplitRow { id, attributes: attrs, unset, vector })
 }
 
 /// Zips `{"id": [...], "attr": [...]}` into row objects.
 fn columns_to_rows(cols: Map<String, Value>, path: &str) -> Result<Vec<Attributes>> {
     let Some(Value::Array(ids)) = cols.get("id") else {
-        return Err(PlatformError::invalid(
-            format!("{path}.id"),
-            "required: a list of ids",
-        ));
+        return Err(PlatformError::invalid(format!("{path}.id"), "required: a list of ids"));
     };
     let n = ids.len();
     let mut rows: Vec<Attributes> = (0..n).map(|_| Map::new()).collect();
     for (name, values) in cols {
         let Value::Array(values) = values else {
-            return Err(PlatformError::invalid(
-                format!("{path}.{name}"),
-                "each column must be a list",
-            ));
+            return Err(PlatformError::invalid(format!("{path}.{name}"), "each column must be a list"));
         };
         if values.len() != n {
             return Err(PlatformError::invalid(
@@ -174,15 +151,12 @@ pub fn plan(req: WriteRequest) -> Result<WritePlan> {
     {
         return Err(PlatformError::invalid(
             "distance_metric",
-            format!(
-                "\"{m}\" is not supported; allowed: {}",
-                layer_protocol::resource::DISTANCE_METRICS.join(", ")
-            ),
+            format!("\"{m}\" is not supported; allowed: {}", layer_protocol::resource::DISTANCE_METRICS.join(", ")),
         ));
     }
     if let Some(f) = &req.delete_by_filter {
-        plan.delete_filter = Filter::parse(f, "delete_by_filter")
-            .map_err(|e| PlatformError::invalid(e.path, e.message))?;
+        plan.delete_filter =
+            Filter::parse(f, "delete_by_filter").map_err(|e| PlatformError::invalid(e.path, e.message))?;
         if plan.delete_filter.is_none() {
             return Err(PlatformError::invalid(
                 "delete_by_filter",
@@ -191,8 +165,7 @@ pub fn plan(req: WriteRequest) -> Result<WritePlan> {
         }
     }
     for (i, id) in req.deletes.iter().flatten().enumerate() {
-        plan.deletes
-            .push(normalize_id(id, &format!("deletes[{i}]"))?);
+        plan.deletes.push(normalize_id(id, &format!("deletes[{i}]"))?);
     }
 
     let mut upsert_objs: Vec<(String, Attributes)> = Vec::new();
@@ -200,10 +173,7 @@ pub fn plan(req: WriteRequest) -> Result<WritePlan> {
         upsert_objs.push((format!("upsert_rows[{i}]"), row));
     }
     if let Some(cols) = req.upsert_columns {
-        for (i, row) in columns_to_rows(cols, "upsert_columns")?
-            .into_iter()
-            .enumerate()
-        {
+        for (i, row) in columns_to_rows(cols, "upsert_columns")?.into_iter().enumerate() {
             upsert_objs.push((format!("upsert_columns[{i}]"), row));
         }
     }
@@ -212,10 +182,7 @@ pub fn plan(req: WriteRequest) -> Result<WritePlan> {
         patch_objs.push((format!("patch_rows[{i}]"), row));
     }
     if let Some(cols) = req.patch_columns {
-        for (i, row) in columns_to_rows(cols, "patch_columns")?
-            .into_iter()
-            .enumerate()
-        {
+        for (i, row) in columns_to_rows(cols, "patch_columns")?.into_iter().enumerate() {
             patch_objs.push((format!("patch_columns[{i}]"), row));
         }
     }
@@ -229,17 +196,8 @@ pub fn plan(req: WriteRequest) -> Result<WritePlan> {
 
     let mut seen: HashMap<String, usize> = HashMap::with_capacity(upsert_objs.len());
     for (path, obj) in upsert_objs {
-        let SplitRow {
-            id,
-            attributes,
-            vector,
-            ..
-        } = split_row(obj, &path, false)?;
-        let row = UpsertRow {
-            id: id.clone(),
-            attributes,
-            vector: vector.flatten(),
-        };
+        let SplitRow { id, attributes, vector, .. } = split_row(obj, &path, false)?;
+        let row = UpsertRow { id: id.clone(), attributes, vector: vector.flatten() };
         match seen.get(&id) {
             Some(&at) => plan.upserts[at] = row,
             None => {
@@ -250,12 +208,7 @@ pub fn plan(req: WriteRequest) -> Result<WritePlan> {
     }
     let mut seen: HashMap<String, usize> = HashMap::with_capacity(patch_objs.len());
     for (path, obj) in patch_objs {
-        let SplitRow {
-            id,
-            attributes: set,
-            unset,
-            vector,
-        } = split_row(obj, &path, true)?;
+        let SplitRow { id, attributes: set, unset, vector } = split_row(obj, &path, true)?;
         match seen.get(&id) {
             Some(&at) => {
                 // Two patches of one row in one write compose in order.
@@ -272,12 +225,7 @@ pub fn plan(req: WriteRequest) -> Result<WritePlan> {
             }
             None => {
                 seen.insert(id.clone(), plan.patches.len());
-                plan.patches.push(PatchRow {
-                    id,
-                    set,
-                    unset,
-                    vector,
-                });
+                plan.patches.push(PatchRow { id, set, unset, vector });
             }
         }
     }
@@ -314,47 +262,21 @@ mod tests {
 
     #[test]
     fn patches_split_set_and_unset() {
-        let p = plan(req(
-            json!({"patch_columns": {"id": ["a"], "x": [1], "y": [null]}}),
-        ))
-        .unwrap();
-        assert_eq!(
-            p.patches[0].set,
-            json!({"x": 1}).as_object().unwrap().clone()
-        );
+        let p = plan(req(json!({"patch_columns": {"id": ["a"], "x": [1], "y": [null]}}))).unwrap();
+        assert_eq!(p.patches[0].set, json!({"x": 1}).as_object().unwrap().clone());
         assert_eq!(p.patches[0].unset, vec!["y".to_string()]);
     }
 
     #[test]
     fn errors_name_their_path() {
-        let e = plan(req(
-            json!({"upsert_rows": [{"id": "a"}, {"id": "b", "_hevlayer_udf_x_v": "v1"}]}),
-        ))
-        .unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("upsert_rows[1]._hevlayer_udf_x_v: "),
-            "{e}"
-        );
-        let e = plan(req(
-            json!({"upsert_columns": {"id": ["a", "b"], "t": ["x"]}}),
-        ))
-        .unwrap_err();
+        let e = plan(req(json!({"upsert_rows": [{"id": "a"}, {"id": "b", "_hevlayer_udf_x_v": "v1"}]}))).unwrap_err();
+        assert!(e.to_string().starts_with("upsert_rows[1]._hevlayer_udf_x_v: "), "{e}");
+        let e = plan(req(json!({"upsert_columns": {"id": ["a", "b"], "t": ["x"]}}))).unwrap_err();
         assert_eq!(e.to_string(), "upsert_columns.t: has 1 values for 2 ids");
         let e = plan(req(json!({"upsert_rows": [{"id": 1.5}]}))).unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("upsert_rows[0].id: an id must be"),
-            "{e}"
-        );
-        let e = plan(req(
-            json!({"upsert_rows": [{"id": "a", "vector": [1, "x"]}]}),
-        ))
-        .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "upsert_rows[0].vector[1]: a vector holds finite numbers only"
-        );
+        assert!(e.to_string().starts_with("upsert_rows[0].id: an id must be"), "{e}");
+        let e = plan(req(json!({"upsert_rows": [{"id": "a", "vector": [1, "x"]}]}))).unwrap_err();
+        assert_eq!(e.to_string(), "upsert_rows[0].vector[1]: a vector holds finite numbers only");
         assert!(plan(req(json!({}))).is_err());
         assert!(plan(req(json!({"delete_by_filter": []}))).is_err());
     }

@@ -56,9 +56,7 @@ pub async fn write(
         .await?
     };
     let Some(seq) = seq else {
-        return Err(PlatformError::NotFound(format!(
-            "namespace {namespace} not found"
-        )));
+        return Err(PlatformError::NotFound(format!("namespace {namespace} not found")));
     };
 
     let mut counts = WriteCounts::default();
@@ -158,28 +156,18 @@ pub async fn write(
 }
 
 async fn require_namespace(pool: &PgPool, namespace: &str) -> Result<()> {
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM namespaces WHERE name = $1)")
-            .bind(namespace)
-            .fetch_one(pool)
-            .await?;
-    if exists {
-        Ok(())
-    } else {
-        Err(PlatformError::NotFound(format!(
-            "namespace {namespace} not found"
-        )))
-    }
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM namespaces WHERE name = $1)")
+        .bind(namespace)
+        .fetch_one(pool)
+        .await?;
+    if exists { Ok(()) } else { Err(PlatformError::NotFound(format!("namespace {namespace} not found"))) }
 }
 
 /// Keeps only the named attributes (`vector` names the vector).
 fn project(attributes: Attributes, include: Option<&[String]>) -> Attributes {
     match include {
         None => attributes,
-        Some(names) => attributes
-            .into_iter()
-            .filter(|(k, _)| names.iter().any(|n| n == k))
-            .collect(),
+        Some(names) => attributes.into_iter().filter(|(k, _)| names.iter().any(|n| n == k)).collect(),
     }
 }
 
@@ -191,13 +179,12 @@ pub async fn fetch(
     include: Option<&[String]>,
 ) -> Result<(Vec<Document>, Vec<String>)> {
     require_namespace(pool, namespace).await?;
-    let rows: Vec<(String, sqlx::types::Json<Attributes>, Option<Vec<f32>>)> = sqlx::query_as(
-        "SELECT id, attributes, vector FROM rows WHERE namespace = $1 AND id = ANY($2)",
-    )
-    .bind(namespace)
-    .bind(ids)
-    .fetch_all(pool)
-    .await?;
+    let rows: Vec<(String, sqlx::types::Json<Attributes>, Option<Vec<f32>>)> =
+        sqlx::query_as("SELECT id, attributes, vector FROM rows WHERE namespace = $1 AND id = ANY($2)")
+            .bind(namespace)
+            .bind(ids)
+            .fetch_all(pool)
+            .await?;
     let want_vector = include.is_none_or(|names| names.iter().any(|n| n == "vector"));
     let mut found: BTreeMap<String, Document> = rows
         .into_iter()
@@ -212,10 +199,13 @@ pub async fn fetch(
         .collect();
     let mut docs = Vec::with_capacity(found.len());
     let mut missing = Vec::new();
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
     for id in ids {
+        if !seen.insert(id.as_str()) {
+            continue; // asked twice: answered once
+        }
         match found.remove(id) {
             Some(d) => docs.push(d),
-            None if docs.iter().any(|d: &Document| &d.id == id) => {}
             None => missing.push(id.clone()),
         }
     }
@@ -243,21 +233,10 @@ pub struct Query {
 pub async fn query(pool: &PgPool, namespace: &str, q: &Query) -> Result<Vec<Attributes>> {
     require_namespace(pool, namespace).await?;
     let want_attrs = q.include.as_ref().is_none_or(|l| !l.is_empty());
-    let want_vector = q
-        .include
-        .as_ref()
-        .is_none_or(|l| l.iter().any(|n| n == "vector"));
+    let want_vector = q.include.as_ref().is_none_or(|l| l.iter().any(|n| n == "vector"));
     let mut qb = QueryBuilder::<Postgres>::new("SELECT r.id, ");
-    qb.push(if want_attrs {
-        "r.attributes"
-    } else {
-        "'{}'::jsonb"
-    });
-    qb.push(if want_vector {
-        ", r.vector"
-    } else {
-        ", NULL::real[]"
-    });
+    qb.push(if want_attrs { "r.attributes" } else { "'{}'::jsonb" });
+    qb.push(if want_vector { ", r.vector" } else { ", NULL::real[]" });
     qb.push(" FROM rows r WHERE r.namespace = ");
     qb.push_bind(namespace);
     if let Some(f) = &q.filter {
@@ -273,11 +252,7 @@ pub async fn query(pool: &PgPool, namespace: &str, q: &Query) -> Result<Vec<Attr
             qb.push_bind(o.attr.clone());
             qb.push("::text");
         }
-        qb.push(if o.descending {
-            " DESC NULLS LAST, "
-        } else {
-            " ASC NULLS LAST, "
-        });
+        qb.push(if o.descending { " DESC NULLS LAST, " } else { " ASC NULLS LAST, " });
     }
     qb.push("r.id LIMIT ");
     qb.push_bind(q.top_k);
@@ -336,21 +311,15 @@ pub async fn list_namespaces(
             labels: r.labels.0,
         })
         .collect();
-    let next = if more {
-        entries.last().map(|e| e.name.clone())
-    } else {
-        None
-    };
+    let next = if more { entries.last().map(|e| e.name.clone()) } else { None };
     Ok((entries, next))
 }
 
 /// Deletes a namespace and all its rows.
 pub async fn delete_namespace(pool: &PgPool, namespace: &str) -> Result<u64> {
-    let rows: Option<i64> =
-        sqlx::query_scalar("DELETE FROM namespaces WHERE name = $1 RETURNING row_count")
-            .bind(namespace)
-            .fetch_optional(pool)
-            .await?;
-    rows.map(|n| n as u64)
-        .ok_or_else(|| PlatformError::NotFound(format!("namespace {namespace} not found")))
+    let rows: Option<i64> = sqlx::query_scalar("DELETE FROM namespaces WHERE name = $1 RETURNING row_count")
+        .bind(namespace)
+        .fetch_optional(pool)
+        .await?;
+    rows.map(|n| n as u64).ok_or_else(|| PlatformError::NotFound(format!("namespace {namespace} not found")))
 }

@@ -55,22 +55,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn upsert(
-    rows: usize,
-    batch: usize,
-    writers: usize,
-    data_dir: Option<std::path::PathBuf>,
-) -> Result<()> {
-    let dir = data_dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("layer-bench-{}", std::process::id()))
-    });
+async fn upsert(rows: usize, batch: usize, writers: usize, data_dir: Option<std::path::PathBuf>) -> Result<()> {
+    let dir = data_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("layer-bench-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&dir);
-    let pg = EmbeddedPostgres::start(EmbeddedOptions {
-        data_dir: dir.clone(),
-        port: 5432,
-        ephemeral: false,
-    })
-    .await?;
+    let pg = EmbeddedPostgres::start(EmbeddedOptions { data_dir: dir.clone(), port: 5432, ephemeral: false }).await?;
     let shutdown = CancellationToken::new();
     let mut config = layer_platform::Config::new(pg.options(layer_platform::embedded::DATABASE));
     config.listen = "127.0.0.1:0".parse()?;
@@ -89,9 +77,8 @@ async fn upsert(
         .collect();
     let bytes: usize = bodies.iter().map(Vec::len).sum();
     let http = reqwest::Client::new();
-    let chunks: Vec<Vec<Vec<u8>>> = (0..writers)
-        .map(|w| bodies.iter().skip(w).step_by(writers).cloned().collect())
-        .collect();
+    let chunks: Vec<Vec<Vec<u8>>> =
+        (0..writers).map(|w| bodies.iter().skip(w).step_by(writers).cloned().collect()).collect();
 
     eprintln!(
         "upserting {rows} documents ({:.1} MiB of JSON) in writes of {batch} with {writers} writer(s)...",
@@ -126,22 +113,14 @@ async fn upsert(
     let elapsed = start.elapsed();
     lat.sort();
     let check = reqwest::Client::new()
-        .get(format!(
-            "http://{}/v2/namespaces?prefix=bench",
-            started.addr
-        ))
+        .get(format!("http://{}/v2/namespaces?prefix=bench", started.addr))
         .bearer_auth("lyr_bench_admin_key_0123456789")
         .send()
         .await?
         .json::<Value>()
         .await?;
-    let stored = check["namespaces"][0]["row_count"]
-        .as_i64()
-        .context("row count")?;
-    ensure!(
-        stored as usize == rows,
-        "stored {stored} rows, expected {rows}"
-    );
+    let stored = check["namespaces"][0]["row_count"].as_i64().context("row count")?;
+    ensure!(stored as usize == rows, "stored {stored} rows, expected {rows}");
 
     println!(
         "upsert: {rows} docs, writes of {batch}, {writers} writer(s): {:.2} s, {:.0} rows/s",
@@ -164,11 +143,6 @@ async fn upsert(
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().bench {
-        Bench::Upsert {
-            rows,
-            batch,
-            writers,
-            data_dir,
-        } => upsert(rows, batch, writers, data_dir).await,
+        Bench::Upsert { rows, batch, writers, data_dir } => upsert(rows, batch, writers, data_dir).await,
     }
 }

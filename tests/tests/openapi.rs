@@ -1,0 +1,117 @@
+//! The OpenAPI document and the router agree: every route the platform's
+//! source declares is documented, and every documented operation is served.
+
+use std::collections::BTreeSet;
+
+use layer_tests::{TestPlatform, workspace_dir};
+use reqwest::Method;
+use serde_json::Value;
+
+/// `{anything}` → `{}`, so parameter names may differ.
+fn normalise(path: &str) -> String {
+    let mut out = String::new();
+    let mut in_param = false;
+    for c in path.chars() {
+        match c {
+            '{' => {
+                in_param = true;
+                out.push('{');
+            }
+            '}' => {
+                in_param = false;
+                out.push('}');
+            }
+            _ if in_param => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `(METHOD, path)` of every `.route("path", get(..).post(..))` in the source.
+fn routes_in_source() -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![workspace_dir().join("platform/src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let src = std::fs::read_to_string(&path).unwrap();
+            for (at, _) in src.match_indices(".route(\"") {
+                let rest = &src[at + 8..];
+                let route_path = &rest[..rest.find('"').unwrap()];
+                // The handler expression: up to the `)` closing `.route(`.
+                let mut depth = 1;
+                let mut end = 0;
+                for (i, c) in rest.char_indices() {
+                    match c {
+                        '(' => depth += 1,
+                        ')' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                end = i;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                let handlers = &rest[route_path.len()..end];
+                for method in ["get", "post", "put", "delete", "patch"] {
+                    let called = handlers.match_indices(&format!("{method}(")).any(|(i, _)| {
+                        i == 0 || !handlers.as_bytes()[i - 1].is_ascii_alphanumeric() && handlers.as_bytes()[i - 1] != b'_'
+                    });
+                    if called {
+                        out.insert((method.to_uppercase(), normalise(route_path)));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn routes_in_document() -> BTreeSet<(String, String)> {
+    let doc: Value = serde_json::from_str(layer_platform::openapi::DOCUMENT).unwrap();
+    let mut out = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys().filter(|k| *k != "parameters") {
+            out.insert((method.to_uppercase(), normalise(path)));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_route_is_documented_and_every_documented_route_exists() {
+    let source = routes_in_source();
+    let document = routes_in_document();
+    assert!(source.len() > 20, "the route scan found too little: {source:?}");
+    let undocumented: Vec<_> = source.difference(&document).collect();
+    let unserved: Vec<_> = document.difference(&source).collect();
+    assert!(undocumented.is_empty(), "routes missing from openapi.json: {undocumented:?}");
+    assert!(unserved.is_empty(), "openapi.json lists routes the router lacks: {unserved:?}");
+}
+
+#[tokio::test]
+async fn documented_operations_are_served() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    for (method, path) in routes_in_document() {
+        let concrete = path.replace("{}", "x");
+        let m = Method::from_bytes(method.as_bytes())?;
+        let (status, body) = p.call(m, &concrete, None).await?;
+        assert_ne!(status, 405, "{method} {concrete}: {body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(!message.starts_with("no such endpoint"), "{method} {concrete}: {body}");
+    }
+    let (status, body) = p.call(Method::GET, "/openapi.json", None).await?;
+    assert_eq!(status, 200);
+    assert_eq!(body["openapi"], "3.1.0");
+    Ok(())
+}
