@@ -23,6 +23,7 @@ use crate::error::{ApiError, PlatformError, REQUEST_ID};
 pub struct AppState {
     pub pool: PgPool,
     pub settings: Arc<Settings>,
+    pub engine: crate::engine::Engine,
 }
 
 /// Limits the HTTP layer enforces.
@@ -155,6 +156,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::rows::api::routes())
         .merge(crate::auth::api::routes())
         .merge(crate::functions::api::routes())
+        .merge(crate::engine::api::routes())
         .merge(crate::resources::api::routes())
         .route("/openapi.json", get(openapi))
         .route_layer(from_fn_with_state(state.clone(), authenticate));

@@ -6,6 +6,7 @@
 //! - [`auth`]: API keys (`/v2/keys`), hashing, principals and scopes.
 //! - [`rows`]: namespaces of rows (`/v2/namespaces`) and the filter compiler.
 //! - [`functions`]: Function resources and their revisions (`/v2/udfs`).
+//! - [`engine`]: discovery, the work queue, leases, retries, writeback, the pull protocol.
 //! - [`resources`]: `POST /v2/apply` for resource documents, Index and InfraRules.
 //! - [`db`]: pools and migrations; [`embedded`]: the PostgreSQL `layer dev` runs.
 //! - [`error`]: the one error type and its HTTP mapping.
@@ -14,6 +15,7 @@
 pub mod auth;
 pub mod db;
 pub mod embedded;
+pub mod engine;
 pub mod error;
 pub mod functions;
 pub mod http;
@@ -44,6 +46,8 @@ pub struct Config {
     /// Installed as the admin key when the database has no keys yet
     /// (`LAYER_API_KEY` at first start). `None` mints one.
     pub bootstrap_admin_key: Option<String>,
+    /// The engine's background duties.
+    pub engine: engine::EngineConfig,
 }
 
 impl Config {
@@ -55,6 +59,7 @@ impl Config {
             max_connections: 16,
             max_body_bytes: 64 << 20,
             bootstrap_admin_key: None,
+            engine: engine::EngineConfig::default(),
         }
     }
 }
@@ -87,14 +92,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         .await
         .map_err(|e| PlatformError::Setup(format!("cannot listen on {}: {e}", config.listen)))?;
     let addr = listener.local_addr()?;
+    let engine = engine::Engine::new(pool.clone());
+    let mut duties = tokio::task::JoinSet::new();
+    engine.spawn(config.engine.clone(), shutdown.clone(), &mut duties);
     let state = http::AppState {
         pool: pool.clone(),
         settings: Arc::new(http::Settings { max_body_bytes: config.max_body_bytes }),
+        engine,
     };
     let app = http::router(state);
     tracing::info!(%addr, "platform listening");
     let task = tokio::spawn(async move {
         axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+        while duties.join_next().await.is_some() {}
         pool.close().await;
         tracing::info!("platform stopped");
         Ok(())

@@ -151,6 +151,11 @@ pub struct FunctionSpec {
     pub scaling: Option<ScalingSpec>,
     #[serde(default)]
     pub invalidates: Vec<String>,
+    /// When set, each result goes stale this long after it is written: the
+    /// row gets `_hevlayer_udf_<fn>_stale_after` (epoch seconds) and is
+    /// discovered again once that time has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_after_seconds: Option<u32>,
 }
 
 impl FunctionSpec {
@@ -178,6 +183,7 @@ pub mod limits {
     pub const BACKOFF_SECONDS: (i64, i64) = (0, 86_400);
     pub const REPLICAS: (i64, i64) = (0, 1_000);
     pub const INPUTS: usize = 256;
+    pub const STALE_AFTER_SECONDS: i64 = 10 * 365 * 86_400;
 }
 
 const SPEC_FIELDS: &[Field] = &[
@@ -193,6 +199,7 @@ const SPEC_FIELDS: &[Field] = &[
     field("scaling", "scaling"),
     field("invalidates", "invalidates"),
     field("paused", "paused"),
+    field("staleAfterSeconds", "stale_after_seconds"),
 ];
 const F_TARGETS: Field = SPEC_FIELDS[0];
 const F_SELECTOR: Field = SPEC_FIELDS[1];
@@ -206,6 +213,7 @@ const F_TRIGGERS: Field = SPEC_FIELDS[8];
 const F_SCALING: Field = SPEC_FIELDS[9];
 const F_INVALIDATES: Field = SPEC_FIELDS[10];
 const F_PAUSED: Field = SPEC_FIELDS[11];
+const F_STALE_AFTER: Field = SPEC_FIELDS[12];
 
 const WORKER_FIELDS: &[Field] = &[
     field("image", "image"),
@@ -355,6 +363,7 @@ pub fn validate_spec(p: &mut Problems, path: &str, value: &Value, case: Case) ->
     let scaling = obj.get(F_SCALING).and_then(|v| scaling_spec(p, &obj.path_of(F_SCALING), v, case));
     let invalidates = obj.string_list(p, F_INVALIDATES).unwrap_or_default();
     let paused = obj.boolean(p, F_PAUSED);
+    let stale_after_seconds = obj.int(p, F_STALE_AFTER, 1, limits::STALE_AFTER_SECONDS).map(|n| n as u32);
 
     if !p.is_empty() && start {
         return None;
@@ -372,6 +381,7 @@ pub fn validate_spec(p: &mut Problems, path: &str, value: &Value, case: Case) ->
             triggers,
             scaling,
             invalidates,
+            stale_after_seconds,
         },
         paused,
     })

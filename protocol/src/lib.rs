@@ -10,6 +10,7 @@
 //! - [`resource`]: `Function`, `Index` and `InfraRules` documents (YAML or JSON),
 //!   validated with errors that name the field path.
 //! - [`validate`]: the path-aware field checks the resources are built from.
+//! - [`work`]: the pull protocol (claim, complete, fail, heartbeat, discover).
 
 pub mod error;
 pub mod filter;
@@ -18,6 +19,7 @@ pub mod keys;
 pub mod namespace;
 pub mod resource;
 pub mod validate;
+pub mod work;
 
 /// The `apiVersion` every resource document carries.
 pub const API_VERSION: &str = "hevlayer.com/v1alpha1";

@@ -65,7 +65,8 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
                 let handlers = &rest[route_path.len()..end];
                 for method in ["get", "post", "put", "delete", "patch"] {
                     let called = handlers.match_indices(&format!("{method}(")).any(|(i, _)| {
-                        i == 0 || !handlers.as_bytes()[i - 1].is_ascii_alphanumeric() && handlers.as_bytes()[i - 1] != b'_'
+                        i == 0
+                            || !handlers.as_bytes()[i - 1].is_ascii_alphanumeric() && handlers.as_bytes()[i - 1] != b'_'
                     });
                     if called {
                         out.insert((method.to_uppercase(), normalise(route_path)));

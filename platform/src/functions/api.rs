@@ -3,7 +3,7 @@
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use layer_protocol::function::{GetUdfResponse, RevisionList, Udf, UdfList, UdfStatus, validate_spec};
+use layer_protocol::function::{GetUdfResponse, RevisionList, Udf, UdfList, validate_spec};
 use layer_protocol::keys::Scope;
 use layer_protocol::namespace::StatusResponse;
 use layer_protocol::validate::{Case, Obj, Problems, check_resource_name, field};
@@ -18,7 +18,6 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v2/udfs", get(list).post(create))
         .route("/v2/udfs/{id}", get(get_one).put(update).delete(delete))
-        .route("/v2/udfs/{id}/status", get(status))
         .route("/v2/udfs/{id}/revisions", get(revisions))
         .route("/v2/udfs/{id}/pause", post(pause))
         .route("/v2/udfs/{id}/resume", post(resume))
@@ -79,6 +78,7 @@ async fn create(
     let (udf, _) = store::upsert(&mut tx, &input, Some(&p.key_id), true).await?;
     tx.commit().await.map_err(PlatformError::from)?;
     tracing::info!(udf = %udf.id, revision = udf.revision, "function created");
+    state.engine.sweep_soon(&udf.id);
     Ok(Json(udf))
 }
 
@@ -94,6 +94,7 @@ async fn update(
     let (udf, action) = store::upsert(&mut tx, &input, Some(&p.key_id), false).await?;
     tx.commit().await.map_err(PlatformError::from)?;
     tracing::info!(udf = %udf.id, revision = udf.revision, ?action, "function applied");
+    state.engine.sweep_soon(&udf.id);
     Ok(Json(udf))
 }
 
@@ -104,18 +105,8 @@ async fn get_one(
 ) -> Result<Json<GetUdfResponse>, ApiError> {
     p.require(Scope::Read)?;
     let udf = store::get(&state.pool, &id).await?;
-    let status = store::status(&state.pool, &udf).await?;
+    let status = crate::engine::queue::status(&state.pool, &udf).await?;
     Ok(Json(GetUdfResponse { udf, status }))
-}
-
-async fn status(
-    State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
-) -> Result<Json<UdfStatus>, ApiError> {
-    p.require(Scope::Read)?;
-    let udf = store::get(&state.pool, &id).await?;
-    Ok(Json(store::status(&state.pool, &udf).await?))
 }
 
 async fn revisions(

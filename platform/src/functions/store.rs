@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use layer_protocol::function::{FunctionSpec, Revision, Udf, UdfDiscoveryStatus, UdfStatus, changed_paths};
+use layer_protocol::function::{FunctionSpec, Revision, Udf, changed_paths};
 use layer_protocol::resource::ApplyAction;
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
@@ -246,26 +246,4 @@ pub async fn active_namespaces(pool: &PgPool, spec: &FunctionSpec) -> Result<Vec
         names.sort();
     }
     Ok(names)
-}
-
-/// The status the client's `UdfStatus` expects. The queue arrives with the
-/// Function engine; until then nothing is pending, processing or failed.
-pub async fn status(pool: &PgPool, udf: &Udf) -> Result<UdfStatus> {
-    Ok(UdfStatus {
-        udf_id: udf.id.clone(),
-        paused: udf.paused,
-        active_namespaces: active_namespaces(pool, &udf.spec).await?,
-        discovery: UdfDiscoveryStatus { sweeps_completed: 0, last_completed_at: None },
-        counts: BTreeMap::from([
-            ("pending".to_string(), 0),
-            ("processing".to_string(), 0),
-            ("failed".to_string(), 0),
-            ("completed".to_string(), 0),
-        ]),
-        pending_count: 0,
-        processing_count: 0,
-        failed_count: 0,
-        indexed_rate_per_min: 0.0,
-        rate_window_seconds: 300,
-    })
 }

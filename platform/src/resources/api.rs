@@ -78,6 +78,9 @@ async fn apply(
         results.push(ApplyResult { kind: r.kind().to_string(), name: meta.name.clone(), action, revision });
     }
     tx.commit().await.map_err(PlatformError::from)?;
+    for r in results.iter().filter(|r| r.kind == "Function") {
+        state.engine.sweep_soon(&r.name);
+    }
     Ok(Json(ApplyResponse { results }))
 }
 

@@ -49,6 +49,7 @@ async fn write(
     let metric = req.distance_metric.clone();
     let plan = plan(req)?;
     let c = store::write(&state.pool, &ns, plan, metric.as_deref()).await?;
+    state.engine.namespace_written(&ns);
     let affected = c.upserted + c.patched + c.deleted;
     Ok(Json(WriteResponse {
         status: "OK".into(),

@@ -1,0 +1,213 @@
+//! The pull protocol under `/v2/udfs/{id}`: claim, complete, fail,
+//! heartbeat, discover, status, reset-failed.
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use layer_protocol::function::{Udf, UdfStatus};
+use layer_protocol::keys::Scope;
+use layer_protocol::work::{
+    ClaimRequest, ClaimResponse, ClaimedItem, CompleteRequest, DiscoverRequest, DiscoverResponse, ErrorKind,
+    FailRequest, HeartbeatRequest, ItemsResponse,
+};
+
+use super::policy::FailureClass;
+use super::queue::{self, Completion, Failure};
+use crate::auth::Principal;
+use crate::error::{ApiError, PlatformError, Result};
+use crate::functions::store;
+use crate::http::{ApiJson, AppState};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v2/udfs/{id}/claim", post(claim))
+        .route("/v2/udfs/{id}/items/complete", post(complete))
+        .route("/v2/udfs/{id}/items/fail", post(fail))
+        .route("/v2/udfs/{id}/items/heartbeat", post(heartbeat))
+        .route("/v2/udfs/{id}/discover", post(discover))
+        .route("/v2/udfs/{id}/status", get(status))
+        .route("/v2/udfs/{id}/reset-failed", post(reset_failed))
+}
+
+fn check_worker(worker_id: &str) -> Result<()> {
+    if worker_id.trim().is_empty() || worker_id.len() > 256 {
+        return Err(PlatformError::invalid("worker_id", "must be 1-256 characters"));
+    }
+    Ok(())
+}
+
+async fn udf_for(state: &AppState, p: &Principal, id: &str, scope: Scope) -> Result<Udf> {
+    p.require(scope)?;
+    store::get(&state.pool, id).await
+}
+
+async fn claim(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ClaimRequest>,
+) -> Result<Json<ClaimResponse>, ApiError> {
+    let udf = udf_for(&state, &p, &id, Scope::Write).await?;
+    check_worker(&req.worker_id)?;
+    let limit = req.limit.unwrap_or(i64::from(udf.spec.worker.batch_size));
+    if !(1..=10_000).contains(&limit) {
+        return Err(PlatformError::invalid("limit", format!("{limit} is out of range; allowed 1..=10000")).into());
+    }
+    let lease = req.lease_seconds.unwrap_or(i64::from(udf.spec.schedule.lease_seconds));
+    if !(1..=86_400).contains(&lease) {
+        return Err(
+            PlatformError::invalid("lease_seconds", format!("{lease} is out of range; allowed 1..=86400")).into()
+        );
+    }
+    let claimed = queue::claim(&state.pool, &udf, &req.worker_id, limit, lease).await?;
+    Ok(Json(ClaimResponse {
+        udf_id: udf.id,
+        worker_id: req.worker_id,
+        items: claimed.into_iter().map(|c| ClaimedItem { namespace: c.namespace, id: c.id, input: c.input }).collect(),
+    }))
+}
+
+async fn complete(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<CompleteRequest>,
+) -> Result<Json<ItemsResponse>, ApiError> {
+    let udf = udf_for(&state, &p, &id, Scope::Write).await?;
+    check_worker(&req.worker_id)?;
+    let mut completions = Vec::with_capacity(req.items.len());
+    let mut refused = Vec::new();
+    for item in req.items {
+        let attributes = item.attributes.unwrap_or_default();
+        let reserved: Vec<&String> = attributes
+            .keys()
+            .filter(|k| k.starts_with(layer_protocol::RESERVED_PREFIX) || k.as_str() == "id")
+            .collect();
+        let problem = if !reserved.is_empty() {
+            Some(format!(
+                "the result sets {}: attributes with the reserved {} prefix (and `id`) belong to the platform; return other names",
+                reserved.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", "),
+                layer_protocol::RESERVED_PREFIX
+            ))
+        } else if item.vectors.as_ref().is_some_and(|v| !v.is_null()) {
+            Some("multi-vector results (`vectors`) are not supported by this store; return one `vector`".into())
+        } else if item.vector.as_ref().is_some_and(|v| v.iter().any(|x| !x.is_finite())) {
+            Some("the result's vector holds a value that is not a finite number".into())
+        } else {
+            None
+        };
+        match problem {
+            Some(message) => refused.push(Failure {
+                namespace: item.namespace,
+                id: item.id,
+                class: FailureClass::Permanent,
+                message,
+            }),
+            None => completions.push(Completion {
+                namespace: item.namespace,
+                id: item.id,
+                attributes,
+                vector: item.vector.map(|v| {
+                    format!("{{{}}}", v.iter().map(|x| (*x as f32).to_string()).collect::<Vec<_>>().join(","))
+                }),
+            }),
+        }
+    }
+    if !refused.is_empty() {
+        queue::fail(&state.pool, &udf, &req.worker_id, refused).await?;
+    }
+    let counts = queue::complete(&state.pool, &udf, &req.worker_id, completions).await?;
+    Ok(Json(ItemsResponse { udf_id: udf.id, updated: counts.written }))
+}
+
+async fn fail(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<FailRequest>,
+) -> Result<Json<ItemsResponse>, ApiError> {
+    let udf = udf_for(&state, &p, &id, Scope::Write).await?;
+    check_worker(&req.worker_id)?;
+    let failures = req
+        .items
+        .into_iter()
+        .map(|i| Failure {
+            class: match i.kind {
+                ErrorKind::Permanent => FailureClass::Permanent,
+                ErrorKind::Transient => FailureClass::Transient,
+            },
+            message: i.message.unwrap_or_else(|| "no message".into()),
+            namespace: i.namespace,
+            id: i.id,
+        })
+        .collect();
+    let updated = queue::fail(&state.pool, &udf, &req.worker_id, failures).await?;
+    Ok(Json(ItemsResponse { udf_id: udf.id, updated }))
+}
+
+async fn heartbeat(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<HeartbeatRequest>,
+) -> Result<Json<ItemsResponse>, ApiError> {
+    let udf = udf_for(&state, &p, &id, Scope::Write).await?;
+    check_worker(&req.worker_id)?;
+    let items: Vec<(String, String)> = req.items.into_iter().map(|i| (i.namespace, i.id)).collect();
+    let updated = queue::heartbeat(&state.pool, &udf, &req.worker_id, &items).await?;
+    Ok(Json(ItemsResponse { udf_id: udf.id, updated }))
+}
+
+async fn discover(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<DiscoverResponse>, ApiError> {
+    let udf = udf_for(&state, &p, &id, Scope::Write).await?;
+    // The body is optional here: an empty one sweeps every namespace.
+    let req: DiscoverRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        DiscoverRequest::default()
+    } else {
+        crate::http::parse_json(&body)?
+    };
+    if udf.paused {
+        return Err(PlatformError::Conflict(format!("function {id} is paused; resume it to discover rows")).into());
+    }
+    let active = store::active_namespaces(&state.pool, &udf.spec).await?;
+    let namespaces = match req.namespaces.filter(|n| !n.is_empty()) {
+        None => active,
+        Some(asked) => {
+            if let Some(bad) = asked.iter().find(|n| !active.contains(n)) {
+                return Err(PlatformError::invalid(
+                    "namespaces",
+                    format!("{bad} is not among the function's namespaces ({})", active.join(", ")),
+                )
+                .into());
+            }
+            asked
+        }
+    };
+    let enqueued = state.engine.discover_now(&udf, &namespaces).await?;
+    Ok(Json(DiscoverResponse { udf_id: udf.id, enqueued, namespaces }))
+}
+
+async fn status(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<UdfStatus>, ApiError> {
+    let udf = udf_for(&state, &p, &id, Scope::Read).await?;
+    Ok(Json(queue::status(&state.pool, &udf).await?))
+}
+
+async fn reset_failed(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<ItemsResponse>, ApiError> {
+    let udf = udf_for(&state, &p, &id, Scope::Write).await?;
+    let updated = queue::reset_failed(&state.pool, &udf.id).await?;
+    tracing::info!(udf = %udf.id, updated, "reset failed rows");
+    Ok(Json(ItemsResponse { udf_id: udf.id, updated }))
+}

@@ -1,0 +1,181 @@
+//! Discovery: finds the rows of a namespace that need a Function's work and
+//! enqueues them.
+//!
+//! A sweep reads only rows written since the last sweep of that (Function,
+//! namespace), through the `(namespace, write_seq)` index, so its cost grows
+//! with what changed, not with the namespace. A changed version or filter
+//! rescans from the start, once. Rows whose result went stale are found
+//! through `stale_deadlines`.
+
+use layer_protocol::filter::Filter;
+use layer_protocol::function::{FunctionSpec, Udf};
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
+
+use crate::error::{PlatformError, Result};
+use crate::rows::filter::push_filter;
+
+/// What decides whether a row needs a Function's work.
+#[derive(Debug, Clone)]
+pub struct Needs {
+    pub marker: String,
+    pub stale_marker: String,
+    pub version: String,
+    pub filter: Option<Filter>,
+}
+
+impl Needs {
+    pub fn of(udf: &Udf) -> Result<Needs> {
+        let filter = match &udf.spec.filter {
+            Some(f) => Filter::parse(f, "spec.filter").map_err(|e| PlatformError::invalid(e.path, e.message))?,
+            None => None,
+        };
+        Ok(Needs {
+            marker: FunctionSpec::marker_attribute(&udf.id),
+            stale_marker: FunctionSpec::stale_after_attribute(&udf.id),
+            version: udf.spec.version.clone(),
+            filter,
+        })
+    }
+
+    /// Appends the predicate over `rows r`: the filter, AND the marker is
+    /// missing or differs from the version, or the stale-after time passed.
+    pub fn push(&self, qb: &mut QueryBuilder<'_, Postgres>) {
+        qb.push("(");
+        if let Some(f) = &self.filter {
+            push_filter(qb, f);
+            qb.push(" AND ");
+        }
+        qb.push("((r.attributes -> ");
+        qb.push_bind(self.marker.clone());
+        qb.push("::text) IS DISTINCT FROM to_jsonb(");
+        qb.push_bind(self.version.clone());
+        qb.push("::text) OR coalesce(jsonb_typeof(r.attributes -> ");
+        qb.push_bind(self.stale_marker.clone());
+        qb.push("::text) = 'number' AND (r.attributes ->> ");
+        qb.push_bind(self.stale_marker.clone());
+        qb.push("::text)::numeric < extract(epoch FROM now()), false)))");
+    }
+}
+
+/// What a change of spec must rescan for: version and filter.
+pub fn spec_key(spec: &FunctionSpec) -> String {
+    serde_json::json!([spec.version, spec.filter]).to_string()
+}
+
+fn push_enqueue_conflict(qb: &mut QueryBuilder<'_, Postgres>) {
+    // A failed row that is rewritten, or meets a new version, gets a fresh
+    // start; a leased one keeps its lease and learns the wanted version.
+    qb.push(
+        " ON CONFLICT (function_id, namespace, row_id) DO UPDATE SET
+             version = EXCLUDED.version,
+             state = CASE WHEN work_items.state = 'failed' THEN 'pending' ELSE work_items.state END,
+             attempts = CASE WHEN work_items.state = 'failed' THEN 0 ELSE work_items.attempts END,
+             free_retries = CASE WHEN work_items.state = 'failed' THEN 0 ELSE work_items.free_retries END,
+             available_at = CASE WHEN work_items.state = 'failed' THEN now() ELSE work_items.available_at END,
+             updated_at = now()",
+    );
+}
+
+/// Sweeps one namespace for one Function; returns the rows enqueued.
+///
+/// Concurrency: the cursor row is locked for the sweep's transaction, so two
+/// sweeps of one (Function, namespace) run one after the other. The
+/// namespace's committed `write_seq` bounds what is read: writers hold the
+/// namespace row until they commit, so every row at or below it is final.
+pub async fn sweep(conn: &mut PgConnection, udf: &Udf, namespace: &str) -> Result<u64> {
+    let needs = Needs::of(udf)?;
+    let key = spec_key(&udf.spec);
+    sqlx::query("INSERT INTO discovery_cursors (function_id, namespace) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(&udf.id)
+        .bind(namespace)
+        .execute(&mut *conn)
+        .await?;
+    let (last_seq, stored_key): (i64, String) = sqlx::query_as(
+        "SELECT last_seq, spec_key FROM discovery_cursors WHERE function_id = $1 AND namespace = $2 FOR UPDATE",
+    )
+    .bind(&udf.id)
+    .bind(namespace)
+    .fetch_one(&mut *conn)
+    .await?;
+    let Some(now_seq): Option<i64> = sqlx::query_scalar("SELECT write_seq FROM namespaces WHERE name = $1")
+        .bind(namespace)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(0);
+    };
+    let from = if stored_key == key { last_seq } else { 0 };
+
+    let mut enqueued = 0;
+    if now_seq > from {
+        let mut qb =
+            QueryBuilder::<Postgres>::new("INSERT INTO work_items (function_id, namespace, row_id, version) SELECT ");
+        qb.push_bind(&udf.id);
+        qb.push(", r.namespace, r.id, ");
+        qb.push_bind(&udf.spec.version);
+        qb.push(" FROM rows r WHERE r.namespace = ");
+        qb.push_bind(namespace);
+        qb.push(" AND r.write_seq > ");
+        qb.push_bind(from);
+        qb.push(" AND r.write_seq <= ");
+        qb.push_bind(now_seq);
+        qb.push(" AND ");
+        needs.push(&mut qb);
+        push_enqueue_conflict(&mut qb);
+        enqueued += qb.build().execute(&mut *conn).await?.rows_affected();
+    }
+
+    // Results that went stale.
+    let mut qb = QueryBuilder::<Postgres>::new("WITH due AS (DELETE FROM stale_deadlines d WHERE d.function_id = ");
+    qb.push_bind(&udf.id);
+    qb.push(" AND d.namespace = ");
+    qb.push_bind(namespace);
+    qb.push(
+        " AND d.due_at <= now() RETURNING d.row_id)
+         INSERT INTO work_items (function_id, namespace, row_id, version) SELECT ",
+    );
+    qb.push_bind(&udf.id);
+    qb.push(", r.namespace, r.id, ");
+    qb.push_bind(&udf.spec.version);
+    qb.push(" FROM due JOIN rows r ON r.namespace = ");
+    qb.push_bind(namespace);
+    qb.push(" AND r.id = due.row_id WHERE ");
+    needs.push(&mut qb);
+    push_enqueue_conflict(&mut qb);
+    enqueued += qb.build().execute(&mut *conn).await?.rows_affected();
+
+    sqlx::query(
+        "UPDATE discovery_cursors SET last_seq = $3, spec_key = $4, swept_at = now()
+         WHERE function_id = $1 AND namespace = $2",
+    )
+    .bind(&udf.id)
+    .bind(namespace)
+    .bind(now_seq)
+    .bind(&key)
+    .execute(&mut *conn)
+    .await?;
+    Ok(enqueued)
+}
+
+/// Sweeps the given namespaces of a Function, each in its own transaction,
+/// and counts the sweep. Returns the rows enqueued.
+pub async fn sweep_function(pool: &PgPool, udf: &Udf, namespaces: &[String]) -> Result<u64> {
+    let mut total = 0;
+    for ns in namespaces {
+        let mut tx = pool.begin().await?;
+        total += sweep(&mut tx, udf, ns).await?;
+        tx.commit().await?;
+    }
+    sqlx::query(
+        "INSERT INTO function_stats (function_id, sweeps_completed, last_sweep_at) VALUES ($1, 1, now())
+         ON CONFLICT (function_id) DO UPDATE SET sweeps_completed = function_stats.sweeps_completed + 1,
+             last_sweep_at = now()",
+    )
+    .bind(&udf.id)
+    .execute(pool)
+    .await?;
+    if total > 0 {
+        tracing::info!(udf = %udf.id, enqueued = total, namespaces = namespaces.len(), "discovery enqueued rows");
+    }
+    Ok(total)
+}

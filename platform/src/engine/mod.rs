@@ -1,0 +1,158 @@
+//! The Function engine: discovery, the work queue, leases, retries and
+//! fenced writeback, plus the pull protocol workers speak.
+//!
+//! - [`policy`]: failure classes and the retry policy (pure).
+//! - [`discovery`]: sweeps that enqueue rows needing work.
+//! - [`queue`]: claim, complete, fail, heartbeat, reap, reset, status.
+//! - [`api`]: the pull protocol under `/v2/udfs/{id}`.
+//!
+//! [`Engine`] runs two background duties: discovery (on its interval, on
+//! apply, and at once after writes for Functions with the `write` trigger)
+//! and the lease reaper. Both are safe to run on every replica: sweeps of
+//! one (Function, namespace) serialise on its cursor row and the reaper
+//! takes leases with `SKIP LOCKED`.
+
+pub mod api;
+pub mod discovery;
+pub mod policy;
+pub mod queue;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use layer_protocol::function::{Trigger, Udf};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Settings of the background duties.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// How often the discovery loop looks for due sweeps.
+    pub tick: Duration,
+    /// How often expired leases are reaped.
+    pub reap_interval: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { tick: Duration::from_millis(500), reap_interval: Duration::from_secs(1) }
+    }
+}
+
+#[derive(Default)]
+struct Requests {
+    /// Functions to sweep at once (applied or asked for).
+    functions: BTreeSet<String>,
+    /// Namespaces just written, for Functions with the `write` trigger.
+    namespaces: BTreeSet<String>,
+}
+
+/// A handle to the engine's background duties.
+#[derive(Clone)]
+pub struct Engine {
+    pool: PgPool,
+    requests: Arc<Mutex<Requests>>,
+    wake: Arc<Notify>,
+}
+
+impl Engine {
+    pub fn new(pool: PgPool) -> Self {
+        Engine { pool, requests: Arc::default(), wake: Arc::new(Notify::new()) }
+    }
+
+    /// Asks for a sweep of a Function as soon as possible.
+    pub fn sweep_soon(&self, udf_id: &str) {
+        self.requests.lock().unwrap_or_else(|e| e.into_inner()).functions.insert(udf_id.to_string());
+        self.wake.notify_one();
+    }
+
+    /// Tells the engine a namespace was written (the `write` trigger).
+    pub fn namespace_written(&self, namespace: &str) {
+        self.requests.lock().unwrap_or_else(|e| e.into_inner()).namespaces.insert(namespace.to_string());
+        self.wake.notify_one();
+    }
+
+    /// Starts the discovery loop and the reaper; they stop with `shutdown`.
+    pub fn spawn(&self, config: EngineConfig, shutdown: CancellationToken, tasks: &mut JoinSet<()>) {
+        let me = self.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move { me.discovery_loop(config.tick, stop).await });
+        let pool = self.pool.clone();
+        tasks.spawn(async move { reaper_loop(pool, config.reap_interval, shutdown).await });
+    }
+
+    async fn discovery_loop(self, tick: Duration, shutdown: CancellationToken) {
+        let mut last_sweep: HashMap<String, Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let requests = std::mem::take(&mut *self.requests.lock().unwrap_or_else(|e| e.into_inner()));
+            if let Err(e) = self.discover_due(&requests, &mut last_sweep).await {
+                tracing::warn!(error = %e, "discovery pass failed; retrying on the next tick");
+            }
+        }
+    }
+
+    async fn discover_due(&self, requests: &Requests, last_sweep: &mut HashMap<String, Instant>) -> crate::Result<()> {
+        let udfs = crate::functions::store::list(&self.pool).await?;
+        last_sweep.retain(|id, _| udfs.iter().any(|u| &u.id == id));
+        for udf in udfs.iter().filter(|u| !u.paused) {
+            let namespaces = crate::functions::store::active_namespaces(&self.pool, &udf.spec).await?;
+            let interval = Duration::from_secs(u64::from(udf.spec.schedule.discovery_interval_seconds));
+            let periodic = udf.spec.triggers.contains(&Trigger::Discovery)
+                && last_sweep.get(&udf.id).is_none_or(|t| t.elapsed() >= interval);
+            let asked = requests.functions.contains(&udf.id);
+            let written: Vec<String> = if udf.spec.triggers.contains(&Trigger::Write) {
+                namespaces.iter().filter(|n| requests.namespaces.contains(*n)).cloned().collect()
+            } else {
+                Vec::new()
+            };
+            let targets = if periodic || asked { namespaces } else { written };
+            if targets.is_empty() {
+                continue;
+            }
+            discovery::sweep_function(&self.pool, udf, &targets).await?;
+            if periodic || asked {
+                last_sweep.insert(udf.id.clone(), Instant::now());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sweeps a Function now and returns the rows enqueued.
+    pub async fn discover_now(&self, udf: &Udf, namespaces: &[String]) -> crate::Result<u64> {
+        discovery::sweep_function(&self.pool, udf, namespaces).await
+    }
+}
+
+async fn reaper_loop(pool: PgPool, interval: Duration, shutdown: CancellationToken) {
+    let mut pruned = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        loop {
+            match queue::reap_expired(&pool, 1000).await {
+                Ok(1000) => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "lease reaper pass failed");
+                    break;
+                }
+            }
+        }
+        if pruned.elapsed() > Duration::from_secs(600) {
+            if let Err(e) = queue::prune_buckets(&pool).await {
+                tracing::warn!(error = %e, "pruning rate buckets failed");
+            }
+            pruned = Instant::now();
+        }
+    }
+}

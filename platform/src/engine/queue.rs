@@ -1,0 +1,539 @@
+//! The work queue: claims, leases, fenced writeback, failures, the lease
+//! reaper and the counts behind a Function's status. Every transition is a
+//! guarded statement, so a late or duplicate report changes nothing.
+
+use std::collections::BTreeMap;
+
+use layer_protocol::function::{FunctionSpec, RetrySpec, Udf, UdfDiscoveryStatus, UdfStatus};
+use layer_protocol::namespace::Attributes;
+use rand::Rng;
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, QueryBuilder};
+
+use super::discovery::Needs;
+use super::policy::{FailureClass, Next, next_state};
+use crate::error::Result;
+use crate::time::rfc3339;
+
+/// The window the completion rate is measured over.
+pub const RATE_WINDOW_SECONDS: i64 = 300;
+
+/// One leased row, as the worker receives it.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub namespace: String,
+    pub id: String,
+    /// Every declared input; `null` where the row lacks it; `id` is the row id.
+    pub input: Attributes,
+    pub epoch: i64,
+}
+
+fn project_inputs(id: &str, attributes: &Attributes, inputs: &[String]) -> Attributes {
+    inputs
+        .iter()
+        .map(|name| {
+            let v = if name == "id" {
+                Value::String(id.to_string())
+            } else {
+                attributes.get(name).cloned().unwrap_or(Value::Null)
+            };
+            (name.clone(), v)
+        })
+        .collect()
+}
+
+#[derive(sqlx::FromRow)]
+struct Picked {
+    namespace: String,
+    row_id: String,
+    attributes: Option<sqlx::types::Json<Attributes>>,
+    write_seq: Option<i64>,
+    needed: bool,
+}
+
+/// Leases up to `limit` claimable rows to `worker_id` for `lease_seconds`.
+///
+/// Concurrency: `FOR UPDATE SKIP LOCKED` on the pending items, so
+/// concurrent claimers never get the same row. Each lease bumps the item's
+/// epoch. Items whose row was deleted, or no longer needs work (rewritten
+/// out of the filter, or marked by someone else), are dropped here.
+pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_seconds: i64) -> Result<Vec<Claimed>> {
+    if udf.paused {
+        return Ok(Vec::new());
+    }
+    let needs = Needs::of(udf)?;
+    let mut out = Vec::new();
+    // A few rounds at most: a round only comes up short when it dropped items.
+    for _ in 0..4 {
+        let want = limit - out.len() as i64;
+        if want <= 0 {
+            break;
+        }
+        let mut tx = pool.begin().await?;
+        let mut qb = QueryBuilder::<Postgres>::new(
+            "SELECT w.namespace, w.row_id, r.attributes, r.write_seq, coalesce(r.id IS NOT NULL AND ",
+        );
+        needs.push(&mut qb);
+        qb.push(
+            ", false) AS needed
+             FROM work_items w LEFT JOIN rows r ON r.namespace = w.namespace AND r.id = w.row_id
+             WHERE w.function_id = ",
+        );
+        qb.push_bind(&udf.id);
+        qb.push(" AND w.state = 'pending' AND w.available_at <= now() ORDER BY w.available_at LIMIT ");
+        qb.push_bind(want);
+        qb.push(" FOR UPDATE OF w SKIP LOCKED");
+        let picked: Vec<Picked> = qb.build_query_as().fetch_all(&mut *tx).await?;
+        if picked.is_empty() {
+            break;
+        }
+        let (keep, drop): (Vec<Picked>, Vec<Picked>) = picked.into_iter().partition(|p| p.needed);
+        if !drop.is_empty() {
+            let ns: Vec<&str> = drop.iter().map(|p| p.namespace.as_str()).collect();
+            let ids: Vec<&str> = drop.iter().map(|p| p.row_id.as_str()).collect();
+            sqlx::query(
+                "DELETE FROM work_items w USING unnest($2::text[], $3::text[]) AS d(ns, id)
+                 WHERE w.function_id = $1 AND w.namespace = d.ns AND w.row_id = d.id",
+            )
+            .bind(&udf.id)
+            .bind(&ns)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let dropped = !drop.is_empty();
+        if !keep.is_empty() {
+            let ns: Vec<&str> = keep.iter().map(|p| p.namespace.as_str()).collect();
+            let ids: Vec<&str> = keep.iter().map(|p| p.row_id.as_str()).collect();
+            let seqs: Vec<i64> = keep.iter().map(|p| p.write_seq.unwrap_or_default()).collect();
+            let epochs: Vec<(String, String, i64)> = sqlx::query_as(
+                "UPDATE work_items w SET state = 'leased', worker_id = $2, lease_epoch = w.lease_epoch + 1,
+                     lease_seconds = $3, lease_expires_at = now() + make_interval(secs => $3),
+                     leased_seq = u.seq, leased_version = w.version, updated_at = now()
+                 FROM unnest($4::text[], $5::text[], $6::bigint[]) AS u(ns, id, seq)
+                 WHERE w.function_id = $1 AND w.namespace = u.ns AND w.row_id = u.id
+                 RETURNING w.namespace, w.row_id, w.lease_epoch",
+            )
+            .bind(&udf.id)
+            .bind(worker_id)
+            .bind(lease_seconds as f64)
+            .bind(&ns)
+            .bind(&ids)
+            .bind(&seqs)
+            .fetch_all(&mut *tx)
+            .await?;
+            let by_key: BTreeMap<(String, String), i64> = epochs.into_iter().map(|(n, i, e)| ((n, i), e)).collect();
+            for p in keep {
+                let attrs = p.attributes.map(|a| a.0).unwrap_or_default();
+                let epoch = by_key.get(&(p.namespace.clone(), p.row_id.clone())).copied().unwrap_or_default();
+                out.push(Claimed {
+                    input: project_inputs(&p.row_id, &attrs, &udf.spec.inputs),
+                    namespace: p.namespace,
+                    id: p.row_id,
+                    epoch,
+                });
+            }
+        }
+        tx.commit().await?;
+        if !dropped {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// One result to write back.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub namespace: String,
+    pub id: String,
+    pub attributes: Attributes,
+    /// A PostgreSQL array literal for the row's new vector.
+    pub vector: Option<String>,
+}
+
+/// What a batch of completions did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CompleteCounts {
+    /// Written, with the marker, and removed from the queue.
+    pub written: u64,
+    /// Dropped because the row was written since it was claimed; requeued.
+    pub stale: u64,
+    /// Dropped because the lease is not this worker's, or expired.
+    pub not_leased: u64,
+}
+
+/// Writes results and markers back and retires their items, in one
+/// statement per batch.
+///
+/// Fencing: an item is written only while it is leased to `worker_id`, the
+/// lease has not expired, and the row's `write_seq` is the one it was
+/// claimed at. The row gets the returned attributes and the marker
+/// `_hevlayer_udf_<fn>_v = <version it was claimed for>` in the same UPDATE.
+/// A result for a row written since its claim is dropped and the item goes
+/// back to the queue; one for a lost lease is dropped. Both are counted.
+pub async fn complete(pool: &PgPool, udf: &Udf, worker_id: &str, items: Vec<Completion>) -> Result<CompleteCounts> {
+    if items.is_empty() {
+        return Ok(CompleteCounts::default());
+    }
+    let marker = FunctionSpec::marker_attribute(&udf.id);
+    let stale_marker = FunctionSpec::stale_after_attribute(&udf.id);
+    let stale_after = udf.spec.stale_after_seconds.map(f64::from);
+    let n = items.len();
+    let mut ns = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
+    let mut attrs = Vec::with_capacity(n);
+    let mut vecs: Vec<Option<String>> = Vec::with_capacity(n);
+    for c in items {
+        ns.push(c.namespace);
+        ids.push(c.id);
+        attrs.push(Value::Object(c.attributes).to_string());
+        vecs.push(c.vector);
+    }
+    let (written, stale, fenced): (i64, i64, i64) = sqlx::query_as(
+        "WITH input AS (
+             SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) AS i(ns, id, attrs, vec)
+         ),
+         cand AS (
+             SELECT w.namespace, w.row_id, w.leased_seq, w.leased_version, w.version, i.attrs, i.vec
+             FROM work_items w JOIN input i ON w.namespace = i.ns AND w.row_id = i.id
+             WHERE w.function_id = $1 AND w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()
+             FOR UPDATE OF w
+         ),
+         written AS (
+             UPDATE rows r
+             SET attributes = r.attributes || c.attrs::jsonb || jsonb_build_object($7::text, c.leased_version)
+                     || CASE WHEN $9::float8 IS NULL THEN '{}'::jsonb
+                             ELSE jsonb_build_object($8::text, floor(extract(epoch FROM now()) + $9::float8)) END,
+                 vector = coalesce(c.vec::real[], r.vector)
+             FROM cand c
+             WHERE r.namespace = c.namespace AND r.id = c.row_id AND r.write_seq = c.leased_seq
+             RETURNING r.namespace, r.id
+         ),
+         done AS (
+             DELETE FROM work_items w USING written x, cand c
+             WHERE w.function_id = $1 AND w.namespace = x.namespace AND w.row_id = x.id
+               AND c.namespace = x.namespace AND c.row_id = x.id AND c.version = c.leased_version
+             RETURNING w.namespace, w.row_id
+         ),
+         requeued AS (
+             UPDATE work_items w
+             SET state = 'pending', worker_id = NULL, lease_expires_at = NULL, available_at = now(), updated_at = now()
+             FROM cand c
+             WHERE w.function_id = $1 AND w.namespace = c.namespace AND w.row_id = c.row_id
+               AND NOT EXISTS (SELECT 1 FROM done d WHERE d.namespace = c.namespace AND d.row_id = c.row_id)
+             RETURNING w.namespace, w.row_id
+         ),
+         deadlines AS (
+             INSERT INTO stale_deadlines (function_id, namespace, row_id, due_at)
+             SELECT $1, x.namespace, x.id, now() + make_interval(secs => $9::float8) FROM written x
+             WHERE $9::float8 IS NOT NULL
+             ON CONFLICT (function_id, namespace, row_id) DO UPDATE SET due_at = EXCLUDED.due_at
+         )
+         SELECT (SELECT count(*) FROM written),
+                (SELECT count(*) FROM cand) - (SELECT count(*) FROM written),
+                (SELECT count(*) FROM input) - (SELECT count(*) FROM cand)",
+    )
+    .bind(&udf.id)
+    .bind(worker_id)
+    .bind(&ns)
+    .bind(&ids)
+    .bind(&attrs)
+    .bind(&vecs)
+    .bind(&marker)
+    .bind(&stale_marker)
+    .bind(stale_after)
+    .fetch_one(pool)
+    .await?;
+    let counts = CompleteCounts { written: written as u64, stale: stale as u64, not_leased: fenced as u64 };
+    record_completions(pool, &udf.id, counts).await?;
+    if counts.stale > 0 || counts.not_leased > 0 {
+        tracing::info!(udf = %udf.id, worker_id, stale = counts.stale, not_leased = counts.not_leased, "dropped results");
+    }
+    Ok(counts)
+}
+
+async fn record_completions(pool: &PgPool, udf_id: &str, c: CompleteCounts) -> Result<()> {
+    sqlx::query(
+        "WITH s AS (
+             INSERT INTO function_stats (function_id, completed, dropped_stale) VALUES ($1, $2, $3)
+             ON CONFLICT (function_id) DO UPDATE SET completed = function_stats.completed + $2,
+                 dropped_stale = function_stats.dropped_stale + $3
+         )
+         INSERT INTO completion_buckets (function_id, second, completed)
+         SELECT $1, date_trunc('second', now()), $2 WHERE $2 > 0
+         ON CONFLICT (function_id, second) DO UPDATE SET completed = completion_buckets.completed + $2",
+    )
+    .bind(udf_id)
+    .bind(c.written as i64)
+    .bind((c.stale + c.not_leased) as i64)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// One failure report.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub namespace: String,
+    pub id: String,
+    pub class: FailureClass,
+    pub message: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct Held {
+    namespace: String,
+    row_id: String,
+    attempts: i32,
+    free_retries: i32,
+}
+
+/// Applies `next` to items, in one statement.
+async fn transition(
+    conn: &mut sqlx::PgConnection,
+    udf_id: &str,
+    moves: Vec<(String, String, Next, &'static str, String)>,
+) -> Result<u64> {
+    if moves.is_empty() {
+        return Ok(0);
+    }
+    let mut ns = Vec::new();
+    let mut ids = Vec::new();
+    let mut states = Vec::new();
+    let mut attempts = Vec::new();
+    let mut free = Vec::new();
+    let mut delays = Vec::new();
+    let mut kinds = Vec::new();
+    let mut messages = Vec::new();
+    for (n, id, next, kind, message) in moves {
+        let (state, a, f, d) = match next {
+            Next::Retry { attempts, free_retries, delay } => ("pending", attempts, free_retries, delay.as_secs_f64()),
+            Next::Failed { attempts, free_retries } => ("failed", attempts, free_retries, 0.0),
+        };
+        ns.push(n);
+        ids.push(id);
+        states.push(state);
+        attempts.push(a as i32);
+        free.push(f as i32);
+        delays.push(d);
+        kinds.push(kind);
+        messages.push(message);
+    }
+    let n = sqlx::query(
+        "UPDATE work_items w SET state = u.state, attempts = u.attempts, free_retries = u.free,
+             available_at = now() + make_interval(secs => u.delay), worker_id = NULL, lease_expires_at = NULL,
+             last_error = u.message, last_error_kind = u.kind, updated_at = now()
+         FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::int[], $7::float8[], $8::text[], $9::text[])
+             AS u(ns, id, state, attempts, free, delay, kind, message)
+         WHERE w.function_id = $1 AND w.namespace = u.ns AND w.row_id = u.id",
+    )
+    .bind(udf_id)
+    .bind(&ns)
+    .bind(&ids)
+    .bind(&states)
+    .bind(&attempts)
+    .bind(&free)
+    .bind(&delays)
+    .bind(&kinds)
+    .bind(&messages)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(n)
+}
+
+fn jitter() -> f64 {
+    rand::rng().random_range(0.5..=1.0)
+}
+
+/// Records failures reported by the worker holding the leases; reports for
+/// leases it does not hold are ignored. Returns the items moved.
+pub async fn fail(pool: &PgPool, udf: &Udf, worker_id: &str, failures: Vec<Failure>) -> Result<u64> {
+    if failures.is_empty() {
+        return Ok(0);
+    }
+    let mut tx = pool.begin().await?;
+    let ns: Vec<&str> = failures.iter().map(|f| f.namespace.as_str()).collect();
+    let ids: Vec<&str> = failures.iter().map(|f| f.id.as_str()).collect();
+    let held: Vec<Held> = sqlx::query_as(
+        "SELECT w.namespace, w.row_id, w.attempts, w.free_retries FROM work_items w
+         JOIN unnest($3::text[], $4::text[]) AS i(ns, id) ON w.namespace = i.ns AND w.row_id = i.id
+         WHERE w.function_id = $1 AND w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()
+         FOR UPDATE OF w",
+    )
+    .bind(&udf.id)
+    .bind(worker_id)
+    .bind(&ns)
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let held: BTreeMap<(String, String), Held> =
+        held.into_iter().map(|h| ((h.namespace.clone(), h.row_id.clone()), h)).collect();
+    let mut moves = Vec::new();
+    for f in failures {
+        let Some(h) = held.get(&(f.namespace.clone(), f.id.clone())) else { continue };
+        let next = next_state(h.attempts as u32, h.free_retries as u32, f.class, &udf.spec.retry, jitter());
+        let message: String = f.message.chars().take(4096).collect();
+        moves.push((f.namespace, f.id, next, f.class.as_str(), message));
+    }
+    let n = transition(&mut tx, &udf.id, moves).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Extends the leases `worker_id` holds on these rows by their lease length.
+pub async fn heartbeat(pool: &PgPool, udf: &Udf, worker_id: &str, items: &[(String, String)]) -> Result<u64> {
+    let ns: Vec<&str> = items.iter().map(|i| i.0.as_str()).collect();
+    let ids: Vec<&str> = items.iter().map(|i| i.1.as_str()).collect();
+    Ok(sqlx::query(
+        "UPDATE work_items w SET lease_expires_at = now() + make_interval(secs => w.lease_seconds), updated_at = now()
+         FROM unnest($3::text[], $4::text[]) AS i(ns, id)
+         WHERE w.function_id = $1 AND w.namespace = i.ns AND w.row_id = i.id
+           AND w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()",
+    )
+    .bind(&udf.id)
+    .bind(worker_id)
+    .bind(&ns)
+    .bind(&ids)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+#[derive(sqlx::FromRow)]
+struct Expired {
+    function_id: String,
+    namespace: String,
+    row_id: String,
+    attempts: i32,
+    free_retries: i32,
+    worker_id: Option<String>,
+    lease_seconds: Option<i32>,
+    retry: sqlx::types::Json<RetrySpec>,
+}
+
+/// Returns expired leases to the queue (or to `failed`), by the database
+/// clock. A lease that expires without a report spends an attempt.
+///
+/// Concurrency: `SKIP LOCKED`, so reapers on several replicas share the work.
+pub async fn reap_expired(pool: &PgPool, batch: i64) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    let expired: Vec<Expired> = sqlx::query_as(
+        "SELECT w.function_id, w.namespace, w.row_id, w.attempts, w.free_retries, w.worker_id, w.lease_seconds,
+                f.spec -> 'retry' AS retry
+         FROM work_items w JOIN functions f ON f.id = w.function_id
+         WHERE w.state = 'leased' AND w.lease_expires_at <= now()
+         ORDER BY w.lease_expires_at LIMIT $1 FOR UPDATE OF w SKIP LOCKED",
+    )
+    .bind(batch)
+    .fetch_all(&mut *tx)
+    .await?;
+    let total = expired.len() as u64;
+    let mut by_fn: BTreeMap<String, Vec<(String, String, Next, &'static str, String)>> = BTreeMap::new();
+    for e in expired {
+        let next =
+            next_state(e.attempts as u32, e.free_retries as u32, FailureClass::LeaseExpired, &e.retry.0, jitter());
+        let message = format!(
+            "the lease expired after {} s without a report from worker {}",
+            e.lease_seconds.unwrap_or_default(),
+            e.worker_id.as_deref().unwrap_or("?")
+        );
+        by_fn.entry(e.function_id).or_default().push((
+            e.namespace,
+            e.row_id,
+            next,
+            FailureClass::LeaseExpired.as_str(),
+            message,
+        ));
+    }
+    for (udf_id, moves) in by_fn {
+        let n = moves.len() as i64;
+        transition(&mut tx, &udf_id, moves).await?;
+        sqlx::query(
+            "INSERT INTO function_stats (function_id, leases_expired) VALUES ($1, $2)
+             ON CONFLICT (function_id) DO UPDATE SET leases_expired = function_stats.leases_expired + $2",
+        )
+        .bind(&udf_id)
+        .bind(n)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    if total > 0 {
+        tracing::info!(expired = total, "returned expired leases to the queue");
+    }
+    Ok(total)
+}
+
+/// Puts failed rows back in the queue with fresh attempts.
+pub async fn reset_failed(pool: &PgPool, udf_id: &str) -> Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE work_items SET state = 'pending', attempts = 0, free_retries = 0, available_at = now(), updated_at = now()
+         WHERE function_id = $1 AND state = 'failed'",
+    )
+    .bind(udf_id)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Drops rate buckets older than a day.
+pub async fn prune_buckets(pool: &PgPool) -> Result<()> {
+    sqlx::query("DELETE FROM completion_buckets WHERE second < now() - interval '1 day'").execute(pool).await?;
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct StatusRow {
+    pending: i64,
+    leased: i64,
+    failed: i64,
+    completed: i64,
+    dropped_stale: i64,
+    leases_expired: i64,
+    sweeps: i64,
+    last_sweep_at: Option<chrono::DateTime<chrono::Utc>>,
+    recent: i64,
+}
+
+/// The status the client's `UdfStatus` expects, with real counts.
+pub async fn status(pool: &PgPool, udf: &Udf) -> Result<UdfStatus> {
+    let s: StatusRow = sqlx::query_as(
+        "SELECT
+             (SELECT count(*) FROM work_items WHERE function_id = $1 AND state = 'pending') AS pending,
+             (SELECT count(*) FROM work_items WHERE function_id = $1 AND state = 'leased') AS leased,
+             (SELECT count(*) FROM work_items WHERE function_id = $1 AND state = 'failed') AS failed,
+             coalesce(st.completed, 0) AS completed,
+             coalesce(st.dropped_stale, 0) AS dropped_stale,
+             coalesce(st.leases_expired, 0) AS leases_expired,
+             coalesce(st.sweeps_completed, 0) AS sweeps,
+             st.last_sweep_at,
+             (SELECT coalesce(sum(completed), 0)::bigint FROM completion_buckets
+              WHERE function_id = $1 AND second > now() - make_interval(secs => $2)) AS recent
+         FROM (SELECT 1) one LEFT JOIN function_stats st ON st.function_id = $1",
+    )
+    .bind(&udf.id)
+    .bind(RATE_WINDOW_SECONDS as f64)
+    .fetch_one(pool)
+    .await?;
+    Ok(UdfStatus {
+        udf_id: udf.id.clone(),
+        paused: udf.paused,
+        active_namespaces: crate::functions::store::active_namespaces(pool, &udf.spec).await?,
+        discovery: UdfDiscoveryStatus { sweeps_completed: s.sweeps, last_completed_at: s.last_sweep_at.map(rfc3339) },
+        counts: BTreeMap::from([
+            ("pending".to_string(), s.pending),
+            ("processing".to_string(), s.leased),
+            ("failed".to_string(), s.failed),
+            ("completed".to_string(), s.completed),
+            ("dropped".to_string(), s.dropped_stale),
+            ("leases_expired".to_string(), s.leases_expired),
+        ]),
+        pending_count: s.pending,
+        processing_count: s.leased,
+        failed_count: s.failed,
+        indexed_rate_per_min: s.recent as f64 * 60.0 / RATE_WINDOW_SECONDS as f64,
+        rate_window_seconds: RATE_WINDOW_SECONDS,
+    })
+}
