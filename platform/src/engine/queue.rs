@@ -289,12 +289,17 @@ struct Held {
     free_retries: i32,
 }
 
-/// Applies `next` to items, in one statement.
-async fn transition(
-    conn: &mut sqlx::PgConnection,
-    udf_id: &str,
-    moves: Vec<(String, String, Next, &'static str, String)>,
-) -> Result<u64> {
+/// One item's move to its next state, with the error that caused it.
+struct Move {
+    namespace: String,
+    id: String,
+    next: Next,
+    kind: &'static str,
+    message: String,
+}
+
+/// Applies moves to items, in one statement.
+async fn transition(conn: &mut sqlx::PgConnection, udf_id: &str, moves: Vec<Move>) -> Result<u64> {
     if moves.is_empty() {
         return Ok(0);
     }
@@ -306,7 +311,7 @@ async fn transition(
     let mut delays = Vec::new();
     let mut kinds = Vec::new();
     let mut messages = Vec::new();
-    for (n, id, next, kind, message) in moves {
+    for Move { namespace: n, id, next, kind, message } in moves {
         let (state, a, f, d) = match next {
             Next::Retry { attempts, free_retries, delay } => ("pending", attempts, free_retries, delay.as_secs_f64()),
             Next::Failed { attempts, free_retries } => ("failed", attempts, free_retries, 0.0),
@@ -375,7 +380,7 @@ pub async fn fail(pool: &PgPool, udf: &Udf, worker_id: &str, failures: Vec<Failu
         let Some(h) = held.get(&(f.namespace.clone(), f.id.clone())) else { continue };
         let next = next_state(h.attempts as u32, h.free_retries as u32, f.class, &udf.spec.retry, jitter());
         let message: String = f.message.chars().take(4096).collect();
-        moves.push((f.namespace, f.id, next, f.class.as_str(), message));
+        moves.push(Move { namespace: f.namespace, id: f.id, next, kind: f.class.as_str(), message });
     }
     let n = transition(&mut tx, &udf.id, moves).await?;
     tx.commit().await?;
@@ -430,7 +435,7 @@ pub async fn reap_expired(pool: &PgPool, batch: i64) -> Result<u64> {
     .fetch_all(&mut *tx)
     .await?;
     let total = expired.len() as u64;
-    let mut by_fn: BTreeMap<String, Vec<(String, String, Next, &'static str, String)>> = BTreeMap::new();
+    let mut by_fn: BTreeMap<String, Vec<Move>> = BTreeMap::new();
     for e in expired {
         let next =
             next_state(e.attempts as u32, e.free_retries as u32, FailureClass::LeaseExpired, &e.retry.0, jitter());
@@ -439,13 +444,13 @@ pub async fn reap_expired(pool: &PgPool, batch: i64) -> Result<u64> {
             e.lease_seconds.unwrap_or_default(),
             e.worker_id.as_deref().unwrap_or("?")
         );
-        by_fn.entry(e.function_id).or_default().push((
-            e.namespace,
-            e.row_id,
+        by_fn.entry(e.function_id).or_default().push(Move {
+            namespace: e.namespace,
+            id: e.row_id,
             next,
-            FailureClass::LeaseExpired.as_str(),
+            kind: FailureClass::LeaseExpired.as_str(),
             message,
-        ));
+        });
     }
     for (udf_id, moves) in by_fn {
         let n = moves.len() as i64;
