@@ -244,6 +244,13 @@ pub async fn udf_delete(client: &Client, name: &str) -> Result<()> {
     Ok(())
 }
 
+pub async fn udf_reset_failed(client: &Client, name: &str) -> Result<()> {
+    let r: layer_protocol::work::ItemsResponse =
+        client.post_empty(&format!("/v2/udfs/{}/reset-failed", seg(name))).await?;
+    println!("{} failed rows of {} are back in the queue", r.updated, r.udf_id);
+    Ok(())
+}
+
 /// Reads rows from a JSON array or JSON lines file.
 fn read_rows(file: &Path) -> Result<Vec<Value>> {
     let text = read_input(file)?;

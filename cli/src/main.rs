@@ -3,6 +3,7 @@
 
 mod client;
 mod commands;
+mod run;
 mod serve;
 
 use std::net::SocketAddr;
@@ -65,6 +66,16 @@ enum Command {
     Apply {
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Apply a file, discover its Functions' rows and watch them drain.
+    Run {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// Give up after this many seconds (default: wait).
+        #[arg(long)]
+        timeout: Option<u64>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -145,6 +156,10 @@ enum UdfCommand {
     Delete {
         name: String,
     },
+    /// Put a Function's failed rows back in the queue.
+    ResetFailed {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -219,6 +234,10 @@ async fn run(cli: Cli) -> Result<()> {
             let c = client::Client::new(&remote.url, remote.api_key)?;
             commands::apply(&c, &files, remote.json).await
         }
+        Command::Run { files, timeout, remote } => {
+            let c = client::Client::new(&remote.url, remote.api_key)?;
+            run::run(&c, &files, timeout.map(std::time::Duration::from_secs)).await
+        }
         Command::Keys { command, remote } => {
             let c = client::Client::new(&remote.url, remote.api_key)?;
             match command {
@@ -240,6 +259,7 @@ async fn run(cli: Cli) -> Result<()> {
                 UdfCommand::Pause { name } => commands::udf_set_paused(&c, &name, true).await,
                 UdfCommand::Resume { name } => commands::udf_set_paused(&c, &name, false).await,
                 UdfCommand::Delete { name } => commands::udf_delete(&c, &name).await,
+                UdfCommand::ResetFailed { name } => commands::udf_reset_failed(&c, &name).await,
             }
         }
         Command::Rows { command, remote } => {

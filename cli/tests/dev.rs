@@ -186,3 +186,48 @@ fn missing_postgres_binaries_say_what_to_install() {
     assert!(!o.status.success());
     assert!(text(&o).contains("is `layer dev` (or `layer platform`) running?"), "{}", text(&o));
 }
+
+#[test]
+fn layer_run_drains_with_the_seed_worker_and_fails_on_failed_rows() {
+    let dir = data_dir("run");
+    let key = "lyr_run_test_key_0123456789";
+    let mut dev = Dev::start(&dir, free_port(), Some(key));
+    dev.wait_healthy();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tag-products-pull");
+    let o = layer(&dev.url, key, &["rows", "upsert", "products", "-f", &format!("{example}/products.jsonl")]);
+    assert!(o.status.success(), "{}", text(&o));
+    let python = layer_tests::python_with_hevlayer().unwrap();
+    let mut worker = Command::new(python)
+        .arg(format!("{example}/worker.py"))
+        .env("HEVLAYER_BASE_URL", &dev.url)
+        .env("LAYER_GATEWAY_API_KEY", key)
+        .spawn()
+        .unwrap();
+    let function = format!("{example}/function.yaml");
+    let o = layer(&dev.url, key, &["run", "-f", &function, "--timeout", "60"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("product-tags: 24 rows done"), "{}", text(&o));
+    let o = layer(&dev.url, key, &["udf", "get", "product-tags"]);
+    assert!(text(&o).contains("0 pending, 0 processing, 0 failed"), "{}", text(&o));
+    let o = layer(&dev.url, key, &["rows", "get", "products", "p002"]);
+    assert!(
+        text(&o).contains("\"wireless\"") && text(&o).contains("\"_hevlayer_udf_product_tags_v\": \"v1\""),
+        "{}",
+        text(&o)
+    );
+
+    // A row without a title fails permanently: `layer run` says so and exits 1.
+    let bad = dir.with_extension("bad.jsonl");
+    std::fs::write(&bad, "{\"id\": \"untitled\", \"category\": \"outdoor\"}\n").unwrap();
+    assert!(layer(&dev.url, key, &["rows", "upsert", "products", "-f", bad.to_str().unwrap()]).status.success());
+    let o = layer(&dev.url, key, &["run", "-f", &function, "--timeout", "60"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("1 rows failed"), "{}", text(&o));
+    let o = layer(&dev.url, key, &["udf", "reset-failed", "product-tags"]);
+    assert!(text(&o).contains("1 failed rows of product-tags are back in the queue"), "{}", text(&o));
+
+    worker.kill().unwrap();
+    let _ = worker.wait();
+    assert!(dev.stop().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
