@@ -17,7 +17,10 @@ pub const BOOTSTRAP_LOCK: i64 = 0x4c41_5945_5201; // "LAYER" 1
 
 /// Opens a pool. `max_connections` bounds what one replica takes.
 pub async fn connect(options: PgConnectOptions, max_connections: u32) -> Result<PgPool> {
-    let options = options.application_name("layer-platform");
+    // Queue statements take arrays whose size the planner can only see in
+    // a custom plan; a generic plan cached after five runs can pick scans
+    // of whole tables. Always plan with the actual parameters.
+    let options = options.application_name("layer-platform").options([("plan_cache_mode", "force_custom_plan")]);
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))

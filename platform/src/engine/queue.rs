@@ -70,19 +70,22 @@ pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_
             break;
         }
         let mut tx = pool.begin().await?;
+        // Pick first (an index scan on the pending items), then join only
+        // the picked rows: the LIMIT must not wait for a join over the namespace.
         let mut qb = QueryBuilder::<Postgres>::new(
-            "SELECT w.namespace, w.row_id, r.attributes, r.write_seq, coalesce(r.id IS NOT NULL AND ",
-        );
-        needs.push(&mut qb);
-        qb.push(
-            ", false) AS needed
-             FROM work_items w LEFT JOIN rows r ON r.namespace = w.namespace AND r.id = w.row_id
-             WHERE w.function_id = ",
+            "WITH picked AS MATERIALIZED (
+                 SELECT w.namespace, w.row_id FROM work_items w
+                 WHERE w.function_id = ",
         );
         qb.push_bind(&udf.id);
         qb.push(" AND w.state = 'pending' AND w.available_at <= now() ORDER BY w.available_at LIMIT ");
         qb.push_bind(want);
-        qb.push(" FOR UPDATE OF w SKIP LOCKED");
+        qb.push(
+            " FOR UPDATE SKIP LOCKED)
+             SELECT p.namespace, p.row_id, r.attributes, r.write_seq, coalesce(r.id IS NOT NULL AND ",
+        );
+        needs.push(&mut qb);
+        qb.push(", false) AS needed FROM picked p LEFT JOIN rows r ON r.namespace = p.namespace AND r.id = p.row_id");
         let picked: Vec<Picked> = qb.build_query_as().fetch_all(&mut *tx).await?;
         if picked.is_empty() {
             break;
@@ -211,9 +214,10 @@ pub async fn complete(pool: &PgPool, udf: &Udf, worker_id: &str, items: Vec<Comp
              RETURNING r.namespace, r.id
          ),
          done AS (
-             DELETE FROM work_items w USING written x, cand c
+             -- Retired only if no newer version was asked for meanwhile.
+             DELETE FROM work_items w USING written x
              WHERE w.function_id = $1 AND w.namespace = x.namespace AND w.row_id = x.id
-               AND c.namespace = x.namespace AND c.row_id = x.id AND c.version = c.leased_version
+               AND w.version = w.leased_version
              RETURNING w.namespace, w.row_id
          ),
          requeued AS (
@@ -221,7 +225,7 @@ pub async fn complete(pool: &PgPool, udf: &Udf, worker_id: &str, items: Vec<Comp
              SET state = 'pending', worker_id = NULL, lease_expires_at = NULL, available_at = now(), updated_at = now()
              FROM cand c
              WHERE w.function_id = $1 AND w.namespace = c.namespace AND w.row_id = c.row_id
-               AND NOT EXISTS (SELECT 1 FROM done d WHERE d.namespace = c.namespace AND d.row_id = c.row_id)
+               AND (c.namespace, c.row_id) NOT IN (SELECT d.namespace, d.row_id FROM done d)
              RETURNING w.namespace, w.row_id
          ),
          deadlines AS (

@@ -5,11 +5,21 @@
 //! `layer dev` and the platform in this process, then upserts `--rows`
 //! documents through the HTTP API in writes of `--batch`, with `--writers`
 //! concurrent clients, and prints rows/s and per-write latency.
+//!
+//! `drain` (W1-pull): runs `layer platform` as its own process over an
+//! embedded PostgreSQL, fills a namespace, and drains it with no-op pull
+//! workers at each `--batch`, printing rows/s and CPU-seconds per 1,000 rows
+//! for the platform and for PostgreSQL.
+//!
+//! `discovery`: a namespace of `--rows` rows that are already complete, then
+//! `--new` rows written; prints how long the incremental sweep takes.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
+
+mod drain;
 use layer_platform::embedded::{EmbeddedOptions, EmbeddedPostgres};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -35,6 +45,27 @@ enum Bench {
         /// Where the throwaway cluster lives (removed afterwards).
         #[arg(long)]
         data_dir: Option<std::path::PathBuf>,
+    },
+    /// W1-pull: drain a namespace with no-op pull workers.
+    Drain {
+        #[arg(long, default_value_t = 200_000)]
+        rows: usize,
+        /// Batch sizes to measure, one drain each.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        batch: Vec<usize>,
+        /// Concurrent workers.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
+    /// Incremental discovery over a large, already complete namespace.
+    Discovery {
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 1_000)]
+        new: usize,
+        /// Incremental sweeps to measure.
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
     },
 }
 
@@ -144,5 +175,7 @@ async fn upsert(rows: usize, batch: usize, writers: usize, data_dir: Option<std:
 async fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Upsert { rows, batch, writers, data_dir } => upsert(rows, batch, writers, data_dir).await,
+        Bench::Drain { rows, batch, workers } => drain::run(rows, &batch, workers).await,
+        Bench::Discovery { rows, new, repeat } => drain::discovery(rows, new, repeat).await,
     }
 }
