@@ -47,16 +47,18 @@ struct Picked {
     namespace: String,
     row_id: String,
     attributes: Option<sqlx::types::Json<Attributes>>,
-    write_seq: Option<i64>,
     needed: bool,
+    epoch: Option<i64>,
 }
 
-/// Leases up to `limit` claimable rows to `worker_id` for `lease_seconds`.
+/// Leases up to `limit` claimable rows to `worker_id` for `lease_seconds`,
+/// in one statement.
 ///
 /// Concurrency: `FOR UPDATE SKIP LOCKED` on the pending items, so
 /// concurrent claimers never get the same row. Each lease bumps the item's
-/// epoch. Items whose row was deleted, or no longer needs work (rewritten
-/// out of the filter, or marked by someone else), are dropped here.
+/// epoch and records the row's `write_seq`. Items whose row was deleted, or
+/// no longer needs work (rewritten out of the filter, or marked by someone
+/// else), are dropped here instead of leased.
 pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_seconds: i64) -> Result<Vec<Claimed>> {
     if udf.paused {
         return Ok(Vec::new());
@@ -69,9 +71,8 @@ pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_
         if want <= 0 {
             break;
         }
-        let mut tx = pool.begin().await?;
-        // Pick first (an index scan on the pending items), then join only
-        // the picked rows: the LIMIT must not wait for a join over the namespace.
+        // Pick first (an index scan on the pending items), then touch only
+        // the picked rows, each by primary key.
         let mut qb = QueryBuilder::<Postgres>::new(
             "WITH picked AS MATERIALIZED (
                  SELECT w.namespace, w.row_id FROM work_items w
@@ -81,63 +82,59 @@ pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_
         qb.push(" AND w.state = 'pending' AND w.available_at <= now() ORDER BY w.available_at LIMIT ");
         qb.push_bind(want);
         qb.push(
-            " FOR UPDATE SKIP LOCKED)
-             SELECT p.namespace, p.row_id, r.attributes, r.write_seq, coalesce(r.id IS NOT NULL AND ",
+            " FOR UPDATE SKIP LOCKED),
+             probe AS MATERIALIZED (
+                 SELECT p.namespace, p.row_id, r.attributes, r.write_seq, coalesce(r.id IS NOT NULL AND ",
         );
         needs.push(&mut qb);
-        qb.push(", false) AS needed FROM picked p LEFT JOIN rows r ON r.namespace = p.namespace AND r.id = p.row_id");
-        let picked: Vec<Picked> = qb.build_query_as().fetch_all(&mut *tx).await?;
+        qb.push(
+            ", false) AS needed
+                 FROM picked p LEFT JOIN rows r ON r.namespace = p.namespace AND r.id = p.row_id),
+             dropped AS (
+                 DELETE FROM work_items w USING probe x
+                 WHERE w.function_id = ",
+        );
+        qb.push_bind(&udf.id);
+        qb.push(
+            " AND w.namespace = x.namespace AND w.row_id = x.row_id AND NOT x.needed),
+             leased AS (
+                 UPDATE work_items w SET state = 'leased', worker_id = ",
+        );
+        qb.push_bind(worker_id);
+        qb.push(", lease_epoch = w.lease_epoch + 1, lease_seconds = ");
+        qb.push_bind(lease_seconds as i32);
+        qb.push(", lease_expires_at = now() + make_interval(secs => ");
+        qb.push_bind(lease_seconds as f64);
+        qb.push(
+            "), leased_seq = x.write_seq, leased_version = w.version, updated_at = now()
+                 FROM probe x
+                 WHERE w.function_id = ",
+        );
+        qb.push_bind(&udf.id);
+        qb.push(
+            " AND w.namespace = x.namespace AND w.row_id = x.row_id AND x.needed
+                 RETURNING w.namespace, w.row_id, w.lease_epoch)
+             SELECT x.namespace, x.row_id, x.attributes, x.needed, l.lease_epoch AS epoch
+             FROM probe x LEFT JOIN leased l ON l.namespace = x.namespace AND l.row_id = x.row_id",
+        );
+        let picked: Vec<Picked> = qb.build_query_as().fetch_all(pool).await?;
         if picked.is_empty() {
             break;
         }
-        let (keep, drop): (Vec<Picked>, Vec<Picked>) = picked.into_iter().partition(|p| p.needed);
-        if !drop.is_empty() {
-            let ns: Vec<&str> = drop.iter().map(|p| p.namespace.as_str()).collect();
-            let ids: Vec<&str> = drop.iter().map(|p| p.row_id.as_str()).collect();
-            sqlx::query(
-                "DELETE FROM work_items w USING unnest($2::text[], $3::text[]) AS d(ns, id)
-                 WHERE w.function_id = $1 AND w.namespace = d.ns AND w.row_id = d.id",
-            )
-            .bind(&udf.id)
-            .bind(&ns)
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let dropped = !drop.is_empty();
-        if !keep.is_empty() {
-            let ns: Vec<&str> = keep.iter().map(|p| p.namespace.as_str()).collect();
-            let ids: Vec<&str> = keep.iter().map(|p| p.row_id.as_str()).collect();
-            let seqs: Vec<i64> = keep.iter().map(|p| p.write_seq.unwrap_or_default()).collect();
-            let epochs: Vec<(String, String, i64)> = sqlx::query_as(
-                "UPDATE work_items w SET state = 'leased', worker_id = $2, lease_epoch = w.lease_epoch + 1,
-                     lease_seconds = $3, lease_expires_at = now() + make_interval(secs => $3),
-                     leased_seq = u.seq, leased_version = w.version, updated_at = now()
-                 FROM unnest($4::text[], $5::text[], $6::bigint[]) AS u(ns, id, seq)
-                 WHERE w.function_id = $1 AND w.namespace = u.ns AND w.row_id = u.id
-                 RETURNING w.namespace, w.row_id, w.lease_epoch",
-            )
-            .bind(&udf.id)
-            .bind(worker_id)
-            .bind(lease_seconds as f64)
-            .bind(&ns)
-            .bind(&ids)
-            .bind(&seqs)
-            .fetch_all(&mut *tx)
-            .await?;
-            let by_key: BTreeMap<(String, String), i64> = epochs.into_iter().map(|(n, i, e)| ((n, i), e)).collect();
-            for p in keep {
-                let attrs = p.attributes.map(|a| a.0).unwrap_or_default();
-                let epoch = by_key.get(&(p.namespace.clone(), p.row_id.clone())).copied().unwrap_or_default();
-                out.push(Claimed {
-                    input: project_inputs(&p.row_id, &attrs, &udf.spec.inputs),
-                    namespace: p.namespace,
-                    id: p.row_id,
-                    epoch,
-                });
+        let mut dropped = false;
+        for p in picked {
+            if !p.needed {
+                dropped = true;
+                continue;
             }
+            let attrs = p.attributes.map(|a| a.0).unwrap_or_default();
+            out.push(Claimed {
+                input: project_inputs(&p.row_id, &attrs, &udf.spec.inputs),
+                namespace: p.namespace,
+                id: p.row_id,
+                epoch: p.epoch.unwrap_or_default(),
+            });
         }
-        tx.commit().await?;
         if !dropped {
             break;
         }
@@ -198,10 +195,15 @@ pub async fn complete(pool: &PgPool, udf: &Udf, worker_id: &str, items: Vec<Comp
              SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) AS i(ns, id, attrs, vec)
          ),
          cand AS (
+             -- One primary-key lookup per reported row (LATERAL), never a
+             -- scan of the Function's leases.
              SELECT w.namespace, w.row_id, w.leased_seq, w.leased_version, w.version, i.attrs, i.vec
-             FROM work_items w JOIN input i ON w.namespace = i.ns AND w.row_id = i.id
-             WHERE w.function_id = $1 AND w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()
-             FOR UPDATE OF w
+             FROM input i CROSS JOIN LATERAL (
+                 SELECT * FROM work_items w
+                 WHERE w.function_id = $1 AND w.namespace = i.ns AND w.row_id = i.id
+                   AND w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()
+                 FOR UPDATE
+             ) w
          ),
          written AS (
              UPDATE rows r
