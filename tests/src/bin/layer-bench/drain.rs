@@ -175,6 +175,15 @@ pub async fn run(rows: usize, batches: &[usize], workers: usize) -> Result<()> {
                 per_k(g1 - g0),
                 enqueue.as_secs_f64()
             );
+            match pgqueuer(&pg, postmaster, rows, batch) {
+                Ok((secs, worker_cpu, pg_cpu)) => println!(
+                    "PgQueuer batch {batch:>5}, 1 worker:  {rows} jobs in {secs:.2} s = {:.0} jobs/s; CPU-s per 1,000 jobs: worker {:.4}, PostgreSQL {:.4}",
+                    rows as f64 / secs,
+                    per_k(worker_cpu),
+                    per_k(pg_cpu)
+                ),
+                Err(e) => println!("PgQueuer batch {batch:>5}: not measured: {e:#}"),
+            }
         }
         anyhow::Ok(())
     }
@@ -182,6 +191,32 @@ pub async fn run(rows: usize, batches: &[usize], workers: usize) -> Result<()> {
     pg.stop().await?;
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Runs the PgQueuer reference on the same server: enqueue, then drain.
+/// Returns (seconds, worker CPU-s, PostgreSQL CPU-s) of the drain.
+fn pgqueuer(pg: &EmbeddedPostgres, postmaster: u32, rows: usize, batch: usize) -> Result<(f64, f64, f64)> {
+    let python = layer_tests::python_with_hevlayer()?;
+    let ok = Command::new(&python).args(["-c", "import pgqueuer, asyncpg"]).output()?.status.success();
+    if !ok {
+        bail!("PgQueuer is not installed: {} -m pip install pgqueuer==1.6.0 asyncpg", python.display());
+    }
+    let script = layer_tests::workspace_dir().join("tests/bench/pgqueuer_drain.py");
+    // asyncpg's DSN for a Unix socket: host= names the socket directory.
+    let full = pg.url("layer");
+    let socket_dir = full.split_once("?host=").map(|(_, d)| d.to_string()).context("socket dir")?;
+    let url = format!("postgresql://layer@/layer?host={socket_dir}&port=5432");
+    let out = Command::new(&python).arg(&script).args(["enqueue", &url, &rows.to_string()]).output()?;
+    ensure!(out.status.success(), "enqueue failed: {}", String::from_utf8_lossy(&out.stderr));
+    let g0 = postgres_cpu(postmaster);
+    let out = Command::new(&python).arg(&script).args(["drain", &url, &batch.to_string()]).output()?;
+    let g1 = postgres_cpu(postmaster);
+    ensure!(out.status.success(), "drain failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut parts = text.split_whitespace().map(|x| x.parse::<f64>());
+    let secs = parts.next().context("seconds")??;
+    let cpu = parts.next().context("cpu")??;
+    Ok((secs, cpu, g1 - g0))
 }
 
 pub async fn discovery(rows: usize, new: usize, repeat: usize) -> Result<()> {
