@@ -125,7 +125,9 @@ pub async fn run(client: &Client, files: &[PathBuf], timeout: Option<Duration>) 
         eprintln!("{}: {} rows done in {:.1} s", w.name, w.last_done, w.started.elapsed().as_secs_f64());
     }
     if failed_total > 0 {
-        bail!("{failed_total} rows failed: `layer udf failed` is coming; `layer udf reset-failed NAME` retries them");
+        bail!(
+            "{failed_total} rows failed: `layer udf get NAME` shows the counts, `layer udf reset-failed NAME` retries them"
+        );
     }
     Ok(())
 }
