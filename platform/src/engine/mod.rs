@@ -103,12 +103,18 @@ impl Engine {
         let udfs = crate::functions::store::list(&self.pool).await?;
         last_sweep.retain(|id, _| udfs.iter().any(|u| &u.id == id));
         for udf in udfs.iter().filter(|u| !u.paused) {
-            let namespaces = crate::functions::store::active_namespaces(&self.pool, &udf.spec).await?;
             let interval = Duration::from_secs(u64::from(udf.spec.schedule.discovery_interval_seconds));
             let periodic = udf.spec.triggers.contains(&Trigger::Discovery)
                 && last_sweep.get(&udf.id).is_none_or(|t| t.elapsed() >= interval);
             let asked = requests.functions.contains(&udf.id);
-            let written: Vec<String> = if udf.spec.triggers.contains(&Trigger::Write) {
+            let maybe_written = udf.spec.triggers.contains(&Trigger::Write) && !requests.namespaces.is_empty();
+            // Most ticks have nothing to do: resolve namespaces only when
+            // there is a reason to sweep.
+            if !(periodic || asked || maybe_written) {
+                continue;
+            }
+            let namespaces = crate::functions::store::active_namespaces(&self.pool, &udf.spec).await?;
+            let written: Vec<String> = if maybe_written {
                 namespaces.iter().filter(|n| requests.namespaces.contains(*n)).cloned().collect()
             } else {
                 Vec::new()
