@@ -25,7 +25,6 @@ pub struct Claimed {
     pub id: String,
     /// Every declared input; `null` where the row lacks it; `id` is the row id.
     pub input: Attributes,
-    pub epoch: i64,
 }
 
 fn project_inputs(id: &str, attributes: &Attributes, inputs: &[String]) -> Attributes {
@@ -48,7 +47,6 @@ struct Picked {
     row_id: String,
     attributes: Option<sqlx::types::Json<Attributes>>,
     needed: bool,
-    epoch: Option<i64>,
 }
 
 /// Leases up to `limit` claimable rows to `worker_id` for `lease_seconds`,
@@ -112,10 +110,8 @@ pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_
         );
         qb.push_bind(&udf.id);
         qb.push(
-            " AND w.namespace = x.namespace AND w.row_id = x.row_id AND x.needed
-                 RETURNING w.namespace, w.row_id, w.lease_epoch)
-             SELECT x.namespace, x.row_id, x.attributes, x.needed, l.lease_epoch AS epoch
-             FROM probe x LEFT JOIN leased l ON l.namespace = x.namespace AND l.row_id = x.row_id",
+            " AND w.namespace = x.namespace AND w.row_id = x.row_id AND x.needed)
+             SELECT x.namespace, x.row_id, x.attributes, x.needed FROM probe x",
         );
         let picked: Vec<Picked> = qb.build_query_as().fetch_all(pool).await?;
         if picked.is_empty() {
@@ -132,7 +128,6 @@ pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_
                 input: project_inputs(&p.row_id, &attrs, &udf.spec.inputs),
                 namespace: p.namespace,
                 id: p.row_id,
-                epoch: p.epoch.unwrap_or_default(),
             });
         }
         if !dropped {
@@ -235,10 +230,26 @@ pub async fn complete(pool: &PgPool, udf: &Udf, worker_id: &str, items: Vec<Comp
              SELECT $1, x.namespace, x.id, now() + make_interval(secs => $9::float8) FROM written x
              WHERE $9::float8 IS NOT NULL
              ON CONFLICT (function_id, namespace, row_id) DO UPDATE SET due_at = EXCLUDED.due_at
+         ),
+         counts AS (
+             SELECT (SELECT count(*) FROM written) AS written,
+                    (SELECT count(*) FROM cand) - (SELECT count(*) FROM written) AS stale,
+                    (SELECT count(*) FROM input) - (SELECT count(*) FROM cand) AS not_leased
+         ),
+         -- The counters move in the same statement as the rows they count.
+         stats AS (
+             INSERT INTO function_stats (function_id, completed, dropped_stale)
+             SELECT $1, c.written, c.stale + c.not_leased FROM counts c
+             ON CONFLICT (function_id) DO UPDATE SET
+                 completed = function_stats.completed + EXCLUDED.completed,
+                 dropped_stale = function_stats.dropped_stale + EXCLUDED.dropped_stale
+         ),
+         bucket AS (
+             INSERT INTO completion_buckets (function_id, second, completed)
+             SELECT $1, date_trunc('second', now()), c.written FROM counts c WHERE c.written > 0
+             ON CONFLICT (function_id, second) DO UPDATE SET completed = completion_buckets.completed + EXCLUDED.completed
          )
-         SELECT (SELECT count(*) FROM written),
-                (SELECT count(*) FROM cand) - (SELECT count(*) FROM written),
-                (SELECT count(*) FROM input) - (SELECT count(*) FROM cand)",
+         SELECT written, stale, not_leased FROM counts",
     )
     .bind(&udf.id)
     .bind(worker_id)
@@ -252,30 +263,10 @@ pub async fn complete(pool: &PgPool, udf: &Udf, worker_id: &str, items: Vec<Comp
     .fetch_one(pool)
     .await?;
     let counts = CompleteCounts { written: written as u64, stale: stale as u64, not_leased: fenced as u64 };
-    record_completions(pool, &udf.id, counts).await?;
     if counts.stale > 0 || counts.not_leased > 0 {
         tracing::info!(udf = %udf.id, worker_id, stale = counts.stale, not_leased = counts.not_leased, "dropped results");
     }
     Ok(counts)
-}
-
-async fn record_completions(pool: &PgPool, udf_id: &str, c: CompleteCounts) -> Result<()> {
-    sqlx::query(
-        "WITH s AS (
-             INSERT INTO function_stats (function_id, completed, dropped_stale) VALUES ($1, $2, $3)
-             ON CONFLICT (function_id) DO UPDATE SET completed = function_stats.completed + $2,
-                 dropped_stale = function_stats.dropped_stale + $3
-         )
-         INSERT INTO completion_buckets (function_id, second, completed)
-         SELECT $1, date_trunc('second', now()), $2 WHERE $2 > 0
-         ON CONFLICT (function_id, second) DO UPDATE SET completed = completion_buckets.completed + $2",
-    )
-    .bind(udf_id)
-    .bind(c.written as i64)
-    .bind((c.stale + c.not_leased) as i64)
-    .execute(pool)
-    .await?;
-    Ok(())
 }
 
 /// One failure report.
