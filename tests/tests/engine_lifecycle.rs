@@ -385,3 +385,42 @@ async fn competing_workers_with_short_leases_lose_nothing_and_write_once() -> an
     assert_eq!((marked, completed), (N as i64, N as i64), "every row written exactly once: {st}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_vector_result_is_stored_on_the_row() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    upsert(&p, json!([{"id": "a", "title": "x"}, {"id": "b", "title": "y"}])).await?;
+    apply(&p, "embed", spec(json!({}))).await?;
+    let items = claim_n(&p, "embed", "w", 2).await?;
+    // The client's embedding kind sends `vector` instead of attributes.
+    let body: Vec<Value> = items
+        .iter()
+        .map(|i| {
+            if i["id"] == "a" {
+                json!({"namespace": i["namespace"], "id": i["id"], "vector": [0.25, -1.5, 3.0]})
+            } else {
+                // Finite as a double, infinite as the stored 32-bit float.
+                json!({"namespace": i["namespace"], "id": i["id"], "vector": [1.0, 1e39]})
+            }
+        })
+        .collect();
+    let (s, r) =
+        p.call(Method::POST, "/v2/udfs/embed/items/complete", Some(json!({"worker_id": "w", "items": body}))).await?;
+    assert_eq!((s, r["updated"].as_u64()), (200, Some(1)), "{r}");
+    let err: String = sqlx::query_scalar("SELECT last_error FROM work_items WHERE row_id = 'b' AND state = 'failed'")
+        .fetch_one(&p.pool)
+        .await?;
+    assert_eq!(err, "the result's vector[1]: a vector holds numbers within the 32-bit float range only");
+    let (_, d) = p.call(Method::GET, "/v2/namespaces/items/documents/a", None).await?;
+    assert_eq!(d["vector"], json!([0.25, -1.5, 3.0]), "{d}");
+    assert_eq!(d["attributes"]["_hevlayer_udf_embed_v"], "v1");
+    let (_, q) = p
+        .call(
+            Method::POST,
+            "/v2/namespaces/items/query",
+            Some(json!({"filters": ["id", "Eq", "a"], "include_attributes": ["vector"]})),
+        )
+        .await?;
+    assert_eq!(q["rows"][0]["vector"], json!([0.25, -1.5, 3.0]), "{q}");
+    Ok(())
+}

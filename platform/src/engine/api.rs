@@ -79,6 +79,7 @@ async fn complete(
     let mut refused = Vec::new();
     for item in req.items {
         let attributes = item.attributes.unwrap_or_default();
+        let vector = item.vector.map(|v| crate::rows::plan::real_array_literal(v.into_iter().map(Some))).transpose();
         let reserved: Vec<&String> = attributes
             .keys()
             .filter(|k| k.starts_with(layer_protocol::RESERVED_PREFIX) || k.as_str() == "id")
@@ -91,8 +92,8 @@ async fn complete(
             ))
         } else if item.vectors.as_ref().is_some_and(|v| !v.is_null()) {
             Some("multi-vector results (`vectors`) are not supported by this store; return one `vector`".into())
-        } else if item.vector.as_ref().is_some_and(|v| v.iter().any(|x| !x.is_finite())) {
-            Some("the result's vector holds a value that is not a finite number".into())
+        } else if let Err(i) = &vector {
+            Some(format!("the result's vector[{i}]: {}", crate::rows::plan::VECTOR_VALUES))
         } else {
             None
         };
@@ -107,9 +108,7 @@ async fn complete(
                 namespace: item.namespace,
                 id: item.id,
                 attributes,
-                vector: item.vector.map(|v| {
-                    format!("{{{}}}", v.iter().map(|x| (*x as f32).to_string()).collect::<Vec<_>>().join(","))
-                }),
+                vector: vector.ok().flatten(),
             }),
         }
     }

@@ -60,23 +60,34 @@ pub fn normalize_id(v: &Value, path: &str) -> Result<String> {
     }
 }
 
-fn vector_literal(v: &Value, path: &str) -> Result<String> {
-    let Value::Array(items) = v else {
-        return Err(PlatformError::invalid(path, "a vector must be a list of numbers"));
-    };
-    let mut out = String::with_capacity(items.len() * 10 + 2);
-    out.push('{');
-    for (i, x) in items.iter().enumerate() {
-        let Some(f) = x.as_f64().filter(|f| f.is_finite()) else {
-            return Err(PlatformError::invalid(format!("{path}[{i}]"), "a vector holds finite numbers only"));
+/// What a vector's values must be: numbers that stay finite as the 32-bit
+/// floats the `real[]` column stores.
+pub const VECTOR_VALUES: &str = "a vector holds numbers within the 32-bit float range only";
+
+/// A vector as a PostgreSQL `real[]` literal, bound as text and cast. `Err`
+/// is the index of the first value that is not a number or does not fit a
+/// 32-bit float (`1e39` would become infinity).
+pub fn real_array_literal(values: impl IntoIterator<Item = Option<f64>>) -> Result<String, usize> {
+    let mut out = String::from("{");
+    for (i, x) in values.into_iter().enumerate() {
+        let Some(f) = x.map(|f| f as f32).filter(|f| f.is_finite()) else {
+            return Err(i);
         };
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&(f as f32).to_string());
+        out.push_str(&f.to_string());
     }
     out.push('}');
     Ok(out)
+}
+
+fn vector_literal(v: &Value, path: &str) -> Result<String> {
+    let Value::Array(items) = v else {
+        return Err(PlatformError::invalid(path, "a vector must be a list of numbers"));
+    };
+    real_array_literal(items.iter().map(Value::as_f64))
+        .map_err(|i| PlatformError::invalid(format!("{path}[{i}]"), VECTOR_VALUES))
 }
 
 fn check_attr(name: &str, path: &str) -> Result<()> {
@@ -276,7 +287,9 @@ mod tests {
         let e = plan(req(json!({"upsert_rows": [{"id": 1.5}]}))).unwrap_err();
         assert!(e.to_string().starts_with("upsert_rows[0].id: an id must be"), "{e}");
         let e = plan(req(json!({"upsert_rows": [{"id": "a", "vector": [1, "x"]}]}))).unwrap_err();
-        assert_eq!(e.to_string(), "upsert_rows[0].vector[1]: a vector holds finite numbers only");
+        assert_eq!(e.to_string(), format!("upsert_rows[0].vector[1]: {VECTOR_VALUES}"));
+        let e = plan(req(json!({"upsert_rows": [{"id": "a", "vector": [1, 1e39]}]}))).unwrap_err();
+        assert_eq!(e.to_string(), format!("upsert_rows[0].vector[1]: {VECTOR_VALUES}"), "overflows a 32-bit float");
         assert!(plan(req(json!({}))).is_err());
         assert!(plan(req(json!({"delete_by_filter": []}))).is_err());
     }
