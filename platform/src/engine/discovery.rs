@@ -76,6 +76,15 @@ fn push_enqueue_conflict(qb: &mut QueryBuilder<'_, Postgres>) {
     );
 }
 
+/// `INSERT INTO work_items ... SELECT <fn>, r.namespace, r.id, <version>`:
+/// the head both kinds of sweep share; the caller adds `FROM` and the rest.
+fn push_enqueue_select(qb: &mut QueryBuilder<'_, Postgres>, udf: &Udf) {
+    qb.push("INSERT INTO work_items (function_id, namespace, row_id, version) SELECT ");
+    qb.push_bind(udf.id.clone());
+    qb.push(", r.namespace, r.id, ");
+    qb.push_bind(udf.spec.version.clone());
+}
+
 /// Sweeps one namespace for one Function; returns the rows enqueued.
 ///
 /// Concurrency: the cursor row is locked for the sweep's transaction, so two
@@ -108,11 +117,8 @@ pub async fn sweep(conn: &mut PgConnection, udf: &Udf, namespace: &str) -> Resul
 
     let mut enqueued = 0;
     if now_seq > from {
-        let mut qb =
-            QueryBuilder::<Postgres>::new("INSERT INTO work_items (function_id, namespace, row_id, version) SELECT ");
-        qb.push_bind(&udf.id);
-        qb.push(", r.namespace, r.id, ");
-        qb.push_bind(&udf.spec.version);
+        let mut qb = QueryBuilder::<Postgres>::new("");
+        push_enqueue_select(&mut qb, udf);
         qb.push(" FROM rows r WHERE r.namespace = ");
         qb.push_bind(namespace);
         qb.push(" AND r.write_seq > ");
@@ -130,13 +136,8 @@ pub async fn sweep(conn: &mut PgConnection, udf: &Udf, namespace: &str) -> Resul
     qb.push_bind(&udf.id);
     qb.push(" AND d.namespace = ");
     qb.push_bind(namespace);
-    qb.push(
-        " AND d.due_at <= now() RETURNING d.row_id)
-         INSERT INTO work_items (function_id, namespace, row_id, version) SELECT ",
-    );
-    qb.push_bind(&udf.id);
-    qb.push(", r.namespace, r.id, ");
-    qb.push_bind(&udf.spec.version);
+    qb.push(" AND d.due_at <= now() RETURNING d.row_id) ");
+    push_enqueue_select(&mut qb, udf);
     qb.push(" FROM due JOIN rows r ON r.namespace = ");
     qb.push_bind(namespace);
     qb.push(" AND r.id = due.row_id WHERE ");
