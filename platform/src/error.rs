@@ -36,6 +36,9 @@ pub enum PlatformError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// A bug or a task that stopped unexpectedly.
+    #[error("{0}")]
+    Internal(String),
 }
 
 pub type Result<T, E = PlatformError> = std::result::Result<T, E>;
@@ -63,7 +66,9 @@ impl PlatformError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Setup(_) | Self::Database(_) | Self::Migrate(_) | Self::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Setup(_) | Self::Database(_) | Self::Migrate(_) | Self::Io(_) | Self::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -77,7 +82,7 @@ impl PlatformError {
             Self::Forbidden(_) => "forbidden",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Unavailable(_) => "unavailable",
-            Self::Setup(_) | Self::Database(_) | Self::Migrate(_) | Self::Io(_) => "internal",
+            Self::Setup(_) | Self::Database(_) | Self::Migrate(_) | Self::Io(_) | Self::Internal(_) => "internal",
         }
     }
 }

@@ -60,6 +60,35 @@ pub struct ScheduleSpec {
     pub lease_seconds: u32,
     pub max_in_flight_batches: u32,
     pub max_concurrent_scans: u32,
+    /// The `schedule` trigger: a cron expression (5 fields, or 6 with
+    /// seconds first), evaluated in UTC. Set, it sweeps on each match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+}
+
+impl ScheduleSpec {
+    /// The next time the cron expression matches strictly after `after`.
+    pub fn next_cron_after(&self, after: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
+        let cron = parse_cron(self.cron.as_deref()?).ok()?;
+        cron.find_next_occurrence(&after, false).ok()
+    }
+}
+
+/// Parses a cron expression the way `spec.schedule.cron` is read: 5 fields
+/// (minute hour day-of-month month day-of-week), or 6 with seconds first.
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    let fields = expr.split_whitespace().count();
+    if !(5..=6).contains(&fields) {
+        return Err(format!(
+            "\"{expr}\" has {fields} fields; expected 5 (minute hour day-of-month month day-of-week) or 6 (seconds first)"
+        ));
+    }
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .year(croner::parser::Year::Disallowed)
+        .build()
+        .parse(expr)
+        .map_err(|e| format!("\"{expr}\" is not a cron expression: {e}"))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -230,6 +259,7 @@ const SCHEDULE_FIELDS: &[Field] = &[
     field("leaseSeconds", "lease_seconds"),
     field("maxInFlightBatches", "max_in_flight_batches"),
     field("maxConcurrentScans", "max_concurrent_scans"),
+    field("cron", "cron"),
 ];
 const RETRY_FIELDS: &[Field] = &[
     field("maxAttempts", "max_attempts"),
@@ -331,30 +361,49 @@ pub fn validate_spec(p: &mut Problems, path: &str, value: &Value, case: Case) ->
         );
     }
 
+    // `schedule` is the cron trigger: it is on exactly when
+    // `schedule.cron` is set, so it is not kept in the list (the client's
+    // models only know discovery and write).
+    let cron_given = obj.get(F_SCHEDULE).and_then(|v| v.get(SCHEDULE_FIELDS[4].name(case))).is_some();
     let triggers = match obj.get(F_TRIGGERS) {
+        None if cron_given => Vec::new(),
         None => vec![Trigger::Discovery],
         Some(_) => {
             let raw = obj.string_list(p, F_TRIGGERS).unwrap_or_default();
             let mut out = Vec::new();
+            let mut scheduled = false;
             for (i, t) in raw.iter().enumerate() {
+                let at = index(&obj.path_of(F_TRIGGERS), i);
                 let trig = match t.as_str() {
                     "discovery" => Trigger::Discovery,
                     "write" => Trigger::Write,
+                    "schedule" => {
+                        if scheduled {
+                            p.push(at, "\"schedule\" is listed twice");
+                        } else if !cron_given {
+                            p.push(
+                                at,
+                                format!(
+                                    "\"schedule\" needs {}: a cron expression such as \"*/15 * * * *\"",
+                                    join(&obj.path_of(F_SCHEDULE), SCHEDULE_FIELDS[4].name(case))
+                                ),
+                            );
+                        }
+                        scheduled = true;
+                        continue;
+                    }
                     other => {
-                        p.push(
-                            index(&obj.path_of(F_TRIGGERS), i),
-                            format!("\"{other}\" is not allowed; allowed: discovery, write"),
-                        );
+                        p.push(at, format!("\"{other}\" is not allowed; allowed: discovery, write, schedule"));
                         continue;
                     }
                 };
                 if out.contains(&trig) {
-                    p.push(index(&obj.path_of(F_TRIGGERS), i), format!("\"{t}\" is listed twice"));
+                    p.push(at, format!("\"{t}\" is listed twice"));
                 }
                 out.push(trig);
             }
             if raw.is_empty() {
-                p.push(obj.path_of(F_TRIGGERS), "at least one trigger is required (discovery or write)");
+                p.push(obj.path_of(F_TRIGGERS), "at least one trigger is required (discovery, write or schedule)");
             }
             out
         }
@@ -434,6 +483,7 @@ fn schedule_spec(p: &mut Problems, spec: &Obj<'_>, case: Case) -> Option<Schedul
         lease_seconds: 120,
         max_in_flight_batches: 8,
         max_concurrent_scans: 4,
+        cron: None,
     };
     let Some(v) = spec.get(F_SCHEDULE) else {
         return Some(out);
@@ -445,6 +495,13 @@ fn schedule_spec(p: &mut Problems, spec: &Obj<'_>, case: Case) -> Option<Schedul
     out.lease_seconds = get(p, SCHEDULE_FIELDS[1], limits::LEASE_SECONDS, out.lease_seconds);
     out.max_in_flight_batches = get(p, SCHEDULE_FIELDS[2], limits::MAX_IN_FLIGHT_BATCHES, out.max_in_flight_batches);
     out.max_concurrent_scans = get(p, SCHEDULE_FIELDS[3], limits::MAX_CONCURRENT_SCANS, out.max_concurrent_scans);
+    out.cron = o.string(p, SCHEDULE_FIELDS[4], false);
+    if let Some(expr) = &out.cron
+        && let Err(e) = parse_cron(expr)
+    {
+        p.push(o.path_of(SCHEDULE_FIELDS[4]), e);
+        out.cron = None;
+    }
     Some(out)
 }
 
@@ -582,6 +639,11 @@ pub struct GetUdfResponse {
 pub struct UdfDiscoveryStatus {
     pub sweeps_completed: i64,
     pub last_completed_at: Option<String>,
+    /// With a cron schedule: the last time it fired, and the next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scheduled_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_scheduled_at: Option<String>,
 }
 
 /// The client's `UdfStatus`.
@@ -661,6 +723,50 @@ mod tests {
         assert_eq!(s.schedule.lease_seconds, 120);
         assert_eq!(s.retry.max_attempts, 8);
         assert_eq!(s.triggers, vec![Trigger::Discovery]);
+    }
+
+    #[test]
+    fn cron_is_the_schedule_trigger() {
+        // Given alone, a cron schedule replaces the default trigger.
+        let s =
+            check(json!({"targetNamespaces": ["a"], "worker": {}, "schedule": {"cron": "*/15 * * * *"}}), Case::Camel)
+                .unwrap()
+                .spec;
+        assert_eq!(s.triggers, Vec::<Trigger>::new());
+        assert_eq!(s.schedule.cron.as_deref(), Some("*/15 * * * *"));
+        let t0 = chrono::DateTime::parse_from_rfc3339("2026-11-22T10:07:00Z").unwrap().to_utc();
+        assert_eq!(s.schedule.next_cron_after(t0).unwrap().to_rfc3339(), "2026-11-22T10:15:00+00:00");
+        // Listed with others, and with seconds.
+        let s = check(
+            json!({"targetNamespaces": ["a"], "worker": {}, "triggers": ["write", "schedule"],
+                   "schedule": {"cron": "*/2 * * * * *"}}),
+            Case::Camel,
+        )
+        .unwrap()
+        .spec;
+        assert_eq!(s.triggers, vec![Trigger::Write]);
+        assert_eq!(s.schedule.next_cron_after(t0).unwrap().to_rfc3339(), "2026-11-22T10:07:02+00:00");
+        // The API form serialises without "schedule" in the list, so the
+        // client's models parse it.
+        assert_eq!(serde_json::to_value(&s).unwrap()["triggers"], json!(["write"]));
+    }
+
+    #[test]
+    fn cron_errors_name_the_field() {
+        let e =
+            check(json!({"targetNamespaces": ["a"], "worker": {}, "triggers": ["schedule"]}), Case::Camel).unwrap_err();
+        assert_eq!(
+            e,
+            vec!["spec.triggers[0]: \"schedule\" needs spec.schedule.cron: a cron expression such as \"*/15 * * * *\""]
+        );
+        let e = check(json!({"targetNamespaces": ["a"], "worker": {}, "schedule": {"cron": "* * *"}}), Case::Camel)
+            .unwrap_err();
+        assert!(e[0].starts_with("spec.schedule.cron: \"* * *\" has 3 fields; expected 5"), "{e:?}");
+        let e =
+            check(json!({"targetNamespaces": ["a"], "worker": {}, "schedule": {"cron": "61 * * * *"}}), Case::Camel)
+                .unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("spec.schedule.cron: \"61 * * * *\" is not a cron expression"), "{e:?}");
     }
 
     #[test]

@@ -199,6 +199,16 @@ async def main():
         assert isinstance(p, Udf) and p.paused
         p = await c.resume_udf("product-tags")
         assert not p.paused
+        # A cron schedule travels in schedule.cron (an extra field to the
+        # client's models), and the Function still parses everywhere.
+        cron_spec = {**spec, "triggers": ["write"], "schedule": {"cron": "0 3 * * *", "lease_seconds": 60}}
+        u = await c.upsert_udf("nightly", {"spec": cron_spec})
+        assert isinstance(u, Udf) and u.spec.triggers == ["write"] and u.spec.schedule.cron == "0 3 * * *", u
+        g = await c.get_udf("nightly")
+        assert g.status.discovery.next_scheduled_at.endswith("T03:00:00.000Z"), g.status
+        lst = await c.list_udfs()
+        assert sorted(x.id for x in lst.udfs) == ["nightly", "product-tags"]
+        await c.delete_udf("nightly")
         bad_spec = {**spec, "worker": {"batchSize": 3}}
         await expect_error(c.upsert_udf("product-tags", {"spec": bad_spec}), 400, "spec.worker.batchSize: unknown field, did you mean batch_size")
         s = await c.delete_udf("product-tags")

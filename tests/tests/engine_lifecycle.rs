@@ -424,3 +424,110 @@ async fn a_vector_result_is_stored_on_the_row() -> anyhow::Result<()> {
     assert_eq!(q["rows"][0]["vector"], json!([0.25, -1.5, 3.0]), "{q}");
     Ok(())
 }
+
+#[tokio::test]
+async fn max_in_flight_batches_bounds_concurrent_claims() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let rows: Vec<Value> = (0..20).map(|i| json!({"id": format!("r{i:02}"), "title": "t"})).collect();
+    upsert(&p, json!(rows)).await?;
+    apply(
+        &p,
+        "capped",
+        spec(json!({"schedule": {"maxInFlightBatches": 2}, "retry": {"initialBackoffSeconds": 0, "maxBackoffSeconds": 0}})),
+    )
+    .await?;
+    let a = claim_n(&p, "capped", "wa", 3).await?;
+    let b = claim(&p, "capped", "wb", 3, None).await?;
+    assert_eq!(b.len(), 3);
+    // Two batches are out: a third claimer, and a second claim by a worker
+    // that holds one, are turned away.
+    assert!(claim(&p, "capped", "wc", 3, None).await?.is_empty());
+    assert!(claim(&p, "capped", "wa", 3, None).await?.is_empty());
+    // A batch partly completed is still in flight.
+    assert_eq!(complete(&p, "capped", "wa", &a[..1], json!({"size": 1})).await?, 1);
+    assert!(claim(&p, "capped", "wc", 3, None).await?.is_empty());
+    // Completing the rest frees its slot.
+    assert_eq!(complete(&p, "capped", "wa", &a[1..], json!({"size": 1})).await?, 2);
+    let c = claim(&p, "capped", "wc", 3, None).await?;
+    assert_eq!(c.len(), 3);
+    // So does a failure report...
+    assert_eq!(fail(&p, "capped", "wb", &b, "transient").await?, 3);
+    assert_eq!(claim(&p, "capped", "wd", 3, None).await?.len(), 3);
+    // ...and a lease that runs out.
+    assert!(claim(&p, "capped", "we", 3, None).await?.is_empty());
+    sqlx::query("UPDATE work_items SET lease_expires_at = now() - interval '1 second' WHERE worker_id = 'wc'")
+        .execute(&p.pool)
+        .await?;
+    let start = Instant::now();
+    loop {
+        if !claim(&p, "capped", "we", 3, None).await?.is_empty() {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "the expired batch never freed its slot");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cron_schedule_sweeps_on_its_matches_only() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    upsert(&p, json!([{"id": "c1", "title": "x"}])).await?;
+    // Yearly: applying does not sweep, and nothing else does either.
+    apply(&p, "yearly", spec(json!({"schedule": {"cron": "0 0 1 1 *"}}))).await?;
+    let (s, u) = p.call(Method::GET, "/v2/udfs/yearly", None).await?;
+    assert_eq!(s, 200);
+    assert_eq!(u["udf"]["spec"]["triggers"], json!([]), "the client's models know no schedule trigger");
+    assert_eq!(u["udf"]["spec"]["schedule"]["cron"], "0 0 1 1 *");
+    let next = u["status"]["discovery"]["next_scheduled_at"].as_str().unwrap().to_string();
+    assert!(next.contains("-01-01T00:00:00"), "{next}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(claim(&p, "yearly", "w", 10, None).await?.is_empty());
+    assert_eq!(status(&p, "yearly").await?["discovery"]["sweeps_completed"], 0);
+
+    // Every two seconds, listed explicitly beside write: rows written
+    // later are found by the schedule.
+    apply(
+        &p,
+        "often",
+        spec(
+            json!({"triggers": ["schedule"], "schedule": {"cron": "*/2 * * * * *", "discoveryIntervalSeconds": 86400}}),
+        ),
+    )
+    .await?;
+    let items = claim_n(&p, "often", "w", 1).await?;
+    assert_eq!(items[0]["id"], "c1");
+    complete(&p, "often", "w", &items, json!({"size": 1})).await?;
+    upsert(&p, json!([{"id": "c2", "title": "y"}])).await?;
+    let items = claim_n(&p, "often", "w", 1).await?;
+    assert_eq!(items[0]["id"], "c2");
+    let st = status(&p, "often").await?;
+    assert!(st["discovery"]["last_scheduled_at"].is_string(), "{st}");
+    assert!(st["discovery"]["sweeps_completed"].as_i64().unwrap() >= 2, "{st}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn sweeps_cover_every_namespace_with_bounded_concurrent_scans() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let names: Vec<String> = (0..7).map(|i| format!("part-{i}")).collect();
+    for n in &names {
+        let rows: Vec<Value> = (0..30).map(|i| json!({"id": format!("{n}-{i}"), "title": "t"})).collect();
+        let (s, r) = p.call(Method::POST, &format!("/v2/namespaces/{n}"), Some(json!({"upsert_rows": rows}))).await?;
+        anyhow::ensure!(s == 200, "upsert: {r}");
+    }
+    let mut sp = spec(json!({"schedule": {"maxConcurrentScans": 2}}));
+    sp["targetNamespaces"] = json!(names);
+    apply(&p, "wide", sp).await?;
+    let (s, r) = p.call(Method::POST, "/v2/udfs/wide/discover", Some(json!({}))).await?;
+    assert_eq!(s, 200, "{r}");
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM work_items WHERE function_id = 'wide'").fetch_one(&p.pool).await?;
+    assert_eq!(pending, 7 * 30);
+    let per_ns: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT namespace) FROM discovery_cursors WHERE function_id = 'wide'")
+            .fetch_one(&p.pool)
+            .await?;
+    assert_eq!(per_ns, 7);
+    Ok(())
+}

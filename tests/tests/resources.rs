@@ -71,7 +71,7 @@ async fn misspelt_and_invalid_fields_are_400s_naming_the_path() -> anyhow::Resul
         [
             "document 1 (Function/tag-products): spec.worker.batchsize: unknown field, did you mean batchSize",
             "document 1 (Function/tag-products): spec.retry.maxAttempts: 0 is out of range; allowed 1..=100",
-            "document 1 (Function/tag-products): spec.triggers[1]: \"sometimes\" is not allowed; allowed: discovery, write",
+            "document 1 (Function/tag-products): spec.triggers[1]: \"sometimes\" is not allowed; allowed: discovery, write, schedule",
         ]
     );
     let (s, _) = p.call(Method::GET, "/v2/udfs/tag-products", None).await?;

@@ -60,10 +60,17 @@ async fn claim(
         );
     }
     let claimed = queue::claim(&state.pool, &udf, &req.worker_id, limit, lease).await?;
+    if claimed.at_capacity {
+        tracing::debug!(udf = %udf.id, worker_id = %req.worker_id, "claim turned away: maxInFlightBatches reached");
+    }
     Ok(Json(ClaimResponse {
         udf_id: udf.id,
         worker_id: req.worker_id,
-        items: claimed.into_iter().map(|c| ClaimedItem { namespace: c.namespace, id: c.id, input: c.input }).collect(),
+        items: claimed
+            .items
+            .into_iter()
+            .map(|c| ClaimedItem { namespace: c.namespace, id: c.id, input: c.input })
+            .collect(),
     }))
 }
 

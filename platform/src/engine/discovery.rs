@@ -7,9 +7,11 @@
 //! rescans from the start, once. Rows whose result went stale are found
 //! through `stale_deadlines`.
 
+use chrono::{DateTime, Utc};
 use layer_protocol::filter::Filter;
 use layer_protocol::function::{FunctionSpec, Udf};
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
+use tokio::task::JoinSet;
 
 use crate::error::{PlatformError, Result};
 use crate::rows::filter::push_filter;
@@ -159,13 +161,40 @@ pub async fn sweep(conn: &mut PgConnection, udf: &Udf, namespace: &str) -> Resul
 }
 
 /// Sweeps the given namespaces of a Function, each in its own transaction,
-/// and counts the sweep. Returns the rows enqueued.
+/// at most `maxConcurrentScans` at a time, and counts the sweep. Returns the
+/// rows enqueued. A namespace that fails does not stop the others; the first
+/// error is returned after all have run.
 pub async fn sweep_function(pool: &PgPool, udf: &Udf, namespaces: &[String]) -> Result<u64> {
+    let width = udf.spec.schedule.max_concurrent_scans.max(1) as usize;
+    let mut queue = namespaces.iter().cloned();
+    let mut scans = JoinSet::new();
     let mut total = 0;
-    for ns in namespaces {
-        let mut tx = pool.begin().await?;
-        total += sweep(&mut tx, udf, ns).await?;
-        tx.commit().await?;
+    let mut first_error = None;
+    loop {
+        while scans.len() < width
+            && let Some(ns) = queue.next()
+        {
+            let (pool, udf) = (pool.clone(), udf.clone());
+            scans.spawn(async move {
+                let mut tx = pool.begin().await?;
+                let n = sweep(&mut tx, &udf, &ns).await?;
+                tx.commit().await?;
+                Ok::<u64, PlatformError>(n)
+            });
+        }
+        match scans.join_next().await {
+            None => break,
+            Some(Ok(Ok(n))) => total += n,
+            Some(Ok(Err(e))) => {
+                first_error.get_or_insert(e);
+            }
+            Some(Err(e)) => {
+                first_error.get_or_insert(PlatformError::Internal(format!("a namespace scan stopped: {e}")));
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     sqlx::query(
         "INSERT INTO function_stats (function_id, sweeps_completed, last_sweep_at) VALUES ($1, 1, now())
@@ -179,4 +208,37 @@ pub async fn sweep_function(pool: &PgPool, udf: &Udf, namespaces: &[String]) -> 
         tracing::info!(udf = %udf.id, enqueued = total, namespaces = namespaces.len(), "discovery enqueued rows");
     }
     Ok(total)
+}
+
+/// When the cron schedule fires next: the first match after it last fired,
+/// or after the Function was last changed if that is later. A platform that
+/// was down across matches fires once when it is back.
+pub fn next_firing(udf: &Udf, last: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    let changed = DateTime::parse_from_rfc3339(&udf.updated_at).ok().map(|t| t.to_utc());
+    let base = last.max(changed).unwrap_or_else(Utc::now);
+    udf.spec.schedule.next_cron_after(base)
+}
+
+/// When the Function's cron schedule fired last (`None`: never).
+pub async fn last_scheduled(pool: &PgPool, udf_id: &str) -> Result<Option<DateTime<Utc>>> {
+    Ok(sqlx::query_scalar("SELECT last_scheduled_at FROM function_stats WHERE function_id = $1")
+        .bind(udf_id)
+        .fetch_optional(pool)
+        .await?
+        .flatten())
+}
+
+/// Claims one firing of the cron schedule: moves `last_scheduled_at` from
+/// `seen` to now. Only one replica's claim succeeds for a given `seen`.
+pub async fn claim_firing(pool: &PgPool, udf_id: &str, seen: Option<DateTime<Utc>>) -> Result<Option<DateTime<Utc>>> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO function_stats (function_id, last_scheduled_at) VALUES ($1, now())
+         ON CONFLICT (function_id) DO UPDATE SET last_scheduled_at = now()
+         WHERE function_stats.last_scheduled_at IS NOT DISTINCT FROM $2
+         RETURNING last_scheduled_at",
+    )
+    .bind(udf_id)
+    .bind(seen)
+    .fetch_optional(pool)
+    .await?)
 }

@@ -86,6 +86,7 @@ impl Engine {
 
     async fn discovery_loop(self, tick: Duration, shutdown: CancellationToken) {
         let mut last_sweep: HashMap<String, Instant> = HashMap::new();
+        let mut crons: HashMap<String, CronState> = HashMap::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -93,48 +94,112 @@ impl Engine {
                 _ = tokio::time::sleep(tick) => {}
             }
             let requests = std::mem::take(&mut *self.requests.lock().unwrap_or_else(|e| e.into_inner()));
-            if let Err(e) = self.discover_due(&requests, &mut last_sweep).await {
+            if let Err(e) = self.discover_due(&requests, &mut last_sweep, &mut crons).await {
                 tracing::warn!(error = %e, "discovery pass failed; retrying on the next tick");
             }
         }
     }
 
-    async fn discover_due(&self, requests: &Requests, last_sweep: &mut HashMap<String, Instant>) -> crate::Result<()> {
+    async fn discover_due(
+        &self,
+        requests: &Requests,
+        last_sweep: &mut HashMap<String, Instant>,
+        crons: &mut HashMap<String, CronState>,
+    ) -> crate::Result<()> {
         let udfs = crate::functions::store::list(&self.pool).await?;
         last_sweep.retain(|id, _| udfs.iter().any(|u| &u.id == id));
+        crons.retain(|id, _| udfs.iter().any(|u| &u.id == id && u.spec.schedule.cron.is_some()));
         for udf in udfs.iter().filter(|u| !u.paused) {
-            let interval = Duration::from_secs(u64::from(udf.spec.schedule.discovery_interval_seconds));
-            let periodic = udf.spec.triggers.contains(&Trigger::Discovery)
-                && last_sweep.get(&udf.id).is_none_or(|t| t.elapsed() >= interval);
-            let asked = requests.functions.contains(&udf.id);
-            let maybe_written = udf.spec.triggers.contains(&Trigger::Write) && !requests.namespaces.is_empty();
-            // Most ticks have nothing to do: resolve namespaces only when
-            // there is a reason to sweep.
-            if !(periodic || asked || maybe_written) {
-                continue;
-            }
-            let namespaces = crate::functions::store::active_namespaces(&self.pool, &udf.spec).await?;
-            let written: Vec<String> = if maybe_written {
-                namespaces.iter().filter(|n| requests.namespaces.contains(*n)).cloned().collect()
-            } else {
-                Vec::new()
-            };
-            let targets = if periodic || asked { namespaces } else { written };
-            if targets.is_empty() {
-                continue;
-            }
-            discovery::sweep_function(&self.pool, udf, &targets).await?;
-            if periodic || asked {
-                last_sweep.insert(udf.id.clone(), Instant::now());
+            // One Function's failure does not hold up the others.
+            if let Err(e) = self.discover_one(udf, requests, last_sweep, crons).await {
+                tracing::warn!(udf = %udf.id, error = %e, "discovery failed; retrying on the next tick");
             }
         }
         Ok(())
+    }
+
+    async fn discover_one(
+        &self,
+        udf: &Udf,
+        requests: &Requests,
+        last_sweep: &mut HashMap<String, Instant>,
+        crons: &mut HashMap<String, CronState>,
+    ) -> crate::Result<()> {
+        let interval = Duration::from_secs(u64::from(udf.spec.schedule.discovery_interval_seconds));
+        let discovery = udf.spec.triggers.contains(&Trigger::Discovery);
+        let periodic = discovery && last_sweep.get(&udf.id).is_none_or(|t| t.elapsed() >= interval);
+        // An apply sweeps at once when the Function has the discovery
+        // trigger; a schedule-only or write-only Function waits for its
+        // trigger (or an explicit POST /discover).
+        let scheduled = self.schedule_fires(udf, crons).await?;
+        let asked = (discovery && requests.functions.contains(&udf.id)) || scheduled;
+        let maybe_written = udf.spec.triggers.contains(&Trigger::Write) && !requests.namespaces.is_empty();
+        // Most ticks have nothing to do: resolve namespaces only when
+        // there is a reason to sweep.
+        if !(periodic || asked || maybe_written) {
+            return Ok(());
+        }
+        let namespaces = crate::functions::store::active_namespaces(&self.pool, &udf.spec).await?;
+        let written: Vec<String> = if maybe_written {
+            namespaces.iter().filter(|n| requests.namespaces.contains(*n)).cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let targets = if periodic || asked { namespaces } else { written };
+        if targets.is_empty() {
+            return Ok(());
+        }
+        discovery::sweep_function(&self.pool, udf, &targets).await?;
+        if periodic || asked {
+            last_sweep.insert(udf.id.clone(), Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Whether the Function's cron schedule fires now. The firing is claimed
+    /// in the database, so one replica sweeps per match.
+    async fn schedule_fires(&self, udf: &Udf, crons: &mut HashMap<String, CronState>) -> crate::Result<bool> {
+        let Some(cron) = &udf.spec.schedule.cron else {
+            return Ok(false);
+        };
+        let key = (cron.clone(), udf.updated_at.clone());
+        let state = match crons.get(&udf.id) {
+            Some(s) if s.key == key => s.clone(),
+            _ => {
+                let last = discovery::last_scheduled(&self.pool, &udf.id).await?;
+                let s = CronState { key, last, next: discovery::next_firing(udf, last) };
+                crons.insert(udf.id.clone(), s.clone());
+                s
+            }
+        };
+        let Some(next) = state.next else {
+            return Ok(false);
+        };
+        if chrono::Utc::now() < next {
+            return Ok(false);
+        }
+        let fired = discovery::claim_firing(&self.pool, &udf.id, state.last).await?;
+        // Either way, reload next tick: fired here, or by another replica.
+        crons.remove(&udf.id);
+        if fired.is_some() {
+            tracing::info!(udf = %udf.id, cron = %cron, "schedule fired");
+        }
+        Ok(fired.is_some())
     }
 
     /// Sweeps a Function now and returns the rows enqueued.
     pub async fn discover_now(&self, udf: &Udf, namespaces: &[String]) -> crate::Result<u64> {
         discovery::sweep_function(&self.pool, udf, namespaces).await
     }
+}
+
+/// What the discovery loop knows of one Function's cron schedule.
+#[derive(Clone)]
+struct CronState {
+    /// The expression and the Function's `updated_at`: a change reloads.
+    key: (String, String),
+    last: Option<chrono::DateTime<chrono::Utc>>,
+    next: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 async fn reaper_loop(pool: PgPool, interval: Duration, shutdown: CancellationToken) {

@@ -49,19 +49,67 @@ struct Picked {
     needed: bool,
 }
 
-/// Leases up to `limit` claimable rows to `worker_id` for `lease_seconds`,
-/// in one statement.
+/// What one claim leased: a batch, or nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Claim {
+    /// The batch the items are leased under; `None` when nothing was leased.
+    pub batch_id: Option<i64>,
+    pub items: Vec<Claimed>,
+    /// Set when the claim was turned away because the Function already has
+    /// `maxInFlightBatches` batches leased.
+    pub at_capacity: bool,
+}
+
+/// How many batches of a Function are leased now, counting up to `cap`: a
+/// loose index scan over `work_items_in_flight`, one probe per batch.
+pub async fn batches_in_flight(conn: &mut sqlx::PgConnection, udf_id: &str, cap: i64) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "WITH RECURSIVE b(id, n) AS (
+             SELECT (SELECT w.batch_id FROM work_items w
+                     WHERE w.function_id = $1 AND w.state = 'leased' AND w.batch_id IS NOT NULL
+                     ORDER BY w.batch_id LIMIT 1), 1
+             UNION ALL
+             SELECT (SELECT w.batch_id FROM work_items w
+                     WHERE w.function_id = $1 AND w.state = 'leased' AND w.batch_id > b.id
+                     ORDER BY w.batch_id LIMIT 1), b.n + 1
+             FROM b WHERE b.id IS NOT NULL AND b.n < $2
+         )
+         SELECT count(id) FROM b",
+    )
+    .bind(udf_id)
+    .bind(cap)
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+/// Leases up to `limit` claimable rows to `worker_id` for `lease_seconds`
+/// as one batch, unless the Function already has `maxInFlightBatches`
+/// batches leased.
 ///
-/// Concurrency: `FOR UPDATE SKIP LOCKED` on the pending items, so
-/// concurrent claimers never get the same row. Each lease bumps the item's
-/// epoch and records the row's `write_seq`. Items whose row was deleted, or
-/// no longer needs work (rewritten out of the filter, or marked by someone
-/// else), are dropped here instead of leased.
-pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_seconds: i64) -> Result<Vec<Claimed>> {
+/// Concurrency: claims of one Function take turns on an advisory lock for
+/// the length of their transaction, so the in-flight bound holds across
+/// workers and replicas; within it, `FOR UPDATE SKIP LOCKED` on the pending
+/// items. Each lease bumps the item's epoch, records the row's `write_seq`
+/// and the batch id. Items whose row was deleted, or no longer needs work
+/// (rewritten out of the filter, or marked by someone else), are dropped
+/// here instead of leased.
+pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_seconds: i64) -> Result<Claim> {
     if udf.paused {
-        return Ok(Vec::new());
+        return Ok(Claim::default());
     }
     let needs = Needs::of(udf)?;
+    let mut tx = pool.begin().await?;
+    let batch_id: i64 = sqlx::query_scalar(
+        "SELECT nextval('work_batch_ids') FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 7317))) l",
+    )
+    .bind(&udf.id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let cap = i64::from(udf.spec.schedule.max_in_flight_batches);
+    if batches_in_flight(&mut tx, &udf.id, cap).await? >= cap {
+        tx.commit().await?;
+        return Ok(Claim { at_capacity: true, ..Claim::default() });
+    }
     let mut out = Vec::new();
     // A few rounds at most: a round only comes up short when it dropped items.
     for _ in 0..4 {
@@ -99,6 +147,8 @@ pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_
                  UPDATE work_items w SET state = 'leased', worker_id = ",
         );
         qb.push_bind(worker_id);
+        qb.push(", batch_id = ");
+        qb.push_bind(batch_id);
         qb.push(", lease_epoch = w.lease_epoch + 1, lease_seconds = ");
         qb.push_bind(lease_seconds as i32);
         qb.push(", lease_expires_at = now() + make_interval(secs => ");
@@ -113,7 +163,7 @@ pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_
             " AND w.namespace = x.namespace AND w.row_id = x.row_id AND x.needed)
              SELECT x.namespace, x.row_id, x.attributes, x.needed FROM probe x",
         );
-        let picked: Vec<Picked> = qb.build_query_as().fetch_all(pool).await?;
+        let picked: Vec<Picked> = qb.build_query_as().fetch_all(&mut *tx).await?;
         if picked.is_empty() {
             break;
         }
@@ -134,7 +184,9 @@ pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_
             break;
         }
     }
-    Ok(out)
+    tx.commit().await?;
+    let batch_id = (!out.is_empty()).then_some(batch_id);
+    Ok(Claim { batch_id, items: out, at_capacity: false })
 }
 
 /// One result to write back.
@@ -496,6 +548,7 @@ struct StatusRow {
     leases_expired: i64,
     sweeps: i64,
     last_sweep_at: Option<chrono::DateTime<chrono::Utc>>,
+    last_scheduled_at: Option<chrono::DateTime<chrono::Utc>>,
     recent: i64,
 }
 
@@ -511,6 +564,7 @@ pub async fn status(pool: &PgPool, udf: &Udf) -> Result<UdfStatus> {
              coalesce(st.leases_expired, 0) AS leases_expired,
              coalesce(st.sweeps_completed, 0) AS sweeps,
              st.last_sweep_at,
+             st.last_scheduled_at,
              (SELECT coalesce(sum(completed), 0)::bigint FROM completion_buckets
               WHERE function_id = $1 AND second > now() - make_interval(secs => $2)) AS recent
          FROM (SELECT 1) one LEFT JOIN function_stats st ON st.function_id = $1",
@@ -523,7 +577,16 @@ pub async fn status(pool: &PgPool, udf: &Udf) -> Result<UdfStatus> {
         udf_id: udf.id.clone(),
         paused: udf.paused,
         active_namespaces: crate::functions::store::active_namespaces(pool, &udf.spec).await?,
-        discovery: UdfDiscoveryStatus { sweeps_completed: s.sweeps, last_completed_at: s.last_sweep_at.map(rfc3339) },
+        discovery: UdfDiscoveryStatus {
+            sweeps_completed: s.sweeps,
+            last_completed_at: s.last_sweep_at.map(rfc3339),
+            last_scheduled_at: s.last_scheduled_at.map(rfc3339),
+            next_scheduled_at: if udf.paused {
+                None
+            } else {
+                super::discovery::next_firing(udf, s.last_scheduled_at).map(rfc3339)
+            },
+        },
         counts: BTreeMap::from([
             ("pending".to_string(), s.pending),
             ("processing".to_string(), s.leased),
