@@ -30,6 +30,7 @@ pub struct AppState {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub max_body_bytes: usize,
+    pub runners: crate::runners::RunnerSettings,
 }
 
 /// A JSON request body. Errors name the JSON path of the offending field
@@ -158,12 +159,15 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::functions::api::routes())
         .merge(crate::engine::api::routes())
         .merge(crate::resources::api::routes())
+        .merge(crate::runners::api::routes())
         .route("/openapi.json", get(openapi))
         .route_layer(from_fn_with_state(state.clone(), authenticate));
     let max_body = state.settings.max_body_bytes;
     Router::new()
         .route("/healthz", get(healthz))
         .merge(authenticated)
+        // Runners authenticate these with the platform's tokens.
+        .merge(crate::runners::api::token_routes())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(max_body))

@@ -7,6 +7,7 @@
 //! - [`rows`]: namespaces of rows (`/v2/namespaces`) and the filter compiler.
 //! - [`functions`]: Function resources and their revisions (`/v2/udfs`).
 //! - [`engine`]: discovery, the work queue, leases, retries, writeback, the pull protocol.
+//! - [`runners`]: runner registration, tokens, batch reports, and the push dispatcher.
 //! - [`resources`]: `POST /v2/apply` for resource documents, Index and InfraRules.
 //! - [`db`]: pools and migrations; [`embedded`]: the PostgreSQL `layer dev` runs.
 //! - [`error`]: the one error type and its HTTP mapping.
@@ -22,6 +23,7 @@ pub mod http;
 pub mod openapi;
 pub mod resources;
 pub mod rows;
+pub mod runners;
 pub mod time;
 
 use std::net::SocketAddr;
@@ -48,6 +50,9 @@ pub struct Config {
     pub bootstrap_admin_key: Option<String>,
     /// The engine's background duties.
     pub engine: engine::EngineConfig,
+    /// Runner heartbeats and the push dispatcher.
+    pub runners: runners::RunnerSettings,
+    pub dispatch: runners::dispatch::DispatchConfig,
 }
 
 impl Config {
@@ -60,6 +65,8 @@ impl Config {
             max_body_bytes: 64 << 20,
             bootstrap_admin_key: None,
             engine: engine::EngineConfig::default(),
+            runners: runners::RunnerSettings::default(),
+            dispatch: runners::dispatch::DispatchConfig::default(),
         }
     }
 }
@@ -94,10 +101,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
     let addr = listener.local_addr()?;
     let engine = engine::Engine::new(pool.clone());
     let mut duties = tokio::task::JoinSet::new();
-    engine.spawn(config.engine.clone(), shutdown.clone(), &mut duties);
+    let mut engine_config = config.engine.clone();
+    engine_config.runner_lost_after = config.runners.lost_after;
+    engine.spawn(engine_config, shutdown.clone(), &mut duties);
+    let mut dispatch_config = config.dispatch.clone();
+    dispatch_config.lost_after = config.runners.lost_after;
+    let dispatcher = runners::dispatch::Dispatcher::new(pool.clone(), engine.work_ready(), dispatch_config);
+    duties.spawn(dispatcher.run(shutdown.clone()));
     let state = http::AppState {
         pool: pool.clone(),
-        settings: Arc::new(http::Settings { max_body_bytes: config.max_body_bytes }),
+        settings: Arc::new(http::Settings { max_body_bytes: config.max_body_bytes, runners: config.runners.clone() }),
         engine,
     };
     let app = http::router(state);

@@ -52,6 +52,13 @@ pub struct WorkerSpec {
     pub timeout_seconds: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_spec: Option<Value>,
+    /// A push worker started as a local process by the runner (argv), in
+    /// place of an image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Extra environment for the worker, beside the platform's own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -253,6 +260,8 @@ const WORKER_FIELDS: &[Field] = &[
     field("batchSize", "batch_size"),
     field("timeoutSeconds", "timeout_seconds"),
     field("podSpec", "pod_spec"),
+    field("command", "command"),
+    field("env", "env"),
 ];
 const SCHEDULE_FIELDS: &[Field] = &[
     field("discoveryIntervalSeconds", "discovery_interval_seconds"),
@@ -464,17 +473,65 @@ fn worker_spec(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<Wo
     {
         p.push(o.path_of(WORKER_FIELDS[7]), "expected an object (a pod-level merge patch)");
     }
-    if dispatch == Dispatch::Push && image.is_none() && url.is_none() {
-        p.push(
-            path,
-            format!(
-                "dispatch push needs {} or {}: the runner must have something to start or call",
-                WORKER_FIELDS[0].name(case),
-                WORKER_FIELDS[1].name(case)
-            ),
-        );
+    let command = o.get(WORKER_FIELDS[8]).and_then(|_| o.string_list(p, WORKER_FIELDS[8]));
+    if command.as_ref().is_some_and(Vec::is_empty) {
+        p.push(o.path_of(WORKER_FIELDS[8]), "must name the program to run: [program, args...]");
     }
-    Some(WorkerSpec { image, url, dispatch, compute_class, port, batch_size, timeout_seconds, pod_spec })
+    let env = worker_env(p, &o);
+    if dispatch == Dispatch::Push {
+        let given = [image.is_some(), url.is_some(), command.is_some()].into_iter().filter(|b| *b).count();
+        let names = format!(
+            "{}, {} or {}",
+            WORKER_FIELDS[0].name(case),
+            WORKER_FIELDS[8].name(case),
+            WORKER_FIELDS[1].name(case)
+        );
+        if given == 0 {
+            p.push(path, format!("dispatch push needs one of {names}: the runner must have something to start or call"));
+        } else if given > 1 {
+            p.push(path, format!("dispatch push takes exactly one of {names}"));
+        }
+    }
+    Some(WorkerSpec { image, url, dispatch, compute_class, port, batch_size, timeout_seconds, pod_spec, command, env })
+}
+
+/// Environment names the runner sets itself.
+pub const RESERVED_ENV: &[&str] = &["PORT", "LAYER_GATEWAY_API_KEY"];
+
+fn worker_env(p: &mut Problems, o: &Obj<'_>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let Some(v) = o.get(WORKER_FIELDS[9]) else {
+        return out;
+    };
+    let path = o.path_of(WORKER_FIELDS[9]);
+    let Value::Object(map) = v else {
+        p.push(path, "expected an object of NAME: value strings");
+        return out;
+    };
+    for (k, v) in map {
+        let at = join(&path, k);
+        let valid = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            p.push(at, "not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)");
+        } else if RESERVED_ENV.contains(&k.as_str()) || k.starts_with("HEVLAYER_") {
+            p.push(at, "set by the runner for every worker; choose another name");
+        } else {
+            match v {
+                Value::String(s) => {
+                    out.insert(k.clone(), s.clone());
+                }
+                Value::Number(n) => {
+                    out.insert(k.clone(), n.to_string());
+                }
+                Value::Bool(b) => {
+                    out.insert(k.clone(), b.to_string());
+                }
+                other => p.push(at, format!("expected a string, got {}", crate::validate::type_name(other))),
+            }
+        }
+    }
+    out
 }
 
 fn schedule_spec(p: &mut Problems, spec: &Obj<'_>, case: Case) -> Option<ScheduleSpec> {

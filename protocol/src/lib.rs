@@ -11,6 +11,8 @@
 //!   validated with errors that name the field path.
 //! - [`validate`]: the path-aware field checks the resources are built from.
 //! - [`work`]: the pull protocol (claim, complete, fail, heartbeat, discover).
+//! - [`runner`]: registration, heartbeats, batches pushed to runners, reports,
+//!   token claims, and the push protocol to workers (`POST /run`).
 
 pub mod error;
 pub mod filter;
@@ -18,6 +20,7 @@ pub mod function;
 pub mod keys;
 pub mod namespace;
 pub mod resource;
+pub mod runner;
 pub mod validate;
 pub mod work;
 

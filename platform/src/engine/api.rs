@@ -33,6 +33,9 @@ fn check_worker(worker_id: &str) -> Result<()> {
     if worker_id.trim().is_empty() || worker_id.len() > 256 {
         return Err(PlatformError::invalid("worker_id", "must be 1-256 characters"));
     }
+    if worker_id.starts_with("runner/") {
+        return Err(PlatformError::invalid("worker_id", "ids starting with runner/ belong to batches pushed to runners"));
+    }
     Ok(())
 }
 
@@ -59,7 +62,7 @@ async fn claim(
             PlatformError::invalid("lease_seconds", format!("{lease} is out of range; allowed 1..=86400")).into()
         );
     }
-    let claimed = queue::claim(&state.pool, &udf, &req.worker_id, limit, lease).await?;
+    let claimed = queue::claim(&state.pool, &udf, queue::Claimer::Worker(&req.worker_id), limit, lease).await?;
     if claimed.at_capacity {
         tracing::debug!(udf = %udf.id, worker_id = %req.worker_id, "claim turned away: maxInFlightBatches reached");
     }
@@ -85,38 +88,10 @@ async fn complete(
     let mut completions = Vec::with_capacity(req.items.len());
     let mut refused = Vec::new();
     for item in req.items {
-        let attributes = item.attributes.unwrap_or_default();
-        let vector = item.vector.map(|v| crate::rows::plan::real_array_literal(v.into_iter().map(Some))).transpose();
-        let reserved: Vec<&String> = attributes
-            .keys()
-            .filter(|k| k.starts_with(layer_protocol::RESERVED_PREFIX) || k.as_str() == "id")
-            .collect();
-        let problem = if !reserved.is_empty() {
-            Some(format!(
-                "the result sets {}: attributes with the reserved {} prefix (and `id`) belong to the platform; return other names",
-                reserved.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", "),
-                layer_protocol::RESERVED_PREFIX
-            ))
-        } else if item.vectors.as_ref().is_some_and(|v| !v.is_null()) {
-            Some("multi-vector results (`vectors`) are not supported by this store; return one `vector`".into())
-        } else if let Err(i) = &vector {
-            Some(format!("the result's vector[{i}]: {}", crate::rows::plan::VECTOR_VALUES))
-        } else {
-            None
-        };
-        match problem {
-            Some(message) => refused.push(Failure {
-                namespace: item.namespace,
-                id: item.id,
-                class: FailureClass::Permanent,
-                message,
-            }),
-            None => completions.push(Completion {
-                namespace: item.namespace,
-                id: item.id,
-                attributes,
-                vector: vector.ok().flatten(),
-            }),
+        let multi = item.vectors.as_ref().is_some_and(|v| !v.is_null());
+        match accept_result(item.namespace, item.id, item.attributes.unwrap_or_default(), item.vector, multi) {
+            Ok(c) => completions.push(c),
+            Err(f) => refused.push(f),
         }
     }
     if !refused.is_empty() {
@@ -124,6 +99,37 @@ async fn complete(
     }
     let counts = queue::complete(&state.pool, &udf, &req.worker_id, completions).await?;
     Ok(Json(ItemsResponse { udf_id: udf.id, updated: counts.written }))
+}
+
+/// Checks one result before it is written: reserved names, multi-vectors
+/// and vector values fail the row permanently with a message saying why.
+pub(crate) fn accept_result(
+    namespace: String,
+    id: String,
+    attributes: layer_protocol::namespace::Attributes,
+    vector: Option<Vec<f64>>,
+    multi_vector: bool,
+) -> std::result::Result<Completion, Failure> {
+    let vector = vector.map(|v| crate::rows::plan::real_array_literal(v.into_iter().map(Some))).transpose();
+    let reserved: Vec<&String> =
+        attributes.keys().filter(|k| k.starts_with(layer_protocol::RESERVED_PREFIX) || k.as_str() == "id").collect();
+    let problem = if !reserved.is_empty() {
+        Some(format!(
+            "the result sets {}: attributes with the reserved {} prefix (and `id`) belong to the platform; return other names",
+            reserved.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", "),
+            layer_protocol::RESERVED_PREFIX
+        ))
+    } else if multi_vector {
+        Some("multi-vector results (`vectors`) are not supported by this store; return one `vector`".into())
+    } else if let Err(i) = &vector {
+        Some(format!("the result's vector[{i}]: {}", crate::rows::plan::VECTOR_VALUES))
+    } else {
+        None
+    };
+    match problem {
+        Some(message) => Err(Failure { namespace, id, class: FailureClass::Permanent, message }),
+        None => Ok(Completion { namespace, id, attributes, vector: vector.ok().flatten() }),
+    }
 }
 
 async fn fail(

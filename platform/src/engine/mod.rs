@@ -34,11 +34,18 @@ pub struct EngineConfig {
     pub tick: Duration,
     /// How often expired leases are reaped.
     pub reap_interval: Duration,
+    /// A runner silent this long is lost: the expired leases of its batches
+    /// are free retries.
+    pub runner_lost_after: Duration,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { tick: Duration::from_millis(500), reap_interval: Duration::from_secs(1) }
+        EngineConfig {
+            tick: Duration::from_millis(500),
+            reap_interval: Duration::from_secs(1),
+            runner_lost_after: Duration::from_secs(6),
+        }
     }
 }
 
@@ -56,11 +63,19 @@ pub struct Engine {
     pool: PgPool,
     requests: Arc<Mutex<Requests>>,
     wake: Arc<Notify>,
+    /// Notified when rows were enqueued or batch slots freed: the push
+    /// dispatcher waits on it.
+    work_ready: Arc<Notify>,
 }
 
 impl Engine {
     pub fn new(pool: PgPool) -> Self {
-        Engine { pool, requests: Arc::default(), wake: Arc::new(Notify::new()) }
+        Engine { pool, requests: Arc::default(), wake: Arc::new(Notify::new()), work_ready: Arc::new(Notify::new()) }
+    }
+
+    /// What the push dispatcher waits on.
+    pub fn work_ready(&self) -> Arc<Notify> {
+        self.work_ready.clone()
     }
 
     /// Asks for a sweep of a Function as soon as possible.
@@ -81,7 +96,8 @@ impl Engine {
         let stop = shutdown.clone();
         tasks.spawn(async move { me.discovery_loop(config.tick, stop).await });
         let pool = self.pool.clone();
-        tasks.spawn(async move { reaper_loop(pool, config.reap_interval, shutdown).await });
+        let work_ready = self.work_ready.clone();
+        tasks.spawn(async move { reaper_loop(pool, config, work_ready, shutdown).await });
     }
 
     async fn discovery_loop(self, tick: Duration, shutdown: CancellationToken) {
@@ -149,7 +165,9 @@ impl Engine {
         if targets.is_empty() {
             return Ok(());
         }
-        discovery::sweep_function(&self.pool, udf, &targets).await?;
+        if discovery::sweep_function(&self.pool, udf, &targets).await? > 0 {
+            self.work_ready.notify_one();
+        }
         if periodic || asked {
             last_sweep.insert(udf.id.clone(), Instant::now());
         }
@@ -189,7 +207,11 @@ impl Engine {
 
     /// Sweeps a Function now and returns the rows enqueued.
     pub async fn discover_now(&self, udf: &Udf, namespaces: &[String]) -> crate::Result<u64> {
-        discovery::sweep_function(&self.pool, udf, namespaces).await
+        let n = discovery::sweep_function(&self.pool, udf, namespaces).await?;
+        if n > 0 {
+            self.work_ready.notify_one();
+        }
+        Ok(n)
     }
 }
 
@@ -202,16 +224,21 @@ struct CronState {
     next: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-async fn reaper_loop(pool: PgPool, interval: Duration, shutdown: CancellationToken) {
+async fn reaper_loop(pool: PgPool, config: EngineConfig, work_ready: Arc<Notify>, shutdown: CancellationToken) {
     let mut pruned = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(config.reap_interval) => {}
         }
         loop {
-            match queue::reap_expired(&pool, 1000).await {
-                Ok(1000) => continue,
+            match queue::reap_expired(&pool, 1000, config.runner_lost_after).await {
+                Ok(n) if n > 0 => {
+                    work_ready.notify_one();
+                    if n < 1000 {
+                        break;
+                    }
+                }
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "lease reaper pass failed");

@@ -49,11 +49,37 @@ struct Picked {
     needed: bool,
 }
 
+/// Who claims: a pull worker, or the dispatcher for a runner.
+#[derive(Debug, Clone, Copy)]
+pub enum Claimer<'a> {
+    /// A pull worker's own id: its reports are fenced on it.
+    Worker(&'a str),
+    /// A runner: the lease holder is `runner/<id>/batch/<batch>`, so the
+    /// report of one batch cannot touch another's leases.
+    Runner(&'a str),
+}
+
+impl Claimer<'_> {
+    fn lease_holder(self, batch_id: i64) -> String {
+        match self {
+            Claimer::Worker(w) => w.to_string(),
+            Claimer::Runner(r) => batch_holder(r, batch_id),
+        }
+    }
+}
+
+/// The lease holder of a batch pushed to a runner.
+pub fn batch_holder(runner_id: &str, batch_id: i64) -> String {
+    format!("runner/{runner_id}/batch/{batch_id}")
+}
+
 /// What one claim leased: a batch, or nothing.
 #[derive(Debug, Clone, Default)]
 pub struct Claim {
     /// The batch the items are leased under; `None` when nothing was leased.
     pub batch_id: Option<i64>,
+    /// The lease holder reports must name.
+    pub holder: String,
     pub items: Vec<Claimed>,
     /// Set when the claim was turned away because the Function already has
     /// `maxInFlightBatches` batches leased.
@@ -93,7 +119,7 @@ pub async fn batches_in_flight(conn: &mut sqlx::PgConnection, udf_id: &str, cap:
 /// and the batch id. Items whose row was deleted, or no longer needs work
 /// (rewritten out of the filter, or marked by someone else), are dropped
 /// here instead of leased.
-pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_seconds: i64) -> Result<Claim> {
+pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, lease_seconds: i64) -> Result<Claim> {
     if udf.paused {
         return Ok(Claim::default());
     }
@@ -105,6 +131,7 @@ pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_
     .bind(&udf.id)
     .fetch_one(&mut *tx)
     .await?;
+    let worker_id = claimer.lease_holder(batch_id);
     let cap = i64::from(udf.spec.schedule.max_in_flight_batches);
     if batches_in_flight(&mut tx, &udf.id, cap).await? >= cap {
         tx.commit().await?;
@@ -146,7 +173,7 @@ pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_
              leased AS (
                  UPDATE work_items w SET state = 'leased', worker_id = ",
         );
-        qb.push_bind(worker_id);
+        qb.push_bind(&worker_id);
         qb.push(", batch_id = ");
         qb.push_bind(batch_id);
         qb.push(", lease_epoch = w.lease_epoch + 1, lease_seconds = ");
@@ -186,7 +213,7 @@ pub async fn claim(pool: &PgPool, udf: &Udf, worker_id: &str, limit: i64, lease_
     }
     tx.commit().await?;
     let batch_id = (!out.is_empty()).then_some(batch_id);
-    Ok(Claim { batch_id, items: out, at_capacity: false })
+    Ok(Claim { batch_id, holder: worker_id, items: out, at_capacity: false })
 }
 
 /// One result to write back.
@@ -436,6 +463,30 @@ pub async fn fail(pool: &PgPool, udf: &Udf, worker_id: &str, failures: Vec<Failu
     Ok(n)
 }
 
+/// Fails, as transient, the items of a reported batch that the report left
+/// out; returns how many.
+pub async fn fail_unreported(pool: &PgPool, udf: &Udf, holder: &str, batch_id: i64) -> Result<u64> {
+    let left: Vec<(String, String)> = sqlx::query_as(
+        "SELECT namespace, row_id FROM work_items
+         WHERE function_id = $1 AND batch_id = $2 AND state = 'leased' AND worker_id = $3",
+    )
+    .bind(&udf.id)
+    .bind(batch_id)
+    .bind(holder)
+    .fetch_all(pool)
+    .await?;
+    let failures = left
+        .into_iter()
+        .map(|(namespace, id)| Failure {
+            namespace,
+            id,
+            class: FailureClass::Transient,
+            message: "the batch's report did not include this row".into(),
+        })
+        .collect();
+    fail(pool, udf, holder, failures).await
+}
+
 /// Extends the leases `worker_id` holds on these rows by their lease length.
 pub async fn heartbeat(pool: &PgPool, udf: &Udf, worker_id: &str, items: &[(String, String)]) -> Result<u64> {
     let ns: Vec<&str> = items.iter().map(|i| i.0.as_str()).collect();
@@ -465,41 +516,63 @@ struct Expired {
     worker_id: Option<String>,
     lease_seconds: Option<i32>,
     retry: sqlx::types::Json<RetrySpec>,
+    batch_id: Option<i64>,
+    /// The batch was pushed to a runner that has since gone silent or
+    /// deregistered.
+    runner_lost: bool,
 }
 
 /// Returns expired leases to the queue (or to `failed`), by the database
-/// clock. A lease that expires without a report spends an attempt.
+/// clock. A lease that expires without a report spends an attempt, unless
+/// it belongs to a batch on a runner that went silent (`runner_lost_after`)
+/// or deregistered: that is a free retry.
 ///
 /// Concurrency: `SKIP LOCKED`, so reapers on several replicas share the work.
-pub async fn reap_expired(pool: &PgPool, batch: i64) -> Result<u64> {
+pub async fn reap_expired(pool: &PgPool, batch: i64, runner_lost_after: std::time::Duration) -> Result<u64> {
     let mut tx = pool.begin().await?;
     let expired: Vec<Expired> = sqlx::query_as(
         "SELECT w.function_id, w.namespace, w.row_id, w.attempts, w.free_retries, w.worker_id, w.lease_seconds,
-                f.spec -> 'retry' AS retry
+                f.spec -> 'retry' AS retry, w.batch_id,
+                coalesce(r.state = 'gone' OR r.last_heartbeat_at < now() - make_interval(secs => $2), false)
+                    AS runner_lost
          FROM work_items w JOIN functions f ON f.id = w.function_id
+         LEFT JOIN batches b ON b.id = w.batch_id
+         LEFT JOIN runners r ON r.id = b.runner_id
          WHERE w.state = 'leased' AND w.lease_expires_at <= now()
          ORDER BY w.lease_expires_at LIMIT $1 FOR UPDATE OF w SKIP LOCKED",
     )
     .bind(batch)
+    .bind(runner_lost_after.as_secs_f64())
     .fetch_all(&mut *tx)
     .await?;
+    let batches: Vec<i64> = expired.iter().filter_map(|e| e.batch_id).collect();
     let total = expired.len() as u64;
     let mut by_fn: BTreeMap<String, Vec<Move>> = BTreeMap::new();
     for e in expired {
-        let next =
-            next_state(e.attempts as u32, e.free_retries as u32, FailureClass::LeaseExpired, &e.retry.0, jitter());
-        let message = format!(
-            "the lease expired after {} s without a report from worker {}",
-            e.lease_seconds.unwrap_or_default(),
-            e.worker_id.as_deref().unwrap_or("?")
-        );
+        let class = if e.runner_lost { FailureClass::RunnerLost } else { FailureClass::LeaseExpired };
+        let next = next_state(e.attempts as u32, e.free_retries as u32, class, &e.retry.0, jitter());
+        let holder = e.worker_id.as_deref().unwrap_or("?");
+        let message = if e.runner_lost {
+            format!("the runner holding the batch ({holder}) stopped heartbeating; reissued without spending an attempt")
+        } else {
+            format!("the lease expired after {} s without a report from {holder}", e.lease_seconds.unwrap_or_default())
+        };
         by_fn.entry(e.function_id).or_default().push(Move {
             namespace: e.namespace,
             id: e.row_id,
             next,
-            kind: FailureClass::LeaseExpired.as_str(),
+            kind: class.as_str(),
             message,
         });
+    }
+    if !batches.is_empty() {
+        sqlx::query(
+            "UPDATE batches SET state = 'abandoned', error = 'its leases expired', finished_at = now()
+             WHERE id = ANY($1) AND state = 'dispatched'",
+        )
+        .bind(&batches)
+        .execute(&mut *tx)
+        .await?;
     }
     for (udf_id, moves) in by_fn {
         let n = moves.len() as i64;

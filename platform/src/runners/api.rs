@@ -1,0 +1,218 @@
+//! The runner API: registration (API key), listing (API key), and the
+//! runner's own calls, authenticated by the platform's tokens: heartbeat,
+//! deregistration, batch reports.
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::http::header::AUTHORIZATION;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use layer_protocol::keys::Scope;
+use layer_protocol::runner::tokens::{self, Purpose};
+use layer_protocol::runner::{
+    BatchReport, FailureKind, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, ReportResponse,
+    RunnerList, RunnerState,
+};
+
+use super::store::{self, RunnerRow};
+use crate::auth::Principal;
+use crate::engine::api::accept_result;
+use crate::engine::policy::FailureClass;
+use crate::engine::queue::{self, Failure, batch_holder};
+use crate::error::{ApiError, PlatformError, Result};
+use crate::http::{ApiJson, AppState};
+
+/// Routes that take an API key.
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/v2/runners", get(list).post(register))
+}
+
+/// Routes that take a runner token instead.
+pub fn token_routes() -> Router<AppState> {
+    Router::new()
+        .route("/v2/runners/{id}/heartbeat", post(heartbeat))
+        .route("/v2/runners/{id}/deregister", post(deregister))
+        .route("/v2/runners/{id}/batches/{batch}/report", post(report))
+}
+
+async fn register(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    ApiJson(req): ApiJson<RegisterRequest>,
+) -> Result<Json<RegisterResponse>, ApiError> {
+    if !(p.has_claim("runner") || p.require(Scope::Admin).is_ok()) {
+        return Err(PlatformError::Forbidden(format!(
+            "key {} can register no runner: it needs the runner claim or the admin scope",
+            p.key_id
+        ))
+        .into());
+    }
+    if req.name.trim().is_empty() || req.name.len() > 128 {
+        return Err(PlatformError::invalid("name", "must be 1-128 characters").into());
+    }
+    if !(req.address.starts_with("http://") || req.address.starts_with("https://")) {
+        return Err(PlatformError::invalid("address", format!("\"{}\" is not an http(s):// URL", req.address)).into());
+    }
+    if req.capacity.slots == 0 {
+        return Err(PlatformError::invalid("capacity.slots", "must be at least 1").into());
+    }
+    let (id, key) = store::register(&state.pool, &p.key_id, &req).await?;
+    tracing::info!(runner_id = %id, name = %req.name, address = %req.address, "runner registered");
+    state.engine.work_ready().notify_one();
+    Ok(Json(RegisterResponse {
+        token: tokens::sign(&key, &id, Purpose::Session, tokens::SESSION_TTL_SECONDS),
+        token_expires_in_seconds: tokens::SESSION_TTL_SECONDS,
+        signing_key: hex::encode(&key),
+        heartbeat_interval_seconds: state.settings.runners.heartbeat_interval.as_secs().max(1) as u32,
+        runner_id: id,
+    }))
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<RunnerList>, ApiError> {
+    p.require(Scope::Read)?;
+    let rows = store::list(&state.pool, state.settings.runners.lost_after.as_secs_f64()).await?;
+    Ok(Json(RunnerList { runners: rows.iter().map(RunnerRow::view).collect() }))
+}
+
+/// Checks the bearer token against the runner's key; returns the runner.
+async fn authenticate_runner(
+    state: &AppState,
+    headers: &HeaderMap,
+    runner_id: &str,
+    purpose: Purpose,
+) -> Result<(RunnerRow, layer_protocol::runner::TokenClaims)> {
+    let token = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .ok_or_else(|| PlatformError::Unauthorized("missing runner token: send `Authorization: Bearer <token>`".into()))?;
+    let runner = match store::get(&state.pool, runner_id, state.settings.runners.lost_after.as_secs_f64()).await {
+        Ok(r) => r,
+        Err(PlatformError::NotFound(_)) => {
+            return Err(PlatformError::Unauthorized(format!("token refused: no runner {runner_id}")));
+        }
+        Err(e) => return Err(e),
+    };
+    let claims = tokens::verify(&runner.signing_key, token.trim(), runner_id, purpose).map_err(|e| {
+        tracing::warn!(runner_id, error = %e, "runner token refused");
+        PlatformError::Unauthorized(e)
+    })?;
+    Ok((runner, claims))
+}
+
+async fn heartbeat(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<HeartbeatRequest>,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    let (runner, claims) = authenticate_runner(&state, &headers, &id, Purpose::Session).await?;
+    let was_lost = runner.lost;
+    let extended = store::heartbeat(&state.pool, &id, req.state, &req.load, &req.batch_ids).await?;
+    if was_lost && req.state == RunnerState::Active {
+        tracing::info!(runner_id = %id, "runner is back");
+        state.engine.work_ready().notify_one();
+    }
+    // Rotate before expiry: a fresh token once past half-life.
+    let token = (tokens::seconds_left(&claims) < tokens::SESSION_TTL_SECONDS / 2)
+        .then(|| tokens::sign(&runner.signing_key, &id, Purpose::Session, tokens::SESSION_TTL_SECONDS));
+    Ok(Json(HeartbeatResponse { token, extended }))
+}
+
+async fn deregister(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authenticate_runner(&state, &headers, &id, Purpose::Session).await?;
+    store::deregister(&state.pool, &id).await?;
+    tracing::info!(runner_id = %id, "runner deregistered");
+    Ok(Json(serde_json::json!({"status": "ok"})))
+}
+
+fn failure_class(kind: FailureKind) -> FailureClass {
+    match kind {
+        FailureKind::Transient => FailureClass::Transient,
+        FailureKind::Permanent => FailureClass::Permanent,
+        FailureKind::Timeout => FailureClass::Timeout,
+        FailureKind::Oom => FailureClass::OutOfMemory,
+        FailureKind::RunnerLost => FailureClass::RunnerLost,
+    }
+}
+
+/// Writes a batch's results back, then acknowledges. Idempotent: the
+/// batch's leases are held by `runner/<id>/batch/<n>`, so a repeated report
+/// finds nothing leased to write and the stored counts are returned.
+async fn report(
+    State(state): State<AppState>,
+    Path((id, batch_id)): Path<(String, i64)>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<BatchReport>,
+) -> Result<Json<ReportResponse>, ApiError> {
+    authenticate_runner(&state, &headers, &id, Purpose::Report(batch_id)).await?;
+    let mut tx = state.pool.begin().await.map_err(PlatformError::from)?;
+    let Some(batch) = store::lock_batch(&mut tx, batch_id).await? else {
+        return Err(PlatformError::NotFound(format!("batch {batch_id} not found")).into());
+    };
+    if batch.runner_id != id {
+        return Err(PlatformError::Forbidden(format!("batch {batch_id} was not dispatched to runner {id}")).into());
+    }
+    if batch.state == "reported" {
+        return Ok(Json(ReportResponse {
+            batch_id,
+            written: batch.written as u64,
+            failed: batch.failed as u64,
+            dropped: batch.dropped as u64,
+        }));
+    }
+    let udf = match crate::functions::store::get(&state.pool, &batch.function_id).await {
+        Ok(u) => u,
+        // Deleted meanwhile: its work is gone; acknowledge.
+        Err(PlatformError::NotFound(_)) => {
+            let n = req.results.len() as u64;
+            store::finish_batch(&mut tx, batch_id, "reported", (0, 0, n), req.worker.as_deref(), None).await?;
+            tx.commit().await.map_err(PlatformError::from)?;
+            return Ok(Json(ReportResponse { batch_id, written: 0, failed: 0, dropped: n }));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let holder = batch_holder(&id, batch_id);
+    let mut completions = Vec::new();
+    let mut failures = Vec::new();
+    for r in req.results {
+        match r.error {
+            Some(e) => failures.push(Failure {
+                namespace: r.namespace,
+                id: r.id,
+                class: failure_class(e.kind),
+                message: e.message,
+            }),
+            None => match accept_result(r.namespace, r.id, r.attributes.unwrap_or_default(), r.vector, false) {
+                Ok(c) => completions.push(c),
+                Err(f) => failures.push(f),
+            },
+        }
+    }
+    let reported = (completions.len() + failures.len()) as u64;
+    let failed = queue::fail(&state.pool, &udf, &holder, failures).await?;
+    let counts = queue::complete(&state.pool, &udf, &holder, completions).await?;
+    // Rows the report left out would otherwise wait for their lease.
+    let missing = queue::fail_unreported(&state.pool, &udf, &holder, batch_id).await?;
+    let written = counts.written;
+    let dropped = reported.saturating_sub(written + failed);
+    store::finish_batch(
+        &mut tx,
+        batch_id,
+        "reported",
+        (written, failed + missing, dropped),
+        req.worker.as_deref(),
+        (missing > 0).then_some("the report left rows out"),
+    )
+    .await?;
+    tx.commit().await.map_err(PlatformError::from)?;
+    state.engine.work_ready().notify_one();
+    Ok(Json(ReportResponse { batch_id, written, failed: failed + missing, dropped }))
+}

@@ -1,0 +1,237 @@
+//! Runners and batches in PostgreSQL.
+
+use chrono::{DateTime, Utc};
+use layer_protocol::runner::{Capacity, RegisterRequest, RunnerLoad, RunnerState, RunnerView};
+use rand::RngCore;
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::error::{PlatformError, Result};
+use crate::time::rfc3339;
+
+/// A runner as the dispatcher and the token checks need it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RunnerRow {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    pub labels: Json<std::collections::BTreeMap<String, String>>,
+    pub capacity: Json<Capacity>,
+    pub drivers: Json<Vec<String>>,
+    pub state: String,
+    pub load: Json<RunnerLoad>,
+    pub signing_key: Vec<u8>,
+    pub registered_at: DateTime<Utc>,
+    pub last_heartbeat_at: DateTime<Utc>,
+    /// Computed: no heartbeat for longer than the lost-after window.
+    pub lost: bool,
+    /// Computed: batches dispatched to it and not yet reported.
+    pub in_flight: i64,
+}
+
+impl RunnerRow {
+    pub fn state(&self) -> RunnerState {
+        match self.state.as_str() {
+            "gone" => RunnerState::Gone,
+            _ if self.lost => RunnerState::Lost,
+            "draining" => RunnerState::Draining,
+            _ => RunnerState::Active,
+        }
+    }
+
+    pub fn view(&self) -> RunnerView {
+        RunnerView {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            address: self.address.clone(),
+            labels: self.labels.0.clone(),
+            capacity: self.capacity.0.clone(),
+            drivers: self.drivers.0.clone(),
+            state: self.state(),
+            load: self.load.0.clone(),
+            batches_in_flight: self.in_flight,
+            registered_at: rfc3339(self.registered_at),
+            last_heartbeat_at: rfc3339(self.last_heartbeat_at),
+        }
+    }
+}
+
+const SELECT_RUNNERS: &str = "SELECT r.id, r.name, r.address, r.labels, r.capacity, r.drivers, r.state, r.load,
+        r.signing_key, r.registered_at, r.last_heartbeat_at,
+        r.last_heartbeat_at < now() - make_interval(secs => $1) AS lost,
+        (SELECT count(*) FROM batches b WHERE b.runner_id = r.id AND b.state = 'dispatched') AS in_flight
+    FROM runners r";
+
+/// Registers a runner; returns its id and signing key.
+pub async fn register(pool: &PgPool, key_id: &str, req: &RegisterRequest) -> Result<(String, Vec<u8>)> {
+    let id = format!("rn_{}", uuid::Uuid::new_v4().simple());
+    let mut key = vec![0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    sqlx::query(
+        "INSERT INTO runners (id, name, address, labels, capacity, drivers, signing_key, key_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&id)
+    .bind(&req.name)
+    .bind(&req.address)
+    .bind(Json(&req.labels))
+    .bind(Json(&req.capacity))
+    .bind(Json(&req.drivers))
+    .bind(&key)
+    .bind(key_id)
+    .execute(pool)
+    .await?;
+    Ok((id, key))
+}
+
+/// One runner, whatever its state.
+pub async fn get(pool: &PgPool, id: &str, lost_after_seconds: f64) -> Result<RunnerRow> {
+    sqlx::query_as(&format!("{SELECT_RUNNERS} WHERE r.id = $2"))
+        .bind(lost_after_seconds)
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| PlatformError::NotFound(format!("runner {id} not found")))
+}
+
+/// Every runner not deregistered, oldest first.
+pub async fn list(pool: &PgPool, lost_after_seconds: f64) -> Result<Vec<RunnerRow>> {
+    Ok(sqlx::query_as(&format!("{SELECT_RUNNERS} WHERE r.state <> 'gone' ORDER BY r.registered_at, r.id"))
+        .bind(lost_after_seconds)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// Records a heartbeat and extends the leases of the batches the runner
+/// says it holds (only batches dispatched to it). Returns the leases
+/// extended. A deregistered runner gets a 409 and must register again.
+pub async fn heartbeat(
+    pool: &PgPool,
+    id: &str,
+    state: RunnerState,
+    load: &RunnerLoad,
+    batch_ids: &[i64],
+) -> Result<u64> {
+    let state = match state {
+        RunnerState::Draining => "draining",
+        _ => "active",
+    };
+    let updated = sqlx::query(
+        "UPDATE runners SET last_heartbeat_at = now(), state = $2, load = $3 WHERE id = $1 AND state <> 'gone'",
+    )
+    .bind(id)
+    .bind(state)
+    .bind(Json(load))
+    .execute(pool)
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        return Err(PlatformError::Conflict(format!("runner {id} is deregistered; register again")));
+    }
+    if batch_ids.is_empty() {
+        return Ok(0);
+    }
+    // Concurrency: row locks on the leased items, as any lease update; only
+    // leases still held (unexpired) by this runner's batches move.
+    Ok(sqlx::query(
+        "UPDATE work_items w SET lease_expires_at = now() + make_interval(secs => w.lease_seconds), updated_at = now()
+         FROM batches b
+         WHERE b.id = ANY($2) AND b.runner_id = $1 AND b.state = 'dispatched'
+           AND w.function_id = b.function_id AND w.batch_id = b.id
+           AND w.state = 'leased' AND w.lease_expires_at > now()",
+    )
+    .bind(id)
+    .bind(batch_ids)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Marks a runner deregistered. Its open batches' leases run out and are
+/// reissued as free retries.
+pub async fn deregister(pool: &PgPool, id: &str) -> Result<()> {
+    sqlx::query("UPDATE runners SET state = 'gone' WHERE id = $1").bind(id).execute(pool).await?;
+    Ok(())
+}
+
+/// A batch record.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BatchRow {
+    pub id: i64,
+    pub function_id: String,
+    pub runner_id: String,
+    pub state: String,
+    pub written: i32,
+    pub failed: i32,
+    pub dropped: i32,
+}
+
+/// Records a batch as dispatched to a runner.
+pub async fn record_dispatch(
+    pool: &PgPool,
+    batch_id: i64,
+    function_id: &str,
+    revision: i32,
+    runner_id: &str,
+    items: usize,
+) -> Result<()> {
+    sqlx::query("INSERT INTO batches (id, function_id, revision, runner_id, items) VALUES ($1, $2, $3, $4, $5)")
+        .bind(batch_id)
+        .bind(function_id)
+        .bind(revision)
+        .bind(runner_id)
+        .bind(items as i32)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The batch, locked for its report. Concurrency: `FOR UPDATE`, so two
+/// deliveries of one report run one after the other and the second sees
+/// `reported`.
+pub async fn lock_batch(tx: &mut Transaction<'_, Postgres>, batch_id: i64) -> Result<Option<BatchRow>> {
+    Ok(sqlx::query_as(
+        "SELECT id, function_id, runner_id, state, written, failed, dropped FROM batches WHERE id = $1 FOR UPDATE",
+    )
+    .bind(batch_id)
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+/// Closes a batch with its outcome.
+pub async fn finish_batch(
+    tx: &mut Transaction<'_, Postgres>,
+    batch_id: i64,
+    state: &str,
+    counts: (u64, u64, u64),
+    worker: Option<&str>,
+    error: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE batches SET state = $2, written = $3, failed = $4, dropped = $5, worker = $6, error = $7,
+             finished_at = now()
+         WHERE id = $1",
+    )
+    .bind(batch_id)
+    .bind(state)
+    .bind(counts.0 as i32)
+    .bind(counts.1 as i32)
+    .bind(counts.2 as i32)
+    .bind(worker)
+    .bind(error)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Closes a batch that never ran (its send failed) or whose leases ran out.
+pub async fn abandon_batch(pool: &PgPool, batch_id: i64, error: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE batches SET state = 'abandoned', error = $2, finished_at = now() WHERE id = $1 AND state = 'dispatched'",
+    )
+    .bind(batch_id)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

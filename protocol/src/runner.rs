@@ -1,0 +1,395 @@
+//! The runner protocol: registration and heartbeats (runner → platform),
+//! batches pushed to runners (platform → runner), reports of their results
+//! (runner → platform), and the push protocol between a runner and its
+//! workers (`POST /run`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::work::ClaimedItem;
+
+/// What a runner offers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Capacity {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    /// Batches the runner runs at once.
+    pub slots: u32,
+    #[serde(default)]
+    pub gpus: Vec<GpuInfo>,
+}
+
+/// One GPU, as the runner's inventory reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    pub memory_bytes: u64,
+}
+
+/// `POST /v2/runners`, with an API key that has the `runner` claim or the
+/// admin scope.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub name: String,
+    /// Where the platform reaches the runner (`http://host:port`).
+    pub address: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Capacity,
+    /// Worker drivers the runner has: `process`, later `docker`.
+    #[serde(default)]
+    pub drivers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub runner_id: String,
+    /// The runner's session token (a JWT) for heartbeats and deregistration;
+    /// heartbeat answers carry its replacement before it expires.
+    pub token: String,
+    pub token_expires_in_seconds: u64,
+    /// The key (hex) the platform signs this runner's tokens with; the runner
+    /// checks the batches it is sent against it. Shown once.
+    pub signing_key: String,
+    pub heartbeat_interval_seconds: u32,
+}
+
+/// A runner's state as the platform sees it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RunnerState {
+    /// Heartbeating and taking batches.
+    Active,
+    /// Finishing its batches after SIGTERM; takes no new ones.
+    Draining,
+    /// Missed its heartbeats: takes no batches; its leases run out.
+    Lost,
+    /// Deregistered.
+    Gone,
+}
+
+/// A warm (or starting) worker on a runner.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerView {
+    pub udf_id: String,
+    pub revision: i32,
+    /// `starting`, `idle` or `busy`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunnerLoad {
+    /// Batches accepted and not yet reported.
+    pub batches: u32,
+    #[serde(default)]
+    pub workers: Vec<WorkerView>,
+}
+
+/// `POST /v2/runners/{id}/heartbeat`, with the session token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// `active` or `draining`.
+    pub state: RunnerState,
+    pub load: RunnerLoad,
+    /// Batches the runner holds: their leases are extended.
+    #[serde(default)]
+    pub batch_ids: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// A fresh session token once the current one is past half its life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Leases extended.
+    pub extended: u64,
+}
+
+/// A runner in `GET /v2/runners`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerView {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Capacity,
+    pub drivers: Vec<String>,
+    pub state: RunnerState,
+    pub load: RunnerLoad,
+    pub batches_in_flight: i64,
+    pub registered_at: String,
+    pub last_heartbeat_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerList {
+    pub runners: Vec<RunnerView>,
+}
+
+/// How the runner runs a Function's workers: the parts of the spec it needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerPlan {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub batch_size: u32,
+    pub timeout_seconds: u32,
+    pub lease_seconds: u32,
+    pub replicas_min: u32,
+    pub replicas_max: u32,
+}
+
+/// `POST /v1/batches` on a runner, signed by the platform
+/// (`Authorization: Bearer <dispatch token>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchAssignment {
+    pub batch_id: i64,
+    pub udf_id: String,
+    pub revision: i32,
+    pub version: String,
+    pub worker: WorkerPlan,
+    pub items: Vec<ClaimedItem>,
+    /// The token the runner presents when it reports this batch.
+    pub report_token: String,
+}
+
+/// How a row failed, as workers and runners classify it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// Try again later (spends an attempt).
+    Transient,
+    /// Can never succeed: fails at once.
+    Permanent,
+    /// The worker call ran past `timeoutSeconds`.
+    Timeout,
+    /// The worker ran out of memory.
+    Oom,
+    /// The runner could not run the batch for reasons of its own (no worker
+    /// could start, it is shutting down): a free retry.
+    RunnerLost,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Transient => "transient",
+            FailureKind::Permanent => "permanent",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Oom => "oom",
+            FailureKind::RunnerLost => "runner_lost",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RowError {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+/// One row's outcome: `attributes` (and optionally `vector`), or `error`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RowResult {
+    pub namespace: String,
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vector: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<RowError>,
+}
+
+/// `POST /v2/runners/{id}/batches/{batch_id}/report`, with the batch's
+/// report token. Idempotent: a repeat changes nothing and is acknowledged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchReport {
+    pub results: Vec<RowResult>,
+    /// The worker that ran the batch (for the batch record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReportResponse {
+    pub batch_id: i64,
+    /// Results written with their markers.
+    pub written: u64,
+    /// Failures recorded.
+    pub failed: u64,
+    /// Results dropped: the lease was lost or the row changed since.
+    pub dropped: u64,
+}
+
+/// The push protocol: what a worker's `POST /run` receives.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRequest {
+    pub udf_id: String,
+    pub version: String,
+    pub batch_id: i64,
+    pub items: Vec<ClaimedItem>,
+}
+
+/// The claims of every token the platform signs (HS256, per-runner key).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenClaims {
+    /// Always [`TOKEN_ISSUER`].
+    pub iss: String,
+    /// [`AUDIENCE_PLATFORM`] for tokens the runner presents,
+    /// [`AUDIENCE_RUNNER`] for batches the platform sends.
+    pub aud: String,
+    /// The runner id.
+    pub sub: String,
+    pub iat: u64,
+    pub exp: u64,
+    /// The batch a dispatch or report token is for; none on session tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<i64>,
+}
+
+pub const TOKEN_ISSUER: &str = "layer-platform";
+pub const AUDIENCE_PLATFORM: &str = "layer-platform";
+pub const AUDIENCE_RUNNER: &str = "layer-runner";
+
+/// Signing and checking the platform's tokens. HS256 only (the algorithm is
+/// pinned on both sides), with the runner's own key, so a runner can neither
+/// forge another runner's tokens nor present one of them.
+pub mod tokens {
+    use super::{AUDIENCE_PLATFORM, AUDIENCE_RUNNER, TOKEN_ISSUER, TokenClaims};
+    use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+
+    /// Session tokens live this long; heartbeats replace them at half-life.
+    pub const SESSION_TTL_SECONDS: u64 = 600;
+    /// Dispatch tokens only need to outlive the HTTP call that carries them.
+    pub const DISPATCH_TTL_SECONDS: u64 = 60;
+
+    /// What a token is for.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Purpose {
+        /// Runner → platform: heartbeats, deregistration.
+        Session,
+        /// Platform → runner: one batch.
+        Dispatch(i64),
+        /// Runner → platform: the report of one batch.
+        Report(i64),
+    }
+
+    impl Purpose {
+        fn audience(self) -> &'static str {
+            match self {
+                Purpose::Dispatch(_) => AUDIENCE_RUNNER,
+                Purpose::Session | Purpose::Report(_) => AUDIENCE_PLATFORM,
+            }
+        }
+        fn batch(self) -> Option<i64> {
+            match self {
+                Purpose::Session => None,
+                Purpose::Dispatch(b) | Purpose::Report(b) => Some(b),
+            }
+        }
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+    }
+
+    /// Signs a token for `runner_id` valid for `ttl_seconds`.
+    pub fn sign(key: &[u8], runner_id: &str, purpose: Purpose, ttl_seconds: u64) -> String {
+        let iat = now();
+        let claims = TokenClaims {
+            iss: TOKEN_ISSUER.into(),
+            aud: purpose.audience().into(),
+            sub: runner_id.into(),
+            iat,
+            exp: iat + ttl_seconds,
+            batch: purpose.batch(),
+        };
+        // HS256 over a serialisable struct cannot fail.
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(key))
+            .unwrap_or_default()
+    }
+
+    /// Checks signature (HS256 only), issuer, audience, expiry (no leeway),
+    /// the runner and the purpose. The error says which check failed.
+    pub fn verify(key: &[u8], token: &str, runner_id: &str, purpose: Purpose) -> Result<TokenClaims, String> {
+        let mut v = Validation::new(Algorithm::HS256);
+        v.set_issuer(&[TOKEN_ISSUER]);
+        v.set_audience(&[purpose.audience()]);
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        v.leeway = 0;
+        let data = jsonwebtoken::decode::<TokenClaims>(token, &DecodingKey::from_secret(key), &v)
+            .map_err(|e| format!("token refused: {e}"))?;
+        let c = data.claims;
+        if c.sub != runner_id {
+            return Err(format!("token refused: it was issued to runner {}, not {runner_id}", c.sub));
+        }
+        if c.batch != purpose.batch() {
+            return Err("token refused: it was issued for another purpose or batch".into());
+        }
+        Ok(c)
+    }
+
+    /// Seconds a token has left (for rotation), without checking it.
+    pub fn seconds_left(claims: &TokenClaims) -> u64 {
+        claims.exp.saturating_sub(now())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn tokens_are_bound_to_key_runner_purpose_and_time() {
+            let key = b"0123456789abcdef0123456789abcdef";
+            let t = sign(key, "r1", Purpose::Report(7), 60);
+            assert!(verify(key, &t, "r1", Purpose::Report(7)).is_ok());
+            assert!(verify(b"another key, same length.........", &t, "r1", Purpose::Report(7)).is_err());
+            assert!(verify(key, &t, "r2", Purpose::Report(7)).unwrap_err().contains("issued to runner r1"));
+            assert!(verify(key, &t, "r1", Purpose::Report(8)).is_err());
+            assert!(verify(key, &t, "r1", Purpose::Session).is_err());
+            // The dispatch audience differs from the report audience.
+            assert!(verify(key, &t, "r1", Purpose::Dispatch(7)).is_err());
+            let expired = {
+                let claims = TokenClaims {
+                    iss: TOKEN_ISSUER.into(),
+                    aud: AUDIENCE_PLATFORM.into(),
+                    sub: "r1".into(),
+                    iat: 1,
+                    exp: now() - 1,
+                    batch: None,
+                };
+                jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(key)).unwrap()
+            };
+            assert!(verify(key, &expired, "r1", Purpose::Session).unwrap_err().contains("Expired"));
+            // Another algorithm is refused even with the right key.
+            let hs512 = jsonwebtoken::encode(
+                &Header::new(Algorithm::HS512),
+                &TokenClaims {
+                    iss: TOKEN_ISSUER.into(),
+                    aud: AUDIENCE_PLATFORM.into(),
+                    sub: "r1".into(),
+                    iat: 1,
+                    exp: now() + 60,
+                    batch: None,
+                },
+                &EncodingKey::from_secret(key),
+            )
+            .unwrap();
+            assert!(verify(key, &hs512, "r1", Purpose::Session).is_err());
+        }
+    }
+}
