@@ -487,7 +487,10 @@ fn worker_spec(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<Wo
             WORKER_FIELDS[1].name(case)
         );
         if given == 0 {
-            p.push(path, format!("dispatch push needs one of {names}: the runner must have something to start or call"));
+            p.push(
+                path,
+                format!("dispatch push needs one of {names}: the runner must have something to start or call"),
+            );
         } else if given > 1 {
             p.push(path, format!("dispatch push takes exactly one of {names}"));
         }

@@ -1,24 +1,224 @@
-//! The Layer node runner. This crate is a skeleton: registration, warm
-//! worker pools, timeouts and NVML GPU binding arrive with the push-dispatch
-//! and container issues. What is here is the shape they fill in.
+//! The Layer node runner: registers with the platform, takes batches pushed
+//! to it, runs them on warm workers, reports the results.
+//!
+//! - [`inventory`]: the node's capacity; GPUs behind the [`inventory::GpuInventory`] trait.
+//! - [`pool`]: warm worker pools per (Function, revision); the process driver.
+//! - [`exec`]: one batch on a worker: timeout, size cap, classification, splitting.
+//! - [`server`]: the runner's HTTP API (`POST /v1/batches`, `/healthz`, `/v1/status`).
+//! - [`platform`]: registration, heartbeats, reports, deregistration.
+//!
+//! Shutdown drains: the runner stops taking batches (and says so in its
+//! heartbeat), finishes and reports the ones it holds, deregisters, and
+//! stops its workers.
 
+pub mod exec;
+pub mod inventory;
+pub mod platform;
+pub mod pool;
+pub mod server;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// What a runner needs to start.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// The platform's base URL.
     pub platform: String,
+    /// An API key with the `runner` claim or the admin scope.
+    pub api_key: String,
+    /// Where the runner listens.
+    pub listen: SocketAddr,
+    /// The URL the platform reaches the runner at; by default
+    /// `http://<listen address>`.
+    pub advertise: Option<String>,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Batches run at once; by default the CPU count (at least 2).
+    pub slots: Option<u32>,
+    /// Idle workers beyond `replicas.min` stop after this long.
+    pub idle_timeout: Duration,
+    pub startup_timeout: Duration,
+    /// Handed to workers as `LAYER_GATEWAY_API_KEY`.
+    pub worker_api_key: Option<String>,
+    pub max_response_bytes: usize,
+    /// How long a drain waits for batches in progress.
+    pub drain_timeout: Duration,
+    pub gpus: Arc<dyn inventory::GpuInventory>,
 }
 
-/// Why a runner stopped.
+impl Config {
+    pub fn new(platform: impl Into<String>, api_key: impl Into<String>) -> Self {
+        Config {
+            platform: platform.into(),
+            api_key: api_key.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            name: std::env::var("HOSTNAME").unwrap_or_else(|_| "runner".into()),
+            labels: BTreeMap::new(),
+            slots: None,
+            idle_timeout: Duration::from_secs(300),
+            startup_timeout: Duration::from_secs(60),
+            worker_api_key: None,
+            max_response_bytes: 64 << 20,
+            drain_timeout: Duration::from_secs(300),
+            gpus: Arc::new(inventory::NoGpus),
+        }
+    }
+}
+
+/// Why a runner could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
-    #[error("the runner is not implemented yet: push dispatch arrives with a later issue")]
-    NotImplemented,
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+    #[error("registration with the platform failed: {0}")]
+    Register(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
-/// Runs a runner until `shutdown` is cancelled.
-pub async fn run(_config: Config, _shutdown: CancellationToken) -> Result<(), RunnerError> {
-    Err(RunnerError::NotImplemented)
+/// State the server, the heartbeat and the batch tasks share.
+pub struct Shared {
+    pub runner_id: String,
+    pub signing_key: Vec<u8>,
+    pub slots: u32,
+    pub draining: AtomicBool,
+    /// Batches accepted and not yet reported.
+    pub held: Mutex<HashSet<i64>>,
+    pub exec: exec::Exec,
+    pub platform: platform::PlatformClient,
+    pub batches: TaskTracker,
+}
+
+impl Shared {
+    pub fn held_ids(&self) -> Vec<i64> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect()
+    }
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// A started runner.
+pub struct Started {
+    pub addr: SocketAddr,
+    pub runner_id: String,
+    task: JoinHandle<Result<(), RunnerError>>,
+}
+
+impl Started {
+    /// Waits until the runner has drained and stopped.
+    pub async fn wait(self) -> Result<(), RunnerError> {
+        self.task.await.map_err(|e| RunnerError::Io(std::io::Error::other(e.to_string())))?
+    }
+}
+
+/// Binds, registers and starts serving; returns once registered.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Started, RunnerError> {
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.map_err(|e| RunnerError::Listen(config.listen, e))?;
+    let addr = listener.local_addr()?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| RunnerError::Register(e.to_string()))?;
+    let capacity = inventory::capacity(config.slots, config.gpus.as_ref());
+    tracing::info!(gpus = capacity.gpus.len(), inventory = %config.gpus.describe(), "node inventory");
+    let client = platform::PlatformClient::new(config.platform.clone(), http.clone());
+    let registration = client
+        .register(&config.api_key, &config.name, &advertise, &config.labels, capacity.clone())
+        .await
+        .map_err(RunnerError::Register)?;
+    let signing_key = hex::decode(&registration.signing_key)
+        .map_err(|e| RunnerError::Register(format!("the platform sent a bad signing key: {e}")))?;
+    client.set_session(&registration.runner_id, registration.token.clone());
+    tracing::info!(runner_id = %registration.runner_id, %advertise, slots = capacity.slots, "runner registered");
+    let pools = pool::Pools::new(
+        pool::PoolConfig {
+            idle_timeout: config.idle_timeout,
+            startup_timeout: config.startup_timeout,
+            platform_url: config.platform.clone(),
+            worker_api_key: config.worker_api_key.clone(),
+        },
+        http.clone(),
+    );
+    let shared = Arc::new(Shared {
+        runner_id: registration.runner_id.clone(),
+        signing_key,
+        slots: capacity.slots,
+        draining: AtomicBool::new(false),
+        held: Mutex::new(HashSet::new()),
+        exec: exec::Exec { pools: pools.clone(), http, max_response_bytes: config.max_response_bytes },
+        platform: client,
+        batches: TaskTracker::new(),
+    });
+    let heartbeat_every = Duration::from_secs(u64::from(registration.heartbeat_interval_seconds.max(1)));
+    let runner_id = registration.runner_id.clone();
+    let task = tokio::spawn(run(shared, listener, heartbeat_every, config.drain_timeout, shutdown));
+    Ok(Started { addr, runner_id, task })
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    heartbeat_every: Duration,
+    drain_timeout: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), RunnerError> {
+    let stop_serving = CancellationToken::new();
+    let app = server::router(shared.clone());
+    let serving = tokio::spawn({
+        let stop = stop_serving.clone();
+        async move { axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await }
+    });
+    let stop_duties = CancellationToken::new();
+    let heartbeat = tokio::spawn(platform::heartbeat_loop(shared.clone(), heartbeat_every, stop_duties.clone()));
+    let housekeeping = tokio::spawn({
+        let pools = shared.exec.pools.clone();
+        let stop = stop_duties.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                pools.reap_idle();
+                pools.keep_minimum().await;
+            }
+        }
+    });
+
+    shutdown.cancelled().await;
+    // Drain: refuse new batches, tell the platform, finish what is held.
+    shared.draining.store(true, Ordering::SeqCst);
+    tracing::info!(held = shared.held_ids().len(), "draining: finishing batches in progress");
+    shared.platform.heartbeat_once(&shared).await.ok();
+    shared.batches.close();
+    if tokio::time::timeout(drain_timeout, shared.batches.wait()).await.is_err() {
+        tracing::warn!("drain timed out; the remaining batches' leases will expire and be reissued");
+    }
+    stop_duties.cancel();
+    let _ = heartbeat.await;
+    let _ = housekeeping.await;
+    if let Err(e) = shared.platform.deregister().await {
+        tracing::warn!(error = %e, "deregistration failed; the platform will find the runner lost");
+    }
+    stop_serving.cancel();
+    let _ = serving.await;
+    shared.exec.pools.stop_all();
+    // Give stopping workers their grace period.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tracing::info!("runner stopped");
+    Ok(())
 }

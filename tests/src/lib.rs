@@ -270,3 +270,45 @@ pub async fn run_python(script: &str, platform: &TestPlatform, extra_env: &[(&st
     }
     Ok(text)
 }
+
+/// The repository root (for example workers and Function files).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// A runner started in-process against a [`TestPlatform`].
+pub struct TestRunner {
+    pub id: String,
+    pub addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    started: Option<layer_runner::Started>,
+}
+
+impl TestRunner {
+    /// Starts a runner with `slots` and the given idle window.
+    pub async fn start(p: &TestPlatform, tweak: impl FnOnce(&mut layer_runner::Config)) -> Result<TestRunner> {
+        let mut config = layer_runner::Config::new(p.url.clone(), p.admin_key.clone());
+        config.name = "test-runner".into();
+        config.slots = Some(4);
+        config.drain_timeout = Duration::from_secs(60);
+        tweak(&mut config);
+        let shutdown = CancellationToken::new();
+        let started = layer_runner::start(config, shutdown.clone()).await?;
+        Ok(TestRunner { id: started.runner_id.clone(), addr: started.addr, shutdown, started: Some(started) })
+    }
+
+    /// Drains and stops the runner (what SIGTERM does).
+    pub async fn stop(mut self) -> Result<()> {
+        self.shutdown.cancel();
+        if let Some(s) = self.started.take() {
+            s.wait().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestRunner {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

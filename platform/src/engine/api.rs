@@ -34,7 +34,10 @@ fn check_worker(worker_id: &str) -> Result<()> {
         return Err(PlatformError::invalid("worker_id", "must be 1-256 characters"));
     }
     if worker_id.starts_with("runner/") {
-        return Err(PlatformError::invalid("worker_id", "ids starting with runner/ belong to batches pushed to runners"));
+        return Err(PlatformError::invalid(
+            "worker_id",
+            "ids starting with runner/ belong to batches pushed to runners",
+        ));
     }
     Ok(())
 }

@@ -553,7 +553,9 @@ pub async fn reap_expired(pool: &PgPool, batch: i64, runner_lost_after: std::tim
         let next = next_state(e.attempts as u32, e.free_retries as u32, class, &e.retry.0, jitter());
         let holder = e.worker_id.as_deref().unwrap_or("?");
         let message = if e.runner_lost {
-            format!("the runner holding the batch ({holder}) stopped heartbeating; reissued without spending an attempt")
+            format!(
+                "the runner holding the batch ({holder}) stopped heartbeating; reissued without spending an attempt"
+            )
         } else {
             format!("the lease expired after {} s without a report from {holder}", e.lease_seconds.unwrap_or_default())
         };

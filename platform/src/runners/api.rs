@@ -68,10 +68,7 @@ async fn register(
     }))
 }
 
-async fn list(
-    State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
-) -> Result<Json<RunnerList>, ApiError> {
+async fn list(State(state): State<AppState>, Extension(p): Extension<Principal>) -> Result<Json<RunnerList>, ApiError> {
     p.require(Scope::Read)?;
     let rows = store::list(&state.pool, state.settings.runners.lost_after.as_secs_f64()).await?;
     Ok(Json(RunnerList { runners: rows.iter().map(RunnerRow::view).collect() }))
@@ -88,7 +85,9 @@ async fn authenticate_runner(
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-        .ok_or_else(|| PlatformError::Unauthorized("missing runner token: send `Authorization: Bearer <token>`".into()))?;
+        .ok_or_else(|| {
+            PlatformError::Unauthorized("missing runner token: send `Authorization: Bearer <token>`".into())
+        })?;
     let runner = match store::get(&state.pool, runner_id, state.settings.runners.lost_after.as_secs_f64()).await {
         Ok(r) => r,
         Err(PlatformError::NotFound(_)) => {

@@ -82,7 +82,10 @@ fn driver_for(udf: &Udf) -> &'static str {
 
 /// The node selector of the Function's compute pool (from `InfraRules`),
 /// empty when no rules name the pool.
-fn pool_selector<'a>(udf: &Udf, pools: &'a BTreeMap<String, BTreeMap<String, String>>) -> Option<&'a BTreeMap<String, String>> {
+fn pool_selector<'a>(
+    udf: &Udf,
+    pools: &'a BTreeMap<String, BTreeMap<String, String>>,
+) -> Option<&'a BTreeMap<String, String>> {
     let name = match udf.spec.scaling.as_ref().and_then(|s| s.pool.clone()) {
         Some(p) => p,
         None => match udf.spec.worker.compute_class {
@@ -112,12 +115,8 @@ fn place<'a>(
         .filter(|r| !gpu || !r.capacity.0.gpus.is_empty())
         .filter(|r| selector.is_none_or(|s| s.iter().all(|(k, v)| r.labels.0.get(k) == Some(v))))
         .min_by_key(|r| {
-            let warm = r
-                .load
-                .0
-                .workers
-                .iter()
-                .any(|w| w.udf_id == udf.id && w.revision == udf.revision && w.state == "idle");
+            let warm =
+                r.load.0.workers.iter().any(|w| w.udf_id == udf.id && w.revision == udf.revision && w.state == "idle");
             (!warm, r.in_flight)
         })
 }
@@ -227,8 +226,12 @@ impl Dispatcher {
                     items,
                     report_token: tokens::sign(&runner.signing_key, &runner.id, Purpose::Report(batch_id), report_ttl),
                 };
-                let token =
-                    tokens::sign(&runner.signing_key, &runner.id, Purpose::Dispatch(batch_id), tokens::DISPATCH_TTL_SECONDS);
+                let token = tokens::sign(
+                    &runner.signing_key,
+                    &runner.id,
+                    Purpose::Dispatch(batch_id),
+                    tokens::DISPATCH_TTL_SECONDS,
+                );
                 let send = Send {
                     pool: self.pool.clone(),
                     http: self.http.clone(),
@@ -276,7 +279,12 @@ impl Send {
         let failures = assignment
             .items
             .into_iter()
-            .map(|i| Failure { namespace: i.namespace, id: i.id, class: FailureClass::RunnerLost, message: error.clone() })
+            .map(|i| Failure {
+                namespace: i.namespace,
+                id: i.id,
+                class: FailureClass::RunnerLost,
+                message: error.clone(),
+            })
             .collect();
         if let Err(e) = queue::fail(&self.pool, &self.udf, &self.holder, failures).await {
             tracing::warn!(batch_id, error = %e, "releasing a refused batch failed; its leases will expire instead");

@@ -1,0 +1,323 @@
+//! Running one batch on a worker: `POST /run` with the timeout enforced,
+//! the answer size-capped and checked, every misbehaviour turned into a
+//! classified per-row failure with a message, and a batch that fails as a
+//! whole split in halves (recursively) so one poison row cannot sink its
+//! neighbours.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use layer_protocol::runner::{BatchAssignment, FailureKind, RowError, RowResult, RunRequest};
+use layer_protocol::work::ClaimedItem;
+use serde_json::{Map, Value};
+
+use crate::pool::{AcquireError, Pools, WorkerLease};
+
+/// What a batch run needs.
+#[derive(Clone)]
+pub struct Exec {
+    pub pools: Pools,
+    pub http: reqwest::Client,
+    /// The largest worker answer read.
+    pub max_response_bytes: usize,
+}
+
+/// Why a call failed as a whole.
+#[derive(Debug, Clone, PartialEq)]
+enum CallFailure {
+    Timeout(u32),
+    Crashed(String),
+    Status(u16, String),
+    Overloaded,
+    Garbage(String),
+}
+
+impl CallFailure {
+    fn row_error(&self) -> RowError {
+        let (kind, message) = match self {
+            CallFailure::Timeout(s) => (
+                FailureKind::Timeout,
+                format!("the worker did not answer within timeoutSeconds ({s} s); it was killed and replaced"),
+            ),
+            CallFailure::Crashed(m) => (FailureKind::Transient, format!("the worker crashed mid-batch: {m}")),
+            CallFailure::Status(code, body) => {
+                (FailureKind::Transient, format!("the worker answered HTTP {code}: {body}"))
+            }
+            CallFailure::Overloaded => {
+                (FailureKind::Transient, "the worker is overloaded (HTTP 429); try again later".to_string())
+            }
+            CallFailure::Garbage(m) => (FailureKind::Transient, format!("the worker's answer is not valid: {m}")),
+        };
+        RowError { kind, message }
+    }
+
+    /// Whether splitting the batch could help: not for an overloaded worker.
+    fn splits(&self) -> bool {
+        !matches!(self, CallFailure::Overloaded)
+    }
+}
+
+fn failed(items: &[ClaimedItem], error: &RowError) -> Vec<RowResult> {
+    items
+        .iter()
+        .map(|i| RowResult {
+            namespace: i.namespace.clone(),
+            id: i.id.clone(),
+            attributes: None,
+            vector: None,
+            error: Some(error.clone()),
+        })
+        .collect()
+}
+
+impl Exec {
+    /// Runs a batch to per-row results, one for each item, in item order.
+    /// Returns them with the worker that ran (the last one, if split).
+    pub async fn run(&self, a: &BatchAssignment) -> (Vec<RowResult>, Option<String>) {
+        let mut worker = None;
+        let results = self.run_items(a, &a.items, &mut worker).await;
+        (results, worker)
+    }
+
+    fn run_items<'a>(
+        &'a self,
+        a: &'a BatchAssignment,
+        items: &'a [ClaimedItem],
+        worker: &'a mut Option<String>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Vec<RowResult>> + Send + 'a>> {
+        Box::pin(async move {
+            if items.is_empty() {
+                return Vec::new();
+            }
+            let wait = Duration::from_secs(u64::from(a.worker.lease_seconds) / 2);
+            let mut lease = match self.pools.acquire(&a.udf_id, a.revision, &a.worker, wait).await {
+                Ok(l) => l,
+                Err(AcquireError::StartFailed(m)) => {
+                    let e =
+                        RowError { kind: FailureKind::Transient, message: format!("the worker did not start: {m}") };
+                    return failed(items, &e);
+                }
+                Err(AcquireError::Busy(m)) => {
+                    return failed(items, &RowError { kind: FailureKind::RunnerLost, message: m });
+                }
+            };
+            *worker = Some(lease.worker().name.clone());
+            match self.call(&mut lease, a, items).await {
+                Ok(results) => results,
+                Err(f) => {
+                    drop(lease);
+                    if items.len() > 1 && f.splits() {
+                        tracing::info!(batch_id = a.batch_id, rows = items.len(), failure = ?f, "batch failed as a whole; splitting it");
+                        let (left, right) = items.split_at(items.len() / 2);
+                        let mut out = self.run_items(a, left, worker).await;
+                        out.extend(self.run_items(a, right, worker).await);
+                        out
+                    } else {
+                        failed(items, &f.row_error())
+                    }
+                }
+            }
+        })
+    }
+
+    async fn call(
+        &self,
+        lease: &mut WorkerLease,
+        a: &BatchAssignment,
+        items: &[ClaimedItem],
+    ) -> Result<Vec<RowResult>, CallFailure> {
+        let body = RunRequest {
+            udf_id: a.udf_id.clone(),
+            version: a.version.clone(),
+            batch_id: a.batch_id,
+            items: items.to_vec(),
+        };
+        let url = format!("{}/run", lease.worker().base_url());
+        let timeout = Duration::from_secs(u64::from(a.worker.timeout_seconds));
+        let call = async {
+            let response = self.http.post(&url).json(&body).send().await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let bytes = read_capped(response, self.max_response_bytes).await?;
+            Ok::<_, String>((status, bytes))
+        };
+        let outcome = tokio::time::timeout(timeout, call).await;
+        let (status, bytes) = match outcome {
+            Err(_) => {
+                // Stage one was dropping the call; stage two kills the
+                // worker (its process group) and a new one replaces it.
+                lease.discard();
+                return Err(CallFailure::Timeout(a.worker.timeout_seconds));
+            }
+            Ok(Err(e)) => {
+                lease.discard();
+                // Give a dying process a moment to be reaped.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let detail = match lease.worker_mut().exited() {
+                    Some(status) => format!("it exited ({status})"),
+                    None => e,
+                };
+                return Err(CallFailure::Crashed(detail));
+            }
+            Ok(Ok(r)) => r,
+        };
+        if status.as_u16() == 429 {
+            return Err(CallFailure::Overloaded);
+        }
+        if !status.is_success() {
+            let text: String = String::from_utf8_lossy(&bytes).chars().take(300).collect();
+            return Err(CallFailure::Status(status.as_u16(), text));
+        }
+        match parse_results(&bytes, items) {
+            Ok(r) => Ok(r),
+            Err(m) => {
+                lease.discard();
+                Err(CallFailure::Garbage(m))
+            }
+        }
+    }
+}
+
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if out.len() + chunk.len() > cap {
+            return Err(format!("the answer is larger than the runner's cap of {cap} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// Checks a worker's answer against the batch: one result per item, in
+/// item order. Rows the answer leaves out, or gives twice, fail with a
+/// message; results for rows not in the batch are ignored (and logged).
+/// An answer that is not `{"results": [...]}` is an error for the whole
+/// call.
+pub fn parse_results(bytes: &[u8], items: &[ClaimedItem]) -> Result<Vec<RowResult>, String> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| {
+        let head: String = String::from_utf8_lossy(bytes).chars().take(80).collect();
+        format!("not JSON ({e}); it began {head:?}")
+    })?;
+    let results = v.get("results").and_then(Value::as_array).ok_or("expected an object with a \"results\" array")?;
+    let mut by_key: HashMap<(String, String), Vec<RowResult>> = HashMap::new();
+    let ids_in_batch: HashMap<&str, &str> = items.iter().map(|i| (i.id.as_str(), i.namespace.as_str())).collect();
+    for (n, r) in results.iter().enumerate() {
+        let Some(obj) = r.as_object() else {
+            return Err(format!("results[{n}] is not an object"));
+        };
+        let Some(id) = obj.get("id").and_then(Value::as_str) else {
+            return Err(format!("results[{n}] has no string \"id\""));
+        };
+        let namespace = match obj.get("namespace").and_then(Value::as_str) {
+            Some(ns) => ns.to_string(),
+            None => match ids_in_batch.get(id) {
+                Some(ns) => ns.to_string(),
+                None => String::new(),
+            },
+        };
+        let row = row_result(namespace.clone(), id.to_string(), obj, n);
+        by_key.entry((namespace, id.to_string())).or_default().push(row);
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for i in items {
+        let key = (i.namespace.clone(), i.id.clone());
+        let row = match by_key.remove(&key) {
+            None => RowResult {
+                namespace: i.namespace.clone(),
+                id: i.id.clone(),
+                attributes: None,
+                vector: None,
+                error: Some(RowError {
+                    kind: FailureKind::Transient,
+                    message: "the worker's answer did not include this row".into(),
+                }),
+            },
+            Some(mut rows) if rows.len() == 1 => rows.remove(0),
+            Some(rows) => RowResult {
+                namespace: i.namespace.clone(),
+                id: i.id.clone(),
+                attributes: None,
+                vector: None,
+                error: Some(RowError {
+                    kind: FailureKind::Transient,
+                    message: format!("the worker's answer gave this row {} times", rows.len()),
+                }),
+            },
+        };
+        out.push(row);
+    }
+    if !by_key.is_empty() {
+        let unknown: Vec<String> = by_key.keys().take(5).map(|(ns, id)| format!("{ns}/{id}")).collect();
+        tracing::warn!(unknown = ?unknown, "the worker answered for rows not in the batch; ignored");
+    }
+    Ok(out)
+}
+
+fn row_result(namespace: String, id: String, obj: &Map<String, Value>, n: usize) -> RowResult {
+    let bad = |message: String| RowResult {
+        namespace: namespace.clone(),
+        id: id.clone(),
+        attributes: None,
+        vector: None,
+        error: Some(RowError { kind: FailureKind::Transient, message }),
+    };
+    if let Some(e) = obj.get("error").filter(|e| !e.is_null()) {
+        let kind = match e.get("kind").and_then(Value::as_str) {
+            Some("permanent") => FailureKind::Permanent,
+            _ => FailureKind::Transient,
+        };
+        let message = e
+            .get("message")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| e.as_str().map_or_else(|| e.to_string(), str::to_string));
+        return RowResult { namespace, id, attributes: None, vector: None, error: Some(RowError { kind, message }) };
+    }
+    let attributes = match obj.get("attributes") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(other) => return bad(format!("results[{n}].attributes is not an object but {other}")),
+    };
+    let vector = match obj.get("vector") {
+        None | Some(Value::Null) => None,
+        Some(v) => match serde_json::from_value::<Vec<f64>>(v.clone()) {
+            Ok(v) => Some(v),
+            Err(_) => return bad(format!("results[{n}].vector is not a list of numbers")),
+        },
+    };
+    RowResult { namespace, id, attributes: Some(attributes), vector, error: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn items(ids: &[&str]) -> Vec<ClaimedItem> {
+        ids.iter().map(|id| ClaimedItem { namespace: "ns".into(), id: (*id).into(), input: Map::new() }).collect()
+    }
+
+    #[test]
+    fn answers_are_matched_to_the_batch_row_by_row() {
+        let body = json!({"results": [
+            {"namespace": "ns", "id": "a", "attributes": {"x": 1}},
+            {"id": "b", "error": {"kind": "permanent", "message": "bad row"}},
+            {"namespace": "ns", "id": "c", "attributes": {"x": 1}},
+            {"namespace": "ns", "id": "c", "attributes": {"x": 2}},
+            {"namespace": "ns", "id": "zz", "attributes": {}},
+        ]});
+        let out = parse_results(body.to_string().as_bytes(), &items(&["a", "b", "c", "d"])).unwrap();
+        assert_eq!(out[0].attributes, Some(json!({"x": 1}).as_object().unwrap().clone()));
+        assert_eq!(out[1].error.as_ref().unwrap().kind, FailureKind::Permanent);
+        assert!(out[2].error.as_ref().unwrap().message.contains("2 times"));
+        assert!(out[3].error.as_ref().unwrap().message.contains("did not include"));
+        assert_eq!(out.len(), 4);
+    }
+
+    #[test]
+    fn garbage_is_an_error_for_the_whole_call() {
+        assert!(parse_results(b"<html>oops", &items(&["a"])).unwrap_err().starts_with("not JSON"));
+        assert!(parse_results(b"{\"result\": []}", &items(&["a"])).unwrap_err().contains("\"results\" array"));
+        assert!(parse_results(b"{\"results\": [{\"x\": 1}]}", &items(&["a"])).unwrap_err().contains("no string"));
+    }
+}

@@ -1,0 +1,185 @@
+//! The runner's calls to the platform: registration, heartbeats (which
+//! rotate the session token), reports (retried until acknowledged) and
+//! deregistration.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use layer_protocol::runner::{
+    BatchReport, Capacity, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, ReportResponse,
+    RunnerLoad, RunnerState,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+
+#[derive(Default)]
+struct Session {
+    runner_id: String,
+    token: String,
+}
+
+/// A client for the platform's runner API.
+#[derive(Clone)]
+pub struct PlatformClient {
+    base: String,
+    http: reqwest::Client,
+    session: Arc<Mutex<Session>>,
+}
+
+async fn error_text(r: reqwest::Response) -> String {
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or(body);
+    format!("{status}: {message}")
+}
+
+impl PlatformClient {
+    pub fn new(base: String, http: reqwest::Client) -> Self {
+        PlatformClient { base: base.trim_end_matches('/').to_string(), http, session: Arc::default() }
+    }
+
+    pub fn set_session(&self, runner_id: &str, token: String) {
+        let mut s = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        s.runner_id = runner_id.to_string();
+        s.token = token;
+    }
+
+    fn session(&self) -> (String, String) {
+        let s = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        (s.runner_id.clone(), s.token.clone())
+    }
+
+    pub async fn register(
+        &self,
+        api_key: &str,
+        name: &str,
+        address: &str,
+        labels: &BTreeMap<String, String>,
+        capacity: Capacity,
+    ) -> Result<RegisterResponse, String> {
+        let req = RegisterRequest {
+            name: name.to_string(),
+            address: address.to_string(),
+            labels: labels.clone(),
+            capacity,
+            drivers: vec!["process".into()],
+        };
+        let r = self
+            .http
+            .post(format!("{}/v2/runners", self.base))
+            .bearer_auth(api_key)
+            .json(&req)
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach the platform at {}: {e}", self.base))?;
+        if !r.status().is_success() {
+            return Err(error_text(r).await);
+        }
+        r.json().await.map_err(|e| format!("the platform's answer to registration is not valid: {e}"))
+    }
+
+    /// One heartbeat: state, load and the batches held (their leases are
+    /// extended). Takes a rotated token when the platform offers one.
+    pub async fn heartbeat_once(&self, shared: &Shared) -> Result<HeartbeatResponse, String> {
+        let (id, token) = self.session();
+        let held = shared.held_ids();
+        let req = HeartbeatRequest {
+            state: if shared.is_draining() { RunnerState::Draining } else { RunnerState::Active },
+            load: RunnerLoad { batches: held.len() as u32, workers: shared.exec.pools.views() },
+            batch_ids: held,
+        };
+        let r = self
+            .http
+            .post(format!("{}/v2/runners/{id}/heartbeat", self.base))
+            .bearer_auth(token)
+            .timeout(Duration::from_secs(5))
+            .json(&req)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(error_text(r).await);
+        }
+        let resp: HeartbeatResponse = r.json().await.map_err(|e| e.to_string())?;
+        if let Some(t) = &resp.token {
+            self.set_session(&id, t.clone());
+            tracing::debug!("session token rotated");
+        }
+        Ok(resp)
+    }
+
+    /// Reports a batch, retrying with backoff until the platform
+    /// acknowledges it (it does so only after the writeback commits), it
+    /// refuses it for good (4xx), or `give_up_after` passes.
+    pub async fn report(
+        &self,
+        batch_id: i64,
+        token: &str,
+        report: &BatchReport,
+        give_up_after: Duration,
+    ) -> Result<ReportResponse, String> {
+        let (id, _) = self.session();
+        let url = format!("{}/v2/runners/{id}/batches/{batch_id}/report", self.base);
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let outcome =
+                self.http.post(&url).bearer_auth(token).timeout(Duration::from_secs(30)).json(report).send().await;
+            let error = match outcome {
+                Ok(r) if r.status().is_success() => return r.json().await.map_err(|e| e.to_string()),
+                Ok(r) if r.status().is_client_error() && r.status().as_u16() != 429 => {
+                    return Err(error_text(r).await);
+                }
+                Ok(r) => error_text(r).await,
+                Err(e) => e.to_string(),
+            };
+            if started.elapsed() > give_up_after {
+                return Err(format!("gave up after {} s: {error}", give_up_after.as_secs()));
+            }
+            tracing::warn!(batch_id, error = %error, "report failed; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    pub async fn deregister(&self) -> Result<(), String> {
+        let (id, token) = self.session();
+        let r = self
+            .http
+            .post(format!("{}/v2/runners/{id}/deregister", self.base))
+            .bearer_auth(token)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.status().is_success() { Ok(()) } else { Err(error_text(r).await) }
+    }
+}
+
+/// Heartbeats every `every` until `stop`.
+pub async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, stop: CancellationToken) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match shared.platform.heartbeat_once(&shared).await {
+            Ok(_) if failing => {
+                tracing::info!("heartbeats reach the platform again");
+                failing = false;
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "heartbeat failed; the platform will stop sending batches if this lasts");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}

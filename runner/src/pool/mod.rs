@@ -1,0 +1,343 @@
+//! Warm worker pools, one per (Function, revision).
+//!
+//! A batch takes a worker with [`Pools::acquire`]: an idle warm one if
+//! there is one, else a new one while the pool is under `replicas.max`,
+//! else it waits for one to come free. The [`WorkerLease`] gives the worker
+//! back when dropped; a worker that timed out or misbehaved is discarded
+//! instead. Idle workers beyond `replicas.min` stop after the idle window.
+//! A batch for a newer revision retires the older revision's pool: its idle
+//! workers stop at once, busy ones when their batch ends. A worker that
+//! will not start is retried with a doubling backoff.
+
+pub mod process;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use layer_protocol::runner::{WorkerPlan, WorkerView};
+use process::{ProcessWorker, WorkerEnv};
+use tokio::sync::Notify;
+
+/// Settings of the pools.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Idle workers beyond `replicas.min` stop after this long.
+    pub idle_timeout: Duration,
+    /// How long a worker has to answer `/healthz`.
+    pub startup_timeout: Duration,
+    pub platform_url: String,
+    /// Handed to workers as `LAYER_GATEWAY_API_KEY`.
+    pub worker_api_key: Option<String>,
+}
+
+struct Idle {
+    worker: ProcessWorker,
+    since: Instant,
+}
+
+struct Pool {
+    revision: i32,
+    plan: WorkerPlan,
+    idle: Vec<Idle>,
+    /// Every worker: idle, busy and starting.
+    count: usize,
+    busy: Vec<(u32, String)>,
+    starting: usize,
+    start_failures: u32,
+    next_start: Instant,
+    retired: bool,
+    freed: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Pools by Function id, each Function's current revision last.
+    pools: HashMap<(String, i32), Pool>,
+    serial: u64,
+}
+
+/// The runner's pools.
+#[derive(Clone)]
+pub struct Pools {
+    inner: Arc<Mutex<Inner>>,
+    config: PoolConfig,
+    http: reqwest::Client,
+}
+
+/// A worker held by one batch.
+pub struct WorkerLease {
+    worker: Option<ProcessWorker>,
+    key: (String, i32),
+    pools: Pools,
+    healthy: bool,
+}
+
+impl WorkerLease {
+    pub fn worker(&self) -> &ProcessWorker {
+        self.worker.as_ref().expect("a lease holds its worker until dropped")
+    }
+
+    pub fn worker_mut(&mut self) -> &mut ProcessWorker {
+        self.worker.as_mut().expect("a lease holds its worker until dropped")
+    }
+
+    /// The worker misbehaved (timed out, crashed, answered garbage): kill it
+    /// instead of giving it back.
+    pub fn discard(&mut self) {
+        self.healthy = false;
+    }
+}
+
+impl Drop for WorkerLease {
+    fn drop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            self.pools.release(&self.key, w, self.healthy);
+        }
+    }
+}
+
+/// Why no worker could be had.
+#[derive(Debug, Clone)]
+pub enum AcquireError {
+    /// The worker would not start: the Function's fault, spends an attempt.
+    StartFailed(String),
+    /// None came free in time: the runner's fault, a free retry.
+    Busy(String),
+}
+
+impl Pools {
+    pub fn new(config: PoolConfig, http: reqwest::Client) -> Self {
+        Pools { inner: Arc::default(), config, http }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A worker for one batch of `udf_id` at `revision`, waiting at most
+    /// `wait` for one to come free.
+    pub async fn acquire(
+        &self,
+        udf_id: &str,
+        revision: i32,
+        plan: &WorkerPlan,
+        wait: Duration,
+    ) -> Result<WorkerLease, AcquireError> {
+        let key = (udf_id.to_string(), revision);
+        let deadline = Instant::now() + wait;
+        loop {
+            let (freed, start_as) = {
+                let mut inner = self.lock();
+                self.retire_older(&mut inner, udf_id, revision);
+                inner.serial += 1;
+                let serial = inner.serial;
+                let pool = inner.pools.entry(key.clone()).or_insert_with(|| Pool {
+                    revision,
+                    plan: plan.clone(),
+                    idle: Vec::new(),
+                    count: 0,
+                    busy: Vec::new(),
+                    starting: 0,
+                    start_failures: 0,
+                    next_start: Instant::now(),
+                    retired: false,
+                    freed: Arc::new(Notify::new()),
+                });
+                pool.plan = plan.clone();
+                // The most recently used idle worker: the warmest.
+                while let Some(mut idle) = pool.idle.pop() {
+                    if idle.worker.exited().is_some() {
+                        tracing::warn!(worker = %idle.worker.name, "idle worker had exited; replacing it");
+                        pool.count -= 1;
+                        continue;
+                    }
+                    pool.busy.push((idle.worker.pid, idle.worker.name.clone()));
+                    return Ok(WorkerLease { worker: Some(idle.worker), key, pools: self.clone(), healthy: true });
+                }
+                let max = plan.replicas_max.max(1) as usize;
+                if pool.count < max && Instant::now() >= pool.next_start {
+                    pool.count += 1;
+                    pool.starting += 1;
+                    (pool.freed.clone(), Some(format!("{udf_id}-r{revision}-w{serial}")))
+                } else {
+                    (pool.freed.clone(), None)
+                }
+            };
+            if let Some(name) = start_as {
+                let env = WorkerEnv {
+                    udf_id: udf_id.to_string(),
+                    platform_url: self.config.platform_url.clone(),
+                    api_key: self.config.worker_api_key.clone(),
+                };
+                let started = ProcessWorker::start(plan, &env, name, &self.http, self.config.startup_timeout).await;
+                let mut inner = self.lock();
+                let Some(pool) = inner.pools.get_mut(&key) else {
+                    if let Ok(w) = started {
+                        w.stop();
+                    }
+                    return Err(AcquireError::Busy("the pool was removed while its worker started".into()));
+                };
+                pool.starting -= 1;
+                match started {
+                    Ok(w) => {
+                        pool.start_failures = 0;
+                        pool.busy.push((w.pid, w.name.clone()));
+                        return Ok(WorkerLease { worker: Some(w), key, pools: self.clone(), healthy: true });
+                    }
+                    Err(e) => {
+                        pool.count -= 1;
+                        pool.start_failures += 1;
+                        let backoff = Duration::from_millis(500 * (1u64 << pool.start_failures.min(6)));
+                        pool.next_start = Instant::now() + backoff.min(Duration::from_secs(30));
+                        pool.freed.notify_waiters();
+                        tracing::warn!(udf = %udf_id, revision, error = %e, "worker failed to start");
+                        return Err(AcquireError::StartFailed(e));
+                    }
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(AcquireError::Busy(format!(
+                    "no worker of {udf_id} came free within {} s on this runner",
+                    wait.as_secs()
+                )));
+            }
+            // Wake on a release, or poll: a start backoff may end.
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), freed.notified()).await;
+        }
+    }
+
+    fn retire_older(&self, inner: &mut Inner, udf_id: &str, revision: i32) {
+        for ((id, rev), pool) in inner.pools.iter_mut() {
+            if id == udf_id && *rev < revision && !pool.retired {
+                pool.retired = true;
+                tracing::info!(udf = %udf_id, old = *rev, new = revision, "new revision: retiring old workers");
+                for idle in pool.idle.drain(..) {
+                    idle.worker.stop();
+                    pool.count -= 1;
+                }
+            }
+        }
+        inner.pools.retain(|_, p| !(p.retired && p.count == 0));
+    }
+
+    fn release(&self, key: &(String, i32), mut worker: ProcessWorker, healthy: bool) {
+        let mut inner = self.lock();
+        let Some(pool) = inner.pools.get_mut(key) else {
+            worker.stop();
+            return;
+        };
+        pool.busy.retain(|(pid, _)| *pid != worker.pid);
+        if healthy && !pool.retired && worker.exited().is_none() {
+            pool.idle.push(Idle { worker, since: Instant::now() });
+        } else {
+            pool.count -= 1;
+            if healthy {
+                worker.stop();
+            } else {
+                worker.kill();
+            }
+        }
+        pool.freed.notify_waiters();
+        inner.pools.retain(|_, p| !(p.retired && p.count == 0));
+    }
+
+    /// Stops idle workers past the idle window, keeping `replicas.min`, and
+    /// drops exited ones. Called periodically.
+    pub fn reap_idle(&self) {
+        let mut inner = self.lock();
+        let idle_timeout = self.config.idle_timeout;
+        for pool in inner.pools.values_mut() {
+            let mut keep = Vec::new();
+            for mut idle in pool.idle.drain(..) {
+                if idle.worker.exited().is_some() {
+                    tracing::warn!(worker = %idle.worker.name, "idle worker exited");
+                    pool.count -= 1;
+                } else {
+                    keep.push(idle);
+                }
+            }
+            keep.sort_by_key(|i| i.since);
+            let min = pool.plan.replicas_min as usize;
+            let mut out = Vec::new();
+            for idle in keep {
+                if pool.count > min && idle.since.elapsed() >= idle_timeout {
+                    tracing::info!(worker = %idle.worker.name, "idle worker stopped");
+                    idle.worker.stop();
+                    pool.count -= 1;
+                } else {
+                    out.push(idle);
+                }
+            }
+            pool.idle = out;
+        }
+        inner.pools.retain(|_, p| !(p.retired && p.count == 0));
+    }
+
+    /// Keeps `replicas.min` workers of each current pool started.
+    pub async fn keep_minimum(&self) {
+        let wanted: Vec<(String, i32, WorkerPlan)> = {
+            let inner = self.lock();
+            inner
+                .pools
+                .iter()
+                .filter(|(_, p)| !p.retired && p.count < p.plan.replicas_min as usize && Instant::now() >= p.next_start)
+                .map(|((id, rev), p)| (id.clone(), *rev, p.plan.clone()))
+                .collect()
+        };
+        for (id, rev, plan) in wanted {
+            // Acquiring and dropping at once leaves a warm idle worker.
+            if let Ok(lease) = self.acquire(&id, rev, &plan, Duration::ZERO).await {
+                drop(lease);
+            }
+        }
+    }
+
+    /// What the heartbeat reports.
+    pub fn views(&self) -> Vec<WorkerView> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for ((id, _), pool) in &inner.pools {
+            for i in &pool.idle {
+                out.push(WorkerView {
+                    udf_id: id.clone(),
+                    revision: pool.revision,
+                    state: "idle".into(),
+                    pid: Some(i.worker.pid),
+                });
+            }
+            for (pid, _) in &pool.busy {
+                out.push(WorkerView {
+                    udf_id: id.clone(),
+                    revision: pool.revision,
+                    state: "busy".into(),
+                    pid: Some(*pid),
+                });
+            }
+            for _ in 0..pool.starting {
+                out.push(WorkerView {
+                    udf_id: id.clone(),
+                    revision: pool.revision,
+                    state: "starting".into(),
+                    pid: None,
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.udf_id, a.revision, &a.state, a.pid).cmp(&(&b.udf_id, b.revision, &b.state, b.pid)));
+        out
+    }
+
+    /// Stops every idle worker (shutdown); busy ones stop when released.
+    pub fn stop_all(&self) {
+        let mut inner = self.lock();
+        for pool in inner.pools.values_mut() {
+            pool.retired = true;
+            for idle in pool.idle.drain(..) {
+                idle.worker.stop();
+                pool.count -= 1;
+            }
+        }
+        inner.pools.retain(|_, p| p.count > 0);
+    }
+}

@@ -1,0 +1,147 @@
+//! The process driver: a push worker as a local child process.
+//!
+//! The child gets `PORT` and the worker environment, runs in its own process
+//! group (so stopping it stops what it started), and is ready once
+//! `GET /healthz` answers 200. Its output goes to the runner's log, one line
+//! per event, tagged with the worker.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use layer_protocol::runner::WorkerPlan;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+
+/// Environment every worker gets, beside `PORT` and the spec's own `env`.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerEnv {
+    pub udf_id: String,
+    pub platform_url: String,
+    pub api_key: Option<String>,
+}
+
+/// A started, ready worker process.
+#[derive(Debug)]
+pub struct ProcessWorker {
+    pub name: String,
+    pub pid: u32,
+    pub port: u16,
+    child: Child,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+}
+
+fn forward_lines(name: String, stream: impl AsyncRead + Unpin + Send + 'static) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::info!(target: "layer_worker", worker = %name, "{line}");
+        }
+    });
+}
+
+impl ProcessWorker {
+    /// Starts the worker and waits until it is ready, it exits, or
+    /// `startup` passes. The error says which.
+    pub async fn start(
+        plan: &WorkerPlan,
+        env: &WorkerEnv,
+        name: String,
+        http: &reqwest::Client,
+        startup: Duration,
+    ) -> Result<ProcessWorker, String> {
+        let argv = plan.command.as_deref().filter(|c| !c.is_empty()).ok_or("the Function has no worker.command")?;
+        let port = free_port().map_err(|e| format!("no free port for the worker: {e}"))?;
+        let mut vars: BTreeMap<&str, String> = BTreeMap::new();
+        vars.insert("PORT", port.to_string());
+        vars.insert("HEVLAYER_UDF_ID", env.udf_id.clone());
+        vars.insert("HEVLAYER_BASE_URL", env.platform_url.clone());
+        vars.insert("HEVLAYER_UDF_BATCH_SIZE", plan.batch_size.to_string());
+        vars.insert("HEVLAYER_UDF_TIMEOUT_SECONDS", plan.timeout_seconds.to_string());
+        vars.insert("HEVLAYER_UDF_LEASE_SECONDS", plan.lease_seconds.to_string());
+        vars.insert("LAYER_GATEWAY_API_KEY", env.api_key.clone().unwrap_or_default());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            // The runner's own key is not the worker's.
+            .env_remove("LAYER_API_KEY")
+            .envs(&plan.env)
+            .envs(&vars)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| format!("cannot start worker command {:?}: {e}", argv[0]))?;
+        let pid = child.id().unwrap_or_default();
+        if let Some(out) = child.stdout.take() {
+            forward_lines(name.clone(), out);
+        }
+        if let Some(err) = child.stderr.take() {
+            forward_lines(name.clone(), err);
+        }
+        let mut worker = ProcessWorker { name, pid, port, child };
+        let started = Instant::now();
+        let url = format!("{}/healthz", worker.base_url());
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if let Some(status) = worker.exited() {
+                return Err(format!("worker command {:?} exited ({status}) before it was ready", argv[0]));
+            }
+            if let Ok(r) = http.get(&url).timeout(Duration::from_secs(2)).send().await
+                && r.status().is_success()
+            {
+                tracing::info!(worker = %worker.name, pid, port, ready_ms = started.elapsed().as_millis() as u64, "worker ready");
+                return Ok(worker);
+            }
+            if started.elapsed() > startup {
+                worker.stop();
+                return Err(format!(
+                    "worker command {:?} did not answer GET /healthz with 200 within {} s",
+                    argv[0],
+                    startup.as_secs()
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Stops the worker in two stages: SIGTERM to its process group, then
+    /// SIGKILL after a grace period. Returns at once.
+    pub fn stop(mut self) {
+        let pgid = Pid::from_raw(self.pid as i32);
+        if self.exited().is_some() {
+            return;
+        }
+        let _ = killpg(pgid, Signal::SIGTERM);
+        tokio::spawn(async move {
+            let graceful = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+            if graceful.is_err() {
+                let _ = killpg(pgid, Signal::SIGKILL);
+                let _ = self.child.wait().await;
+            }
+        });
+    }
+
+    /// Kills the worker and its process group at once (a timed-out call).
+    pub fn kill(mut self) {
+        let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        tokio::spawn(async move {
+            let _ = self.child.wait().await;
+        });
+    }
+}

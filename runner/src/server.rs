@@ -1,0 +1,103 @@
+//! The runner's HTTP API.
+//!
+//! - `POST /v1/batches`: a batch from the platform, signed with this
+//!   runner's key (`Authorization: Bearer <dispatch token>`). 202 once
+//!   accepted; 503 while draining or with every slot busy (the platform
+//!   puts the batch back at once, as a free retry); 401 for a bad token.
+//! - `GET /healthz`; `GET /v1/status`: load and workers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header::AUTHORIZATION};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use layer_protocol::runner::tokens::{self, Purpose};
+use layer_protocol::runner::{BatchAssignment, BatchReport};
+use serde_json::json;
+
+use crate::Shared;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route("/v1/status", get(status))
+        .route("/v1/batches", post(accept))
+        .layer(axum::extract::DefaultBodyLimit::max(256 << 20))
+        .with_state(shared)
+}
+
+fn refuse(status: StatusCode, code: &str, message: String) -> Response {
+    (status, axum::Json(json!({"error": code, "code": code, "message": message}))).into_response()
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(json!({
+        "runner_id": shared.runner_id,
+        "draining": shared.is_draining(),
+        "slots": shared.slots,
+        "batches": shared.held_ids(),
+        "workers": shared.exec.pools.views(),
+    }))
+    .into_response()
+}
+
+async fn accept(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let assignment: BatchAssignment = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, "invalid_request", format!("not a batch: {e}")),
+    };
+    let token = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if let Err(e) =
+        tokens::verify(&shared.signing_key, token, &shared.runner_id, Purpose::Dispatch(assignment.batch_id))
+    {
+        tracing::warn!(batch_id = assignment.batch_id, error = %e, "batch refused: bad token");
+        return refuse(StatusCode::UNAUTHORIZED, "unauthorized", e);
+    }
+    if shared.is_draining() {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", "the runner is draining".into());
+    }
+    {
+        let mut held = shared.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.contains(&assignment.batch_id) {
+            return StatusCode::ACCEPTED.into_response();
+        }
+        if held.len() >= shared.slots as usize {
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, "busy", format!("all {} slots are busy", shared.slots));
+        }
+        held.insert(assignment.batch_id);
+    }
+    let s = shared.clone();
+    shared.batches.spawn(async move { run_batch(s, assignment).await });
+    StatusCode::ACCEPTED.into_response()
+}
+
+async fn run_batch(shared: Arc<Shared>, a: BatchAssignment) {
+    let started = std::time::Instant::now();
+    let (results, worker) = shared.exec.run(&a).await;
+    let run_ms = started.elapsed().as_millis() as u64;
+    let report = BatchReport { results, worker };
+    // Reports are retried until the report token would have expired.
+    let give_up = Duration::from_secs(u64::from(a.worker.lease_seconds) + 240);
+    match shared.platform.report(a.batch_id, &a.report_token, &report, give_up).await {
+        Ok(r) => tracing::debug!(
+            batch_id = a.batch_id,
+            udf = %a.udf_id,
+            run_ms,
+            written = r.written,
+            failed = r.failed,
+            dropped = r.dropped,
+            "batch reported"
+        ),
+        Err(e) => {
+            tracing::warn!(batch_id = a.batch_id, error = %e, "batch report not accepted; its leases will expire")
+        }
+    }
+    shared.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&a.batch_id);
+}
