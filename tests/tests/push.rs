@@ -68,3 +68,194 @@ async fn the_python_push_example_tags_every_product() -> anyhow::Result<()> {
     assert_eq!(list["runners"], json!([]), "a drained runner deregisters: {list}");
     Ok(())
 }
+
+fn worker_spec(extra: Value) -> Value {
+    let script = repo_root().join("tests/python/push_worker.py");
+    let mut s = json!({
+        "targetNamespaces": ["jobs"],
+        "inputs": ["id", "mode"],
+        "worker": {"dispatch": "push", "command": ["python3", script], "batchSize": 8, "timeoutSeconds": 5},
+        "retry": {"maxAttempts": 1, "initialBackoffSeconds": 0, "maxBackoffSeconds": 0},
+        "schedule": {"leaseSeconds": 30}
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        if let (Some(a), Some(b)) = (s[k].as_object_mut(), v.as_object()) {
+            a.extend(b.clone());
+        } else {
+            s[k] = v.clone();
+        }
+    }
+    s
+}
+
+async fn errors(
+    p: &TestPlatform,
+    f: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, (String, String, i32)>> {
+    let rows: Vec<(String, String, String, i32)> = sqlx::query_as(
+        "SELECT row_id, coalesce(last_error_kind, ''), coalesce(last_error, ''), attempts FROM work_items
+         WHERE function_id = $1 AND state = 'failed'",
+    )
+    .bind(f)
+    .fetch_all(&p.pool)
+    .await?;
+    Ok(rows.into_iter().map(|(id, k, m, a)| (id, (k, m, a))).collect())
+}
+
+async fn result_of(p: &TestPlatform, id: &str) -> anyhow::Result<Value> {
+    let (_, d) = p.call(Method::GET, &format!("/v2/namespaces/jobs/documents/{id}"), None).await?;
+    Ok(d["attributes"]["result"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_workers_become_classified_row_failures() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let _runner = TestRunner::start(&p, |_| {}).await?;
+    // One batch of 8 with per-row trouble; the crash row is the poison the
+    // split must isolate from its neighbours.
+    let modes = ["ok", "missing", "dup", "permanent", "ok", "crash", "ok", "ok"];
+    let rows: Vec<Value> = modes.iter().enumerate().map(|(i, m)| json!({"id": format!("r{i}"), "mode": m})).collect();
+    upsert(&p, "jobs", json!(rows)).await?;
+    apply(&p, "mixed", worker_spec(json!({}))).await?;
+    drained(&p, "mixed", Duration::from_secs(60)).await?;
+    let e = errors(&p, "mixed").await?;
+    assert_eq!(e.len(), 4, "{e:?}");
+    assert!(e["r1"].1.contains("did not include this row"), "{e:?}");
+    assert!(e["r2"].1.contains("2 times"), "{e:?}");
+    assert_eq!(e["r3"].0, "permanent", "{e:?}");
+    assert_eq!(e["r3"].1, "cannot do r3");
+    assert!(e["r5"].1.contains("crashed mid-batch") && e["r5"].1.contains("exit status: 3"), "{e:?}");
+    for ok in ["r0", "r4", "r6", "r7"] {
+        assert_eq!(result_of(&p, ok).await?, format!("ok:{ok}"), "{ok} sank with the poison row");
+    }
+
+    // Whole-call misbehaviour, each alone in its batch.
+    let rows = json!([{"id": "g1", "mode": "garbage"}, {"id": "f1", "mode": "fail500"}]);
+    upsert(&p, "jobs", rows).await?;
+    apply(
+        &p,
+        "mixed",
+        worker_spec(json!({"version": "v2", "worker": {"batchSize": 1}, "filter": ["id", "In", ["g1", "f1"]]})),
+    )
+    .await?;
+    let start = Instant::now();
+    loop {
+        let e = errors(&p, "mixed").await?;
+        if e.contains_key("g1") && e.contains_key("f1") {
+            assert!(e["g1"].1.contains("not valid: not JSON") && e["g1"].1.contains("<html>"), "{e:?}");
+            assert!(e["f1"].1.contains("HTTP 500"), "{e:?}");
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "{e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_times_out_is_replaced_and_the_row_fails_after_max_attempts() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let _runner = TestRunner::start(&p, |_| {}).await?;
+    upsert(&p, "jobs", json!([{"id": "h", "mode": "hang"}, {"id": "fine", "mode": "ok"}])).await?;
+    apply(
+        &p,
+        "hangs",
+        worker_spec(json!({"worker": {"batchSize": 1, "timeoutSeconds": 1},
+                           "retry": {"maxAttempts": 2}, "scaling": {"replicas": {"min": 0, "max": 1}}})),
+    )
+    .await?;
+    drained(&p, "hangs", Duration::from_secs(60)).await?;
+    let e = errors(&p, "hangs").await?;
+    assert_eq!(e["h"].0, "timeout", "{e:?}");
+    assert_eq!(e["h"].2, 2, "two attempts: {e:?}");
+    assert!(e["h"].1.contains("timeoutSeconds (1 s)"), "{e:?}");
+    // The one worker slot was freed by killing the hung worker: the other
+    // row still ran.
+    assert_eq!(result_of(&p, "fine").await?, "ok:fine");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_runner_finishes_its_batches_and_a_new_one_takes_the_rest() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let runner = TestRunner::start(&p, |c| c.slots = Some(1)).await?;
+    let rows: Vec<Value> = (0..12).map(|i| json!({"id": format!("s{i:02}"), "mode": "slow"})).collect();
+    upsert(&p, "jobs", json!(rows)).await?;
+    apply(&p, "drain", worker_spec(json!({"worker": {"batchSize": 2}}))).await?;
+    // Wait until the runner holds a batch, then drain it.
+    let start = Instant::now();
+    loop {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM batches WHERE state = 'dispatched'").fetch_one(&p.pool).await?;
+        if n > 0 {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "nothing dispatched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    runner.stop().await?;
+    let open: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM batches WHERE state = 'dispatched'").fetch_one(&p.pool).await?;
+    assert_eq!(open, 0, "every accepted batch was reported before the runner left");
+    let done: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(written), 0)::bigint FROM batches").fetch_one(&p.pool).await?;
+    assert!(done >= 2 && done < 12, "{done} rows done by the drained runner");
+    let _second = TestRunner::start(&p, |_| {}).await?;
+    let st = drained(&p, "drain", Duration::from_secs(60)).await?;
+    assert_eq!(st["counts"]["completed"], 12, "{st}");
+    assert_eq!(st["failed_count"], 0, "{st}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn forged_expired_and_foreign_tokens_are_refused() -> anyhow::Result<()> {
+    use layer_protocol::runner::tokens::{Purpose, sign};
+    let p = TestPlatform::start().await?;
+    let a = TestRunner::start(&p, |_| {}).await?;
+    let b = TestRunner::start(&p, |_| {}).await?;
+    let key: Vec<u8> =
+        sqlx::query_scalar("SELECT signing_key FROM runners WHERE id = $1").bind(&a.id).fetch_one(&p.pool).await?;
+    let http = reqwest::Client::new();
+    let report = json!({"results": []});
+    let post = |path: String, token: String| {
+        let http = http.clone();
+        let url = format!("{}{path}", p.url);
+        let report = report.clone();
+        async move { anyhow::Ok(http.post(url).bearer_auth(token).json(&report).send().await?.status().as_u16()) }
+    };
+    let forged = sign(b"not the runner's key, but 32 b..", &a.id, Purpose::Report(1), 60);
+    assert_eq!(post(format!("/v2/runners/{}/batches/1/report", a.id), forged).await?, 401);
+    let foreign = sign(&key, &a.id, Purpose::Report(1), 60);
+    assert_eq!(post(format!("/v2/runners/{}/batches/1/report", b.id), foreign.clone()).await?, 401);
+    assert_eq!(post(format!("/v2/runners/{}/batches/2/report", a.id), foreign).await?, 401, "another batch");
+    let session_as_report = sign(&key, &a.id, Purpose::Session, 60);
+    assert_eq!(post(format!("/v2/runners/{}/batches/1/report", a.id), session_as_report).await?, 401);
+    let expired = {
+        use jsonwebtoken::{Algorithm, EncodingKey, Header};
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+        let claims = layer_protocol::runner::TokenClaims {
+            iss: layer_protocol::runner::TOKEN_ISSUER.into(),
+            aud: layer_protocol::runner::AUDIENCE_PLATFORM.into(),
+            sub: a.id.clone(),
+            iat: now - 120,
+            exp: now - 60,
+            batch: None,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(&key))?
+    };
+    let hb = json!({"state": "active", "load": {"batches": 0}});
+    let r =
+        http.post(format!("{}/v2/runners/{}/heartbeat", p.url, a.id)).bearer_auth(&expired).json(&hb).send().await?;
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await?.contains("Expired"));
+    // The runner checks the platform's signature on batches it is sent.
+    let batch = json!({"batch_id": 5, "udf_id": "x", "revision": 1, "version": "v1", "items": [], "report_token": "t",
+                       "worker": {"batch_size": 1, "timeout_seconds": 1, "lease_seconds": 1, "replicas_min": 0, "replicas_max": 1}});
+    let forged = sign(b"not the runner's key, but 32 b..", &a.id, Purpose::Dispatch(5), 60);
+    let r = http.post(format!("http://{}/v1/batches", a.addr)).bearer_auth(forged).json(&batch).send().await?;
+    assert_eq!(r.status(), 401);
+    let good = sign(&key, &a.id, Purpose::Dispatch(6), 60);
+    let r = http.post(format!("http://{}/v1/batches", a.addr)).bearer_auth(good).json(&batch).send().await?;
+    assert_eq!(r.status(), 401, "a token for batch 6 does not carry batch 5");
+    Ok(())
+}

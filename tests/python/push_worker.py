@@ -1,0 +1,62 @@
+"""A push worker that misbehaves on request, for the runner tests. Each
+row's input `mode` says what to do: ok, slow, hang (the whole call),
+garbage (answers non-JSON), crash (exits mid-batch), fail500, missing (the
+row is left out), dup (the row is answered twice), permanent."""
+
+import json
+import os
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _send(self, status, data, ctype="application/json"):
+        self.send_response(status)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send(200, b'{"status": "ok"}')
+
+    def do_POST(self):
+        batch = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        modes = [i["input"].get("mode") or "ok" for i in batch["items"]]
+        if "crash" in modes:
+            os._exit(3)
+        if "hang" in modes:
+            time.sleep(3600)
+        if "garbage" in modes:
+            self._send(200, b"<html>this is not json</html>", "text/html")
+            return
+        if "fail500" in modes:
+            self._send(500, b'{"error": "boom"}')
+            return
+        if "slow" in modes:
+            time.sleep(float(os.environ.get("SLOW_SECONDS", "0.5")))
+        out = []
+        for item, mode in zip(batch["items"], modes):
+            ref = {"namespace": item["namespace"], "id": item["id"]}
+            if mode == "missing":
+                continue
+            if mode == "permanent":
+                out.append({**ref, "error": {"kind": "permanent", "message": "cannot do " + item["id"]}})
+                continue
+            res = {**ref, "attributes": {"result": "ok:" + item["id"], "pid": os.getpid()}}
+            out.append(res)
+            if mode == "dup":
+                out.append(res)
+        self._send(200, json.dumps({"results": out}).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+if __name__ == "__main__":
+    print("push_worker ready on", os.environ["PORT"], "for", os.environ.get("HEVLAYER_UDF_ID"), flush=True)
+    sys.stdout.flush()
+    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
