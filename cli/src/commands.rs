@@ -343,3 +343,30 @@ pub async fn rows_drop(client: &Client, ns: &str) -> Result<()> {
     println!("{} ({} rows)", s.message.unwrap_or(s.status), s.rows_affected.unwrap_or(0));
     Ok(())
 }
+
+pub async fn runners_list(client: &Client, json_out: bool) -> Result<()> {
+    let list: layer_protocol::runner::RunnerList = client.get("/v2/runners").await?;
+    if json_out {
+        return print_json(&list.runners);
+    }
+    println!(
+        "{:<36} {:<12} {:<9} {:>5} {:>6} {:>4} {:>7}  WORKERS",
+        "ID", "NAME", "STATE", "CPUS", "SLOTS", "GPUS", "BATCHES"
+    );
+    for r in list.runners {
+        let workers: Vec<String> =
+            r.load.workers.iter().map(|w| format!("{}@r{}:{}", w.udf_id, w.revision, w.state)).collect();
+        println!(
+            "{:<36} {:<12} {:<9} {:>5} {:>6} {:>4} {:>7}  {}",
+            r.id,
+            r.name,
+            format!("{:?}", r.state).to_lowercase(),
+            r.capacity.cpus,
+            r.capacity.slots,
+            r.capacity.gpus.len(),
+            r.batches_in_flight,
+            if workers.is_empty() { "-".to_string() } else { workers.join(" ") }
+        );
+    }
+    Ok(())
+}

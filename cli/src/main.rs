@@ -34,6 +34,12 @@ struct Remote {
 }
 
 #[derive(Subcommand)]
+enum RunnersCommand {
+    /// Runners with their state, capacity, load and warm workers.
+    List,
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Everything on one machine: an embedded PostgreSQL and the platform.
     Dev {
@@ -61,6 +67,42 @@ enum Command {
         /// The admin key to install when the database has no keys.
         #[arg(long, env = "LAYER_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+    },
+    /// A node runner: takes batches of push Functions and runs their workers.
+    Runner {
+        /// The platform's base URL.
+        #[arg(long, env = "LAYER_URL", default_value = "http://127.0.0.1:8080")]
+        platform: String,
+        /// An API key with the `runner` claim or the admin scope.
+        #[arg(long, env = "LAYER_API_KEY", hide_env_values = true)]
+        api_key: String,
+        #[arg(long, env = "LAYER_RUNNER_LISTEN", default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        /// The URL the platform reaches this runner at (default: http://<listen>).
+        #[arg(long, env = "LAYER_RUNNER_ADVERTISE")]
+        advertise: Option<String>,
+        /// The runner's name (default: $HOSTNAME).
+        #[arg(long)]
+        name: Option<String>,
+        /// Labels matched against compute pools' node selectors: k=v,k2=v2.
+        #[arg(long)]
+        labels: Vec<String>,
+        /// Batches run at once (default: the CPU count, at least 2).
+        #[arg(long)]
+        slots: Option<u32>,
+        /// Idle workers beyond replicas.min stop after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        idle_timeout: u64,
+        /// Handed to workers as LAYER_GATEWAY_API_KEY (none by default).
+        #[arg(long, env = "LAYER_WORKER_API_KEY", hide_env_values = true)]
+        worker_api_key: Option<String>,
+    },
+    /// Runners known to the platform.
+    Runners {
+        #[command(subcommand)]
+        command: RunnersCommand,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Apply Function, Index and InfraRules documents (YAML or JSON; `-` reads stdin).
     Apply {
@@ -229,6 +271,25 @@ async fn run(cli: Cli) -> Result<()> {
             init_logging();
             serve::platform(serve::PlatformArgs { database_url, listen, max_connections, max_body_bytes, api_key })
                 .await
+        }
+        Command::Runner { platform, api_key, listen, advertise, name, labels, slots, idle_timeout, worker_api_key } => {
+            init_logging();
+            serve::runner(serve::RunnerArgs {
+                platform,
+                api_key,
+                listen,
+                advertise,
+                name,
+                labels,
+                slots,
+                idle_timeout_seconds: idle_timeout,
+                worker_api_key,
+            })
+            .await
+        }
+        Command::Runners { command: RunnersCommand::List, remote } => {
+            let c = client::Client::new(&remote.url, remote.api_key)?;
+            commands::runners_list(&c, remote.json).await
         }
         Command::Apply { files, remote } => {
             let c = client::Client::new(&remote.url, remote.api_key)?;

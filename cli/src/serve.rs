@@ -48,9 +48,14 @@ pub async fn dev(listen: SocketAddr, data_dir: PathBuf, api_key: Option<String>)
     let pg = EmbeddedPostgres::start(EmbeddedOptions { data_dir: data_dir.clone(), port: 5432, ephemeral: false })
         .await
         .context("starting the embedded PostgreSQL")?;
+    // A signal drains the runner first (it reports to the platform), then
+    // stops the platform, then PostgreSQL.
+    let signal = CancellationToken::new();
+    cancel_on_signal(signal.clone());
     let shutdown = CancellationToken::new();
-    cancel_on_signal(shutdown.clone());
-    let mut config = Config::new(pg.options(layer_platform::embedded::DATABASE));
+    let runner_shutdown = CancellationToken::new();
+    let options = pg.options(layer_platform::embedded::DATABASE);
+    let mut config = Config::new(options.clone());
     config.listen = listen;
     config.bootstrap_admin_key = api_key;
     let started = match layer_platform::start(config, shutdown.clone()).await {
@@ -60,10 +65,72 @@ pub async fn dev(listen: SocketAddr, data_dir: PathBuf, api_key: Option<String>)
             return Err(e).context("starting the platform");
         }
     };
+    let runner = async {
+        let pool = db::connect(options, 1).await?;
+        let key = layer_platform::auth::store::mint_local_runner_key(&pool).await?;
+        pool.close().await;
+        let mut rc = layer_runner::Config::new(format!("http://{}", started.addr), key);
+        rc.name = "dev".into();
+        rc.labels.insert("layer.dev/local".into(), "true".into());
+        anyhow::Ok(layer_runner::start(rc, runner_shutdown.clone()).await?)
+    }
+    .await;
+    let runner = match runner {
+        Ok(r) => r,
+        Err(e) => {
+            shutdown.cancel();
+            started.wait().await.ok();
+            pg.stop().await.ok();
+            return Err(e).context("starting the local runner");
+        }
+    };
     print_banner(started.addr, started.minted_admin_key.as_deref(), Some(&data_dir));
+    println!("  runner {} on http://{} (runs push Functions' workers here)", runner.runner_id, runner.addr);
+    signal.cancelled().await;
+    runner_shutdown.cancel();
+    if let Err(e) = runner.wait().await {
+        tracing::warn!(error = %e, "the runner stopped with an error");
+    }
+    shutdown.cancel();
     let served = started.wait().await;
     pg.stop().await.context("stopping PostgreSQL")?;
     served.context("serving")?;
+    Ok(())
+}
+
+/// Settings of `layer runner`.
+pub struct RunnerArgs {
+    pub platform: String,
+    pub api_key: String,
+    pub listen: SocketAddr,
+    pub advertise: Option<String>,
+    pub name: Option<String>,
+    pub labels: Vec<String>,
+    pub slots: Option<u32>,
+    pub idle_timeout_seconds: u64,
+    pub worker_api_key: Option<String>,
+}
+
+/// `layer runner`: a node runner; SIGTERM drains it.
+pub async fn runner(args: RunnerArgs) -> Result<()> {
+    let mut config = layer_runner::Config::new(args.platform, args.api_key);
+    config.listen = args.listen;
+    config.advertise = args.advertise;
+    if let Some(n) = args.name {
+        config.name = n;
+    }
+    for pair in args.labels.iter().flat_map(|l| l.split(',')).filter(|l| !l.is_empty()) {
+        let (k, v) = pair.split_once('=').with_context(|| format!("label {pair:?} is not key=value"))?;
+        config.labels.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    config.slots = args.slots;
+    config.idle_timeout = std::time::Duration::from_secs(args.idle_timeout_seconds);
+    config.worker_api_key = args.worker_api_key;
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let started = layer_runner::start(config, shutdown).await.context("starting the runner")?;
+    println!("Layer runner {} listening on http://{}", started.runner_id, started.addr);
+    started.wait().await.context("running")?;
     Ok(())
 }
 

@@ -123,6 +123,26 @@ async fn insert(
     Ok(row.into_api(Utc::now()))
 }
 
+/// The key `layer dev` gives its local runner: the `runner` claim only,
+/// a day long, replacing the one an earlier start made.
+pub async fn mint_local_runner_key(pool: &PgPool) -> Result<String> {
+    const NAME: &str = "layer dev runner";
+    sqlx::query("DELETE FROM api_keys WHERE name = $1").bind(NAME).execute(pool).await?;
+    let entitlement = layer_protocol::keys::Entitlement {
+        scopes: Some(vec![layer_protocol::keys::Scope::Read]),
+        namespaces: None,
+        claims: Some(vec!["runner".into()]),
+    };
+    let req = MintKeyRequest {
+        name: NAME.into(),
+        owner: None,
+        description: Some("minted by layer dev for its local runner".into()),
+        entitlements: Some([("runner".to_string(), entitlement)].into()),
+        expires_after: Some("1d".into()),
+    };
+    Ok(mint(pool, &req).await?.1)
+}
+
 /// On a database with no keys, installs the bootstrap admin key: `token`
 /// when given (`LAYER_API_KEY`), else a fresh one, which is returned so the
 /// caller can show it once. Runs under an advisory lock so replicas that
