@@ -102,7 +102,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
     let engine = engine::Engine::new(pool.clone());
     let mut duties = tokio::task::JoinSet::new();
     let mut engine_config = config.engine.clone();
-    engine_config.runner_lost_after = config.runners.lost_after;
+    // An expired push lease means its runner stopped extending it; if the
+    // runner also missed two heartbeats, it is gone: a free retry.
+    engine_config.runner_lost_after = config.runners.heartbeat_interval * 2;
     engine.spawn(engine_config, shutdown.clone(), &mut duties);
     let mut dispatch_config = config.dispatch.clone();
     dispatch_config.lost_after = config.runners.lost_after;

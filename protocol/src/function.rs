@@ -892,7 +892,22 @@ mod tests {
     #[test]
     fn push_needs_something_to_run() {
         let e = check(json!({"targetNamespaces": ["a"], "worker": {"dispatch": "push"}}), Case::Camel).unwrap_err();
-        assert!(e[0].starts_with("spec.worker: dispatch push needs image or url"), "{e:?}");
+        assert!(e[0].starts_with("spec.worker: dispatch push needs one of image, command or url"), "{e:?}");
+        let e = check(
+            json!({"targetNamespaces": ["a"], "worker": {"dispatch": "push", "image": "x", "command": ["y"]}}),
+            Case::Camel,
+        )
+        .unwrap_err();
+        assert!(e[0].contains("exactly one of"), "{e:?}");
+        let e = check(
+            json!({"targetNamespaces": ["a"], "worker": {"dispatch": "push", "command": [], "env": {"PORT": "1", "1x": "y"}}}),
+            Case::Camel,
+        )
+        .unwrap_err();
+        let joined = e.join("\n");
+        assert!(joined.contains("spec.worker.command: must name the program"), "{joined}");
+        assert!(joined.contains("spec.worker.env.PORT: set by the runner"), "{joined}");
+        assert!(joined.contains("spec.worker.env.1x: not an environment variable name"), "{joined}");
     }
 
     #[test]

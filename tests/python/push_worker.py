@@ -56,7 +56,23 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+def exit_with_parent():
+    # A runner killed with SIGKILL cannot stop its workers; this one leaves
+    # when it is orphaned.
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 if __name__ == "__main__":
+    exit_with_parent()
     print("push_worker ready on", os.environ["PORT"], "for", os.environ.get("HEVLAYER_UDF_ID"), flush=True)
     sys.stdout.flush()
     ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()

@@ -111,7 +111,7 @@ fn place<'a>(
         .filter(|r| r.state() == RunnerState::Active)
         .filter(|r| r.in_flight < i64::from(r.capacity.0.slots))
         .filter(|r| cooldown.get(&r.id).is_none_or(|t| Instant::now() >= *t))
-        .filter(|r| driver == "http" || r.drivers.0.iter().any(|d| d == driver))
+        .filter(|r| r.drivers.0.iter().any(|d| d == driver))
         .filter(|r| !gpu || !r.capacity.0.gpus.is_empty())
         .filter(|r| selector.is_none_or(|s| s.iter().all(|(k, v)| r.labels.0.get(k) == Some(v))))
         .min_by_key(|r| {

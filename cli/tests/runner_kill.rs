@@ -1,0 +1,110 @@
+//! `layer runner` processes against a platform: a runner killed with
+//! SIGKILL mid-batch loses nothing; its batches are reissued to the other
+//! runner as free retries and every row is written exactly once.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use layer_tests::{TestPlatform, repo_root};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_layer");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn runner(p: &TestPlatform, name: &str) -> Proc {
+    let child = Command::new(BIN)
+        .args(["runner", "--platform", &p.url, "--listen", "127.0.0.1:0", "--slots", "2", "--name", name])
+        .env("LAYER_API_KEY", &p.admin_key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start layer runner");
+    Proc(child)
+}
+
+async fn runners(p: &TestPlatform) -> anyhow::Result<Vec<Value>> {
+    let (_, list) = p.call(Method::GET, "/v2/runners", None).await?;
+    Ok(list["runners"].as_array().cloned().unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_killed_mid_batch_loses_nothing_and_writes_each_row_once() -> anyhow::Result<()> {
+    const N: usize = 40;
+    let p = TestPlatform::start().await?;
+    let mut a = runner(&p, "a");
+    let _b = runner(&p, "b");
+    let start = Instant::now();
+    while runners(&p).await?.len() < 2 {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "runners did not register");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a_id = runners(&p).await?.iter().find(|r| r["name"] == "a").unwrap()["id"].as_str().unwrap().to_string();
+    let rows: Vec<Value> = (0..N).map(|i| json!({"id": format!("k{i:02}"), "mode": "slow"})).collect();
+    let (s, r) = p.call(Method::POST, "/v2/namespaces/jobs", Some(json!({"upsert_rows": rows}))).await?;
+    anyhow::ensure!(s == 200, "{r}");
+    let script = repo_root().join("tests/python/push_worker.py");
+    let spec = json!({
+        "targetNamespaces": ["jobs"], "inputs": ["id", "mode"],
+        "worker": {"dispatch": "push", "command": ["python3", script], "batchSize": 2, "timeoutSeconds": 5,
+                   "env": {"SLOW_SECONDS": "0.4"}},
+        // One attempt: a kill that spent an attempt would fail rows.
+        "retry": {"maxAttempts": 1},
+        "schedule": {"leaseSeconds": 5},
+        "scaling": {"replicas": {"min": 0, "max": 2}}
+    });
+    let doc = json!({"apiVersion": "hevlayer.com/v1alpha1", "kind": "Function", "metadata": {"name": "killme"}, "spec": spec});
+    let (s, r) = p.call(Method::POST, "/v2/apply", Some(json!({"documents": [doc]}))).await?;
+    anyhow::ensure!(s == 200, "{r}");
+    // Kill runner a while it holds a batch.
+    let start = Instant::now();
+    loop {
+        let held: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM batches WHERE runner_id = $1 AND state = 'dispatched'")
+                .bind(&a_id)
+                .fetch_one(&p.pool)
+                .await?;
+        if held > 0 {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "runner a never got a batch");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.0.id() as i32), nix::sys::signal::Signal::SIGKILL)?;
+    let _ = a.0.wait();
+    let start = Instant::now();
+    let st = loop {
+        let (_, st) = p.call(Method::GET, "/v2/udfs/killme/status", None).await?;
+        if st["counts"]["completed"] == N && st["pending_count"] == 0 && st["processing_count"] == 0 {
+            break st;
+        }
+        anyhow::ensure!(st["failed_count"] == 0, "a row failed: {st}");
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(90), "not drained: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Exactly once in effect: each completion counts one write.
+    assert_eq!(st["counts"]["completed"], N, "{st}");
+    let marked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM rows WHERE namespace = 'jobs' AND attributes ->> '_hevlayer_udf_killme_v' = 'v1'",
+    )
+    .fetch_one(&p.pool)
+    .await?;
+    assert_eq!(marked, N as i64);
+    let abandoned: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM batches WHERE runner_id = $1 AND state <> 'reported'")
+            .bind(&a_id)
+            .fetch_one(&p.pool)
+            .await?;
+    assert!(abandoned >= 1, "the killed runner's batch was reissued");
+    let lost: Vec<Value> = runners(&p).await?.into_iter().filter(|r| r["id"] == a_id.as_str()).collect();
+    assert_eq!(lost[0]["state"], "lost", "{lost:?}");
+    Ok(())
+}
