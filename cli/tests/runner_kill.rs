@@ -5,7 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use layer_tests::{TestPlatform, repo_root};
+use layer_tests::{TestPlatform, workspace_dir};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -51,7 +51,7 @@ async fn a_runner_killed_mid_batch_loses_nothing_and_writes_each_row_once() -> a
     let rows: Vec<Value> = (0..N).map(|i| json!({"id": format!("k{i:02}"), "mode": "slow"})).collect();
     let (s, r) = p.call(Method::POST, "/v2/namespaces/jobs", Some(json!({"upsert_rows": rows}))).await?;
     anyhow::ensure!(s == 200, "{r}");
-    let script = repo_root().join("tests/python/push_worker.py");
+    let script = workspace_dir().join("tests/python/push_worker.py");
     let spec = json!({
         "targetNamespaces": ["jobs"], "inputs": ["id", "mode"],
         "worker": {"dispatch": "push", "command": ["python3", script], "batchSize": 2, "timeoutSeconds": 5,

@@ -8,7 +8,7 @@
 //! for the next test process to reuse; every test gets its own database,
 //! named after its process so databases of finished runs are dropped.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -271,11 +271,6 @@ pub async fn run_python(script: &str, platform: &TestPlatform, extra_env: &[(&st
     Ok(text)
 }
 
-/// The repository root (for example workers and Function files).
-pub fn repo_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
-}
-
 /// A runner started in-process against a [`TestPlatform`].
 pub struct TestRunner {
     pub id: String,
@@ -311,4 +306,24 @@ impl Drop for TestRunner {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// The Rust echo worker of `examples/echo-rust`, built (debug) if needed.
+pub fn echo_worker_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("layer-echo-worker");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-p", "layer-echo-worker"])
+            .current_dir(workspace_dir())
+            .status()?;
+        anyhow::ensure!(status.success() && bin.exists(), "building layer-echo-worker failed");
+    }
+    Ok(bin)
 }

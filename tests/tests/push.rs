@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use layer_tests::{TestPlatform, TestRunner, repo_root};
+use layer_tests::{TestPlatform, TestRunner, workspace_dir};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -37,7 +37,7 @@ async fn drained(p: &TestPlatform, f: &str, within: Duration) -> anyhow::Result<
 }
 
 fn products() -> anyhow::Result<Value> {
-    let text = std::fs::read_to_string(repo_root().join("examples/tag-products/products.jsonl"))?;
+    let text = std::fs::read_to_string(workspace_dir().join("examples/tag-products/products.jsonl"))?;
     Ok(Value::Array(text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?))
 }
 
@@ -47,9 +47,9 @@ async fn the_python_push_example_tags_every_product() -> anyhow::Result<()> {
     let runner = TestRunner::start(&p, |_| {}).await?;
     let rows = products()?;
     upsert(&p, "products", rows.clone()).await?;
-    let doc = std::fs::read_to_string(repo_root().join("examples/tag-products/function.yaml"))?;
+    let doc = std::fs::read_to_string(workspace_dir().join("examples/tag-products/function.yaml"))?;
     let mut doc: Value = serde_json::to_value(layer_protocol::resource::parse_documents(&doc)?.remove(0))?;
-    let script = repo_root().join("examples/tag-products/worker.py");
+    let script = workspace_dir().join("examples/tag-products/worker.py");
     doc["spec"]["worker"]["command"] = json!(["python3", script]);
     apply(&p, "product-tags-push", doc["spec"].clone()).await?;
     let st = drained(&p, "product-tags-push", Duration::from_secs(60)).await?;
@@ -70,7 +70,7 @@ async fn the_python_push_example_tags_every_product() -> anyhow::Result<()> {
 }
 
 fn worker_spec(extra: Value) -> Value {
-    let script = repo_root().join("tests/python/push_worker.py");
+    let script = workspace_dir().join("tests/python/push_worker.py");
     let mut s = json!({
         "targetNamespaces": ["jobs"],
         "inputs": ["id", "mode"],
@@ -257,5 +257,40 @@ async fn forged_expired_and_foreign_tokens_are_refused() -> anyhow::Result<()> {
     let good = sign(&key, &a.id, Purpose::Dispatch(6), 60);
     let r = http.post(format!("http://{}/v1/batches", a.addr)).bearer_auth(good).json(&batch).send().await?;
     assert_eq!(r.status(), 401, "a token for batch 6 does not carry batch 5");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_echo_example_runs_warm_and_idle_workers_stop() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let _runner = TestRunner::start(&p, |c| c.idle_timeout = Duration::from_secs(1)).await?;
+    let rows: Vec<Value> = (0..500).map(|i| json!({"id": format!("e{i:03}"), "title": format!("t{i}")})).collect();
+    upsert(&p, "echo", json!(rows)).await?;
+    let doc = std::fs::read_to_string(workspace_dir().join("examples/echo-rust/function.yaml"))?;
+    let mut doc: Value = serde_json::to_value(layer_protocol::resource::parse_documents(&doc)?.remove(0))?;
+    doc["spec"]["worker"]["command"] = json!([layer_tests::echo_worker_binary()?]);
+    doc["spec"]["scaling"]["replicas"] = json!({"min": 0, "max": 2});
+    apply(&p, "echo", doc["spec"].clone()).await?;
+    let st = drained(&p, "echo", Duration::from_secs(60)).await?;
+    assert_eq!(st["counts"]["completed"], 500, "{st}");
+    let (_, d) = p.call(Method::GET, "/v2/namespaces/echo/documents/e042", None).await?;
+    assert_eq!(d["attributes"]["echo"], json!({"id": "e042", "title": "t42"}), "{d}");
+    // Warm: at most replicas.max workers served all five batches.
+    let workers: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT worker FROM batches WHERE function_id = 'echo' AND worker IS NOT NULL")
+            .fetch_all(&p.pool)
+            .await?;
+    assert!(!workers.is_empty() && workers.len() <= 2, "{workers:?}");
+    // Idle ones stop after the window (replicas.min is 0): the heartbeat
+    // shows no workers.
+    let start = Instant::now();
+    loop {
+        let (_, list) = p.call(Method::GET, "/v2/runners", None).await?;
+        if list["runners"][0]["load"]["workers"] == json!([]) {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "idle workers stayed: {list}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
