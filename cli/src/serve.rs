@@ -65,6 +65,7 @@ pub async fn dev(listen: SocketAddr, data_dir: PathBuf, api_key: Option<String>)
             return Err(e).context("starting the platform");
         }
     };
+    print_banner(started.addr, started.minted_admin_key.as_deref(), Some(&data_dir));
     let runner = async {
         let pool = db::connect(options, 1).await?;
         let key = layer_platform::auth::store::mint_local_runner_key(&pool).await?;
@@ -84,7 +85,6 @@ pub async fn dev(listen: SocketAddr, data_dir: PathBuf, api_key: Option<String>)
             return Err(e).context("starting the local runner");
         }
     };
-    print_banner(started.addr, started.minted_admin_key.as_deref(), Some(&data_dir));
     println!("  runner {} on http://{} (runs push Functions' workers here)", runner.runner_id, runner.addr);
     signal.cancelled().await;
     runner_shutdown.cancel();

@@ -97,10 +97,10 @@ async fn complete(
             Err(f) => refused.push(f),
         }
     }
-    if !refused.is_empty() {
-        queue::fail(&state.pool, &udf, &req.worker_id, refused).await?;
-    }
-    let counts = queue::complete(&state.pool, &udf, &req.worker_id, completions).await?;
+    let mut tx = queue::begin(&state.pool).await?;
+    queue::fail(&mut tx, &udf, &req.worker_id, refused).await?;
+    let counts = queue::complete(&mut tx, &udf, &req.worker_id, completions).await?;
+    tx.commit().await.map_err(PlatformError::from)?;
     Ok(Json(ItemsResponse { udf_id: udf.id, updated: counts.written }))
 }
 
@@ -156,7 +156,9 @@ async fn fail(
             id: i.id,
         })
         .collect();
-    let updated = queue::fail(&state.pool, &udf, &req.worker_id, failures).await?;
+    let mut tx = queue::begin(&state.pool).await?;
+    let updated = queue::fail(&mut tx, &udf, &req.worker_id, failures).await?;
+    tx.commit().await.map_err(PlatformError::from)?;
     Ok(Json(ItemsResponse { udf_id: udf.id, updated }))
 }
 

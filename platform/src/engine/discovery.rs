@@ -176,7 +176,7 @@ pub async fn sweep_function(pool: &PgPool, udf: &Udf, namespaces: &[String]) -> 
         {
             let (pool, udf) = (pool.clone(), udf.clone());
             scans.spawn(async move {
-                let mut tx = pool.begin().await?;
+                let mut tx = super::queue::begin(&pool).await?;
                 let n = sweep(&mut tx, &udf, &ns).await?;
                 tx.commit().await?;
                 Ok::<u64, PlatformError>(n)

@@ -15,6 +15,22 @@ use super::policy::{FailureClass, Next, next_state};
 use crate::error::Result;
 use crate::time::rfc3339;
 
+/// Begins a transaction for queue bookkeeping with `synchronous_commit =
+/// off`: it commits without waiting for the WAL flush.
+///
+/// Why this is safe: a crash can lose only the last few such commits, and
+/// each is re-derivable. A lost enqueue is found again (its cursor move is
+/// lost with it); a lost claim leaves its items claimable, and the late
+/// report of that batch is fenced off; a lost writeback leaves the row
+/// unmarked and its item leased, so the row runs again after the lease.
+/// Users' own writes stay synchronous, and flushing them flushes everything
+/// before them.
+pub async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+    Ok(tx)
+}
+
 /// The window the completion rate is measured over.
 pub const RATE_WINDOW_SECONDS: i64 = 300;
 
@@ -124,7 +140,7 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
         return Ok(Claim::default());
     }
     let needs = Needs::of(udf)?;
-    let mut tx = pool.begin().await?;
+    let mut tx = begin(pool).await?;
     let batch_id: i64 = sqlx::query_scalar(
         "SELECT nextval('work_batch_ids') FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 7317))) l",
     )
@@ -211,6 +227,19 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
             break;
         }
     }
+    if let Claimer::Runner(runner_id) = claimer
+        && !out.is_empty()
+    {
+        // The batch record commits with its leases.
+        sqlx::query("INSERT INTO batches (id, function_id, revision, runner_id, items) VALUES ($1, $2, $3, $4, $5)")
+            .bind(batch_id)
+            .bind(&udf.id)
+            .bind(udf.revision)
+            .bind(runner_id)
+            .bind(out.len() as i32)
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     let batch_id = (!out.is_empty()).then_some(batch_id);
     Ok(Claim { batch_id, holder: worker_id, items: out, at_capacity: false })
@@ -246,7 +275,12 @@ pub struct CompleteCounts {
 /// `_hevlayer_udf_<fn>_v = <version it was claimed for>` in the same UPDATE.
 /// A result for a row written since its claim is dropped and the item goes
 /// back to the queue; one for a lost lease is dropped. Both are counted.
-pub async fn complete(pool: &PgPool, udf: &Udf, worker_id: &str, items: Vec<Completion>) -> Result<CompleteCounts> {
+pub async fn complete(
+    conn: &mut sqlx::PgConnection,
+    udf: &Udf,
+    worker_id: &str,
+    items: Vec<Completion>,
+) -> Result<CompleteCounts> {
     if items.is_empty() {
         return Ok(CompleteCounts::default());
     }
@@ -339,7 +373,7 @@ pub async fn complete(pool: &PgPool, udf: &Udf, worker_id: &str, items: Vec<Comp
     .bind(&marker)
     .bind(&stale_marker)
     .bind(stale_after)
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     let counts = CompleteCounts { written: written as u64, stale: stale as u64, not_leased: fenced as u64 };
     if counts.stale > 0 || counts.not_leased > 0 {
@@ -430,11 +464,10 @@ fn jitter() -> f64 {
 
 /// Records failures reported by the worker holding the leases; reports for
 /// leases it does not hold are ignored. Returns the items moved.
-pub async fn fail(pool: &PgPool, udf: &Udf, worker_id: &str, failures: Vec<Failure>) -> Result<u64> {
+pub async fn fail(conn: &mut sqlx::PgConnection, udf: &Udf, worker_id: &str, failures: Vec<Failure>) -> Result<u64> {
     if failures.is_empty() {
         return Ok(0);
     }
-    let mut tx = pool.begin().await?;
     let ns: Vec<&str> = failures.iter().map(|f| f.namespace.as_str()).collect();
     let ids: Vec<&str> = failures.iter().map(|f| f.id.as_str()).collect();
     let held: Vec<Held> = sqlx::query_as(
@@ -447,7 +480,7 @@ pub async fn fail(pool: &PgPool, udf: &Udf, worker_id: &str, failures: Vec<Failu
     .bind(worker_id)
     .bind(&ns)
     .bind(&ids)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *conn)
     .await?;
     let held: BTreeMap<(String, String), Held> =
         held.into_iter().map(|h| ((h.namespace.clone(), h.row_id.clone()), h)).collect();
@@ -458,14 +491,12 @@ pub async fn fail(pool: &PgPool, udf: &Udf, worker_id: &str, failures: Vec<Failu
         let message: String = f.message.chars().take(4096).collect();
         moves.push(Move { namespace: f.namespace, id: f.id, next, kind: f.class.as_str(), message });
     }
-    let n = transition(&mut tx, &udf.id, moves).await?;
-    tx.commit().await?;
-    Ok(n)
+    transition(conn, &udf.id, moves).await
 }
 
 /// Fails, as transient, the items of a reported batch that the report left
 /// out; returns how many.
-pub async fn fail_unreported(pool: &PgPool, udf: &Udf, holder: &str, batch_id: i64) -> Result<u64> {
+pub async fn fail_unreported(conn: &mut sqlx::PgConnection, udf: &Udf, holder: &str, batch_id: i64) -> Result<u64> {
     let left: Vec<(String, String)> = sqlx::query_as(
         "SELECT namespace, row_id FROM work_items
          WHERE function_id = $1 AND batch_id = $2 AND state = 'leased' AND worker_id = $3",
@@ -473,7 +504,7 @@ pub async fn fail_unreported(pool: &PgPool, udf: &Udf, holder: &str, batch_id: i
     .bind(&udf.id)
     .bind(batch_id)
     .bind(holder)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     let failures = left
         .into_iter()
@@ -484,7 +515,7 @@ pub async fn fail_unreported(pool: &PgPool, udf: &Udf, holder: &str, batch_id: i
             message: "the batch's report did not include this row".into(),
         })
         .collect();
-    fail(pool, udf, holder, failures).await
+    fail(conn, udf, holder, failures).await
 }
 
 /// Extends the leases `worker_id` holds on these rows by their lease length.
@@ -529,7 +560,7 @@ struct Expired {
 ///
 /// Concurrency: `SKIP LOCKED`, so reapers on several replicas share the work.
 pub async fn reap_expired(pool: &PgPool, batch: i64, runner_lost_after: std::time::Duration) -> Result<u64> {
-    let mut tx = pool.begin().await?;
+    let mut tx = begin(pool).await?;
     let expired: Vec<Expired> = sqlx::query_as(
         "SELECT w.function_id, w.namespace, w.row_id, w.attempts, w.free_retries, w.worker_id, w.lease_seconds,
                 f.spec -> 'retry' AS retry, w.batch_id,

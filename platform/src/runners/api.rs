@@ -152,7 +152,9 @@ async fn report(
     ApiJson(req): ApiJson<BatchReport>,
 ) -> Result<Json<ReportResponse>, ApiError> {
     authenticate_runner(&state, &headers, &id, Purpose::Report(batch_id)).await?;
-    let mut tx = state.pool.begin().await.map_err(PlatformError::from)?;
+    // One transaction: the writeback, the failures and the batch record
+    // commit together (asynchronously; see `queue::begin`).
+    let mut tx = queue::begin(&state.pool).await?;
     let Some(batch) = store::lock_batch(&mut tx, batch_id).await? else {
         return Err(PlatformError::NotFound(format!("batch {batch_id} not found")).into());
     };
@@ -196,10 +198,10 @@ async fn report(
         }
     }
     let reported = (completions.len() + failures.len()) as u64;
-    let failed = queue::fail(&state.pool, &udf, &holder, failures).await?;
-    let counts = queue::complete(&state.pool, &udf, &holder, completions).await?;
+    let failed = queue::fail(&mut tx, &udf, &holder, failures).await?;
+    let counts = queue::complete(&mut tx, &udf, &holder, completions).await?;
     // Rows the report left out would otherwise wait for their lease.
-    let missing = queue::fail_unreported(&state.pool, &udf, &holder, batch_id).await?;
+    let missing = queue::fail_unreported(&mut tx, &udf, &holder, batch_id).await?;
     let written = counts.written;
     let dropped = reported.saturating_sub(written + failed);
     store::finish_batch(

@@ -208,8 +208,6 @@ impl Dispatcher {
                     done.insert(&udf.id);
                     continue;
                 };
-                store::record_dispatch(&self.pool, batch_id, &udf.id, udf.revision, &runner.id, claim.items.len())
-                    .await?;
                 runner.in_flight += 1;
                 let items = claim
                     .items
@@ -286,7 +284,13 @@ impl Send {
                 message: error.clone(),
             })
             .collect();
-        if let Err(e) = queue::fail(&self.pool, &self.udf, &self.holder, failures).await {
+        let released = async {
+            let mut tx = queue::begin(&self.pool).await?;
+            queue::fail(&mut tx, &self.udf, &self.holder, failures).await?;
+            tx.commit().await?;
+            crate::error::Result::<()>::Ok(())
+        };
+        if let Err(e) = released.await {
             tracing::warn!(batch_id, error = %e, "releasing a refused batch failed; its leases will expire instead");
         }
         if let Err(e) = store::abandon_batch(&self.pool, batch_id, &error).await {

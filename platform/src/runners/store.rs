@@ -131,14 +131,23 @@ pub async fn heartbeat(
     if batch_ids.is_empty() {
         return Ok(0);
     }
-    // Concurrency: row locks on the leased items, as any lease update; only
-    // leases still held (unexpired) by this runner's batches move.
+    // Only leases past half their length move, so a heartbeat rewrites a
+    // batch's items once per half-lease, not every few seconds.
+    // Concurrency: `SKIP LOCKED`: items a report is writing back right now
+    // are left alone (they are about to leave the lease anyway), so
+    // heartbeats and reports never wait on, or deadlock with, each other.
     Ok(sqlx::query(
-        "UPDATE work_items w SET lease_expires_at = now() + make_interval(secs => w.lease_seconds), updated_at = now()
-         FROM batches b
-         WHERE b.id = ANY($2) AND b.runner_id = $1 AND b.state = 'dispatched'
-           AND w.function_id = b.function_id AND w.batch_id = b.id
-           AND w.state = 'leased' AND w.lease_expires_at > now()",
+        "WITH due AS (
+             SELECT w.function_id, w.namespace, w.row_id FROM work_items w
+             JOIN batches b ON w.function_id = b.function_id AND w.batch_id = b.id
+             WHERE b.id = ANY($2) AND b.runner_id = $1 AND b.state = 'dispatched'
+               AND w.state = 'leased' AND w.lease_expires_at > now()
+               AND w.lease_expires_at < now() + make_interval(secs => w.lease_seconds / 2.0)
+             FOR UPDATE OF w SKIP LOCKED
+         )
+         UPDATE work_items w SET lease_expires_at = now() + make_interval(secs => w.lease_seconds), updated_at = now()
+         FROM due
+         WHERE w.function_id = due.function_id AND w.namespace = due.namespace AND w.row_id = due.row_id",
     )
     .bind(id)
     .bind(batch_ids)
@@ -164,26 +173,6 @@ pub struct BatchRow {
     pub written: i32,
     pub failed: i32,
     pub dropped: i32,
-}
-
-/// Records a batch as dispatched to a runner.
-pub async fn record_dispatch(
-    pool: &PgPool,
-    batch_id: i64,
-    function_id: &str,
-    revision: i32,
-    runner_id: &str,
-    items: usize,
-) -> Result<()> {
-    sqlx::query("INSERT INTO batches (id, function_id, revision, runner_id, items) VALUES ($1, $2, $3, $4, $5)")
-        .bind(batch_id)
-        .bind(function_id)
-        .bind(revision)
-        .bind(runner_id)
-        .bind(items as i32)
-        .execute(pool)
-        .await?;
-    Ok(())
 }
 
 /// The batch, locked for its report. Concurrency: `FOR UPDATE`, so two

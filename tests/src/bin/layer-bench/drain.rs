@@ -9,10 +9,10 @@ use anyhow::{Context, Result, bail, ensure};
 use layer_platform::embedded::{EmbeddedOptions, EmbeddedPostgres};
 use serde_json::{Value, json};
 
-const KEY: &str = "lyr_bench_admin_key_0123456789";
+pub(crate) const KEY: &str = "lyr_bench_admin_key_0123456789";
 
 /// CPU seconds (user + system) a process has used, with its reaped children.
-fn cpu_seconds(pid: u32, with_children: bool) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32, with_children: bool) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
     let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
     let f: Vec<f64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0.0)).collect();
@@ -25,7 +25,7 @@ fn cpu_seconds(pid: u32, with_children: bool) -> f64 {
 
 /// All CPU PostgreSQL has used: every live server process, plus what the
 /// postmaster reaped from exited backends.
-fn postgres_cpu(postmaster: u32) -> f64 {
+pub(crate) fn postgres_cpu(postmaster: u32) -> f64 {
     let mut total = cpu_seconds(postmaster, true);
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
@@ -42,14 +42,14 @@ fn postgres_cpu(postmaster: u32) -> f64 {
     total
 }
 
-fn postmaster_pid(data_dir: &Path) -> Result<u32> {
+pub(crate) fn postmaster_pid(data_dir: &Path) -> Result<u32> {
     let text = std::fs::read_to_string(data_dir.join("pg/postmaster.pid"))?;
     Ok(text.lines().next().context("postmaster.pid")?.trim().parse()?)
 }
 
-struct Platform {
-    child: Child,
-    url: String,
+pub(crate) struct Platform {
+    pub(crate) child: Child,
+    pub(crate) url: String,
 }
 
 impl Drop for Platform {
@@ -59,7 +59,7 @@ impl Drop for Platform {
     }
 }
 
-fn layer_binary() -> Result<PathBuf> {
+pub(crate) fn layer_binary() -> Result<PathBuf> {
     let bin = std::env::current_exe()?.parent().context("exe dir")?.join("layer");
     if !bin.exists() {
         bail!("{} is missing: build it first with `cargo build --release -p layer-cli`", bin.display());
@@ -67,7 +67,7 @@ fn layer_binary() -> Result<PathBuf> {
     Ok(bin)
 }
 
-async fn start_platform(pg: &EmbeddedPostgres) -> Result<Platform> {
+pub(crate) async fn start_platform(pg: &EmbeddedPostgres) -> Result<Platform> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let child = Command::new(layer_binary()?)
         .args(["platform", "--listen", &format!("127.0.0.1:{port}"), "--database-url", &pg.url("layer")])
@@ -84,7 +84,7 @@ async fn start_platform(pg: &EmbeddedPostgres) -> Result<Platform> {
     Ok(Platform { child, url })
 }
 
-async fn call(http: &reqwest::Client, method: reqwest::Method, url: String, body: Value) -> Result<Value> {
+pub(crate) async fn call(http: &reqwest::Client, method: reqwest::Method, url: String, body: Value) -> Result<Value> {
     let r = http.request(method, url).bearer_auth(KEY).json(&body).send().await?;
     let status = r.status();
     let v: Value = r.json().await?;
@@ -93,7 +93,7 @@ async fn call(http: &reqwest::Client, method: reqwest::Method, url: String, body
 }
 
 /// Fills `ns` with `rows` small rows.
-async fn fill(http: &reqwest::Client, url: &str, ns: &str, rows: usize) -> Result<()> {
+pub(crate) async fn fill(http: &reqwest::Client, url: &str, ns: &str, rows: usize) -> Result<()> {
     for start in (0..rows).step_by(1000) {
         let docs: Vec<Value> = (start..(start + 1000).min(rows)).map(|i| json!({"id": i, "title": "x"})).collect();
         call(http, reqwest::Method::POST, format!("{url}/v2/namespaces/{ns}"), json!({"upsert_rows": docs})).await?;
@@ -101,7 +101,7 @@ async fn fill(http: &reqwest::Client, url: &str, ns: &str, rows: usize) -> Resul
     Ok(())
 }
 
-async fn status(http: &reqwest::Client, url: &str, f: &str) -> Result<Value> {
+pub(crate) async fn status(http: &reqwest::Client, url: &str, f: &str) -> Result<Value> {
     let r = http.get(format!("{url}/v2/udfs/{f}/status")).bearer_auth(KEY).send().await?;
     Ok(r.json().await?)
 }
@@ -142,39 +142,8 @@ pub async fn run(rows: usize, batches: &[usize], workers: usize) -> Result<()> {
         let http = reqwest::Client::new();
         let postmaster = postmaster_pid(&dir)?;
         for &batch in batches {
-            let ns = format!("w1-{batch}");
-            let f = format!("noop-{batch}");
-            fill(&http, &platform.url, &ns, rows).await?;
-            let doc = json!({"apiVersion": "hevlayer.com/v1alpha1", "kind": "Function", "metadata": {"name": f},
-                "spec": {"targetNamespaces": [ns], "inputs": ["id", "title"], "worker": {"dispatch": "pull", "batchSize": batch}}});
-            call(&http, reqwest::Method::POST, format!("{}/v2/apply", platform.url), json!({"documents": [doc]})).await?;
-            let start = Instant::now();
-            while status(&http, &platform.url, &f).await?["pending_count"].as_u64() != Some(rows as u64) {
-                ensure!(start.elapsed() < Duration::from_secs(120), "discovery did not enqueue {rows} rows");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let enqueue = start.elapsed();
-            let (p0, g0) = (cpu_seconds(platform.child.id(), false), postgres_cpu(postmaster));
-            let start = Instant::now();
-            let url = Arc::new(platform.url.clone());
-            let tasks: Vec<_> = (0..workers)
-                .map(|w| tokio::spawn(noop_worker(http.clone(), url.to_string(), f.clone(), format!("w{w}"), batch)))
-                .collect();
-            let mut done = 0;
-            for t in tasks {
-                done += t.await??;
-            }
-            let elapsed = start.elapsed().as_secs_f64();
-            let (p1, g1) = (cpu_seconds(platform.child.id(), false), postgres_cpu(postmaster));
-            ensure!(done == rows as u64, "drained {done} of {rows}");
+            pull_once(&http, &platform, postmaster, rows, batch, workers).await?;
             let per_k = |cpu: f64| cpu / (rows as f64 / 1000.0);
-            println!(
-                "W1-pull batch {batch:>5}, {workers} workers: {rows} rows in {elapsed:.2} s = {:.0} rows/s; CPU-s per 1,000 rows: platform {:.4}, PostgreSQL {:.4} (discovery enqueued them in {:.2} s)",
-                rows as f64 / elapsed,
-                per_k(p1 - p0),
-                per_k(g1 - g0),
-                enqueue.as_secs_f64()
-            );
             match pgqueuer(&pg, postmaster, rows, batch) {
                 Ok((secs, worker_cpu, pg_cpu)) => println!(
                     "PgQueuer batch {batch:>5}, 1 worker:  {rows} jobs in {secs:.2} s = {:.0} jobs/s; CPU-s per 1,000 jobs: worker {:.4}, PostgreSQL {:.4}",
@@ -191,6 +160,51 @@ pub async fn run(rows: usize, batches: &[usize], workers: usize) -> Result<()> {
     pg.stop().await?;
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// One W1-pull drain of `rows` at `batch`; prints its line, returns rows/s.
+pub(crate) async fn pull_once(
+    http: &reqwest::Client,
+    platform: &Platform,
+    postmaster: u32,
+    rows: usize,
+    batch: usize,
+    workers: usize,
+) -> Result<f64> {
+    let ns = format!("w1-{batch}");
+    let f = format!("noop-{batch}");
+    fill(http, &platform.url, &ns, rows).await?;
+    let doc = json!({"apiVersion": "hevlayer.com/v1alpha1", "kind": "Function", "metadata": {"name": f},
+        "spec": {"targetNamespaces": [ns], "inputs": ["id", "title"], "worker": {"dispatch": "pull", "batchSize": batch}}});
+    call(http, reqwest::Method::POST, format!("{}/v2/apply", platform.url), json!({"documents": [doc]})).await?;
+    let start = Instant::now();
+    while status(http, &platform.url, &f).await?["pending_count"].as_u64() != Some(rows as u64) {
+        ensure!(start.elapsed() < Duration::from_secs(120), "discovery did not enqueue {rows} rows");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let enqueue = start.elapsed();
+    let (p0, g0) = (cpu_seconds(platform.child.id(), false), postgres_cpu(postmaster));
+    let start = Instant::now();
+    let url = Arc::new(platform.url.clone());
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| tokio::spawn(noop_worker(http.clone(), url.to_string(), f.clone(), format!("w{w}"), batch)))
+        .collect();
+    let mut done = 0;
+    for t in tasks {
+        done += t.await??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let (p1, g1) = (cpu_seconds(platform.child.id(), false), postgres_cpu(postmaster));
+    ensure!(done == rows as u64, "drained {done} of {rows}");
+    let per_k = |cpu: f64| cpu / (rows as f64 / 1000.0);
+    println!(
+        "W1-pull batch {batch:>5}, {workers} workers: {rows} rows in {elapsed:.2} s = {:.0} rows/s; CPU-s per 1,000 rows: platform {:.4}, PostgreSQL {:.4} (discovery enqueued them in {:.2} s)",
+        rows as f64 / elapsed,
+        per_k(p1 - p0),
+        per_k(g1 - g0),
+        enqueue.as_secs_f64()
+    );
+    Ok(rows as f64 / elapsed)
 }
 
 /// Runs the PgQueuer reference on the same server: enqueue, then drain.

@@ -11,6 +11,11 @@
 //! workers at each `--batch`, printing rows/s and CPU-seconds per 1,000 rows
 //! for the platform and for PostgreSQL.
 //!
+//! `push` (W1-push): the same drain through platform → `layer runner` →
+//! the Rust echo worker, after the pull drain of the same size in the same
+//! run, with CPU-seconds per process. `latency` (W2): write-to-marker
+//! latency of single rows with the `write` trigger and a warm worker.
+//!
 //! `discovery`: a namespace of `--rows` rows that are already complete, then
 //! `--new` rows written; prints how long the incremental sweep takes.
 
@@ -20,6 +25,7 @@ use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
 
 mod drain;
+mod push;
 use layer_platform::embedded::{EmbeddedOptions, EmbeddedPostgres};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -56,6 +62,25 @@ enum Bench {
         /// Concurrent workers.
         #[arg(long, default_value_t = 2)]
         workers: usize,
+    },
+    /// W1-push: drain through platform → runner → Rust echo worker, beside
+    /// the pull path.
+    Push {
+        #[arg(long, default_value_t = 200_000)]
+        rows: usize,
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        batch: Vec<usize>,
+        /// Pull workers for the pull drain of the same run.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// The runner's slots (batches at once).
+        #[arg(long, default_value_t = 4)]
+        slots: u32,
+    },
+    /// W2: single-row write-to-marker latency at idle (write trigger, push).
+    Latency {
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
     },
     /// Incremental discovery over a large, already complete namespace.
     Discovery {
@@ -176,6 +201,8 @@ async fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Upsert { rows, batch, writers, data_dir } => upsert(rows, batch, writers, data_dir).await,
         Bench::Drain { rows, batch, workers } => drain::run(rows, &batch, workers).await,
+        Bench::Push { rows, batch, workers, slots } => push::w1_push(rows, &batch, workers, slots).await,
+        Bench::Latency { samples } => push::w2(samples).await,
         Bench::Discovery { rows, new, repeat } => drain::discovery(rows, new, repeat).await,
     }
 }

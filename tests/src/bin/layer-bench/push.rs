@@ -1,0 +1,210 @@
+//! W1-push (drain through platform → runner → Rust echo worker, beside the
+//! pull path in the same run) and W2 (write-to-marker latency at idle).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use layer_platform::embedded::{EmbeddedOptions, EmbeddedPostgres};
+use serde_json::{Value, json};
+
+use crate::drain::{
+    KEY, Platform, call, cpu_seconds, fill, layer_binary, postgres_cpu, postmaster_pid, start_platform, status,
+};
+
+struct Runner(Child);
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn echo_binary() -> Result<PathBuf> {
+    let bin = std::env::current_exe()?.parent().context("exe dir")?.join("layer-echo-worker");
+    if !bin.exists() {
+        bail!("{} is missing: build it with `cargo build --release -p layer-echo-worker`", bin.display());
+    }
+    Ok(bin)
+}
+
+async fn start_runner(http: &reqwest::Client, platform: &Platform, slots: u32) -> Result<Runner> {
+    let child = Command::new(layer_binary()?)
+        .args(["runner", "--platform", &platform.url, "--listen", "127.0.0.1:0", "--slots", &slots.to_string()])
+        .env("LAYER_API_KEY", KEY)
+        .env("LAYER_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?;
+    let start = Instant::now();
+    loop {
+        let list = call(http, reqwest::Method::GET, format!("{}/v2/runners", platform.url), json!(null)).await;
+        if list.is_ok_and(|l| l["runners"].as_array().is_some_and(|r| !r.is_empty())) {
+            return Ok(Runner(child));
+        }
+        ensure!(start.elapsed() < Duration::from_secs(30), "the runner did not register");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// CPU seconds of a process and its live children.
+fn tree_cpu(pid: u32) -> f64 {
+    let mut children = 0.0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)).and_then(|p| p.parse().ok());
+        if ppid == Some(pid) {
+            children += cpu_seconds(child, false);
+        }
+    }
+    cpu_seconds(pid, false) + children
+}
+
+async fn stop_runner(http: &reqwest::Client, platform: &Platform, runner: Runner) -> Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(runner.0.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+    let start = Instant::now();
+    loop {
+        let list = call(http, reqwest::Method::GET, format!("{}/v2/runners", platform.url), json!(null)).await?;
+        if list["runners"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        ensure!(start.elapsed() < Duration::from_secs(30), "the runner did not drain");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(runner);
+    Ok(())
+}
+
+async fn with_platform<F, Fut>(tag: &str, body: F) -> Result<()>
+where
+    F: FnOnce(reqwest::Client, Platform, u32, String) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let dir = std::env::temp_dir().join(format!("layer-bench-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let pg = EmbeddedPostgres::start(EmbeddedOptions { data_dir: dir.clone(), port: 5432, ephemeral: false }).await?;
+    let result = async {
+        let platform = start_platform(&pg).await?;
+        let postmaster = postmaster_pid(&dir)?;
+        body(reqwest::Client::new(), platform, postmaster, pg.url("layer")).await
+    }
+    .await;
+    pg.stop().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn push_function(name: &str, ns: &str, batch: usize, echo: &PathBuf, min: u32, triggers: Value) -> Value {
+    json!({"apiVersion": "hevlayer.com/v1alpha1", "kind": "Function", "metadata": {"name": name},
+        "spec": {"targetNamespaces": [ns], "inputs": ["id", "title"], "triggers": triggers,
+                 "worker": {"dispatch": "push", "command": [echo], "batchSize": batch, "timeoutSeconds": 60},
+                 "schedule": {"maxInFlightBatches": 8},
+                 "scaling": {"replicas": {"min": min, "max": 4}}}})
+}
+
+/// W1-push: for each batch size, the pull drain and then the push drain of
+/// `rows`, on the same platform and PostgreSQL.
+pub async fn w1_push(rows: usize, batches: &[usize], workers: usize, slots: u32) -> Result<()> {
+    let echo = echo_binary()?;
+    with_platform("push", |http, platform, postmaster, _| async move {
+        for &batch in batches {
+            let pull = crate::drain::pull_once(&http, &platform, postmaster, rows, batch, workers).await?;
+            // Enqueue everything with no runner up, then start one and time
+            // the drain from there.
+            let ns = format!("push-{batch}");
+            let f = format!("echo-{batch}");
+            fill(&http, &platform.url, &ns, rows).await?;
+            let doc = push_function(&f, &ns, batch, &echo, 1, json!(["discovery"]));
+            call(&http, reqwest::Method::POST, format!("{}/v2/apply", platform.url), json!({"documents": [doc]})).await?;
+            let start = Instant::now();
+            while status(&http, &platform.url, &f).await?["pending_count"].as_u64() != Some(rows as u64) {
+                ensure!(start.elapsed() < Duration::from_secs(120), "discovery did not enqueue {rows} rows");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let (p0, g0) = (cpu_seconds(platform.child.id(), false), postgres_cpu(postmaster));
+            let start = Instant::now();
+            let runner = start_runner(&http, &platform, slots).await?;
+            let runner_pid = runner.0.id();
+            let st = loop {
+                let st = status(&http, &platform.url, &f).await?;
+                if st["pending_count"] == 0 && st["processing_count"] == 0 {
+                    break st;
+                }
+                ensure!(start.elapsed() < Duration::from_secs(600), "not drained: {st}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            let elapsed = start.elapsed().as_secs_f64();
+            let (p1, g1) = (cpu_seconds(platform.child.id(), false), postgres_cpu(postmaster));
+            let runner_own = cpu_seconds(runner_pid, false);
+            let runner_tree = tree_cpu(runner_pid);
+            ensure!(st["counts"]["completed"] == rows, "completed {} of {rows}: {st}", st["counts"]["completed"]);
+            let per_k = |cpu: f64| cpu / (rows as f64 / 1000.0);
+            let rate = rows as f64 / elapsed;
+            println!(
+                "W1-push batch {batch:>5}, 1 runner ({slots} slots): {rows} rows in {elapsed:.2} s = {rate:.0} rows/s ({:.2}x pull); CPU-s per 1,000 rows: platform {:.4}, runner {:.4}, workers {:.4}, PostgreSQL {:.4}",
+                rate / pull,
+                per_k(p1 - p0),
+                per_k(runner_own),
+                per_k(runner_tree - runner_own),
+                per_k(g1 - g0),
+            );
+            stop_runner(&http, &platform, runner).await?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// W2: one row written through the API (the `write` trigger) until its
+/// marker is set, `samples` times, with a warm worker and nothing else
+/// running.
+pub async fn w2(samples: usize) -> Result<()> {
+    let echo = echo_binary()?;
+    with_platform("w2", |http, platform, _, db_url| async move {
+        let runner = start_runner(&http, &platform, 2).await?;
+        let doc = push_function("latency", "latency", 1, &echo, 1, json!(["write"]));
+        call(&http, reqwest::Method::POST, format!("{}/v2/apply", platform.url), json!({"documents": [doc]})).await?;
+        let pool = layer_platform::db::connect(layer_platform::db::parse_url(&db_url)?, 1).await?;
+        let mut times = Vec::with_capacity(samples);
+        for i in 0..samples + 5 {
+            let id = format!("r{i}");
+            let t = Instant::now();
+            let body = json!({"upsert_rows": [{"id": id, "title": "x"}]});
+            call(&http, reqwest::Method::POST, format!("{}/v2/namespaces/latency", platform.url), body).await?;
+            loop {
+                // Polled in the database: cheaper than the API, so the
+                // polling disturbs the measurement less.
+                let done: bool = sqlx::query_scalar(
+                    "SELECT attributes ? '_hevlayer_udf_latency_v' FROM rows WHERE namespace = 'latency' AND id = $1",
+                )
+                .bind(&id)
+                .fetch_one(&pool)
+                .await?;
+                if done {
+                    break;
+                }
+                ensure!(t.elapsed() < Duration::from_secs(30), "row {id} never completed");
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            // The first few warm the worker and the connections.
+            if i >= 5 {
+                times.push(t.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        times.sort();
+        let p = |q: f64| crate::percentile(&times, q).as_secs_f64() * 1000.0;
+        println!(
+            "W2 write-to-marker, {samples} single-row writes at idle: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            p(0.50),
+            p(0.90),
+            p(0.99),
+            times.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        );
+        stop_runner(&http, &platform, runner).await?;
+        Ok(())
+    })
+    .await
+}
