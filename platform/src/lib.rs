@@ -108,7 +108,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
     engine.spawn(engine_config, shutdown.clone(), &mut duties);
     let mut dispatch_config = config.dispatch.clone();
     dispatch_config.lost_after = config.runners.lost_after;
-    let dispatcher = runners::dispatch::Dispatcher::new(pool.clone(), engine.work_ready(), dispatch_config);
+    let dispatcher = runners::dispatch::Dispatcher::new(
+        pool.clone(),
+        engine.work_ready(),
+        engine.functions_generation(),
+        dispatch_config,
+    );
     duties.spawn(dispatcher.run(shutdown.clone()));
     let state = http::AppState {
         pool: pool.clone(),

@@ -66,11 +66,32 @@ pub struct Engine {
     /// Notified when rows were enqueued or batch slots freed: the push
     /// dispatcher waits on it.
     work_ready: Arc<Notify>,
+    /// Bumped whenever this replica changes a Function, so copies cached
+    /// for the hot paths are refreshed at once (other replicas' changes
+    /// are seen within a second).
+    functions_generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Engine {
     pub fn new(pool: PgPool) -> Self {
-        Engine { pool, requests: Arc::default(), wake: Arc::new(Notify::new()), work_ready: Arc::new(Notify::new()) }
+        Engine {
+            pool,
+            requests: Arc::default(),
+            wake: Arc::new(Notify::new()),
+            work_ready: Arc::new(Notify::new()),
+            functions_generation: Arc::default(),
+        }
+    }
+
+    /// Says a Function changed (apply, pause, resume, delete).
+    pub fn functions_changed(&self) {
+        self.functions_generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.work_ready.notify_one();
+    }
+
+    /// The counter [`Engine::functions_changed`] bumps.
+    pub fn functions_generation(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.functions_generation.clone()
     }
 
     /// What the push dispatcher waits on.
@@ -80,6 +101,7 @@ impl Engine {
 
     /// Asks for a sweep of a Function as soon as possible.
     pub fn sweep_soon(&self, udf_id: &str) {
+        self.functions_changed();
         self.requests.lock().unwrap_or_else(|e| e.into_inner()).functions.insert(udf_id.to_string());
         self.wake.notify_one();
     }
@@ -103,6 +125,7 @@ impl Engine {
     async fn discovery_loop(self, tick: Duration, shutdown: CancellationToken) {
         let mut last_sweep: HashMap<String, Instant> = HashMap::new();
         let mut crons: HashMap<String, CronState> = HashMap::new();
+        let mut cached: Option<(Instant, u64, Arc<Vec<Udf>>)> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -110,7 +133,19 @@ impl Engine {
                 _ = tokio::time::sleep(tick) => {}
             }
             let requests = std::mem::take(&mut *self.requests.lock().unwrap_or_else(|e| e.into_inner()));
-            if let Err(e) = self.discover_due(&requests, &mut last_sweep, &mut crons).await {
+            // The Functions, re-read after a local change or once a second.
+            let generation = self.functions_generation.load(std::sync::atomic::Ordering::SeqCst);
+            if cached.as_ref().is_none_or(|(at, g, _)| *g != generation || at.elapsed() > Duration::from_secs(1)) {
+                match crate::functions::store::list(&self.pool).await {
+                    Ok(list) => cached = Some((Instant::now(), generation, Arc::new(list))),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading Functions failed; retrying on the next tick");
+                        continue;
+                    }
+                }
+            }
+            let udfs = cached.as_ref().map(|c| c.2.clone()).unwrap_or_default();
+            if let Err(e) = self.discover_due(&udfs, &requests, &mut last_sweep, &mut crons).await {
                 tracing::warn!(error = %e, "discovery pass failed; retrying on the next tick");
             }
         }
@@ -118,11 +153,11 @@ impl Engine {
 
     async fn discover_due(
         &self,
+        udfs: &[Udf],
         requests: &Requests,
         last_sweep: &mut HashMap<String, Instant>,
         crons: &mut HashMap<String, CronState>,
     ) -> crate::Result<()> {
-        let udfs = crate::functions::store::list(&self.pool).await?;
         last_sweep.retain(|id, _| udfs.iter().any(|u| &u.id == id));
         crons.retain(|id, _| udfs.iter().any(|u| &u.id == id && u.spec.schedule.cron.is_some()));
         for udf in udfs.iter().filter(|u| !u.paused) {
@@ -153,6 +188,16 @@ impl Engine {
         // Most ticks have nothing to do: resolve namespaces only when
         // there is a reason to sweep.
         if !(periodic || asked || maybe_written) {
+            return Ok(());
+        }
+        // Right after a write, with plain target namespaces, the written ones
+        // are known without asking the database: the fast path of `write`.
+        if !(periodic || asked) && udf.spec.index_selector.is_none() {
+            let written: Vec<String> =
+                udf.spec.target_namespaces.iter().filter(|n| requests.namespaces.contains(*n)).cloned().collect();
+            if !written.is_empty() && discovery::sweep_function(&self.pool, udf, &written).await? > 0 {
+                self.work_ready.notify_one();
+            }
             return Ok(());
         }
         let namespaces = crate::functions::store::active_namespaces(&self.pool, &udf.spec).await?;

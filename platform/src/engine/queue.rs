@@ -100,6 +100,9 @@ pub struct Claim {
     /// Set when the claim was turned away because the Function already has
     /// `maxInFlightBatches` batches leased.
     pub at_capacity: bool,
+    /// Set when the caller's copy of the Function is out of date (paused,
+    /// deleted or changed since it was read): nothing was claimed.
+    pub stale: bool,
 }
 
 /// How many batches of a Function are leased now, counting up to `cap`: a
@@ -140,13 +143,29 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
         return Ok(Claim::default());
     }
     let needs = Needs::of(udf)?;
-    let mut tx = begin(pool).await?;
-    let batch_id: i64 = sqlx::query_scalar(
-        "SELECT nextval('work_batch_ids') FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 7317))) l",
+    let mut tx = pool.begin().await?;
+    // One round trip: the turn, a batch id, asynchronous commit (see
+    // `begin`), and the Function as it is now, so a caller working from a
+    // cached copy never claims for a paused, deleted or changed Function.
+    let current: Option<(i64, bool, i32)> = sqlx::query_as(
+        "SELECT nextval('work_batch_ids'), f.paused, f.revision
+         FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 7317)),
+                      set_config('synchronous_commit', 'off', true)) l
+         LEFT JOIN functions f ON f.id = $1",
     )
     .bind(&udf.id)
-    .fetch_one(&mut *tx)
-    .await?;
+    .fetch_optional(&mut *tx)
+    .await?
+    .map(|(id, paused, revision): (i64, Option<bool>, Option<i32>)| {
+        (id, paused.unwrap_or(true), revision.unwrap_or(-1))
+    });
+    let Some((batch_id, paused, revision)) = current else {
+        return Ok(Claim { stale: true, ..Claim::default() });
+    };
+    if paused || revision != udf.revision {
+        tx.commit().await?;
+        return Ok(Claim { stale: true, ..Claim::default() });
+    }
     let worker_id = claimer.lease_holder(batch_id);
     let cap = i64::from(udf.spec.schedule.max_in_flight_batches);
     if batches_in_flight(&mut tx, &udf.id, cap).await? >= cap {
@@ -242,7 +261,7 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
     }
     tx.commit().await?;
     let batch_id = (!out.is_empty()).then_some(batch_id);
-    Ok(Claim { batch_id, holder: worker_id, items: out, at_capacity: false })
+    Ok(Claim { batch_id, holder: worker_id, items: out, at_capacity: false, stale: false })
 }
 
 /// One result to write back.

@@ -125,6 +125,7 @@ async fn delete(
 ) -> Result<Json<StatusResponse>, ApiError> {
     p.require(Scope::Write)?;
     store::delete(&state.pool, &id).await?;
+    state.engine.functions_changed();
     tracing::info!(udf = %id, "function deleted");
     Ok(Json(StatusResponse::ok(format!("function {id} deleted; attributes already written are kept"))))
 }
@@ -135,7 +136,9 @@ async fn pause(
     Path(id): Path<String>,
 ) -> Result<Json<Udf>, ApiError> {
     p.require(Scope::Write)?;
-    Ok(Json(store::set_paused(&state.pool, &id, true).await?))
+    let udf = store::set_paused(&state.pool, &id, true).await?;
+    state.engine.functions_changed();
+    Ok(Json(udf))
 }
 
 async fn resume(
@@ -144,5 +147,7 @@ async fn resume(
     Path(id): Path<String>,
 ) -> Result<Json<Udf>, ApiError> {
     p.require(Scope::Write)?;
-    Ok(Json(store::set_paused(&state.pool, &id, false).await?))
+    let udf = store::set_paused(&state.pool, &id, false).await?;
+    state.engine.functions_changed();
+    Ok(Json(udf))
 }

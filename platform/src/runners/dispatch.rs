@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use layer_protocol::function::{ComputeClass, Dispatch, Udf};
@@ -127,8 +128,21 @@ pub struct Dispatcher {
     pool: PgPool,
     http: reqwest::Client,
     work_ready: Arc<Notify>,
+    generation: Arc<AtomicU64>,
     config: DispatchConfig,
 }
+
+/// Push Functions and compute pools, as last read.
+struct Catalog {
+    read_at: Instant,
+    generation: u64,
+    udfs: Vec<Udf>,
+    pools: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// How long the catalog is trusted without a local change: changes made
+/// through another replica reach this one within it.
+const CATALOG_TTL: Duration = Duration::from_secs(1);
 
 enum Sent {
     Accepted,
@@ -136,20 +150,21 @@ enum Sent {
 }
 
 impl Dispatcher {
-    pub fn new(pool: PgPool, work_ready: Arc<Notify>, config: DispatchConfig) -> Self {
+    pub fn new(pool: PgPool, work_ready: Arc<Notify>, generation: Arc<AtomicU64>, config: DispatchConfig) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(15))
             .tcp_nodelay(true)
             .build()
             .unwrap_or_default();
-        Dispatcher { pool, http, work_ready, config }
+        Dispatcher { pool, http, work_ready, generation, config }
     }
 
     /// Runs until `shutdown`; sends in progress finish first.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut sends: JoinSet<Sent> = JoinSet::new();
         let mut cooldown: HashMap<String, Instant> = HashMap::new();
+        let mut catalog: Option<Catalog> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -163,7 +178,7 @@ impl Dispatcher {
                 }
             }
             cooldown.retain(|_, t| Instant::now() < *t);
-            if let Err(e) = self.dispatch_round(&mut sends, &cooldown).await {
+            if let Err(e) = self.dispatch_round(&mut sends, &cooldown, &mut catalog).await {
                 tracing::warn!(error = %e, "dispatch round failed; retrying");
             }
         }
@@ -172,12 +187,28 @@ impl Dispatcher {
 
     /// Leases and sends batches until no Function has work or no runner
     /// has room. Functions take turns, one batch each.
-    async fn dispatch_round(&self, sends: &mut JoinSet<Sent>, cooldown: &HashMap<String, Instant>) -> Result<()> {
-        let udfs: Vec<Udf> = crate::functions::store::list(&self.pool)
-            .await?
-            .into_iter()
-            .filter(|u| u.spec.worker.dispatch == Dispatch::Push && !u.paused)
-            .collect();
+    async fn dispatch_round(
+        &self,
+        sends: &mut JoinSet<Sent>,
+        cooldown: &HashMap<String, Instant>,
+        catalog: &mut Option<Catalog>,
+    ) -> Result<()> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        if catalog.as_ref().is_none_or(|c| c.generation != generation || c.read_at.elapsed() > CATALOG_TTL) {
+            let udfs = crate::functions::store::list(&self.pool)
+                .await?
+                .into_iter()
+                .filter(|u| u.spec.worker.dispatch == Dispatch::Push && !u.paused)
+                .collect();
+            let mut pools = BTreeMap::new();
+            for rules in crate::resources::store::list_infra_rules(&self.pool).await? {
+                for p in rules.spec.compute_pools {
+                    pools.insert(p.name, p.node_selector);
+                }
+            }
+            *catalog = Some(Catalog { read_at: Instant::now(), generation, udfs, pools });
+        }
+        let Some(Catalog { udfs, pools, .. }) = catalog.as_ref() else { return Ok(()) };
         if udfs.is_empty() {
             return Ok(());
         }
@@ -185,29 +216,29 @@ impl Dispatcher {
         if runners.is_empty() {
             return Ok(());
         }
-        let mut pools = BTreeMap::new();
-        for rules in crate::resources::store::list_infra_rules(&self.pool).await? {
-            for p in rules.spec.compute_pools {
-                pools.insert(p.name, p.node_selector);
-            }
-        }
+        let mut stale = false;
         let mut done: HashSet<&str> = HashSet::new();
         while done.len() < udfs.len() {
-            for udf in &udfs {
+            for udf in udfs {
                 if done.contains(udf.id.as_str()) {
                     continue;
                 }
-                let Some(runner) = place(udf, &mut runners, &pools, cooldown) else {
+                let Some(runner) = place(udf, &mut runners, pools, cooldown) else {
                     done.insert(&udf.id);
                     continue;
                 };
                 let limit = i64::from(udf.spec.worker.batch_size);
                 let lease = i64::from(udf.spec.schedule.lease_seconds);
                 let claim = queue::claim(&self.pool, udf, Claimer::Runner(&runner.id), limit, lease).await?;
+                stale |= claim.stale;
                 let Some(batch_id) = claim.batch_id else {
                     done.insert(&udf.id);
                     continue;
                 };
+                // A short batch means the queue is empty for now.
+                if (claim.items.len() as i64) < limit {
+                    done.insert(&udf.id);
+                }
                 runner.in_flight += 1;
                 let items = claim
                     .items
@@ -242,6 +273,9 @@ impl Dispatcher {
                 };
                 sends.spawn(send.run(assignment));
             }
+        }
+        if stale {
+            *catalog = None;
         }
         Ok(())
     }
