@@ -294,3 +294,29 @@ async fn the_rust_echo_example_runs_warm_and_idle_workers_stop() -> anyhow::Resu
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_revision_replaces_the_old_workers() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let _runner = TestRunner::start(&p, |_| {}).await?;
+    let rows: Vec<Value> = (0..20).map(|i| json!({"id": format!("v{i:02}"), "mode": "ok"})).collect();
+    upsert(&p, "jobs", json!(rows)).await?;
+    apply(&p, "revs", worker_spec(json!({"scaling": {"replicas": {"min": 1, "max": 2}}}))).await?;
+    drained(&p, "revs", Duration::from_secs(60)).await?;
+    apply(&p, "revs", worker_spec(json!({"version": "v2", "scaling": {"replicas": {"min": 1, "max": 2}}}))).await?;
+    let start = Instant::now();
+    loop {
+        let (_, st) = p.call(Method::GET, "/v2/udfs/revs/status", None).await?;
+        let (_, list) = p.call(Method::GET, "/v2/runners", None).await?;
+        let workers = list["runners"][0]["load"]["workers"].as_array().cloned().unwrap_or_default();
+        let revisions: Vec<i64> = workers.iter().filter_map(|w| w["revision"].as_i64()).collect();
+        if st["counts"]["completed"] == 40 && !revisions.is_empty() && revisions.iter().all(|r| *r == 2) {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "old workers stayed: {revisions:?} {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, d) = p.call(Method::GET, "/v2/namespaces/jobs/documents/v07", None).await?;
+    assert_eq!(d["attributes"]["_hevlayer_udf_revs_v"], "v2");
+    Ok(())
+}

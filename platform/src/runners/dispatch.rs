@@ -334,3 +334,107 @@ impl Send {
         Sent::Refused { runner_id: self.runner_id }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layer_protocol::function::validate_spec;
+    use layer_protocol::runner::{Capacity, GpuInfo, RunnerLoad, WorkerView};
+    use layer_protocol::validate::Case;
+    use layer_protocol::validate::Problems;
+    use sqlx::types::Json;
+
+    fn udf(spec: serde_json::Value) -> Udf {
+        let mut p = Problems::new();
+        let spec = validate_spec(&mut p, "spec", &spec, Case::Camel).expect("valid spec").spec;
+        assert!(p.is_empty());
+        Udf {
+            id: "f".into(),
+            spec,
+            paused: false,
+            created_at: String::new(),
+            updated_at: String::new(),
+            revision: 3,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn runner(id: &str, labels: &[(&str, &str)], in_flight: i64, warm: bool, gpus: usize) -> RunnerRow {
+        let workers = if warm {
+            vec![WorkerView { udf_id: "f".into(), revision: 3, state: "idle".into(), pid: Some(1) }]
+        } else {
+            Vec::new()
+        };
+        let gpu = GpuInfo { index: 0, uuid: "GPU-x".into(), name: "x".into(), memory_bytes: 1 };
+        RunnerRow {
+            id: id.into(),
+            name: id.into(),
+            address: "http://127.0.0.1:1".into(),
+            labels: Json(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            capacity: Json(Capacity { cpus: 2, memory_bytes: 1, slots: 2, gpus: vec![gpu; gpus] }),
+            drivers: Json(vec!["process".into()]),
+            state: "active".into(),
+            load: Json(RunnerLoad { batches: 0, workers }),
+            signing_key: Vec::new(),
+            registered_at: chrono::Utc::now(),
+            last_heartbeat_at: chrono::Utc::now(),
+            lost: false,
+            in_flight,
+        }
+    }
+
+    fn push(extra: serde_json::Value) -> Udf {
+        let mut s = serde_json::json!({"targetNamespaces": ["a"], "worker": {"dispatch": "push", "command": ["w"]}});
+        for (k, v) in extra.as_object().unwrap() {
+            s[k] = v.clone();
+        }
+        udf(s)
+    }
+
+    fn picked(
+        u: &Udf,
+        runners: &mut [RunnerRow],
+        pools: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> Option<String> {
+        place(u, runners, pools, &HashMap::new()).map(|r| r.id.clone())
+    }
+
+    #[test]
+    fn placement_prefers_warm_then_least_loaded_among_eligible_runners() {
+        let none = BTreeMap::new();
+        let u = push(serde_json::json!({}));
+        let mut rs = vec![runner("busy", &[], 1, false, 0), runner("idle", &[], 0, false, 0)];
+        assert_eq!(picked(&u, &mut rs, &none).as_deref(), Some("idle"));
+        let mut rs = vec![runner("cold", &[], 0, false, 0), runner("warm", &[], 1, true, 0)];
+        assert_eq!(picked(&u, &mut rs, &none).as_deref(), Some("warm"), "a warm worker beats a lighter load");
+        // Full, lost, draining and cooling-down runners take nothing.
+        let mut full = runner("full", &[], 2, true, 0);
+        assert_eq!(picked(&u, std::slice::from_mut(&mut full), &none), None);
+        let mut lost = runner("lost", &[], 0, true, 0);
+        lost.lost = true;
+        assert_eq!(picked(&u, std::slice::from_mut(&mut lost), &none), None);
+        let mut draining = runner("draining", &[], 0, true, 0);
+        draining.state = "draining".into();
+        assert_eq!(picked(&u, std::slice::from_mut(&mut draining), &none), None);
+        let mut cool = vec![runner("cool", &[], 0, false, 0)];
+        let cooldown = HashMap::from([("cool".to_string(), Instant::now() + Duration::from_secs(5))]);
+        assert!(place(&u, &mut cool, &none, &cooldown).is_none());
+    }
+
+    #[test]
+    fn placement_follows_pools_drivers_and_gpus() {
+        let pools = BTreeMap::from([
+            ("cpu".to_string(), BTreeMap::from([("tier".to_string(), "cpu".to_string())])),
+            ("special".to_string(), BTreeMap::from([("zone".to_string(), "b".to_string())])),
+        ]);
+        let mut rs = vec![runner("plain", &[], 0, false, 0), runner("tiered", &[("tier", "cpu")], 1, false, 0)];
+        assert_eq!(picked(&push(serde_json::json!({})), &mut rs, &pools).as_deref(), Some("tiered"));
+        let special = push(serde_json::json!({"scaling": {"pool": "special"}}));
+        assert_eq!(picked(&special, &mut rs, &pools), None, "no runner carries zone=b");
+        let gpu = push(serde_json::json!({"worker": {"dispatch": "push", "command": ["w"], "computeClass": "gpu"}}));
+        let mut rs = vec![runner("cpu-only", &[], 0, false, 0), runner("gpu", &[], 1, false, 1)];
+        assert_eq!(picked(&gpu, &mut rs, &BTreeMap::new()).as_deref(), Some("gpu"));
+        let image = push(serde_json::json!({"worker": {"dispatch": "push", "image": "x:1"}}));
+        assert_eq!(picked(&image, &mut rs, &BTreeMap::new()), None, "no runner has the docker driver");
+    }
+}
