@@ -221,28 +221,14 @@ pub fn parse_results(bytes: &[u8], items: &[ClaimedItem]) -> Result<Vec<RowResul
     let mut out = Vec::with_capacity(items.len());
     for i in items {
         let key = (i.namespace.clone(), i.id.clone());
+        let transient = |message: String| {
+            let error = RowError { kind: FailureKind::Transient, message };
+            failed(std::slice::from_ref(i), &error).remove(0)
+        };
         let row = match by_key.remove(&key) {
-            None => RowResult {
-                namespace: i.namespace.clone(),
-                id: i.id.clone(),
-                attributes: None,
-                vector: None,
-                error: Some(RowError {
-                    kind: FailureKind::Transient,
-                    message: "the worker's answer did not include this row".into(),
-                }),
-            },
+            None => transient("the worker's answer did not include this row".into()),
             Some(mut rows) if rows.len() == 1 => rows.remove(0),
-            Some(rows) => RowResult {
-                namespace: i.namespace.clone(),
-                id: i.id.clone(),
-                attributes: None,
-                vector: None,
-                error: Some(RowError {
-                    kind: FailureKind::Transient,
-                    message: format!("the worker's answer gave this row {} times", rows.len()),
-                }),
-            },
+            Some(rows) => transient(format!("the worker's answer gave this row {} times", rows.len())),
         };
         out.push(row);
     }

@@ -164,6 +164,16 @@ impl TestPlatform {
         r
     }
 
+    /// Applies one Function document with this spec (camelCase) as the admin.
+    pub async fn apply_function(&self, name: &str, spec: serde_json::Value) -> Result<()> {
+        let doc = serde_json::json!({"apiVersion": "hevlayer.com/v1alpha1", "kind": "Function",
+                                     "metadata": {"name": name}, "spec": spec});
+        let (s, r) =
+            self.call(reqwest::Method::POST, "/v2/apply", Some(serde_json::json!({"documents": [doc]}))).await?;
+        anyhow::ensure!(s == 200, "apply: {r}");
+        Ok(())
+    }
+
     /// Sends JSON as the admin and returns (status, body).
     pub async fn call(
         &self,

@@ -11,11 +11,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 async fn apply(p: &TestPlatform, name: &str, spec: Value) -> anyhow::Result<()> {
-    let doc =
-        json!({"apiVersion": "hevlayer.com/v1alpha1", "kind": "Function", "metadata": {"name": name}, "spec": spec});
-    let (s, r) = p.call(Method::POST, "/v2/apply", Some(json!({"documents": [doc]}))).await?;
-    anyhow::ensure!(s == 200, "apply: {r}");
-    Ok(())
+    p.apply_function(name, spec).await
 }
 
 async fn upsert(p: &TestPlatform, rows: Value) -> anyhow::Result<()> {
