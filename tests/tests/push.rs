@@ -244,6 +244,18 @@ async fn forged_expired_and_foreign_tokens_are_refused() -> anyhow::Result<()> {
         http.post(format!("{}/v2/runners/{}/heartbeat", p.url, a.id)).bearer_auth(&expired).json(&hb).send().await?;
     assert_eq!(r.status(), 401);
     assert!(r.text().await?.contains("Expired"));
+    // Rotation: a session token past half its life is answered with a
+    // fresh one, which works; a fresh one is not replaced.
+    let aging = sign(&key, &a.id, Purpose::Session, 60);
+    let r = http.post(format!("{}/v2/runners/{}/heartbeat", p.url, a.id)).bearer_auth(&aging).json(&hb).send().await?;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await?;
+    let fresh = body["token"].as_str().expect("a rotated token").to_string();
+    let claims = layer_protocol::runner::tokens::verify(&key, &fresh, &a.id, Purpose::Session).unwrap();
+    assert!(layer_protocol::runner::tokens::seconds_left(&claims) > 500, "{claims:?}");
+    let r = http.post(format!("{}/v2/runners/{}/heartbeat", p.url, a.id)).bearer_auth(&fresh).json(&hb).send().await?;
+    let body: Value = r.json().await?;
+    assert!(body.get("token").is_none(), "{body}");
     // The runner checks the platform's signature on batches it is sent.
     let batch = json!({"batch_id": 5, "udf_id": "x", "revision": 1, "version": "v1", "items": [], "report_token": "t",
                        "worker": {"batch_size": 1, "timeout_seconds": 1, "lease_seconds": 1, "replicas_min": 0, "replicas_max": 1}});
