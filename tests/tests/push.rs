@@ -328,3 +328,38 @@ async fn a_new_revision_replaces_the_old_workers() -> anyhow::Result<()> {
     assert_eq!(d["attributes"]["_hevlayer_udf_revs_v"], "v2");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_that_cannot_be_reached_costs_no_attempts() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    // A registered runner whose address refuses connections.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let reg = json!({"name": "ghost", "address": format!("http://{closed}"), "drivers": ["process"],
+                     "capacity": {"cpus": 1, "memory_bytes": 1, "slots": 1}});
+    let (s, r) = p.call(Method::POST, "/v2/runners", Some(reg)).await?;
+    assert_eq!(s, 200, "{r}");
+    upsert(&p, "jobs", json!([{"id": "u1", "mode": "ok"}])).await?;
+    apply(&p, "unreachable", worker_spec(json!({}))).await?;
+    let start = Instant::now();
+    loop {
+        let abandoned: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM batches WHERE state = 'abandoned'").fetch_one(&p.pool).await?;
+        if abandoned > 0 {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "no dispatch was attempted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (state, attempts, free, kind): (String, i32, i32, Option<String>) = sqlx::query_as(
+        "SELECT state, attempts, free_retries, last_error_kind FROM work_items WHERE function_id = 'unreachable'",
+    )
+    .fetch_one(&p.pool)
+    .await?;
+    assert_eq!((state.as_str(), attempts, kind.as_deref()), ("pending", 0, Some("runner_lost")));
+    assert!(free >= 1, "a free retry was counted: {free}");
+    // A real runner then finishes the row (maxAttempts is 1: nothing was spent).
+    let _runner = TestRunner::start(&p, |_| {}).await?;
+    let st = drained(&p, "unreachable", Duration::from_secs(30)).await?;
+    assert_eq!(st["counts"]["completed"], 1, "{st}");
+    Ok(())
+}

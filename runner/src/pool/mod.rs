@@ -42,7 +42,8 @@ struct Pool {
     idle: Vec<Idle>,
     /// Every worker: idle, busy and starting.
     count: usize,
-    busy: Vec<(u32, String)>,
+    /// Pids of the workers out on a batch.
+    busy: Vec<u32>,
     starting: usize,
     start_failures: u32,
     next_start: Instant,
@@ -152,7 +153,7 @@ impl Pools {
                         pool.count -= 1;
                         continue;
                     }
-                    pool.busy.push((idle.worker.pid, idle.worker.name.clone()));
+                    pool.busy.push(idle.worker.pid);
                     return Ok(WorkerLease { worker: Some(idle.worker), key, pools: self.clone(), healthy: true });
                 }
                 let max = plan.replicas_max.max(1) as usize;
@@ -182,7 +183,7 @@ impl Pools {
                 match started {
                     Ok(w) => {
                         pool.start_failures = 0;
-                        pool.busy.push((w.pid, w.name.clone()));
+                        pool.busy.push(w.pid);
                         return Ok(WorkerLease { worker: Some(w), key, pools: self.clone(), healthy: true });
                     }
                     Err(e) => {
@@ -228,7 +229,7 @@ impl Pools {
             worker.stop();
             return;
         };
-        pool.busy.retain(|(pid, _)| *pid != worker.pid);
+        pool.busy.retain(|pid| *pid != worker.pid);
         if healthy && !pool.retired && worker.exited().is_none() {
             pool.idle.push(Idle { worker, since: Instant::now() });
         } else {
@@ -307,7 +308,7 @@ impl Pools {
                     pid: Some(i.worker.pid),
                 });
             }
-            for (pid, _) in &pool.busy {
+            for pid in &pool.busy {
                 out.push(WorkerView {
                     udf_id: id.clone(),
                     revision: pool.revision,
