@@ -24,6 +24,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub settings: Arc<Settings>,
     pub engine: crate::engine::Engine,
+    /// Runners' signing keys, for checking report tokens without a lookup.
+    pub runner_keys: crate::runners::KeyCache,
 }
 
 /// Limits the HTTP layer enforces.

@@ -119,6 +119,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         pool: pool.clone(),
         settings: Arc::new(http::Settings { max_body_bytes: config.max_body_bytes, runners: config.runners.clone() }),
         engine,
+        runner_keys: Default::default(),
     };
     let app = http::router(state);
     tracing::info!(%addr, "platform listening");

@@ -97,7 +97,7 @@ async fn complete(
             Err(f) => refused.push(f),
         }
     }
-    let mut tx = queue::begin(&state.pool).await?;
+    let mut tx = queue::begin_writeback(&state.pool).await?;
     queue::fail(&mut tx, &udf, &req.worker_id, refused).await?;
     let counts = queue::complete(&mut tx, &udf, &req.worker_id, completions).await?;
     tx.commit().await.map_err(PlatformError::from)?;

@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use layer_protocol::filter::Filter;
 use layer_protocol::function::{FunctionSpec, Udf};
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::error::{PlatformError, Result};
@@ -96,45 +97,45 @@ fn push_enqueue_select(qb: &mut QueryBuilder<'_, Postgres>, udf: &Udf) {
 pub async fn sweep(conn: &mut PgConnection, udf: &Udf, namespace: &str) -> Result<u64> {
     let needs = Needs::of(udf)?;
     let key = spec_key(&udf.spec);
-    sqlx::query("INSERT INTO discovery_cursors (function_id, namespace) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-        .bind(&udf.id)
-        .bind(namespace)
-        .execute(&mut *conn)
-        .await?;
-    let (last_seq, stored_key): (i64, String) = sqlx::query_as(
-        "SELECT last_seq, spec_key FROM discovery_cursors WHERE function_id = $1 AND namespace = $2 FOR UPDATE",
+    // Creates the cursor or locks the one there, and reads the namespace's
+    // committed sequence, in one statement. The Function's row is locked
+    // first (`FOR KEY SHARE`), so a sweep and a deletion of the Function
+    // take their locks in the same order and never deadlock: a deletion
+    // waits for the sweep, or the sweep finds the Function gone.
+    let cursor: Option<(i64, String, Option<i64>)> = sqlx::query_as(
+        "WITH f AS (SELECT id FROM functions WHERE id = $1 FOR KEY SHARE)
+         INSERT INTO discovery_cursors (function_id, namespace) SELECT f.id, $2 FROM f
+         ON CONFLICT (function_id, namespace) DO UPDATE SET last_seq = discovery_cursors.last_seq
+         RETURNING last_seq, spec_key, (SELECT write_seq FROM namespaces WHERE name = $2)",
     )
     .bind(&udf.id)
     .bind(namespace)
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    let Some(now_seq): Option<i64> = sqlx::query_scalar("SELECT write_seq FROM namespaces WHERE name = $1")
-        .bind(namespace)
-        .fetch_optional(&mut *conn)
-        .await?
-    else {
+    let Some((last_seq, stored_key, Some(now_seq))) = cursor else {
         return Ok(0);
     };
     let from = if stored_key == key { last_seq } else { 0 };
 
-    let mut enqueued = 0;
-    if now_seq > from {
-        let mut qb = QueryBuilder::<Postgres>::new("");
-        push_enqueue_select(&mut qb, udf);
-        qb.push(" FROM rows r WHERE r.namespace = ");
-        qb.push_bind(namespace);
-        qb.push(" AND r.write_seq > ");
-        qb.push_bind(from);
-        qb.push(" AND r.write_seq <= ");
+    // One statement: the cursor moves, deadlines that came due are taken,
+    // and the rows written since the cursor plus the rows whose result went
+    // stale are enqueued. The cursor never moves back: a sweep that waited
+    // on the lock may have read an older sequence than the one before it.
+    let mut qb = QueryBuilder::<Postgres>::new("WITH moved AS (UPDATE discovery_cursors SET last_seq = ");
+    if stored_key == key {
+        qb.push("greatest(last_seq, ");
         qb.push_bind(now_seq);
-        qb.push(" AND ");
-        needs.push(&mut qb);
-        push_enqueue_conflict(&mut qb);
-        enqueued += qb.build().execute(&mut *conn).await?.rows_affected();
+        qb.push(")");
+    } else {
+        qb.push_bind(now_seq);
     }
-
-    // Results that went stale.
-    let mut qb = QueryBuilder::<Postgres>::new("WITH due AS (DELETE FROM stale_deadlines d WHERE d.function_id = ");
+    qb.push(", spec_key = ");
+    qb.push_bind(&key);
+    qb.push(", swept_at = now() WHERE function_id = ");
+    qb.push_bind(&udf.id);
+    qb.push(" AND namespace = ");
+    qb.push_bind(namespace);
+    qb.push("), due AS (DELETE FROM stale_deadlines d WHERE d.function_id = ");
     qb.push_bind(&udf.id);
     qb.push(" AND d.namespace = ");
     qb.push_bind(namespace);
@@ -144,27 +145,36 @@ pub async fn sweep(conn: &mut PgConnection, udf: &Udf, namespace: &str) -> Resul
     qb.push_bind(namespace);
     qb.push(" AND r.id = due.row_id WHERE ");
     needs.push(&mut qb);
+    if now_seq > from {
+        // A row both due and written since is enqueued once, by the second part.
+        qb.push(" AND NOT (r.write_seq > ");
+        qb.push_bind(from);
+        qb.push(" AND r.write_seq <= ");
+        qb.push_bind(now_seq);
+        qb.push(") UNION ALL SELECT ");
+        qb.push_bind(&udf.id);
+        qb.push(", r.namespace, r.id, ");
+        qb.push_bind(&udf.spec.version);
+        qb.push(" FROM rows r WHERE r.namespace = ");
+        qb.push_bind(namespace);
+        qb.push(" AND r.write_seq > ");
+        qb.push_bind(from);
+        qb.push(" AND r.write_seq <= ");
+        qb.push_bind(now_seq);
+        qb.push(" AND ");
+        needs.push(&mut qb);
+    }
     push_enqueue_conflict(&mut qb);
-    enqueued += qb.build().execute(&mut *conn).await?.rows_affected();
-
-    sqlx::query(
-        "UPDATE discovery_cursors SET last_seq = $3, spec_key = $4, swept_at = now()
-         WHERE function_id = $1 AND namespace = $2",
-    )
-    .bind(&udf.id)
-    .bind(namespace)
-    .bind(now_seq)
-    .bind(&key)
-    .execute(&mut *conn)
-    .await?;
-    Ok(enqueued)
+    Ok(qb.build().execute(&mut *conn).await?.rows_affected())
 }
 
 /// Sweeps the given namespaces of a Function, each in its own transaction,
 /// at most `maxConcurrentScans` at a time, and counts the sweep. Returns the
 /// rows enqueued. A namespace that fails does not stop the others; the first
-/// error is returned after all have run.
-pub async fn sweep_function(pool: &PgPool, udf: &Udf, namespaces: &[String]) -> Result<u64> {
+/// error is returned after all have run. `ready` is notified as soon as a
+/// namespace enqueued rows, before the sweep is counted, so the dispatcher
+/// starts on them at once.
+pub async fn sweep_function(pool: &PgPool, udf: &Udf, namespaces: &[String], ready: &Notify) -> Result<u64> {
     let width = udf.spec.schedule.max_concurrent_scans.max(1) as usize;
     let mut queue = namespaces.iter().cloned();
     let mut scans = JoinSet::new();
@@ -184,7 +194,12 @@ pub async fn sweep_function(pool: &PgPool, udf: &Udf, namespaces: &[String]) -> 
         }
         match scans.join_next().await {
             None => break,
-            Some(Ok(Ok(n))) => total += n,
+            Some(Ok(Ok(n))) => {
+                total += n;
+                if n > 0 {
+                    ready.notify_one();
+                }
+            }
             Some(Ok(Err(e))) => {
                 first_error.get_or_insert(e);
             }

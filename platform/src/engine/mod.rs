@@ -195,8 +195,8 @@ impl Engine {
         if !(periodic || asked) && udf.spec.index_selector.is_none() {
             let written: Vec<String> =
                 udf.spec.target_namespaces.iter().filter(|n| requests.namespaces.contains(*n)).cloned().collect();
-            if !written.is_empty() && discovery::sweep_function(&self.pool, udf, &written).await? > 0 {
-                self.work_ready.notify_one();
+            if !written.is_empty() {
+                discovery::sweep_function(&self.pool, udf, &written, &self.work_ready).await?;
             }
             return Ok(());
         }
@@ -210,9 +210,7 @@ impl Engine {
         if targets.is_empty() {
             return Ok(());
         }
-        if discovery::sweep_function(&self.pool, udf, &targets).await? > 0 {
-            self.work_ready.notify_one();
-        }
+        discovery::sweep_function(&self.pool, udf, &targets, &self.work_ready).await?;
         if periodic || asked {
             last_sweep.insert(udf.id.clone(), Instant::now());
         }
@@ -252,11 +250,7 @@ impl Engine {
 
     /// Sweeps a Function now and returns the rows enqueued.
     pub async fn discover_now(&self, udf: &Udf, namespaces: &[String]) -> crate::Result<u64> {
-        let n = discovery::sweep_function(&self.pool, udf, namespaces).await?;
-        if n > 0 {
-            self.work_ready.notify_one();
-        }
-        Ok(n)
+        discovery::sweep_function(&self.pool, udf, namespaces, &self.work_ready).await
     }
 }
 

@@ -26,9 +26,23 @@ use crate::time::rfc3339;
 /// Users' own writes stay synchronous, and flushing them flushes everything
 /// before them.
 pub async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
-    Ok(tx)
+    // One round trip: the setting travels with `BEGIN`.
+    Ok(pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?)
+}
+
+/// Begins a writeback transaction: as [`begin`], and its statements use
+/// the plans PostgreSQL cached for them (`force_generic_plan`).
+///
+/// Why: the writeback statements are long and the rows they touch are
+/// found by primary key (`LATERAL`), so their generic plan is the right one
+/// for any batch size, while planning them anew cost a single-row report
+/// about half a millisecond. PostgreSQL's own choice (`auto`) keeps
+/// re-planning them, because a one-row array makes a custom plan look
+/// cheaper than the generic one.
+pub async fn begin_writeback(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>> {
+    Ok(pool
+        .begin_with("BEGIN; SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_generic_plan")
+        .await?)
 }
 
 /// The window the completion rate is measured over.
@@ -59,10 +73,13 @@ fn project_inputs(id: &str, attributes: &Attributes, inputs: &[String]) -> Attri
 
 #[derive(sqlx::FromRow)]
 struct Picked {
-    namespace: String,
-    row_id: String,
+    /// The Function's batches in flight before this claim (first round only).
+    in_flight: i64,
+    /// `None` (with the rest): nothing was picked.
+    namespace: Option<String>,
+    row_id: Option<String>,
     attributes: Option<sqlx::types::Json<Attributes>>,
-    needed: bool,
+    needed: Option<bool>,
 }
 
 /// Who claims: a pull worker, or the dispatcher for a runner.
@@ -105,26 +122,21 @@ pub struct Claim {
     pub stale: bool,
 }
 
-/// How many batches of a Function are leased now, counting up to `cap`: a
-/// loose index scan over `work_items_in_flight`, one probe per batch.
-pub async fn batches_in_flight(conn: &mut sqlx::PgConnection, udf_id: &str, cap: i64) -> Result<i64> {
-    Ok(sqlx::query_scalar(
-        "WITH RECURSIVE b(id, n) AS (
-             SELECT (SELECT w.batch_id FROM work_items w
-                     WHERE w.function_id = $1 AND w.state = 'leased' AND w.batch_id IS NOT NULL
-                     ORDER BY w.batch_id LIMIT 1), 1
-             UNION ALL
-             SELECT (SELECT w.batch_id FROM work_items w
-                     WHERE w.function_id = $1 AND w.state = 'leased' AND w.batch_id > b.id
-                     ORDER BY w.batch_id LIMIT 1), b.n + 1
-             FROM b WHERE b.id IS NOT NULL AND b.n < $2
-         )
-         SELECT count(id) FROM b",
-    )
-    .bind(udf_id)
-    .bind(cap)
-    .fetch_one(&mut *conn)
-    .await?)
+/// Appends `WITH RECURSIVE b(id, n) AS (...)`: the Function's leased
+/// batches, up to `cap`, by a loose index scan over `work_items_in_flight`,
+/// one probe per batch. `count(id) FROM b` is the number in flight.
+fn push_in_flight(qb: &mut QueryBuilder<'_, Postgres>, udf_id: &str, cap: i64) {
+    qb.push("WITH RECURSIVE b(id, n) AS (SELECT (SELECT w.batch_id FROM work_items w WHERE w.function_id = ");
+    qb.push_bind(udf_id.to_string());
+    qb.push(
+        " AND w.state = 'leased' AND w.batch_id IS NOT NULL ORDER BY w.batch_id LIMIT 1), 1
+         UNION ALL
+         SELECT (SELECT w.batch_id FROM work_items w WHERE w.function_id = ",
+    );
+    qb.push_bind(udf_id.to_string());
+    qb.push(" AND w.state = 'leased' AND w.batch_id > b.id ORDER BY w.batch_id LIMIT 1), b.n + 1 FROM b WHERE b.id IS NOT NULL AND b.n < ");
+    qb.push_bind(cap);
+    qb.push(")");
 }
 
 /// Leases up to `limit` claimable rows to `worker_id` for `lease_seconds`
@@ -147,11 +159,13 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
     // One round trip: the turn, a batch id, asynchronous commit (see
     // `begin`), and the Function as it is now, so a caller working from a
     // cached copy never claims for a paused, deleted or changed Function.
+    // Its row is locked (`FOR KEY SHARE`) before any item is, the order a
+    // deletion of the Function takes them in, so the two never deadlock.
     let current: Option<(i64, bool, i32)> = sqlx::query_as(
         "SELECT nextval('work_batch_ids'), f.paused, f.revision
          FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 7317)),
                       set_config('synchronous_commit', 'off', true)) l
-         LEFT JOIN functions f ON f.id = $1",
+         LEFT JOIN LATERAL (SELECT paused, revision FROM functions WHERE id = $1 FOR KEY SHARE) f ON true",
     )
     .bind(&udf.id)
     .fetch_optional(&mut *tx)
@@ -168,26 +182,33 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
     }
     let worker_id = claimer.lease_holder(batch_id);
     let cap = i64::from(udf.spec.schedule.max_in_flight_batches);
-    if batches_in_flight(&mut tx, &udf.id, cap).await? >= cap {
-        tx.commit().await?;
-        return Ok(Claim { at_capacity: true, ..Claim::default() });
-    }
     let mut out = Vec::new();
     // A few rounds at most: a round only comes up short when it dropped items.
-    for _ in 0..4 {
+    for round in 0..4 {
         let want = limit - out.len() as i64;
         if want <= 0 {
             break;
         }
+        // The first round also counts the batches in flight, after the turn
+        // was taken, and picks nothing at `maxInFlightBatches`.
+        let mut qb = QueryBuilder::<Postgres>::new("");
+        if round == 0 {
+            push_in_flight(&mut qb, &udf.id, cap);
+            qb.push(", gate AS MATERIALIZED (SELECT count(id) AS n FROM b), ");
+        } else {
+            qb.push("WITH gate AS (SELECT 0::bigint AS n), ");
+        }
         // Pick first (an index scan on the pending items), then touch only
         // the picked rows, each by primary key.
-        let mut qb = QueryBuilder::<Postgres>::new(
-            "WITH picked AS MATERIALIZED (
+        qb.push(
+            "picked AS MATERIALIZED (
                  SELECT w.namespace, w.row_id FROM work_items w
                  WHERE w.function_id = ",
         );
         qb.push_bind(&udf.id);
-        qb.push(" AND w.state = 'pending' AND w.available_at <= now() ORDER BY w.available_at LIMIT ");
+        qb.push(" AND w.state = 'pending' AND w.available_at <= now() AND (SELECT n FROM gate) < ");
+        qb.push_bind(cap);
+        qb.push(" ORDER BY w.available_at LIMIT ");
         qb.push_bind(want);
         qb.push(
             " FOR UPDATE SKIP LOCKED),
@@ -221,43 +242,51 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
                  WHERE w.function_id = ",
         );
         qb.push_bind(&udf.id);
+        qb.push(" AND w.namespace = x.namespace AND w.row_id = x.row_id AND x.needed)");
+        if let Claimer::Runner(runner_id) = claimer {
+            // The batch record commits with its leases.
+            qb.push(
+                ", record AS (
+                     INSERT INTO batches (id, function_id, revision, runner_id, items) SELECT ",
+            );
+            qb.push_bind(batch_id);
+            qb.push(", ");
+            qb.push_bind(&udf.id);
+            qb.push(", ");
+            qb.push_bind(udf.revision);
+            qb.push(", ");
+            qb.push_bind(runner_id);
+            qb.push(
+                ", count(*) FROM probe WHERE needed HAVING count(*) > 0
+                     ON CONFLICT (id) DO UPDATE SET items = batches.items + EXCLUDED.items)",
+            );
+        }
         qb.push(
-            " AND w.namespace = x.namespace AND w.row_id = x.row_id AND x.needed)
-             SELECT x.namespace, x.row_id, x.attributes, x.needed FROM probe x",
+            " SELECT g.n AS in_flight, x.namespace, x.row_id, x.attributes, x.needed
+             FROM gate g LEFT JOIN probe x ON true",
         );
         let picked: Vec<Picked> = qb.build_query_as().fetch_all(&mut *tx).await?;
-        if picked.is_empty() {
-            break;
+        if round == 0 && picked.first().is_some_and(|p| p.in_flight >= cap) {
+            tx.commit().await?;
+            return Ok(Claim { at_capacity: true, ..Claim::default() });
         }
         let mut dropped = false;
+        let mut any = false;
         for p in picked {
-            if !p.needed {
+            let (Some(namespace), Some(row_id), Some(needed)) = (p.namespace, p.row_id, p.needed) else {
+                continue;
+            };
+            any = true;
+            if !needed {
                 dropped = true;
                 continue;
             }
             let attrs = p.attributes.map(|a| a.0).unwrap_or_default();
-            out.push(Claimed {
-                input: project_inputs(&p.row_id, &attrs, &udf.spec.inputs),
-                namespace: p.namespace,
-                id: p.row_id,
-            });
+            out.push(Claimed { input: project_inputs(&row_id, &attrs, &udf.spec.inputs), namespace, id: row_id });
         }
-        if !dropped {
+        if !any || !dropped {
             break;
         }
-    }
-    if let Claimer::Runner(runner_id) = claimer
-        && !out.is_empty()
-    {
-        // The batch record commits with its leases.
-        sqlx::query("INSERT INTO batches (id, function_id, revision, runner_id, items) VALUES ($1, $2, $3, $4, $5)")
-            .bind(batch_id)
-            .bind(&udf.id)
-            .bind(udf.revision)
-            .bind(runner_id)
-            .bind(out.len() as i32)
-            .execute(&mut *tx)
-            .await?;
     }
     tx.commit().await?;
     let batch_id = (!out.is_empty()).then_some(batch_id);

@@ -74,6 +74,23 @@ async fn list(State(state): State<AppState>, Extension(p): Extension<Principal>)
     Ok(Json(RunnerList { runners: rows.iter().map(RunnerRow::view).collect() }))
 }
 
+/// The bearer token of a runner's call.
+fn bearer(headers: &HeaderMap) -> Result<&str> {
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or_else(|| PlatformError::Unauthorized("missing runner token: send `Authorization: Bearer <token>`".into()))
+}
+
+fn verify(key: &[u8], token: &str, runner_id: &str, purpose: Purpose) -> Result<layer_protocol::runner::TokenClaims> {
+    tokens::verify(key, token, runner_id, purpose).map_err(|e| {
+        tracing::warn!(runner_id, error = %e, "runner token refused");
+        PlatformError::Unauthorized(e)
+    })
+}
+
 /// Checks the bearer token against the runner's key; returns the runner.
 async fn authenticate_runner(
     state: &AppState,
@@ -81,13 +98,7 @@ async fn authenticate_runner(
     runner_id: &str,
     purpose: Purpose,
 ) -> Result<(RunnerRow, layer_protocol::runner::TokenClaims)> {
-    let token = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-        .ok_or_else(|| {
-            PlatformError::Unauthorized("missing runner token: send `Authorization: Bearer <token>`".into())
-        })?;
+    let token = bearer(headers)?;
     let runner = match store::get(&state.pool, runner_id, state.settings.runners.lost_after.as_secs_f64()).await {
         Ok(r) => r,
         Err(PlatformError::NotFound(_)) => {
@@ -95,11 +106,18 @@ async fn authenticate_runner(
         }
         Err(e) => return Err(e),
     };
-    let claims = tokens::verify(&runner.signing_key, token.trim(), runner_id, purpose).map_err(|e| {
-        tracing::warn!(runner_id, error = %e, "runner token refused");
-        PlatformError::Unauthorized(e)
-    })?;
+    let claims = verify(&runner.signing_key, token, runner_id, purpose)?;
+    state.runner_keys.insert(runner_id, &runner.signing_key);
     Ok((runner, claims))
+}
+
+/// Checks a report token: against the cached key when there is one, so
+/// the hot path of a report reads nothing.
+async fn authenticate_report(state: &AppState, headers: &HeaderMap, runner_id: &str, batch_id: i64) -> Result<()> {
+    match state.runner_keys.get(runner_id) {
+        Some(key) => verify(&key, bearer(headers)?, runner_id, Purpose::Report(batch_id)).map(drop),
+        None => authenticate_runner(state, headers, runner_id, Purpose::Report(batch_id)).await.map(drop),
+    }
 }
 
 async fn heartbeat(
@@ -151,11 +169,11 @@ async fn report(
     headers: HeaderMap,
     ApiJson(req): ApiJson<BatchReport>,
 ) -> Result<Json<ReportResponse>, ApiError> {
-    authenticate_runner(&state, &headers, &id, Purpose::Report(batch_id)).await?;
+    authenticate_report(&state, &headers, &id, batch_id).await?;
     // One transaction: the writeback, the failures and the batch record
-    // commit together (asynchronously; see `queue::begin`).
-    let mut tx = queue::begin(&state.pool).await?;
-    let Some(batch) = store::lock_batch(&mut tx, batch_id).await? else {
+    // commit together (asynchronously; see `queue::begin_writeback`).
+    let mut tx = queue::begin_writeback(&state.pool).await?;
+    let Some(mut batch) = store::lock_batch(&mut tx, batch_id).await? else {
         return Err(PlatformError::NotFound(format!("batch {batch_id} not found")).into());
     };
     if batch.runner_id != id {
@@ -169,16 +187,12 @@ async fn report(
             dropped: batch.dropped as u64,
         }));
     }
-    let udf = match crate::functions::store::get(&state.pool, &batch.function_id).await {
-        Ok(u) => u,
+    let Some(udf) = batch.take_udf() else {
         // Deleted meanwhile: its work is gone; acknowledge.
-        Err(PlatformError::NotFound(_)) => {
-            let n = req.results.len() as u64;
-            store::finish_batch(&mut tx, batch_id, "reported", (0, 0, n), req.worker.as_deref(), None).await?;
-            tx.commit().await.map_err(PlatformError::from)?;
-            return Ok(Json(ReportResponse { batch_id, written: 0, failed: 0, dropped: n }));
-        }
-        Err(e) => return Err(e.into()),
+        let n = req.results.len() as u64;
+        store::finish_batch(&mut tx, batch_id, "reported", (0, 0, n), req.worker.as_deref(), None).await?;
+        tx.commit().await.map_err(PlatformError::from)?;
+        return Ok(Json(ReportResponse { batch_id, written: 0, failed: 0, dropped: n }));
     };
     let holder = batch_holder(&id, batch_id);
     let mut completions = Vec::new();

@@ -16,6 +16,8 @@ pub mod api;
 pub mod dispatch;
 pub mod store;
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// Runner timings the API and the dispatcher share.
@@ -31,5 +33,28 @@ pub struct RunnerSettings {
 impl Default for RunnerSettings {
     fn default() -> Self {
         RunnerSettings { heartbeat_interval: Duration::from_secs(2), lost_after: Duration::from_secs(6) }
+    }
+}
+
+/// Runners' signing keys, kept in memory after a first check against the
+/// database so a batch report costs no lookup. A runner's key never
+/// changes (registering again makes a new runner), so entries never go
+/// stale; the map is cleared when it grows past `KEY_CACHE_LIMIT`.
+#[derive(Debug, Clone, Default)]
+pub struct KeyCache(Arc<RwLock<HashMap<String, Arc<[u8]>>>>);
+
+const KEY_CACHE_LIMIT: usize = 10_000;
+
+impl KeyCache {
+    pub fn get(&self, runner_id: &str) -> Option<Arc<[u8]>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).get(runner_id).cloned()
+    }
+
+    pub fn insert(&self, runner_id: &str, key: &[u8]) {
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= KEY_CACHE_LIMIT {
+            map.clear();
+        }
+        map.insert(runner_id.to_string(), Arc::from(key));
     }
 }

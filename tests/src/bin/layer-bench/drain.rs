@@ -72,7 +72,7 @@ pub(crate) async fn start_platform(pg: &EmbeddedPostgres) -> Result<Platform> {
     let child = Command::new(layer_binary()?)
         .args(["platform", "--listen", &format!("127.0.0.1:{port}"), "--database-url", &pg.url("layer")])
         .env("LAYER_API_KEY", KEY)
-        .env("LAYER_LOG", "warn")
+        .env("LAYER_LOG", crate::child_log())
         .stdout(Stdio::null())
         .spawn()?;
     let url = format!("http://127.0.0.1:{port}");
@@ -267,7 +267,7 @@ pub async fn discovery(rows: usize, new: usize, repeat: usize) -> Result<()> {
 
         let ns = vec!["big".to_string()];
         let t = Instant::now();
-        let enqueued = sweep_function(&pool, &udf, &ns).await?;
+        let enqueued = sweep_function(&pool, &udf, &ns, &tokio::sync::Notify::new()).await?;
         println!("discovery: first sweep over {rows} complete rows: {:.0} ms, {enqueued} enqueued", t.elapsed().as_secs_f64() * 1e3);
         ensure!(enqueued == 0);
 
@@ -278,7 +278,7 @@ pub async fn discovery(rows: usize, new: usize, repeat: usize) -> Result<()> {
             let req: layer_protocol::namespace::WriteRequest = serde_json::from_value(json!({"upsert_rows": docs}))?;
             layer_platform::rows::store::write(&pool, "big", layer_platform::rows::plan::plan(req)?, None).await?;
             let t = Instant::now();
-            let enqueued = sweep_function(&pool, &udf, &ns).await?;
+            let enqueued = sweep_function(&pool, &udf, &ns, &tokio::sync::Notify::new()).await?;
             times.push(t.elapsed());
             ensure!(enqueued == new as u64, "enqueued {enqueued}, expected {new}");
         }

@@ -107,6 +107,13 @@ fn document(i: usize) -> Value {
     })
 }
 
+/// `LAYER_LOG` for the platform and runners the benchmarks start:
+/// `LAYER_BENCH_LOG` when set (e.g. `info,sqlx::query=debug` to see every
+/// statement's time), else `warn`.
+fn child_log() -> String {
+    std::env::var("LAYER_BENCH_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }

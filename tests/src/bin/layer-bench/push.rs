@@ -34,7 +34,7 @@ async fn start_runner(http: &reqwest::Client, platform: &Platform, slots: u32) -
     let child = Command::new(layer_binary()?)
         .args(["runner", "--platform", &platform.url, "--listen", "127.0.0.1:0", "--slots", &slots.to_string()])
         .env("LAYER_API_KEY", KEY)
-        .env("LAYER_LOG", "warn")
+        .env("LAYER_LOG", crate::child_log())
         .stdout(Stdio::null())
         .spawn()?;
     let start = Instant::now();
@@ -164,7 +164,9 @@ pub async fn w2(samples: usize) -> Result<()> {
     let echo = echo_binary()?;
     with_platform("w2", |http, platform, _, db_url| async move {
         let runner = start_runner(&http, &platform, 2).await?;
-        let doc = push_function("latency", "latency", 1, &echo, 1, json!(["write"]));
+        // The default batch size (32): a one-row claim comes up short, so
+        // the dispatcher knows the queue is empty without claiming again.
+        let doc = push_function("latency", "latency", 32, &echo, 1, json!(["write"]));
         call(&http, reqwest::Method::POST, format!("{}/v2/apply", platform.url), json!({"documents": [doc]})).await?;
         let pool = layer_platform::db::connect(layer_platform::db::parse_url(&db_url)?, 1).await?;
         let mut times = Vec::with_capacity(samples);
@@ -186,7 +188,9 @@ pub async fn w2(samples: usize) -> Result<()> {
                     break;
                 }
                 ensure!(t.elapsed() < Duration::from_secs(30), "row {id} never completed");
-                tokio::time::sleep(Duration::from_micros(200)).await;
+                // tokio's timers tick in whole milliseconds, which would
+                // round every sample up; a short blocking sleep does not.
+                std::thread::sleep(Duration::from_micros(200));
             }
             // The first few warm the worker and the connections.
             if i >= 5 {
