@@ -96,6 +96,10 @@ enum Command {
         /// Handed to workers as LAYER_GATEWAY_API_KEY (none by default).
         #[arg(long, env = "LAYER_WORKER_API_KEY", hide_env_values = true)]
         worker_api_key: Option<String>,
+        /// Do not run Functions with worker.image as containers, even where
+        /// a Docker engine answers (DOCKER_HOST, else the local socket).
+        #[arg(long)]
+        no_docker: bool,
     },
     /// Runners known to the platform.
     Runners {
@@ -272,7 +276,18 @@ async fn run(cli: Cli) -> Result<()> {
             serve::platform(serve::PlatformArgs { database_url, listen, max_connections, max_body_bytes, api_key })
                 .await
         }
-        Command::Runner { platform, api_key, listen, advertise, name, labels, slots, idle_timeout, worker_api_key } => {
+        Command::Runner {
+            platform,
+            api_key,
+            listen,
+            advertise,
+            name,
+            labels,
+            slots,
+            idle_timeout,
+            worker_api_key,
+            no_docker,
+        } => {
             init_logging();
             serve::runner(serve::RunnerArgs {
                 platform,
@@ -284,6 +299,7 @@ async fn run(cli: Cli) -> Result<()> {
                 slots,
                 idle_timeout_seconds: idle_timeout,
                 worker_api_key,
+                docker: !no_docker,
             })
             .await
         }

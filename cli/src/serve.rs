@@ -109,6 +109,7 @@ pub struct RunnerArgs {
     pub slots: Option<u32>,
     pub idle_timeout_seconds: u64,
     pub worker_api_key: Option<String>,
+    pub docker: bool,
 }
 
 /// `layer runner`: a node runner; SIGTERM drains it.
@@ -126,6 +127,7 @@ pub async fn runner(args: RunnerArgs) -> Result<()> {
     config.slots = args.slots;
     config.idle_timeout = std::time::Duration::from_secs(args.idle_timeout_seconds);
     config.worker_api_key = args.worker_api_key;
+    config.docker = args.docker;
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let started = layer_runner::start(config, shutdown).await.context("starting the runner")?;

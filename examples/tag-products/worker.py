@@ -76,4 +76,6 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+    # BIND: 127.0.0.1 as a local process, 0.0.0.0 in a container.
+    bind = os.environ.get("BIND", "127.0.0.1")
+    ThreadingHTTPServer((bind, int(os.environ["PORT"])), Handler).serve_forever()

@@ -79,8 +79,12 @@ pub struct WorkerView {
     pub revision: i32,
     /// `starting`, `idle` or `busy`.
     pub state: String,
+    /// The process id, for the process driver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// The container id (12 characters), for the Docker driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -27,6 +27,8 @@ pub struct Exec {
 enum CallFailure {
     Timeout(u32),
     Crashed(String),
+    /// The worker was killed for exceeding its memory limit.
+    OutOfMemory(String),
     Status(u16, String),
     Overloaded,
     Garbage(String),
@@ -40,6 +42,9 @@ impl CallFailure {
                 format!("the worker did not answer within timeoutSeconds ({s} s); it was killed and replaced"),
             ),
             CallFailure::Crashed(m) => (FailureKind::Transient, format!("the worker crashed mid-batch: {m}")),
+            CallFailure::OutOfMemory(m) => {
+                (FailureKind::Oom, format!("the worker ran out of memory mid-batch and was killed: {m}"))
+            }
             CallFailure::Status(code, body) => {
                 (FailureKind::Transient, format!("the worker answered HTTP {code}: {body}"))
             }
@@ -101,7 +106,7 @@ impl Exec {
                     return failed(items, &RowError { kind: FailureKind::RunnerLost, message: m });
                 }
             };
-            *worker = Some(lease.worker().name.clone());
+            *worker = Some(lease.worker().name().to_string());
             match self.call(&mut lease, a, items).await {
                 Ok(results) => results,
                 Err(f) => {
@@ -150,13 +155,13 @@ impl Exec {
             }
             Ok(Err(e)) => {
                 lease.discard();
-                // Give a dying process a moment to be reaped.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let detail = match lease.worker_mut().exited() {
-                    Some(status) => format!("it exited ({status})"),
-                    None => e,
-                };
-                return Err(CallFailure::Crashed(detail));
+                // Give a dying worker a moment to be reaped, so its exit
+                // (an OOM kill, say) names the cause.
+                return Err(match lease.worker_mut().exit_within(Duration::from_millis(500)).await {
+                    Some((detail, true)) => CallFailure::OutOfMemory(detail),
+                    Some((detail, false)) => CallFailure::Crashed(detail),
+                    None => CallFailure::Crashed(e),
+                });
             }
             Ok(Ok(r)) => r,
         };

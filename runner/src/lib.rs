@@ -52,6 +52,9 @@ pub struct Config {
     /// How long a drain waits for batches in progress.
     pub drain_timeout: Duration,
     pub gpus: Arc<dyn inventory::GpuInventory>,
+    /// Whether to run Functions with `worker.image` as containers when a
+    /// Docker engine answers (`DOCKER_HOST`, else the local socket).
+    pub docker: bool,
 }
 
 impl Config {
@@ -70,6 +73,7 @@ impl Config {
             max_response_bytes: 64 << 20,
             drain_timeout: Duration::from_secs(300),
             gpus: Arc::new(inventory::NoGpus),
+            docker: true,
         }
     }
 }
@@ -135,9 +139,24 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         .map_err(|e| RunnerError::Register(e.to_string()))?;
     let capacity = inventory::capacity(config.slots, config.gpus.as_ref());
     tracing::info!(gpus = capacity.gpus.len(), inventory = %config.gpus.describe(), "node inventory");
+    let engine = if config.docker {
+        match pool::container::Engine::connect(&config.name).await {
+            Ok(engine) => Some(engine),
+            Err(e) => {
+                tracing::info!(reason = %e, "the Docker driver is off: Functions with worker.image are not placed here");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut drivers = vec!["process".to_string()];
+    if engine.is_some() {
+        drivers.push("docker".into());
+    }
     let client = platform::PlatformClient::new(config.platform.clone(), http.clone());
     let registration = client
-        .register(&config.api_key, &config.name, &advertise, &config.labels, capacity.clone())
+        .register(&config.api_key, &config.name, &advertise, &config.labels, capacity.clone(), drivers)
         .await
         .map_err(RunnerError::Register)?;
     let signing_key = hex::decode(&registration.signing_key)
@@ -150,6 +169,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
             startup_timeout: config.startup_timeout,
             platform_url: config.platform.clone(),
             worker_api_key: config.worker_api_key.clone(),
+            engine,
         },
         http.clone(),
     );
@@ -217,8 +237,9 @@ async fn run(
     stop_serving.cancel();
     let _ = serving.await;
     shared.exec.pools.stop_all();
-    // Give stopping workers their grace period.
+    // Give stopping workers their grace period; containers are removed.
     tokio::time::sleep(Duration::from_millis(100)).await;
+    shared.exec.pools.wait_stopped(Duration::from_secs(15)).await;
     tracing::info!("runner stopped");
     Ok(())
 }

@@ -61,13 +61,14 @@ impl PlatformClient {
         address: &str,
         labels: &BTreeMap<String, String>,
         capacity: Capacity,
+        drivers: Vec<String>,
     ) -> Result<RegisterResponse, String> {
         let req = RegisterRequest {
             name: name.to_string(),
             address: address.to_string(),
             labels: labels.clone(),
             capacity,
-            drivers: vec!["process".into()],
+            drivers,
         };
         let r = self
             .http

@@ -361,7 +361,7 @@ mod tests {
 
     fn runner(id: &str, labels: &[(&str, &str)], in_flight: i64, warm: bool, gpus: usize) -> RunnerRow {
         let workers = if warm {
-            vec![WorkerView { udf_id: "f".into(), revision: 3, state: "idle".into(), pid: Some(1) }]
+            vec![WorkerView { udf_id: "f".into(), revision: 3, state: "idle".into(), pid: Some(1), container: None }]
         } else {
             Vec::new()
         };

@@ -9,15 +9,101 @@
 //! workers stop at once, busy ones when their batch ends. A worker that
 //! will not start is retried with a doubling backoff.
 
+pub mod container;
 pub mod process;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use container::ContainerWorker;
 use layer_protocol::runner::{WorkerPlan, WorkerView};
 use process::{ProcessWorker, WorkerEnv};
 use tokio::sync::Notify;
+
+/// A started worker, of either driver.
+#[derive(Debug)]
+pub enum Worker {
+    Process(ProcessWorker),
+    Container(ContainerWorker),
+}
+
+impl Worker {
+    pub fn name(&self) -> &str {
+        match self {
+            Worker::Process(w) => &w.name,
+            Worker::Container(w) => &w.name,
+        }
+    }
+
+    /// What tells workers apart in the pool: the pid or the container id.
+    fn key(&self) -> String {
+        match self {
+            Worker::Process(w) => w.pid.to_string(),
+            Worker::Container(w) => w.id.clone(),
+        }
+    }
+
+    fn view(&self, udf_id: &str, revision: i32, state: &str) -> WorkerView {
+        let (pid, container) = match self {
+            Worker::Process(w) => (Some(w.pid), None),
+            Worker::Container(w) => (None, Some(w.id.chars().take(12).collect())),
+        };
+        WorkerView { udf_id: udf_id.to_string(), revision, state: state.into(), pid, container }
+    }
+
+    pub fn base_url(&self) -> String {
+        match self {
+            Worker::Process(w) => w.base_url(),
+            Worker::Container(w) => w.base_url(),
+        }
+    }
+
+    /// Whether the worker has exited.
+    pub fn has_exited(&mut self) -> bool {
+        match self {
+            Worker::Process(w) => w.exited().is_some(),
+            Worker::Container(w) => w.exited().is_some(),
+        }
+    }
+
+    /// How the worker ended, waiting up to `wait` to learn it: the
+    /// description and whether it was killed for exceeding its memory.
+    pub async fn exit_within(&mut self, wait: Duration) -> Option<(String, bool)> {
+        match self {
+            Worker::Process(w) => {
+                // A process that crashed is reaped within a few ms.
+                let deadline = Instant::now() + wait.min(Duration::from_millis(100));
+                loop {
+                    if let Some(status) = w.exited() {
+                        return Some((format!("it exited ({status})"), false));
+                    }
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            Worker::Container(w) => {
+                w.exit_within(wait).await.map(|e| (format!("its container stopped: {e}"), e.oom_killed))
+            }
+        }
+    }
+
+    pub fn stop(self) {
+        match self {
+            Worker::Process(w) => w.stop(),
+            Worker::Container(w) => w.stop(),
+        }
+    }
+
+    pub fn kill(self) {
+        match self {
+            Worker::Process(w) => w.kill(),
+            Worker::Container(w) => w.kill(),
+        }
+    }
+}
 
 /// Settings of the pools.
 #[derive(Debug, Clone)]
@@ -29,10 +115,13 @@ pub struct PoolConfig {
     pub platform_url: String,
     /// Handed to workers as `LAYER_GATEWAY_API_KEY`.
     pub worker_api_key: Option<String>,
+    /// The container engine, when the node has one: Functions with
+    /// `worker.image` run as its containers.
+    pub engine: Option<container::Engine>,
 }
 
 struct Idle {
-    worker: ProcessWorker,
+    worker: Worker,
     since: Instant,
 }
 
@@ -42,8 +131,8 @@ struct Pool {
     idle: Vec<Idle>,
     /// Every worker: idle, busy and starting.
     count: usize,
-    /// Pids of the workers out on a batch.
-    busy: Vec<u32>,
+    /// The workers out on a batch.
+    busy: Vec<(String, WorkerView)>,
     starting: usize,
     start_failures: u32,
     next_start: Instant,
@@ -68,18 +157,18 @@ pub struct Pools {
 
 /// A worker held by one batch.
 pub struct WorkerLease {
-    worker: Option<ProcessWorker>,
+    worker: Option<Worker>,
     key: (String, i32),
     pools: Pools,
     healthy: bool,
 }
 
 impl WorkerLease {
-    pub fn worker(&self) -> &ProcessWorker {
+    pub fn worker(&self) -> &Worker {
         self.worker.as_ref().expect("a lease holds its worker until dropped")
     }
 
-    pub fn worker_mut(&mut self) -> &mut ProcessWorker {
+    pub fn worker_mut(&mut self) -> &mut Worker {
         self.worker.as_mut().expect("a lease holds its worker until dropped")
     }
 
@@ -148,12 +237,12 @@ impl Pools {
                 pool.plan = plan.clone();
                 // The most recently used idle worker: the warmest.
                 while let Some(mut idle) = pool.idle.pop() {
-                    if idle.worker.exited().is_some() {
-                        tracing::warn!(worker = %idle.worker.name, "idle worker had exited; replacing it");
+                    if idle.worker.has_exited() {
+                        tracing::warn!(worker = %idle.worker.name(), "idle worker had exited; replacing it");
                         pool.count -= 1;
                         continue;
                     }
-                    pool.busy.push(idle.worker.pid);
+                    pool.busy.push((idle.worker.key(), idle.worker.view(udf_id, revision, "busy")));
                     return Ok(WorkerLease { worker: Some(idle.worker), key, pools: self.clone(), healthy: true });
                 }
                 let max = plan.replicas_max.max(1) as usize;
@@ -171,7 +260,7 @@ impl Pools {
                     platform_url: self.config.platform_url.clone(),
                     api_key: self.config.worker_api_key.clone(),
                 };
-                let started = ProcessWorker::start(plan, &env, name, &self.http, self.config.startup_timeout).await;
+                let started = self.start_worker(plan, &env, name).await;
                 let mut inner = self.lock();
                 let Some(pool) = inner.pools.get_mut(&key) else {
                     if let Ok(w) = started {
@@ -183,7 +272,7 @@ impl Pools {
                 match started {
                     Ok(w) => {
                         pool.start_failures = 0;
-                        pool.busy.push(w.pid);
+                        pool.busy.push((w.key(), w.view(udf_id, revision, "busy")));
                         return Ok(WorkerLease { worker: Some(w), key, pools: self.clone(), healthy: true });
                     }
                     Err(e) => {
@@ -209,6 +298,19 @@ impl Pools {
         }
     }
 
+    /// Starts a worker with the driver the plan needs: a container for
+    /// `worker.image`, a process for `worker.command`.
+    async fn start_worker(&self, plan: &WorkerPlan, env: &WorkerEnv, name: String) -> Result<Worker, String> {
+        let startup = self.config.startup_timeout;
+        if plan.command.is_none() && plan.image.is_some() {
+            let Some(engine) = &self.config.engine else {
+                return Err("the Function runs an image (worker.image) and this runner has no Docker engine".into());
+            };
+            return ContainerWorker::start(engine, plan, env, name, &self.http, startup).await.map(Worker::Container);
+        }
+        ProcessWorker::start(plan, env, name, &self.http, startup).await.map(Worker::Process)
+    }
+
     fn retire_older(&self, inner: &mut Inner, udf_id: &str, revision: i32) {
         for ((id, rev), pool) in inner.pools.iter_mut() {
             if id == udf_id && *rev < revision && !pool.retired {
@@ -223,14 +325,15 @@ impl Pools {
         inner.pools.retain(|_, p| !(p.retired && p.count == 0));
     }
 
-    fn release(&self, key: &(String, i32), mut worker: ProcessWorker, healthy: bool) {
+    fn release(&self, key: &(String, i32), mut worker: Worker, healthy: bool) {
         let mut inner = self.lock();
         let Some(pool) = inner.pools.get_mut(key) else {
             worker.stop();
             return;
         };
-        pool.busy.retain(|pid| *pid != worker.pid);
-        if healthy && !pool.retired && worker.exited().is_none() {
+        let worker_key = worker.key();
+        pool.busy.retain(|(k, _)| *k != worker_key);
+        if healthy && !pool.retired && !worker.has_exited() {
             pool.idle.push(Idle { worker, since: Instant::now() });
         } else {
             pool.count -= 1;
@@ -252,8 +355,8 @@ impl Pools {
         for pool in inner.pools.values_mut() {
             let mut keep = Vec::new();
             for mut idle in pool.idle.drain(..) {
-                if idle.worker.exited().is_some() {
-                    tracing::warn!(worker = %idle.worker.name, "idle worker exited");
+                if idle.worker.has_exited() {
+                    tracing::warn!(worker = %idle.worker.name(), "idle worker exited");
                     pool.count -= 1;
                 } else {
                     keep.push(idle);
@@ -264,7 +367,7 @@ impl Pools {
             let mut out = Vec::new();
             for idle in keep {
                 if pool.count > min && idle.since.elapsed() >= idle_timeout {
-                    tracing::info!(worker = %idle.worker.name, "idle worker stopped");
+                    tracing::info!(worker = %idle.worker.name(), "idle worker stopped");
                     idle.worker.stop();
                     pool.count -= 1;
                 } else {
@@ -300,33 +403,38 @@ impl Pools {
         let inner = self.lock();
         let mut out = Vec::new();
         for ((id, _), pool) in &inner.pools {
-            for i in &pool.idle {
-                out.push(WorkerView {
-                    udf_id: id.clone(),
-                    revision: pool.revision,
-                    state: "idle".into(),
-                    pid: Some(i.worker.pid),
-                });
-            }
-            for pid in &pool.busy {
-                out.push(WorkerView {
-                    udf_id: id.clone(),
-                    revision: pool.revision,
-                    state: "busy".into(),
-                    pid: Some(*pid),
-                });
-            }
+            out.extend(pool.idle.iter().map(|i| i.worker.view(id, pool.revision, "idle")));
+            out.extend(pool.busy.iter().map(|(_, v)| v.clone()));
             for _ in 0..pool.starting {
                 out.push(WorkerView {
                     udf_id: id.clone(),
                     revision: pool.revision,
                     state: "starting".into(),
                     pid: None,
+                    container: None,
                 });
             }
         }
-        out.sort_by(|a, b| (&a.udf_id, a.revision, &a.state, a.pid).cmp(&(&b.udf_id, b.revision, &b.state, b.pid)));
+        out.sort_by(|a, b| {
+            (&a.udf_id, a.revision, &a.state, a.pid, &a.container).cmp(&(
+                &b.udf_id,
+                b.revision,
+                &b.state,
+                b.pid,
+                &b.container,
+            ))
+        });
         out
+    }
+
+    /// Waits up to `wait` for containers being stopped to be removed.
+    pub async fn wait_stopped(&self, wait: Duration) {
+        if let Some(engine) = &self.config.engine {
+            engine.stopping.close();
+            if tokio::time::timeout(wait, engine.stopping.wait()).await.is_err() {
+                tracing::warn!("some worker containers were not removed in time");
+            }
+        }
     }
 
     /// Stops every idle worker (shutdown); busy ones stop when released.

@@ -1,0 +1,323 @@
+//! The Docker driver: a push worker as a container of `spec.worker.image`.
+//!
+//! The container listens on `spec.worker.port` (default 8080), published
+//! on a loopback port of the node that Docker picks; it is ready once
+//! `GET /healthz` answers 200. Containers are hardened whatever the image
+//! asks: not privileged, every capability dropped, `no-new-privileges`, a
+//! read-only root with a tmpfs at `/tmp`, a pids limit, and no Docker
+//! socket inside. Their output goes to the runner's log, one line per
+//! event, tagged with the worker. An exit is watched: an OOM kill is told
+//! apart from a crash.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+use layer_protocol::runner::WorkerPlan;
+use tokio_util::task::TaskTracker;
+
+use super::process::WorkerEnv;
+
+/// The port a worker image listens on unless `spec.worker.port` says.
+pub const DEFAULT_PORT: u16 = 8080;
+/// The most processes (threads included) one worker container may run.
+pub const PIDS_LIMIT: i64 = 512;
+/// The size of the writable `/tmp` of a worker container.
+pub const TMP_SIZE: &str = "256m";
+/// The label every worker container carries, with the runner's name.
+pub const RUNNER_LABEL: &str = "com.hevlayer.layer.runner";
+
+/// How a container ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    pub code: i64,
+    /// The kernel killed it for exceeding its memory limit.
+    pub oom_killed: bool,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.oom_killed {
+            write!(f, "killed for exceeding its memory limit (OOM), exit code {}", self.code)
+        } else {
+            write!(f, "exit code {}", self.code)
+        }
+    }
+}
+
+/// The Docker engine a runner drives, and the settings containers get.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub docker: Docker,
+    /// Written on every container as [`RUNNER_LABEL`].
+    pub runner_name: String,
+    /// Stops and removals under way, so a runner that shuts down can wait
+    /// for its containers to be gone.
+    pub stopping: TaskTracker,
+}
+
+impl Engine {
+    /// Connects to the engine named by `DOCKER_HOST` (default: the local
+    /// Unix socket), negotiates the API version and pings it. `Err` says
+    /// why there is no engine; the runner then runs without the driver.
+    pub async fn connect(runner_name: &str) -> Result<Engine, String> {
+        let docker = Docker::connect_with_defaults().map_err(|e| format!("no Docker engine: {e}"))?;
+        let docker = tokio::time::timeout(Duration::from_secs(5), docker.negotiate_version())
+            .await
+            .map_err(|_| "no Docker engine: it did not answer within 5 s".to_string())?
+            .map_err(|e| format!("no Docker engine: {e}"))?;
+        docker.ping().await.map_err(|e| format!("no Docker engine: {e}"))?;
+        let engine = Engine { docker, runner_name: runner_name.to_string(), stopping: TaskTracker::new() };
+        engine.remove_leftovers().await;
+        Ok(engine)
+    }
+
+    /// Removes containers a previous run of a runner of this name left
+    /// behind (it was killed before it could remove them).
+    async fn remove_leftovers(&self) {
+        let filters = HashMap::from([("label", vec![format!("{RUNNER_LABEL}={}", self.runner_name)])]);
+        let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let Ok(found) = self.docker.list_containers(Some(options)).await else {
+            return;
+        };
+        for id in found.into_iter().filter_map(|c| c.id) {
+            tracing::info!(container = %short(&id), "removing a worker container a previous run left behind");
+            let _ =
+                self.docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::new().force(true).build())).await;
+        }
+    }
+}
+
+/// A started, ready worker container.
+#[derive(Debug)]
+pub struct ContainerWorker {
+    pub name: String,
+    /// The container's id.
+    pub id: String,
+    /// The loopback port of the node the worker's port is published on.
+    pub port: u16,
+    docker: Docker,
+    stopping: TaskTracker,
+    exit: Arc<OnceLock<Exit>>,
+}
+
+/// The container's hardened host settings.
+pub fn host_config(port: u16) -> HostConfig {
+    let binding = PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) };
+    HostConfig {
+        port_bindings: Some(HashMap::from([(format!("{port}/tcp"), Some(vec![binding]))])),
+        privileged: Some(false),
+        cap_drop: Some(vec!["ALL".into()]),
+        security_opt: Some(vec!["no-new-privileges".into()]),
+        readonly_rootfs: Some(true),
+        tmpfs: Some(HashMap::from([("/tmp".to_string(), format!("rw,noexec,nosuid,nodev,size={TMP_SIZE}"))])),
+        pids_limit: Some(PIDS_LIMIT),
+        ..Default::default()
+    }
+}
+
+impl ContainerWorker {
+    /// Creates and starts the container and waits until it is ready, it
+    /// exits, or `startup` passes. The error says which.
+    pub async fn start(
+        engine: &Engine,
+        plan: &WorkerPlan,
+        env: &WorkerEnv,
+        name: String,
+        http: &reqwest::Client,
+        startup: Duration,
+    ) -> Result<ContainerWorker, String> {
+        let image = plan.image.as_deref().filter(|i| !i.is_empty()).ok_or("the Function has no worker.image")?;
+        let port = plan.port.unwrap_or(DEFAULT_PORT);
+        let mut vars: Vec<String> = plan.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        vars.extend([
+            format!("PORT={port}"),
+            format!("HEVLAYER_UDF_ID={}", env.udf_id),
+            format!("HEVLAYER_BASE_URL={}", env.platform_url),
+            format!("HEVLAYER_UDF_BATCH_SIZE={}", plan.batch_size),
+            format!("HEVLAYER_UDF_TIMEOUT_SECONDS={}", plan.timeout_seconds),
+            format!("HEVLAYER_UDF_LEASE_SECONDS={}", plan.lease_seconds),
+            format!("LAYER_GATEWAY_API_KEY={}", env.api_key.clone().unwrap_or_default()),
+        ]);
+        let body = ContainerCreateBody {
+            image: Some(image.to_string()),
+            env: Some(vars),
+            exposed_ports: Some(vec![format!("{port}/tcp")]),
+            labels: Some(HashMap::from([
+                (RUNNER_LABEL.to_string(), engine.runner_name.clone()),
+                ("com.hevlayer.layer.worker".to_string(), name.clone()),
+                ("com.hevlayer.layer.udf".to_string(), env.udf_id.clone()),
+            ])),
+            host_config: Some(host_config(port)),
+            ..Default::default()
+        };
+        let docker = &engine.docker;
+        let container_name = format!("layer-{}", sanitize(&name));
+        let created = docker
+            .create_container(Some(CreateContainerOptionsBuilder::new().name(&container_name).build()), body)
+            .await
+            .map_err(|e| format!("cannot create a container of image {image:?}: {}", docker_message(&e)))?;
+        let id = created.id;
+        let remove = |docker: &Docker, id: &str| {
+            let (docker, id) = (docker.clone(), id.to_string());
+            engine.stopping.spawn(async move {
+                let _ =
+                    docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::new().force(true).build())).await;
+            });
+        };
+        if let Err(e) = docker.start_container(&id, None).await {
+            remove(docker, &id);
+            return Err(format!("cannot start a container of image {image:?}: {}", docker_message(&e)));
+        }
+        let host_port = match published_port(docker, &id, port).await {
+            Ok(p) => p,
+            Err(e) => {
+                remove(docker, &id);
+                return Err(e);
+            }
+        };
+        let exit = Arc::new(OnceLock::new());
+        watch_exit(docker.clone(), id.clone(), exit.clone());
+        forward_logs(docker.clone(), id.clone(), name.clone());
+        let worker = ContainerWorker {
+            name,
+            id,
+            port: host_port,
+            docker: docker.clone(),
+            stopping: engine.stopping.clone(),
+            exit,
+        };
+        let started = Instant::now();
+        let url = format!("{}/healthz", worker.base_url());
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if let Some(exit) = worker.exited() {
+                worker.kill();
+                return Err(format!("the container of image {image:?} stopped ({exit}) before it was ready"));
+            }
+            if let Ok(r) = http.get(&url).timeout(Duration::from_secs(2)).send().await
+                && r.status().is_success()
+            {
+                tracing::info!(worker = %worker.name, container = %short(&worker.id), port = worker.port,
+                    ready_ms = started.elapsed().as_millis() as u64, "worker container ready");
+                return Ok(worker);
+            }
+            if started.elapsed() > startup {
+                worker.kill();
+                return Err(format!(
+                    "the container of image {image:?} did not answer GET /healthz on port {port} with 200 within {} s",
+                    startup.as_secs()
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// How the container ended, once it has.
+    pub fn exited(&self) -> Option<Exit> {
+        self.exit.get().cloned()
+    }
+
+    /// Waits up to `wait` for the container's exit to be known.
+    pub async fn exit_within(&self, wait: Duration) -> Option<Exit> {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if let Some(e) = self.exited() {
+                return Some(e);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.exited()
+    }
+
+    /// Stops the container (SIGTERM, SIGKILL after 2 s) and removes it.
+    /// Returns at once.
+    pub fn stop(self) {
+        let (docker, id) = (self.docker, self.id);
+        self.stopping.spawn(async move {
+            let _ = docker.stop_container(&id, Some(StopContainerOptionsBuilder::new().t(2).build())).await;
+            let _ = docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::new().force(true).build())).await;
+        });
+    }
+
+    /// Kills and removes the container at once (a timed-out call).
+    pub fn kill(self) {
+        let (docker, id) = (self.docker, self.id);
+        self.stopping.spawn(async move {
+            let _ = docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::new().force(true).build())).await;
+        });
+    }
+}
+
+/// A container name from a worker name: Docker allows `[a-zA-Z0-9_.-]`.
+fn sanitize(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '-' }).collect()
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// The engine's own message, without bollard's wrapping.
+fn docker_message(e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { status_code, message } => {
+            format!("{message} (HTTP {status_code})")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The node port Docker published the container's `port` on.
+async fn published_port(docker: &Docker, id: &str, port: u16) -> Result<u16, String> {
+    let info = docker.inspect_container(id, None).await.map_err(|e| format!("cannot inspect container: {e}"))?;
+    info.network_settings
+        .and_then(|n| n.ports)
+        .and_then(|ports| ports.get(&format!("{port}/tcp")).cloned().flatten())
+        .and_then(|bindings| bindings.into_iter().find_map(|b| b.host_port?.parse().ok()))
+        .ok_or_else(|| format!("the container's port {port} was not published"))
+}
+
+/// Records how the container ends: its exit code and whether it was OOM
+/// killed (read before the container is removed).
+fn watch_exit(docker: Docker, id: String, exit: Arc<OnceLock<Exit>>) {
+    tokio::spawn(async move {
+        let mut waits = docker.wait_container(&id, None);
+        // A non-zero exit arrives as an error carrying the code.
+        let code = match waits.next().await {
+            Some(Ok(r)) => r.status_code,
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
+            _ => -1,
+        };
+        let oom_killed = match docker.inspect_container(&id, None).await {
+            Ok(info) => info.state.and_then(|s| s.oom_killed).unwrap_or(false),
+            Err(_) => false,
+        };
+        let _ = exit.set(Exit { code, oom_killed });
+    });
+}
+
+fn forward_logs(docker: Docker, id: String, name: String) {
+    tokio::spawn(async move {
+        let options = LogsOptionsBuilder::new().follow(true).stdout(true).stderr(true).build();
+        let mut logs = docker.logs(&id, Some(options));
+        while let Some(Ok(chunk)) = logs.next().await {
+            let bytes = chunk.into_bytes();
+            for line in String::from_utf8_lossy(&bytes).lines() {
+                tracing::info!(target: "layer_worker", worker = %name, "{line}");
+            }
+        }
+    });
+}

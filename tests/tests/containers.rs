@@ -1,0 +1,197 @@
+//! The Docker driver against the machine's real Docker engine: Functions
+//! with `worker.image` run as warm, hardened containers of the example
+//! images that `deploy/images/build.sh` builds (built here if missing).
+//! Each test names its runner after its own pid, so the containers it
+//! looks at (by the runner label) are its own.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use layer_tests::{TestPlatform, TestRunner, workspace_dir};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// Builds the image set (`echo` or `python`) unless `image` exists. Tests
+/// run as separate processes, so builds take turns on a file lock.
+fn ensure_image(image: &str, set: &str) -> anyhow::Result<()> {
+    let present = |image: &str| {
+        Command::new("docker").args(["image", "inspect", image]).output().is_ok_and(|o| o.status.success())
+    };
+    if present(image) {
+        return Ok(());
+    }
+    let script = workspace_dir().join("deploy/images/build.sh");
+    let out = Command::new("flock").arg("/tmp/layer-images.lock").arg(&script).arg(set).output()?;
+    anyhow::ensure!(
+        out.status.success() && present(image),
+        "{} {set} failed: {}{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The containers a runner of this name has, running or not.
+fn containers_of(runner: &str) -> anyhow::Result<Vec<String>> {
+    let filter = format!("label=com.hevlayer.layer.runner={runner}");
+    let out = Command::new("docker").args(["ps", "-aq", "--no-trunc", "--filter", &filter]).output()?;
+    anyhow::ensure!(out.status.success(), "docker ps: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect())
+}
+
+fn inspect(id: &str) -> anyhow::Result<Value> {
+    let out = Command::new("docker").args(["inspect", id]).output()?;
+    anyhow::ensure!(out.status.success(), "docker inspect: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice::<Value>(&out.stdout)?[0].clone())
+}
+
+/// Removes a test runner's containers however the test ends: a failed
+/// test drops its runner without the drain that would remove them.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Ok(ids) = containers_of(&self.0)
+            && !ids.is_empty()
+        {
+            let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+        }
+    }
+}
+
+async fn upsert(p: &TestPlatform, ns: &str, rows: Value) -> anyhow::Result<()> {
+    let (s, r) = p.call(Method::POST, &format!("/v2/namespaces/{ns}"), Some(json!({"upsert_rows": rows}))).await?;
+    anyhow::ensure!(s == 200, "upsert: {r}");
+    Ok(())
+}
+
+async fn drained(p: &TestPlatform, f: &str, n: usize, within: Duration) -> anyhow::Result<Value> {
+    let start = Instant::now();
+    loop {
+        let (_, st) = p.call(Method::GET, &format!("/v2/udfs/{f}/status"), None).await?;
+        if st["counts"]["completed"].as_u64() == Some(n as u64) && st["pending_count"] == 0 {
+            return Ok(st);
+        }
+        anyhow::ensure!(start.elapsed() < within, "not drained after {within:?}: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_for<T>(
+    what: &str,
+    within: Duration,
+    mut probe: impl AsyncFnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe().await? {
+            return Ok(v);
+        }
+        anyhow::ensure!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_echo_image_runs_as_warm_hardened_containers_that_stop_when_idle() -> anyhow::Result<()> {
+    ensure_image("layer/echo-rust:dev", "echo")?;
+    let p = TestPlatform::start().await?;
+    let name = format!("containers-echo-{}", std::process::id());
+    let _cleanup = Cleanup(name.clone());
+    // A container a killed earlier run of this runner left behind.
+    let label = format!("com.hevlayer.layer.runner={name}");
+    let out = Command::new("docker").args(["create", "--label", &label, "layer/echo-rust:dev"]).output()?;
+    anyhow::ensure!(out.status.success(), "docker create: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(containers_of(&name)?.len(), 1);
+    let runner = TestRunner::start(&p, |c| {
+        c.name = name.clone();
+        c.idle_timeout = Duration::from_secs(2);
+    })
+    .await?;
+    assert_eq!(containers_of(&name)?, Vec::<String>::new(), "the runner removes what its last run left");
+    let (_, list) = p.call(Method::GET, "/v2/runners", None).await?;
+    assert_eq!(list["runners"][0]["drivers"], json!(["process", "docker"]), "{list}");
+
+    let rows: Vec<Value> = (0..300).map(|i| json!({"id": format!("c{i:03}"), "title": format!("t{i}")})).collect();
+    upsert(&p, "echo", json!(rows)).await?;
+    let spec = json!({
+        "targetNamespaces": ["echo"], "inputs": ["id", "title"], "triggers": ["discovery"],
+        "worker": {"dispatch": "push", "image": "layer/echo-rust:dev", "batchSize": 50, "timeoutSeconds": 30},
+        "scaling": {"replicas": {"min": 0, "max": 2}},
+    });
+    p.apply_function("echo-image", spec).await?;
+    drained(&p, "echo-image", 300, Duration::from_secs(90)).await?;
+    let (_, d) = p.call(Method::GET, "/v2/namespaces/echo/documents/c042", None).await?;
+    assert_eq!(d["attributes"]["echo"], json!({"id": "c042", "title": "t42"}), "{d}");
+    assert_eq!(d["attributes"]["_hevlayer_udf_echo_image_v"], "v1", "{d}");
+
+    // Warm: at most replicas.max containers served all six batches.
+    let workers: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT worker FROM batches WHERE function_id = 'echo-image' AND worker IS NOT NULL",
+    )
+    .fetch_all(&p.pool)
+    .await?;
+    assert!(!workers.is_empty() && workers.len() <= 2, "{workers:?}");
+    // The heartbeat (every 2 s) shows the containers.
+    wait_for("containers in the runner's load", Duration::from_secs(10), async || {
+        let (_, list) = p.call(Method::GET, "/v2/runners", None).await?;
+        let shown = list["runners"][0]["load"]["workers"].as_array().cloned().unwrap_or_default();
+        Ok((!shown.is_empty() && shown.iter().all(|w| w["container"].is_string())).then_some(()))
+    })
+    .await?;
+
+    // Hardened, whatever the image asks.
+    let ids = containers_of(&name)?;
+    assert!(!ids.is_empty() && ids.len() <= 2, "{ids:?}");
+    let info = inspect(&ids[0])?;
+    let host = &info["HostConfig"];
+    assert_eq!(host["Privileged"], false, "{host}");
+    assert_eq!(host["ReadonlyRootfs"], true, "{host}");
+    assert_eq!(host["CapDrop"], json!(["ALL"]), "{host}");
+    assert_eq!(host["SecurityOpt"], json!(["no-new-privileges"]), "{host}");
+    assert_eq!(host["PidsLimit"], 512, "{host}");
+    assert!(host["Tmpfs"]["/tmp"].as_str().is_some_and(|o| o.contains("size=256m")), "{host}");
+    assert_eq!(host["PortBindings"]["8080/tcp"][0]["HostIp"], "127.0.0.1", "{host}");
+    let mounts = info["Mounts"].as_array().cloned().unwrap_or_default();
+    assert!(mounts.iter().all(|m| !m["Source"].as_str().unwrap_or("").contains("docker.sock")), "{mounts:?}");
+    let env = info["Config"]["Env"].as_array().cloned().unwrap_or_default();
+    assert!(env.contains(&json!("HEVLAYER_UDF_ID=echo-image")), "{env:?}");
+    assert!(env.contains(&json!("PORT=8080")), "{env:?}");
+
+    // Idle containers past the window (replicas.min is 0) are removed.
+    wait_for("idle containers removed", Duration::from_secs(30), async || {
+        Ok(containers_of(&name)?.is_empty().then_some(()))
+    })
+    .await?;
+    runner.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_classifier_image_tags_every_product_and_a_stopped_runner_leaves_no_container() -> anyhow::Result<()>
+{
+    ensure_image("layer/tag-products:dev", "python")?;
+    let p = TestPlatform::start().await?;
+    let name = format!("containers-python-{}", std::process::id());
+    let _cleanup = Cleanup(name.clone());
+    let runner = TestRunner::start(&p, |c| c.name = name.clone()).await?;
+    let text = std::fs::read_to_string(workspace_dir().join("examples/tag-products/products.jsonl"))?;
+    let rows: Vec<Value> =
+        text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    upsert(&p, "products", json!(rows)).await?;
+    let spec = json!({
+        "targetNamespaces": ["products"], "inputs": ["id", "title", "description"], "triggers": ["discovery"],
+        "worker": {"dispatch": "push", "image": "layer/tag-products:dev", "batchSize": 8, "timeoutSeconds": 30},
+        "scaling": {"replicas": {"min": 1, "max": 1}},
+    });
+    p.apply_function("product-tags-image", spec).await?;
+    drained(&p, "product-tags-image", rows.len(), Duration::from_secs(90)).await?;
+    let (_, d) = p.call(Method::GET, "/v2/namespaces/products/documents/p002", None).await?;
+    assert_eq!(d["attributes"]["tags"], json!(["wireless", "waterproof"]), "{d}");
+    // replicas.min keeps one warm container.
+    assert_eq!(containers_of(&name)?.len(), 1);
+    runner.stop().await?;
+    assert_eq!(containers_of(&name)?, Vec::<String>::new(), "a stopped runner removes its containers");
+    Ok(())
+}
