@@ -8,8 +8,10 @@
 #                               with debootstrap and `docker import`
 #   layer/tag-products:dev      the Python classifier (examples/tag-products)
 #                               on that base
+#   layer/test-worker:dev       the tests' misbehaving push worker
+#                               (tests/python/push_worker.py) on that base
 #
-# Usage: deploy/images/build.sh [echo] [python]   (both when none is named)
+# Usage: deploy/images/build.sh [echo] [python] [test]   (all when none is named)
 # An image that exists is kept; LAYER_REBUILD=1 builds it again.
 # Needs: docker, cargo, and for the Python base debootstrap (Debian package
 # `debootstrap`) with a reachable Debian mirror (LAYER_DEBIAN_MIRROR,
@@ -18,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 WANT=("$@")
-[ ${#WANT[@]} -eq 0 ] && WANT=(echo python)
+[ ${#WANT[@]} -eq 0 ] && WANT=(echo python test)
 MIRROR=${LAYER_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
 have() { [ "${LAYER_REBUILD:-0}" != 1 ] && docker image inspect "$1" >/dev/null 2>&1; }
@@ -81,11 +83,30 @@ DOCKERFILE
   echo "layer/tag-products:dev: built"
 }
 
+build_test_worker() {
+  if have layer/test-worker:dev; then echo "layer/test-worker:dev: present"; return; fi
+  local dir
+  dir=$(ctx)
+  cp tests/python/push_worker.py "$dir/"
+  cat > "$dir/Dockerfile" <<'DOCKERFILE'
+FROM layer/python-base:bookworm
+COPY push_worker.py /app/push_worker.py
+ENV BIND=0.0.0.0 PORT=8080 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+USER 65534:65534
+EXPOSE 8080
+CMD ["python3", "/app/push_worker.py"]
+DOCKERFILE
+  docker build --quiet -t layer/test-worker:dev "$dir" >/dev/null
+  rm -rf "$dir"
+  echo "layer/test-worker:dev: built"
+}
+
 for w in "${WANT[@]}"; do
   case "$w" in
     echo) build_echo ;;
     python) build_python_base; build_tag_products ;;
-    *) echo "unknown image set '$w' (echo, python)" >&2; exit 2 ;;
+    test) build_python_base; build_test_worker ;;
+    *) echo "unknown image set '$w' (echo, python, test)" >&2; exit 2 ;;
   esac
 done
 cd "$ROOT"

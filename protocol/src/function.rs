@@ -59,6 +59,55 @@ pub struct WorkerSpec {
     /// Extra environment for the worker, beside the platform's own.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Limits for each worker (containers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<WorkerResources>,
+}
+
+/// `spec.worker.resources`: what one worker may use, as Kubernetes-style
+/// quantities (kept as written; [`parse_cpu`] and [`parse_bytes`] read
+/// them). A container gets them as its limits.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerResources {
+    /// CPUs: `2`, `0.5`, `500m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Memory: bytes, or `512Mi`, `4Gi`, `1G`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// The writable scratch space (`/tmp`), as for memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral_disk: Option<String>,
+}
+
+/// CPUs from a quantity: `2`, `0.5`, `500m` (millicores).
+pub fn parse_cpu(q: &str) -> Option<f64> {
+    let q = q.trim();
+    let v = match q.strip_suffix('m') {
+        Some(milli) => milli.parse::<f64>().ok()? / 1000.0,
+        None => q.parse::<f64>().ok()?,
+    };
+    (v.is_finite() && v > 0.0).then_some(v)
+}
+
+/// Bytes from a quantity: a plain number, or with a binary (`Ki`, `Mi`,
+/// `Gi`, `Ti`) or decimal (`k`, `M`, `G`, `T`) suffix.
+pub fn parse_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    const SUFFIXES: &[(&str, f64)] = &[
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("k", 1e3),
+        ("K", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+    ];
+    let (number, scale) = SUFFIXES.iter().find_map(|(s, m)| q.strip_suffix(s).map(|n| (n, *m))).unwrap_or((q, 1.0));
+    let v = number.parse::<f64>().ok()? * scale;
+    (v.is_finite() && (1.0..1.8e19).contains(&v)).then_some(v as u64)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -262,7 +311,10 @@ const WORKER_FIELDS: &[Field] = &[
     field("podSpec", "pod_spec"),
     field("command", "command"),
     field("env", "env"),
+    field("resources", "resources"),
 ];
+const RESOURCE_FIELDS: &[Field] =
+    &[field("cpu", "cpu"), field("memory", "memory"), field("ephemeralDisk", "ephemeral_disk")];
 const SCHEDULE_FIELDS: &[Field] = &[
     field("discoveryIntervalSeconds", "discovery_interval_seconds"),
     field("leaseSeconds", "lease_seconds"),
@@ -495,7 +547,44 @@ fn worker_spec(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<Wo
             p.push(path, format!("dispatch push takes exactly one of {names}"));
         }
     }
-    Some(WorkerSpec { image, url, dispatch, compute_class, port, batch_size, timeout_seconds, pod_spec, command, env })
+    let resources = o.get(WORKER_FIELDS[10]).and_then(|v| worker_resources(p, &o.path_of(WORKER_FIELDS[10]), v, case));
+    Some(WorkerSpec {
+        image,
+        url,
+        dispatch,
+        compute_class,
+        port,
+        batch_size,
+        timeout_seconds,
+        pod_spec,
+        command,
+        env,
+        resources,
+    })
+}
+
+fn worker_resources(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<WorkerResources> {
+    let o = Obj::open(p, path, v, case, RESOURCE_FIELDS)?;
+    let mut quantity = |f: Field, valid: fn(&str) -> bool, example: &str| -> Option<String> {
+        let text = match o.get(f)? {
+            Value::String(s) => s.trim().to_string(),
+            Value::Number(n) => n.to_string(),
+            other => {
+                p.push(o.path_of(f), format!("expected a quantity such as \"{example}\", got {other}"));
+                return None;
+            }
+        };
+        if valid(&text) {
+            Some(text)
+        } else {
+            p.push(o.path_of(f), format!("\"{text}\" is not a positive quantity such as \"{example}\""));
+            None
+        }
+    };
+    let cpu = quantity(RESOURCE_FIELDS[0], |q| parse_cpu(q).is_some(), "500m");
+    let memory = quantity(RESOURCE_FIELDS[1], |q| parse_bytes(q).is_some_and(|b| b >= 6 << 20), "512Mi");
+    let ephemeral_disk = quantity(RESOURCE_FIELDS[2], |q| parse_bytes(q).is_some(), "1Gi");
+    Some(WorkerResources { cpu, memory, ephemeral_disk })
 }
 
 /// Environment names the runner sets itself.
@@ -783,6 +872,36 @@ mod tests {
         assert_eq!(s.schedule.lease_seconds, 120);
         assert_eq!(s.retry.max_attempts, 8);
         assert_eq!(s.triggers, vec![Trigger::Discovery]);
+    }
+
+    #[test]
+    fn worker_resources_are_quantities() {
+        assert_eq!(parse_cpu("500m"), Some(0.5));
+        assert_eq!(parse_cpu("2"), Some(2.0));
+        assert_eq!(parse_cpu("0"), None);
+        assert_eq!(parse_bytes("64Mi"), Some(64 << 20));
+        assert_eq!(parse_bytes("1G"), Some(1_000_000_000));
+        assert_eq!(parse_bytes("1048576"), Some(1 << 20));
+        assert_eq!(parse_bytes("lots"), None);
+        let s = check(
+            json!({"targetNamespaces": ["a"], "worker": {"resources": {"cpu": 1.5, "memory": "2Gi", "ephemeralDisk": "1Gi"}}}),
+            Case::Camel,
+        )
+        .unwrap()
+        .spec;
+        let r = s.worker.resources.unwrap();
+        assert_eq!(
+            (r.cpu.as_deref(), r.memory.as_deref(), r.ephemeral_disk.as_deref()),
+            (Some("1.5"), Some("2Gi"), Some("1Gi"))
+        );
+        let e = check(
+            json!({"targetNamespaces": ["a"], "worker": {"resources": {"cpu": "lots", "memory": "1Ki", "gpu": 1}}}),
+            Case::Camel,
+        )
+        .unwrap_err();
+        assert!(e.iter().any(|m| m.contains("spec.worker.resources.cpu") && m.contains("\"lots\"")), "{e:?}");
+        assert!(e.iter().any(|m| m.contains("spec.worker.resources.memory")), "{e:?}");
+        assert!(e.iter().any(|m| m.contains("spec.worker.resources.gpu") && m.contains("unknown field")), "{e:?}");
     }
 
     #[test]

@@ -154,6 +154,13 @@ pub struct WorkerPlan {
     pub lease_seconds: u32,
     pub replicas_min: u32,
     pub replicas_max: u32,
+    /// `worker.resources`, read: CPUs, memory and scratch space per worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral_disk_bytes: Option<u64>,
 }
 
 /// `POST /v1/batches` on a runner, signed by the platform

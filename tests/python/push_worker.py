@@ -1,7 +1,8 @@
 """A push worker that misbehaves on request, for the runner tests. Each
 row's input `mode` says what to do: ok, slow, hang (the whole call),
 garbage (answers non-JSON), crash (exits mid-batch), fail500, missing (the
-row is left out), dup (the row is answered twice), permanent."""
+row is left out), dup (the row is answered twice), permanent, hog (takes
+HOG_MB megabytes of memory, 512 by default)."""
 
 import json
 import os
@@ -28,6 +29,9 @@ class Handler(BaseHTTPRequestHandler):
         modes = [i["input"].get("mode") or "ok" for i in batch["items"]]
         if "crash" in modes:
             os._exit(3)
+        if "hog" in modes:
+            hog = b"x" * (int(os.environ.get("HOG_MB", "512")) << 20)
+            del hog
         if "hang" in modes:
             time.sleep(3600)
         if "garbage" in modes:
@@ -75,4 +79,6 @@ if __name__ == "__main__":
     exit_with_parent()
     print("push_worker ready on", os.environ["PORT"], "for", os.environ.get("HEVLAYER_UDF_ID"), flush=True)
     sys.stdout.flush()
-    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+    # BIND: 127.0.0.1 as a local process, 0.0.0.0 in a container.
+    bind = os.environ.get("BIND", "127.0.0.1")
+    ThreadingHTTPServer((bind, int(os.environ["PORT"])), Handler).serve_forever()

@@ -195,3 +195,81 @@ async fn the_python_classifier_image_tags_every_product_and_a_stopped_runner_lea
     assert_eq!(containers_of(&name)?, Vec::<String>::new(), "a stopped runner removes its containers");
     Ok(())
 }
+
+/// Failed rows of a Function: id → (kind, message).
+async fn failed_rows(
+    p: &TestPlatform,
+    f: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, (String, String)>> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT row_id, coalesce(last_error_kind, ''), coalesce(last_error, '') FROM work_items
+         WHERE function_id = $1 AND state = 'failed'",
+    )
+    .bind(f)
+    .fetch_all(&p.pool)
+    .await?;
+    Ok(rows.into_iter().map(|(id, k, m)| (id, (k, m))).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_apply_an_oom_kill_is_classified_and_a_hung_container_is_replaced() -> anyhow::Result<()> {
+    ensure_image("layer/test-worker:dev", "test")?;
+    let p = TestPlatform::start().await?;
+    let name = format!("containers-limits-{}", std::process::id());
+    let _cleanup = Cleanup(name.clone());
+    let runner = TestRunner::start(&p, |c| c.name = name.clone()).await?;
+    let spec = json!({
+        "targetNamespaces": ["jobs"], "inputs": ["id", "mode"], "triggers": ["discovery", "write"],
+        "worker": {"dispatch": "push", "image": "layer/test-worker:dev", "batchSize": 4, "timeoutSeconds": 3,
+                   "resources": {"cpu": "500m", "memory": "64Mi", "ephemeralDisk": "16Mi"}},
+        "retry": {"maxAttempts": 1},
+        "scaling": {"replicas": {"min": 1, "max": 1}},
+    });
+    p.apply_function("limits", spec).await?;
+    upsert(&p, "jobs", json!([{"id": "a", "mode": "ok"}])).await?;
+    drained(&p, "limits", 1, Duration::from_secs(60)).await?;
+
+    // The limits are the container's.
+    let ids = containers_of(&name)?;
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let host = inspect(&ids[0])?["HostConfig"].clone();
+    assert_eq!(host["Memory"], 64 << 20, "{host}");
+    assert_eq!(host["MemorySwap"], 64 << 20, "no swap: {host}");
+    assert_eq!(host["NanoCpus"], 500_000_000, "{host}");
+    assert!(host["Tmpfs"]["/tmp"].as_str().is_some_and(|o| o.contains(&format!("size={}", 16 << 20))), "{host}");
+
+    // A row that takes 512 MB in a 64 MiB container: the kernel kills it,
+    // the row fails as `oom`, and its neighbour completes in a new one.
+    upsert(&p, "jobs", json!([{"id": "h", "mode": "hog"}, {"id": "b", "mode": "ok"}])).await?;
+    let failed = wait_for("the hog row failed", Duration::from_secs(60), async || {
+        let f = failed_rows(&p, "limits").await?;
+        Ok(f.contains_key("h").then_some(f))
+    })
+    .await?;
+    let (kind, message) = &failed["h"];
+    assert_eq!(kind, "oom", "{message}");
+    assert!(message.contains("out of memory") && message.contains("OOM"), "{message}");
+    drained(&p, "limits", 2, Duration::from_secs(60)).await?;
+
+    // A hung call: after timeoutSeconds the container is removed and a new
+    // one takes its place (replicas.min: 1).
+    let before = wait_for("one warm container", Duration::from_secs(30), async || {
+        let ids = containers_of(&name)?;
+        Ok((ids.len() == 1).then_some(ids))
+    })
+    .await?;
+    upsert(&p, "jobs", json!([{"id": "z", "mode": "hang"}])).await?;
+    let failed = wait_for("the hung row failed", Duration::from_secs(60), async || {
+        let f = failed_rows(&p, "limits").await?;
+        Ok(f.contains_key("z").then_some(f))
+    })
+    .await?;
+    assert_eq!(failed["z"].0, "timeout", "{:?}", failed["z"]);
+    wait_for("the hung container replaced", Duration::from_secs(30), async || {
+        let ids = containers_of(&name)?;
+        Ok((ids.len() == 1 && !ids.contains(&before[0])).then_some(()))
+    })
+    .await?;
+    runner.stop().await?;
+    Ok(())
+}

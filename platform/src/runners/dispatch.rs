@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use layer_protocol::function::{ComputeClass, Dispatch, Udf};
+use layer_protocol::function::{ComputeClass, Dispatch, Udf, parse_bytes, parse_cpu};
 use layer_protocol::runner::tokens::{self, Purpose};
 use layer_protocol::runner::{BatchAssignment, RunnerState, WorkerPlan};
 use layer_protocol::work::ClaimedItem;
@@ -67,6 +67,9 @@ pub fn worker_plan(udf: &Udf) -> WorkerPlan {
         lease_seconds: udf.spec.schedule.lease_seconds,
         replicas_min: replicas.0,
         replicas_max: replicas.1.max(1),
+        cpu: w.resources.as_ref().and_then(|r| r.cpu.as_deref()).and_then(parse_cpu),
+        memory_bytes: w.resources.as_ref().and_then(|r| r.memory.as_deref()).and_then(parse_bytes),
+        ephemeral_disk_bytes: w.resources.as_ref().and_then(|r| r.ephemeral_disk.as_deref()).and_then(parse_bytes),
     }
 }
 

@@ -29,7 +29,8 @@ use super::process::WorkerEnv;
 pub const DEFAULT_PORT: u16 = 8080;
 /// The most processes (threads included) one worker container may run.
 pub const PIDS_LIMIT: i64 = 512;
-/// The size of the writable `/tmp` of a worker container.
+/// The size of the writable `/tmp` of a worker container, unless
+/// `worker.resources.ephemeralDisk` says.
 pub const TMP_SIZE: &str = "256m";
 /// The label every worker container carries, with the runner's name.
 pub const RUNNER_LABEL: &str = "com.hevlayer.layer.runner";
@@ -108,8 +109,9 @@ pub struct ContainerWorker {
     exit: Arc<OnceLock<Exit>>,
 }
 
-/// The container's hardened host settings.
-pub fn host_config(port: u16) -> HostConfig {
+/// The container's hardened host settings, with the plan's limits.
+pub fn host_config(plan: &WorkerPlan, port: u16) -> HostConfig {
+    let tmp_size = plan.ephemeral_disk_bytes.map_or_else(|| TMP_SIZE.to_string(), |b| b.to_string());
     let binding = PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) };
     HostConfig {
         port_bindings: Some(HashMap::from([(format!("{port}/tcp"), Some(vec![binding]))])),
@@ -117,8 +119,12 @@ pub fn host_config(port: u16) -> HostConfig {
         cap_drop: Some(vec!["ALL".into()]),
         security_opt: Some(vec!["no-new-privileges".into()]),
         readonly_rootfs: Some(true),
-        tmpfs: Some(HashMap::from([("/tmp".to_string(), format!("rw,noexec,nosuid,nodev,size={TMP_SIZE}"))])),
+        tmpfs: Some(HashMap::from([("/tmp".to_string(), format!("rw,noexec,nosuid,nodev,size={tmp_size}"))])),
         pids_limit: Some(PIDS_LIMIT),
+        memory: plan.memory_bytes.map(|b| b as i64),
+        // No swap: a worker over its memory is killed, not slowed down.
+        memory_swap: plan.memory_bytes.map(|b| b as i64),
+        nano_cpus: plan.cpu.map(|c| (c * 1e9) as i64),
         ..Default::default()
     }
 }
@@ -155,7 +161,7 @@ impl ContainerWorker {
                 ("com.hevlayer.layer.worker".to_string(), name.clone()),
                 ("com.hevlayer.layer.udf".to_string(), env.udf_id.clone()),
             ])),
-            host_config: Some(host_config(port)),
+            host_config: Some(host_config(plan, port)),
             ..Default::default()
         };
         let docker = &engine.docker;
