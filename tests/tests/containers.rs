@@ -151,6 +151,7 @@ async fn the_echo_image_runs_as_warm_hardened_containers_that_stop_when_idle() -
     assert_eq!(host["CapDrop"], json!(["ALL"]), "{host}");
     assert_eq!(host["SecurityOpt"], json!(["no-new-privileges"]), "{host}");
     assert_eq!(host["PidsLimit"], 512, "{host}");
+    assert_eq!(host["Init"], true, "{host}");
     assert!(host["Tmpfs"]["/tmp"].as_str().is_some_and(|o| o.contains("size=256m")), "{host}");
     assert_eq!(host["PortBindings"]["8080/tcp"][0]["HostIp"], "127.0.0.1", "{host}");
     let mounts = info["Mounts"].as_array().cloned().unwrap_or_default();

@@ -4,10 +4,10 @@
 //! on a loopback port of the node that Docker picks; it is ready once
 //! `GET /healthz` answers 200. Containers are hardened whatever the image
 //! asks: not privileged, every capability dropped, `no-new-privileges`, a
-//! read-only root with a tmpfs at `/tmp`, a pids limit, and no Docker
-//! socket inside. Their output goes to the runner's log, one line per
-//! event, tagged with the worker. An exit is watched: an OOM kill is told
-//! apart from a crash.
+//! read-only root with a tmpfs at `/tmp`, a pids limit, no Docker socket
+//! inside, and an init as PID 1. Their output goes to the runner's log, one
+//! line per event, tagged with the worker. An exit is watched: an OOM kill
+//! is told apart from a crash.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -121,6 +121,9 @@ pub fn host_config(plan: &WorkerPlan, port: u16) -> HostConfig {
         readonly_rootfs: Some(true),
         tmpfs: Some(HashMap::from([("/tmp".to_string(), format!("rw,noexec,nosuid,nodev,size={tmp_size}"))])),
         pids_limit: Some(PIDS_LIMIT),
+        // An init as PID 1 passes SIGTERM on: a worker that installs no
+        // handler still stops at once instead of after the grace period.
+        init: Some(true),
         memory: plan.memory_bytes.map(|b| b as i64),
         // No swap: a worker over its memory is killed, not slowed down.
         memory_swap: plan.memory_bytes.map(|b| b as i64),

@@ -16,6 +16,9 @@
 //! run, with CPU-seconds per process. `latency` (W2): write-to-marker
 //! latency of single rows with the `write` trigger and a warm worker.
 //!
+//! `containers` (W6): write-to-marker with a cold and a warm worker
+//! container, and the container's start alone.
+//!
 //! `discovery`: a namespace of `--rows` rows that are already complete, then
 //! `--new` rows written; prints how long the incremental sweep takes.
 
@@ -80,6 +83,12 @@ enum Bench {
     /// W2: single-row write-to-marker latency at idle (write trigger, push).
     Latency {
         #[arg(long, default_value_t = 200)]
+        samples: usize,
+    },
+    /// W6: write-to-marker with a cold and a warm worker container, and the
+    /// container's own start alone (needs `layer/echo-rust:dev`).
+    Containers {
+        #[arg(long, default_value_t = 10)]
         samples: usize,
     },
     /// Incremental discovery over a large, already complete namespace.
@@ -210,6 +219,7 @@ async fn main() -> Result<()> {
         Bench::Drain { rows, batch, workers } => drain::run(rows, &batch, workers).await,
         Bench::Push { rows, batch, workers, slots } => push::w1_push(rows, &batch, workers, slots).await,
         Bench::Latency { samples } => push::w2(samples).await,
+        Bench::Containers { samples } => push::w6(samples).await,
         Bench::Discovery { rows, new, repeat } => drain::discovery(rows, new, repeat).await,
     }
 }

@@ -31,8 +31,13 @@ fn echo_binary() -> Result<PathBuf> {
 }
 
 async fn start_runner(http: &reqwest::Client, platform: &Platform, slots: u32) -> Result<Runner> {
+    start_runner_with(http, platform, slots, &[]).await
+}
+
+async fn start_runner_with(http: &reqwest::Client, platform: &Platform, slots: u32, extra: &[&str]) -> Result<Runner> {
     let child = Command::new(layer_binary()?)
         .args(["runner", "--platform", &platform.url, "--listen", "127.0.0.1:0", "--slots", &slots.to_string()])
+        .args(extra)
         .env("LAYER_API_KEY", KEY)
         .env("LAYER_LOG", crate::child_log())
         .stdout(Stdio::null())
@@ -206,6 +211,142 @@ pub async fn w2(samples: usize) -> Result<()> {
             p(0.90),
             p(0.99),
             times.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        );
+        stop_runner(&http, &platform, runner).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// Writes one row through the API and waits for its marker; returns the
+/// time taken.
+async fn write_to_marker(
+    http: &reqwest::Client,
+    platform: &Platform,
+    pool: &sqlx::PgPool,
+    ns: &str,
+    marker: &str,
+    id: &str,
+) -> Result<Duration> {
+    let t = Instant::now();
+    let body = json!({"upsert_rows": [{"id": id, "title": "x"}]});
+    call(http, reqwest::Method::POST, format!("{}/v2/namespaces/{ns}", platform.url), body).await?;
+    loop {
+        let done: bool = sqlx::query_scalar("SELECT attributes ? $3 FROM rows WHERE namespace = $1 AND id = $2")
+            .bind(ns)
+            .bind(id)
+            .bind(marker)
+            .fetch_one(pool)
+            .await?;
+        if done {
+            return Ok(t.elapsed());
+        }
+        ensure!(t.elapsed() < Duration::from_secs(60), "row {id} never completed");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// W6: time from a row written (the `write` trigger) to its marker, with
+/// the worker container cold (none running: created, started and checked
+/// on the way) and warm, plus the container's own start measured alone
+/// (create, start, first `/healthz` answer) with the runner's driver and no
+/// platform. Needs the image `layer/echo-rust:dev` (deploy/images/build.sh).
+pub async fn w6(samples: usize) -> Result<()> {
+    use layer_runner::pool::container::{ContainerWorker, Engine};
+    let image = "layer/echo-rust:dev";
+    let engine = Engine::connect("layer-bench-w6").await.map_err(anyhow::Error::msg)?;
+    ensure!(
+        engine.docker.inspect_image(image).await.is_ok(),
+        "{image} is missing: build it with deploy/images/build.sh echo"
+    );
+    // The container alone.
+    let plan = layer_protocol::runner::WorkerPlan {
+        command: None,
+        image: Some(image.into()),
+        url: None,
+        port: None,
+        env: Default::default(),
+        batch_size: 32,
+        timeout_seconds: 30,
+        lease_seconds: 120,
+        replicas_min: 0,
+        replicas_max: 1,
+        cpu: None,
+        memory_bytes: None,
+        ephemeral_disk_bytes: None,
+    };
+    let env = layer_runner::pool::process::WorkerEnv { udf_id: "w6".into(), ..Default::default() };
+    let http = reqwest::Client::new();
+    let mut alone = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let t = Instant::now();
+        let w = ContainerWorker::start(&engine, &plan, &env, format!("w6-alone-{i}"), &http, Duration::from_secs(30))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        alone.push(t.elapsed());
+        w.kill();
+    }
+    engine.stopping.close();
+    engine.stopping.wait().await;
+
+    with_platform("w6", |http, platform, _, db_url| async move {
+        // Idle containers go after 1 s, so a write after 3 s finds none.
+        let runner = start_runner_with(&http, &platform, 2, &["--idle-timeout", "1"]).await?;
+        let doc = json!({"apiVersion": "hevlayer.com/v1alpha1", "kind": "Function", "metadata": {"name": "w6"},
+            "spec": {"targetNamespaces": ["w6"], "inputs": ["id", "title"], "triggers": ["write"],
+                     "worker": {"dispatch": "push", "image": image, "timeoutSeconds": 30},
+                     "scaling": {"replicas": {"min": 0, "max": 1}}}});
+        call(&http, reqwest::Method::POST, format!("{}/v2/apply", platform.url), json!({"documents": [doc]})).await?;
+        let pool = layer_platform::db::connect(layer_platform::db::parse_url(&db_url)?, 1).await?;
+        let marker = "_hevlayer_udf_w6_v";
+        let (mut cold, mut warm) = (Vec::new(), Vec::new());
+        for i in 0..samples {
+            // Wait until the runner has no container of it.
+            let start = Instant::now();
+            loop {
+                let list = call(&http, reqwest::Method::GET, format!("{}/v2/runners", platform.url), json!(null)).await?;
+                if list["runners"][0]["load"]["workers"].as_array().is_some_and(Vec::is_empty) {
+                    break;
+                }
+                ensure!(start.elapsed() < Duration::from_secs(30), "the idle container stayed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            cold.push(write_to_marker(&http, &platform, &pool, "w6", marker, &format!("c{i}")).await?);
+            // Now warm.
+            for j in 0..5 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                warm.push(write_to_marker(&http, &platform, &pool, "w6", marker, &format!("w{i}-{j}")).await?);
+            }
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+        }
+        for v in [&mut cold, &mut warm, &mut alone] {
+            v.sort();
+        }
+        let p50 = |v: &[Duration]| ms(crate::percentile(v, 0.5));
+        let max = |v: &[Duration]| v.last().copied().map_or(0.0, ms);
+        println!(
+            "W6 cold container, write to marker ({samples} samples): p50 {:.1} ms, max {:.1} ms",
+            p50(&cold),
+            max(&cold)
+        );
+        println!(
+            "W6 warm container, write to marker ({} samples): p50 {:.1} ms, max {:.1} ms",
+            warm.len(),
+            p50(&warm),
+            max(&warm)
+        );
+        println!(
+            "W6 the container alone: create, start, first /healthz 200 ({samples} samples): p50 {:.1} ms, max {:.1} ms",
+            p50(&alone),
+            max(&alone)
+        );
+        println!(
+            "W6 cold minus warm minus the container alone (the platform's and runner's own cold-path overhead): {:.1} ms",
+            p50(&cold) - p50(&warm) - p50(&alone)
         );
         stop_runner(&http, &platform, runner).await?;
         Ok(())
