@@ -65,47 +65,32 @@ build_python_base() {
   echo "layer/python-base:bookworm: built"
 }
 
-build_tag_products() {
-  if have layer/tag-products:dev; then echo "layer/tag-products:dev: present"; return; fi
-  local dir
+# on_python_base IMAGE SCRIPT: the Python script as a worker image on the
+# debootstrap base, run as nobody and listening on every interface.
+on_python_base() {
+  local image=$1 script=$2 dir name
+  if have "$image"; then echo "$image: present"; return; fi
   dir=$(ctx)
-  cp examples/tag-products/worker.py "$dir/"
-  cat > "$dir/Dockerfile" <<'DOCKERFILE'
+  name=$(basename "$script")
+  cp "$script" "$dir/"
+  cat > "$dir/Dockerfile" <<DOCKERFILE
 FROM layer/python-base:bookworm
-COPY worker.py /app/worker.py
+COPY $name /app/$name
 ENV BIND=0.0.0.0 PORT=8080 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 USER 65534:65534
 EXPOSE 8080
-CMD ["python3", "/app/worker.py"]
+CMD ["python3", "/app/$name"]
 DOCKERFILE
-  docker build --quiet -t layer/tag-products:dev "$dir" >/dev/null
+  docker build --quiet -t "$image" "$dir" >/dev/null
   rm -rf "$dir"
-  echo "layer/tag-products:dev: built"
-}
-
-build_test_worker() {
-  if have layer/test-worker:dev; then echo "layer/test-worker:dev: present"; return; fi
-  local dir
-  dir=$(ctx)
-  cp tests/python/push_worker.py "$dir/"
-  cat > "$dir/Dockerfile" <<'DOCKERFILE'
-FROM layer/python-base:bookworm
-COPY push_worker.py /app/push_worker.py
-ENV BIND=0.0.0.0 PORT=8080 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-USER 65534:65534
-EXPOSE 8080
-CMD ["python3", "/app/push_worker.py"]
-DOCKERFILE
-  docker build --quiet -t layer/test-worker:dev "$dir" >/dev/null
-  rm -rf "$dir"
-  echo "layer/test-worker:dev: built"
+  echo "$image: built"
 }
 
 for w in "${WANT[@]}"; do
   case "$w" in
     echo) build_echo ;;
-    python) build_python_base; build_tag_products ;;
-    test) build_python_base; build_test_worker ;;
+    python) build_python_base; on_python_base layer/tag-products:dev examples/tag-products/worker.py ;;
+    test) build_python_base; on_python_base layer/test-worker:dev tests/python/push_worker.py ;;
     *) echo "unknown image set '$w' (echo, python, test)" >&2; exit 2 ;;
   esac
 done

@@ -178,15 +178,16 @@ async fn a_draining_runner_finishes_its_batches_and_a_new_one_takes_the_rest() -
     let rows: Vec<Value> = (0..12).map(|i| json!({"id": format!("s{i:02}"), "mode": "slow"})).collect();
     upsert(&p, "jobs", json!(rows)).await?;
     apply(&p, "drain", worker_spec(json!({"worker": {"batchSize": 2}}))).await?;
-    // Wait until the runner holds a batch, then drain it.
+    // Wait until the runner holds a batch (its own status: the batch record
+    // commits before the batch is sent), then drain it.
     let start = Instant::now();
+    let status_url = format!("http://{}/v1/status", runner.addr);
     loop {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM batches WHERE state = 'dispatched'").fetch_one(&p.pool).await?;
-        if n > 0 {
+        let st: Value = reqwest::get(&status_url).await?.json().await?;
+        if st["batches"].as_array().is_some_and(|b| !b.is_empty()) {
             break;
         }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "nothing dispatched");
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "nothing dispatched: {st}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     runner.stop().await?;

@@ -203,30 +203,24 @@ impl ContainerWorker {
             stopping: engine.stopping.clone(),
             exit,
         };
-        let started = Instant::now();
-        let url = format!("{}/healthz", worker.base_url());
-        let mut pause = Duration::from_millis(5);
-        loop {
-            if let Some(exit) = worker.exited() {
-                worker.kill();
-                return Err(format!("the container of image {image:?} stopped ({exit}) before it was ready"));
-            }
-            if let Ok(r) = http.get(&url).timeout(Duration::from_secs(2)).send().await
-                && r.status().is_success()
-            {
+        let exit = worker.exit.clone();
+        match super::wait_ready(http, &worker.base_url(), startup, || exit.get().map(Exit::to_string)).await {
+            Ok(took) => {
                 tracing::info!(worker = %worker.name, container = %short(&worker.id), port = worker.port,
-                    ready_ms = started.elapsed().as_millis() as u64, "worker container ready");
-                return Ok(worker);
+                    ready_ms = took.as_millis() as u64, "worker container ready");
+                Ok(worker)
             }
-            if started.elapsed() > startup {
+            Err(super::NotReady::Exited(how)) => {
                 worker.kill();
-                return Err(format!(
+                Err(format!("the container of image {image:?} stopped ({how}) before it was ready"))
+            }
+            Err(super::NotReady::TimedOut) => {
+                worker.kill();
+                Err(format!(
                     "the container of image {image:?} did not answer GET /healthz on port {port} with 200 within {} s",
                     startup.as_secs()
-                ));
+                ))
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
 

@@ -21,6 +21,43 @@ use layer_protocol::runner::{WorkerPlan, WorkerView};
 use process::{ProcessWorker, WorkerEnv};
 use tokio::sync::Notify;
 
+/// Why a worker did not become ready.
+enum NotReady {
+    /// It exited first; how.
+    Exited(String),
+    /// It did not answer `GET /healthz` with 200 within the startup window.
+    TimedOut,
+}
+
+/// Polls `GET <base_url>/healthz` (5 ms apart at first, then up to 100 ms)
+/// until it answers 200, `exited` says the worker has ended, or `startup`
+/// passes. Returns how long it took.
+async fn wait_ready(
+    http: &reqwest::Client,
+    base_url: &str,
+    startup: Duration,
+    mut exited: impl FnMut() -> Option<String>,
+) -> Result<Duration, NotReady> {
+    let started = Instant::now();
+    let url = format!("{base_url}/healthz");
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(how) = exited() {
+            return Err(NotReady::Exited(how));
+        }
+        if let Ok(r) = http.get(&url).timeout(Duration::from_secs(2)).send().await
+            && r.status().is_success()
+        {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > startup {
+            return Err(NotReady::TimedOut);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
 /// A started worker, of either driver.
 #[derive(Debug)]
 pub enum Worker {

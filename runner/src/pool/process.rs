@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use layer_protocol::runner::WorkerPlan;
 use nix::sys::signal::{Signal, killpg};
@@ -85,29 +85,23 @@ impl ProcessWorker {
             forward_lines(name.clone(), err);
         }
         let mut worker = ProcessWorker { name, pid, port, child };
-        let started = Instant::now();
-        let url = format!("{}/healthz", worker.base_url());
-        let mut pause = Duration::from_millis(5);
-        loop {
-            if let Some(status) = worker.exited() {
-                return Err(format!("worker command {:?} exited ({status}) before it was ready", argv[0]));
+        let base_url = worker.base_url();
+        match super::wait_ready(http, &base_url, startup, || worker.exited().map(|s| s.to_string())).await {
+            Ok(took) => {
+                tracing::info!(worker = %worker.name, pid, port, ready_ms = took.as_millis() as u64, "worker ready");
+                Ok(worker)
             }
-            if let Ok(r) = http.get(&url).timeout(Duration::from_secs(2)).send().await
-                && r.status().is_success()
-            {
-                tracing::info!(worker = %worker.name, pid, port, ready_ms = started.elapsed().as_millis() as u64, "worker ready");
-                return Ok(worker);
+            Err(super::NotReady::Exited(status)) => {
+                Err(format!("worker command {:?} exited ({status}) before it was ready", argv[0]))
             }
-            if started.elapsed() > startup {
+            Err(super::NotReady::TimedOut) => {
                 worker.stop();
-                return Err(format!(
+                Err(format!(
                     "worker command {:?} did not answer GET /healthz with 200 within {} s",
                     argv[0],
                     startup.as_secs()
-                ));
+                ))
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
 
