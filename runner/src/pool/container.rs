@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
@@ -145,16 +145,13 @@ impl ContainerWorker {
     ) -> Result<ContainerWorker, String> {
         let image = plan.image.as_deref().filter(|i| !i.is_empty()).ok_or("the Function has no worker.image")?;
         let port = plan.port.unwrap_or(DEFAULT_PORT);
-        let mut vars: Vec<String> = plan.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        vars.extend([
-            format!("PORT={port}"),
-            format!("HEVLAYER_UDF_ID={}", env.udf_id),
-            format!("HEVLAYER_BASE_URL={}", env.platform_url),
-            format!("HEVLAYER_UDF_BATCH_SIZE={}", plan.batch_size),
-            format!("HEVLAYER_UDF_TIMEOUT_SECONDS={}", plan.timeout_seconds),
-            format!("HEVLAYER_UDF_LEASE_SECONDS={}", plan.lease_seconds),
-            format!("LAYER_GATEWAY_API_KEY={}", env.api_key.clone().unwrap_or_default()),
-        ]);
+        // Later entries win in Docker, as with the process driver.
+        let vars: Vec<String> = plan
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .chain(env.vars(plan, port).into_iter().map(|(k, v)| format!("{k}={v}")))
+            .collect();
         let body = ContainerCreateBody {
             image: Some(image.to_string()),
             env: Some(vars),
@@ -233,18 +230,6 @@ impl ContainerWorker {
         self.exit.get().cloned()
     }
 
-    /// Waits up to `wait` for the container's exit to be known.
-    pub async fn exit_within(&self, wait: Duration) -> Option<Exit> {
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline {
-            if let Some(e) = self.exited() {
-                return Some(e);
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        self.exited()
-    }
-
     /// Stops the container (SIGTERM, SIGKILL after 2 s) and removes it.
     /// Returns at once.
     pub fn stop(self) {
@@ -269,7 +254,8 @@ fn sanitize(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '-' }).collect()
 }
 
-fn short(id: &str) -> &str {
+/// A container id as Docker shows it: its first 12 characters.
+pub fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 

@@ -73,18 +73,12 @@ impl Worker {
         }
     }
 
-    /// What tells workers apart in the pool: the pid or the container id.
-    fn key(&self) -> String {
-        match self {
-            Worker::Process(w) => w.pid.to_string(),
-            Worker::Container(w) => w.id.clone(),
-        }
-    }
-
+    /// The worker as the heartbeat shows it; it also tells busy workers
+    /// apart (a pid, or a container id).
     fn view(&self, udf_id: &str, revision: i32, state: &str) -> WorkerView {
         let (pid, container) = match self {
             Worker::Process(w) => (Some(w.pid), None),
-            Worker::Container(w) => (None, Some(w.id.chars().take(12).collect())),
+            Worker::Container(w) => (None, Some(container::short(&w.id).to_string())),
         };
         WorkerView { udf_id: udf_id.to_string(), revision, state: state.into(), pid, container }
     }
@@ -96,34 +90,33 @@ impl Worker {
         }
     }
 
-    /// Whether the worker has exited.
-    pub fn has_exited(&mut self) -> bool {
+    /// How the worker ended, if it has: the description and whether it
+    /// was killed for exceeding its memory.
+    fn exit(&mut self) -> Option<(String, bool)> {
         match self {
-            Worker::Process(w) => w.exited().is_some(),
-            Worker::Container(w) => w.exited().is_some(),
+            Worker::Process(w) => w.exited().map(|status| (format!("it exited ({status})"), false)),
+            Worker::Container(w) => w.exited().map(|e| (format!("its container stopped: {e}"), e.oom_killed)),
         }
     }
 
-    /// How the worker ended, waiting up to `wait` to learn it: the
-    /// description and whether it was killed for exceeding its memory.
+    /// Whether the worker has exited.
+    pub fn has_exited(&mut self) -> bool {
+        self.exit().is_some()
+    }
+
+    /// How the worker ended, waiting up to `wait` to learn it (a process
+    /// that crashed is reaped within a few ms, so at most 100 ms for one).
     pub async fn exit_within(&mut self, wait: Duration) -> Option<(String, bool)> {
-        match self {
-            Worker::Process(w) => {
-                // A process that crashed is reaped within a few ms.
-                let deadline = Instant::now() + wait.min(Duration::from_millis(100));
-                loop {
-                    if let Some(status) = w.exited() {
-                        return Some((format!("it exited ({status})"), false));
-                    }
-                    if Instant::now() >= deadline {
-                        return None;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+        let wait = if matches!(self, Worker::Process(_)) { wait.min(Duration::from_millis(100)) } else { wait };
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(exit) = self.exit() {
+                return Some(exit);
             }
-            Worker::Container(w) => {
-                w.exit_within(wait).await.map(|e| (format!("its container stopped: {e}"), e.oom_killed))
+            if Instant::now() >= deadline {
+                return None;
             }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -168,8 +161,8 @@ struct Pool {
     idle: Vec<Idle>,
     /// Every worker: idle, busy and starting.
     count: usize,
-    /// The workers out on a batch.
-    busy: Vec<(String, WorkerView)>,
+    /// The workers out on a batch, as the heartbeat shows them.
+    busy: Vec<WorkerView>,
     starting: usize,
     start_failures: u32,
     next_start: Instant,
@@ -279,7 +272,7 @@ impl Pools {
                         pool.count -= 1;
                         continue;
                     }
-                    pool.busy.push((idle.worker.key(), idle.worker.view(udf_id, revision, "busy")));
+                    pool.busy.push(idle.worker.view(udf_id, revision, "busy"));
                     return Ok(WorkerLease { worker: Some(idle.worker), key, pools: self.clone(), healthy: true });
                 }
                 let max = plan.replicas_max.max(1) as usize;
@@ -309,7 +302,7 @@ impl Pools {
                 match started {
                     Ok(w) => {
                         pool.start_failures = 0;
-                        pool.busy.push((w.key(), w.view(udf_id, revision, "busy")));
+                        pool.busy.push(w.view(udf_id, revision, "busy"));
                         return Ok(WorkerLease { worker: Some(w), key, pools: self.clone(), healthy: true });
                     }
                     Err(e) => {
@@ -368,8 +361,8 @@ impl Pools {
             worker.stop();
             return;
         };
-        let worker_key = worker.key();
-        pool.busy.retain(|(k, _)| *k != worker_key);
+        let view = worker.view(&key.0, key.1, "busy");
+        pool.busy.retain(|v| *v != view);
         if healthy && !pool.retired && !worker.has_exited() {
             pool.idle.push(Idle { worker, since: Instant::now() });
         } else {
@@ -441,7 +434,7 @@ impl Pools {
         let mut out = Vec::new();
         for ((id, _), pool) in &inner.pools {
             out.extend(pool.idle.iter().map(|i| i.worker.view(id, pool.revision, "idle")));
-            out.extend(pool.busy.iter().map(|(_, v)| v.clone()));
+            out.extend(pool.busy.iter().cloned());
             for _ in 0..pool.starting {
                 out.push(WorkerView {
                     udf_id: id.clone(),

@@ -5,7 +5,6 @@
 //! `GET /healthz` answers 200. Its output goes to the runner's log, one line
 //! per event, tagged with the worker.
 
-use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -21,6 +20,23 @@ pub struct WorkerEnv {
     pub udf_id: String,
     pub platform_url: String,
     pub api_key: Option<String>,
+}
+
+impl WorkerEnv {
+    /// The worker environment of DESIGN.md, whatever the driver: `PORT`
+    /// (where the worker listens), the `HEVLAYER_*` variables and
+    /// `LAYER_GATEWAY_API_KEY`. They win over the spec's `env`.
+    pub fn vars(&self, plan: &WorkerPlan, port: u16) -> [(&'static str, String); 7] {
+        [
+            ("PORT", port.to_string()),
+            ("HEVLAYER_UDF_ID", self.udf_id.clone()),
+            ("HEVLAYER_BASE_URL", self.platform_url.clone()),
+            ("HEVLAYER_UDF_BATCH_SIZE", plan.batch_size.to_string()),
+            ("HEVLAYER_UDF_TIMEOUT_SECONDS", plan.timeout_seconds.to_string()),
+            ("HEVLAYER_UDF_LEASE_SECONDS", plan.lease_seconds.to_string()),
+            ("LAYER_GATEWAY_API_KEY", self.api_key.clone().unwrap_or_default()),
+        ]
+    }
 }
 
 /// A started, ready worker process.
@@ -57,20 +73,12 @@ impl ProcessWorker {
     ) -> Result<ProcessWorker, String> {
         let argv = plan.command.as_deref().filter(|c| !c.is_empty()).ok_or("the Function has no worker.command")?;
         let port = free_port().map_err(|e| format!("no free port for the worker: {e}"))?;
-        let mut vars: BTreeMap<&str, String> = BTreeMap::new();
-        vars.insert("PORT", port.to_string());
-        vars.insert("HEVLAYER_UDF_ID", env.udf_id.clone());
-        vars.insert("HEVLAYER_BASE_URL", env.platform_url.clone());
-        vars.insert("HEVLAYER_UDF_BATCH_SIZE", plan.batch_size.to_string());
-        vars.insert("HEVLAYER_UDF_TIMEOUT_SECONDS", plan.timeout_seconds.to_string());
-        vars.insert("HEVLAYER_UDF_LEASE_SECONDS", plan.lease_seconds.to_string());
-        vars.insert("LAYER_GATEWAY_API_KEY", env.api_key.clone().unwrap_or_default());
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             // The runner's own key is not the worker's.
             .env_remove("LAYER_API_KEY")
             .envs(&plan.env)
-            .envs(&vars)
+            .envs(env.vars(plan, port))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
