@@ -11,8 +11,10 @@ use sqlx::{PgConnection, PgPool};
 use crate::error::{PlatformError, Result};
 use crate::time::rfc3339;
 
-#[derive(sqlx::FromRow)]
-struct FunctionRow {
+/// A `functions` row; also read whole as `to_jsonb(f)` (a report reads its
+/// batch and the batch's Function in one statement).
+#[derive(Debug, Clone, sqlx::FromRow, serde::Deserialize)]
+pub(crate) struct FunctionRow {
     id: String,
     labels: Json<BTreeMap<String, String>>,
     spec: Json<FunctionSpec>,

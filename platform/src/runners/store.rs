@@ -163,7 +163,7 @@ pub async fn deregister(pool: &PgPool, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// A batch record, with its Function as it is now (`f_*`; `None` when the
+/// A batch record, with its Function as it is now (`None` when the
 /// Function was deleted).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct BatchRow {
@@ -174,39 +174,24 @@ pub struct BatchRow {
     pub written: i32,
     pub failed: i32,
     pub dropped: i32,
-    f_labels: Option<Json<std::collections::BTreeMap<String, String>>>,
-    f_spec: Option<Json<layer_protocol::function::FunctionSpec>>,
-    f_paused: Option<bool>,
-    f_revision: Option<i32>,
-    f_created_at: Option<DateTime<Utc>>,
-    f_updated_at: Option<DateTime<Utc>>,
+    function: Option<Json<crate::functions::store::FunctionRow>>,
 }
 
 impl BatchRow {
     /// The batch's Function, taken out of the row; `None` if it was deleted.
     pub fn take_udf(&mut self) -> Option<layer_protocol::function::Udf> {
-        Some(layer_protocol::function::Udf {
-            id: self.function_id.clone(),
-            spec: self.f_spec.take()?.0,
-            labels: self.f_labels.take().map(|l| l.0).unwrap_or_default(),
-            paused: self.f_paused.unwrap_or(false),
-            revision: self.f_revision.unwrap_or(0),
-            created_at: self.f_created_at.map(rfc3339).unwrap_or_default(),
-            updated_at: self.f_updated_at.map(rfc3339).unwrap_or_default(),
-        })
+        self.function.take().map(|f| f.0.into())
     }
 }
 
 /// The batch, locked for its report, and its Function, in one statement.
-/// Concurrency: `FOR UPDATE OF b`, so two deliveries of one report run one
+/// Concurrency: `FOR UPDATE`, so two deliveries of one report run one
 /// after the other and the second sees `reported`.
 pub async fn lock_batch(tx: &mut Transaction<'_, Postgres>, batch_id: i64) -> Result<Option<BatchRow>> {
     Ok(sqlx::query_as(
         "SELECT b.id, b.function_id, b.runner_id, b.state, b.written, b.failed, b.dropped,
-             f.labels AS f_labels, f.spec AS f_spec, f.paused AS f_paused, f.revision AS f_revision,
-             f.created_at AS f_created_at, f.updated_at AS f_updated_at
-         FROM batches b LEFT JOIN functions f ON f.id = b.function_id
-         WHERE b.id = $1 FOR UPDATE OF b",
+             (SELECT to_jsonb(f) FROM functions f WHERE f.id = b.function_id) AS function
+         FROM batches b WHERE b.id = $1 FOR UPDATE",
     )
     .bind(batch_id)
     .fetch_optional(&mut **tx)
