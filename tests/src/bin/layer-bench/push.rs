@@ -176,30 +176,11 @@ pub async fn w2(samples: usize) -> Result<()> {
         let pool = layer_platform::db::connect(layer_platform::db::parse_url(&db_url)?, 1).await?;
         let mut times = Vec::with_capacity(samples);
         for i in 0..samples + 5 {
-            let id = format!("r{i}");
-            let t = Instant::now();
-            let body = json!({"upsert_rows": [{"id": id, "title": "x"}]});
-            call(&http, reqwest::Method::POST, format!("{}/v2/namespaces/latency", platform.url), body).await?;
-            loop {
-                // Polled in the database: cheaper than the API, so the
-                // polling disturbs the measurement less.
-                let done: bool = sqlx::query_scalar(
-                    "SELECT attributes ? '_hevlayer_udf_latency_v' FROM rows WHERE namespace = 'latency' AND id = $1",
-                )
-                .bind(&id)
-                .fetch_one(&pool)
+            let took = write_to_marker(&http, &platform, &pool, "latency", "_hevlayer_udf_latency_v", &format!("r{i}"))
                 .await?;
-                if done {
-                    break;
-                }
-                ensure!(t.elapsed() < Duration::from_secs(30), "row {id} never completed");
-                // tokio's timers tick in whole milliseconds, which would
-                // round every sample up; a short blocking sleep does not.
-                std::thread::sleep(Duration::from_micros(200));
-            }
             // The first few warm the worker and the connections.
             if i >= 5 {
-                times.push(t.elapsed());
+                times.push(took);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -219,7 +200,10 @@ pub async fn w2(samples: usize) -> Result<()> {
 }
 
 /// Writes one row through the API and waits for its marker; returns the
-/// time taken.
+/// time taken. The marker is polled in the database (cheaper than the API,
+/// so the polling disturbs the measurement less), every 200 µs with a
+/// blocking sleep: tokio's timers tick in whole milliseconds, which would
+/// round every sample up.
 async fn write_to_marker(
     http: &reqwest::Client,
     platform: &Platform,
