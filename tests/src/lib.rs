@@ -174,6 +174,26 @@ impl TestPlatform {
         Ok(())
     }
 
+    /// Upserts rows into a namespace as the admin.
+    pub async fn upsert_rows(&self, namespace: &str, rows: serde_json::Value) -> Result<()> {
+        let body = serde_json::json!({"upsert_rows": rows});
+        let (s, r) = self.call(reqwest::Method::POST, &format!("/v2/namespaces/{namespace}"), Some(body)).await?;
+        anyhow::ensure!(s == 200, "upsert into {namespace}: {r}");
+        Ok(())
+    }
+
+    /// The failed rows of a Function: row id → (error kind, message, attempts).
+    pub async fn failed_rows(&self, udf_id: &str) -> Result<std::collections::BTreeMap<String, (String, String, i32)>> {
+        let rows: Vec<(String, String, String, i32)> = sqlx::query_as(
+            "SELECT row_id, coalesce(last_error_kind, ''), coalesce(last_error, ''), attempts FROM work_items
+             WHERE function_id = $1 AND state = 'failed'",
+        )
+        .bind(udf_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(id, k, m, a)| (id, (k, m, a))).collect())
+    }
+
     /// Sends JSON as the admin and returns (status, body).
     pub async fn call(
         &self,

@@ -60,12 +60,6 @@ impl Drop for Cleanup {
     }
 }
 
-async fn upsert(p: &TestPlatform, ns: &str, rows: Value) -> anyhow::Result<()> {
-    let (s, r) = p.call(Method::POST, &format!("/v2/namespaces/{ns}"), Some(json!({"upsert_rows": rows}))).await?;
-    anyhow::ensure!(s == 200, "upsert: {r}");
-    Ok(())
-}
-
 async fn drained(p: &TestPlatform, f: &str, n: usize, within: Duration) -> anyhow::Result<Value> {
     let start = Instant::now();
     loop {
@@ -114,7 +108,7 @@ async fn the_echo_image_runs_as_warm_hardened_containers_that_stop_when_idle() -
     assert_eq!(list["runners"][0]["drivers"], json!(["process", "docker"]), "{list}");
 
     let rows: Vec<Value> = (0..300).map(|i| json!({"id": format!("c{i:03}"), "title": format!("t{i}")})).collect();
-    upsert(&p, "echo", json!(rows)).await?;
+    p.upsert_rows("echo", json!(rows)).await?;
     let spec = json!({
         "targetNamespaces": ["echo"], "inputs": ["id", "title"], "triggers": ["discovery"],
         "worker": {"dispatch": "push", "image": "layer/echo-rust:dev", "batchSize": 50, "timeoutSeconds": 30},
@@ -180,7 +174,7 @@ async fn the_python_classifier_image_tags_every_product_and_a_stopped_runner_lea
     let text = std::fs::read_to_string(workspace_dir().join("examples/tag-products/products.jsonl"))?;
     let rows: Vec<Value> =
         text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?;
-    upsert(&p, "products", json!(rows)).await?;
+    p.upsert_rows("products", json!(rows)).await?;
     let spec = json!({
         "targetNamespaces": ["products"], "inputs": ["id", "title", "description"], "triggers": ["discovery"],
         "worker": {"dispatch": "push", "image": "layer/tag-products:dev", "batchSize": 8, "timeoutSeconds": 30},
@@ -195,21 +189,6 @@ async fn the_python_classifier_image_tags_every_product_and_a_stopped_runner_lea
     runner.stop().await?;
     assert_eq!(containers_of(&name)?, Vec::<String>::new(), "a stopped runner removes its containers");
     Ok(())
-}
-
-/// Failed rows of a Function: id → (kind, message).
-async fn failed_rows(
-    p: &TestPlatform,
-    f: &str,
-) -> anyhow::Result<std::collections::BTreeMap<String, (String, String)>> {
-    let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT row_id, coalesce(last_error_kind, ''), coalesce(last_error, '') FROM work_items
-         WHERE function_id = $1 AND state = 'failed'",
-    )
-    .bind(f)
-    .fetch_all(&p.pool)
-    .await?;
-    Ok(rows.into_iter().map(|(id, k, m)| (id, (k, m))).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,7 +206,7 @@ async fn limits_apply_an_oom_kill_is_classified_and_a_hung_container_is_replaced
         "scaling": {"replicas": {"min": 1, "max": 1}},
     });
     p.apply_function("limits", spec).await?;
-    upsert(&p, "jobs", json!([{"id": "a", "mode": "ok"}])).await?;
+    p.upsert_rows("jobs", json!([{"id": "a", "mode": "ok"}])).await?;
     drained(&p, "limits", 1, Duration::from_secs(60)).await?;
 
     // The limits are the container's.
@@ -241,13 +220,13 @@ async fn limits_apply_an_oom_kill_is_classified_and_a_hung_container_is_replaced
 
     // A row that takes 512 MB in a 64 MiB container: the kernel kills it,
     // the row fails as `oom`, and its neighbour completes in a new one.
-    upsert(&p, "jobs", json!([{"id": "h", "mode": "hog"}, {"id": "b", "mode": "ok"}])).await?;
+    p.upsert_rows("jobs", json!([{"id": "h", "mode": "hog"}, {"id": "b", "mode": "ok"}])).await?;
     let failed = wait_for("the hog row failed", Duration::from_secs(60), async || {
-        let f = failed_rows(&p, "limits").await?;
+        let f = p.failed_rows("limits").await?;
         Ok(f.contains_key("h").then_some(f))
     })
     .await?;
-    let (kind, message) = &failed["h"];
+    let (kind, message, _) = &failed["h"];
     assert_eq!(kind, "oom", "{message}");
     assert!(message.contains("out of memory") && message.contains("OOM"), "{message}");
     drained(&p, "limits", 2, Duration::from_secs(60)).await?;
@@ -259,9 +238,9 @@ async fn limits_apply_an_oom_kill_is_classified_and_a_hung_container_is_replaced
         Ok((ids.len() == 1).then_some(ids))
     })
     .await?;
-    upsert(&p, "jobs", json!([{"id": "z", "mode": "hang"}])).await?;
+    p.upsert_rows("jobs", json!([{"id": "z", "mode": "hang"}])).await?;
     let failed = wait_for("the hung row failed", Duration::from_secs(60), async || {
-        let f = failed_rows(&p, "limits").await?;
+        let f = p.failed_rows("limits").await?;
         Ok(f.contains_key("z").then_some(f))
     })
     .await?;

@@ -14,12 +14,6 @@ async fn apply(p: &TestPlatform, name: &str, spec: Value) -> anyhow::Result<()> 
     p.apply_function(name, spec).await
 }
 
-async fn upsert(p: &TestPlatform, rows: Value) -> anyhow::Result<()> {
-    let (s, r) = p.call(Method::POST, "/v2/namespaces/items", Some(json!({"upsert_rows": rows}))).await?;
-    anyhow::ensure!(s == 200, "upsert: {r}");
-    Ok(())
-}
-
 async fn claim(p: &TestPlatform, f: &str, worker: &str, limit: i64, lease: Option<i64>) -> anyhow::Result<Vec<Value>> {
     let mut body = json!({"worker_id": worker, "limit": limit});
     if let Some(l) = lease {
@@ -88,7 +82,7 @@ async fn claims_carry_every_input_and_markers_follow_the_version() -> anyhow::Re
     let p = TestPlatform::start().await?;
     let rows: Vec<Value> =
         (0..50).map(|i| json!({"id": format!("r{i:02}"), "title": format!("t{i}"), "other": 1})).collect();
-    upsert(&p, json!(rows)).await?;
+    p.upsert_rows("items", json!(rows)).await?;
     apply(&p, "sizer", spec(json!({}))).await?;
     let items = claim_n(&p, "sizer", "w1", 50).await?;
     let first = items.iter().find(|i| i["id"] == "r07").unwrap();
@@ -117,7 +111,7 @@ async fn claims_carry_every_input_and_markers_follow_the_version() -> anyhow::Re
     assert_eq!(status(&p, "sizer").await?["counts"]["completed"], 100);
 
     // Deleting the Function stops its work and keeps what it wrote.
-    upsert(&p, json!([{"id": "new", "title": "n"}])).await?;
+    p.upsert_rows("items", json!([{"id": "new", "title": "n"}])).await?;
     let (s, _) = p.call(Method::DELETE, "/v2/udfs/sizer", None).await?;
     assert_eq!(s, 200);
     let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM work_items").fetch_one(&p.pool).await?;
@@ -130,7 +124,7 @@ async fn claims_carry_every_input_and_markers_follow_the_version() -> anyhow::Re
 #[tokio::test]
 async fn stale_after_expiry_runs_a_row_again() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
-    upsert(&p, json!([{"id": "a", "title": "x"}])).await?;
+    p.upsert_rows("items", json!([{"id": "a", "title": "x"}])).await?;
     apply(&p, "fresh", spec(json!({"staleAfterSeconds": 1}))).await?;
     let items = claim_n(&p, "fresh", "w", 1).await?;
     assert_eq!(complete(&p, "fresh", "w", &items, json!({"size": 1})).await?, 1);
@@ -149,7 +143,7 @@ async fn stale_after_expiry_runs_a_row_again() -> anyhow::Result<()> {
 #[tokio::test]
 async fn transient_failures_retry_and_permanent_ones_fail_at_once() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
-    upsert(&p, json!([{"id": "flaky", "title": "f"}, {"id": "poison", "title": "p"}])).await?;
+    p.upsert_rows("items", json!([{"id": "flaky", "title": "f"}, {"id": "poison", "title": "p"}])).await?;
     apply(&p, "retry", spec(json!({"retry": serde_json::from_str::<Value>(FAST_RETRY)?}))).await?;
     let items = claim_n(&p, "retry", "w", 2).await?;
     let (flaky, poison): (Vec<Value>, Vec<Value>) = items.into_iter().partition(|i| i["id"] == "flaky");
@@ -191,7 +185,7 @@ async fn transient_failures_retry_and_permanent_ones_fail_at_once() -> anyhow::R
 #[tokio::test]
 async fn backoff_delays_the_next_claim() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
-    upsert(&p, json!([{"id": "a", "title": "x"}])).await?;
+    p.upsert_rows("items", json!([{"id": "a", "title": "x"}])).await?;
     apply(&p, "slow", spec(json!({"retry": {"maxAttempts": 5, "initialBackoffSeconds": 30, "maxBackoffSeconds": 60}})))
         .await?;
     let items = claim_n(&p, "slow", "w", 1).await?;
@@ -207,7 +201,7 @@ async fn backoff_delays_the_next_claim() -> anyhow::Result<()> {
 #[tokio::test]
 async fn pause_stops_claims_and_discovery() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
-    upsert(&p, json!([{"id": "a", "title": "x"}])).await?;
+    p.upsert_rows("items", json!([{"id": "a", "title": "x"}])).await?;
     apply(&p, "pz", spec(json!({}))).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (s, _) = p.call(Method::POST, "/v2/udfs/pz/pause", None).await?;
@@ -223,7 +217,7 @@ async fn pause_stops_claims_and_discovery() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_vanished_worker_loses_its_lease_and_its_late_result() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
-    upsert(&p, json!([{"id": "a", "title": "x"}])).await?;
+    p.upsert_rows("items", json!([{"id": "a", "title": "x"}])).await?;
     apply(&p, "lease", spec(json!({}))).await?;
     let start = Instant::now();
     let mut mine = Vec::new();
@@ -260,7 +254,7 @@ async fn a_vanished_worker_loses_its_lease_and_its_late_result() -> anyhow::Resu
 #[tokio::test]
 async fn heartbeats_keep_a_lease() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
-    upsert(&p, json!([{"id": "a", "title": "x"}])).await?;
+    p.upsert_rows("items", json!([{"id": "a", "title": "x"}])).await?;
     apply(&p, "hb", spec(json!({}))).await?;
     let start = Instant::now();
     let mut mine = Vec::new();
@@ -282,11 +276,11 @@ async fn heartbeats_keep_a_lease() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_row_rewritten_while_leased_keeps_the_new_write_and_runs_again() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
-    upsert(&p, json!([{"id": "a", "title": "old"}])).await?;
+    p.upsert_rows("items", json!([{"id": "a", "title": "old"}])).await?;
     apply(&p, "rw", spec(json!({}))).await?;
     let items = claim_n(&p, "rw", "w", 1).await?;
     assert_eq!(items[0]["input"]["title"], "old");
-    upsert(&p, json!([{"id": "a", "title": "new"}])).await?;
+    p.upsert_rows("items", json!([{"id": "a", "title": "new"}])).await?;
     assert_eq!(complete(&p, "rw", "w", &items, json!({"size": "from-old"})).await?, 0, "stale result dropped");
     let (_, d) = p.call(Method::GET, "/v2/namespaces/items/documents/a", None).await?;
     assert_eq!(d["attributes"], json!({"title": "new"}), "not overwritten");
@@ -302,7 +296,7 @@ async fn the_write_trigger_enqueues_without_waiting_for_a_sweep() -> anyhow::Res
     apply(&p, "onwrite", spec(json!({"triggers": ["write"], "schedule": {"discoveryIntervalSeconds": 86400}}))).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let written = Instant::now();
-    upsert(&p, json!([{"id": "w1", "title": "x"}])).await?;
+    p.upsert_rows("items", json!([{"id": "w1", "title": "x"}])).await?;
     let items = claim_n(&p, "onwrite", "w", 1).await?;
     eprintln!("claimable {:?} after the write", written.elapsed());
     assert!(written.elapsed() < Duration::from_secs(5));
@@ -311,7 +305,7 @@ async fn the_write_trigger_enqueues_without_waiting_for_a_sweep() -> anyhow::Res
     apply(&p, "onwrite", spec(json!({"triggers": ["discovery"], "schedule": {"discoveryIntervalSeconds": 86400}})))
         .await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    upsert(&p, json!([{"id": "w2", "title": "y"}])).await?;
+    p.upsert_rows("items", json!([{"id": "w2", "title": "y"}])).await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(claim(&p, "onwrite", "w", 10, None).await?.is_empty());
     Ok(())
@@ -320,7 +314,7 @@ async fn the_write_trigger_enqueues_without_waiting_for_a_sweep() -> anyhow::Res
 #[tokio::test]
 async fn reserved_attributes_in_a_result_fail_the_row_with_a_message() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
-    upsert(&p, json!([{"id": "a", "title": "x"}])).await?;
+    p.upsert_rows("items", json!([{"id": "a", "title": "x"}])).await?;
     apply(&p, "res", spec(json!({}))).await?;
     let items = claim_n(&p, "res", "w", 1).await?;
     assert_eq!(complete(&p, "res", "w", &items, json!({"_hevlayer_udf_res_v": "v9"})).await?, 0);
@@ -338,7 +332,7 @@ async fn competing_workers_with_short_leases_lose_nothing_and_write_once() -> an
     const N: usize = 300;
     let p = TestPlatform::start().await?;
     let rows: Vec<Value> = (0..N).map(|i| json!({"id": format!("r{i:03}"), "title": "t"})).collect();
-    upsert(&p, json!(rows)).await?;
+    p.upsert_rows("items", json!(rows)).await?;
     apply(&p, "race", spec(json!({"retry": {"maxAttempts": 100, "initialBackoffSeconds": 0, "maxBackoffSeconds": 0}})))
         .await?;
     let p = std::sync::Arc::new(p);
@@ -385,7 +379,7 @@ async fn competing_workers_with_short_leases_lose_nothing_and_write_once() -> an
 #[tokio::test]
 async fn a_vector_result_is_stored_on_the_row() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
-    upsert(&p, json!([{"id": "a", "title": "x"}, {"id": "b", "title": "y"}])).await?;
+    p.upsert_rows("items", json!([{"id": "a", "title": "x"}, {"id": "b", "title": "y"}])).await?;
     apply(&p, "embed", spec(json!({}))).await?;
     let items = claim_n(&p, "embed", "w", 2).await?;
     // The client's embedding kind sends `vector` instead of attributes.
@@ -425,7 +419,7 @@ async fn a_vector_result_is_stored_on_the_row() -> anyhow::Result<()> {
 async fn max_in_flight_batches_bounds_concurrent_claims() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
     let rows: Vec<Value> = (0..20).map(|i| json!({"id": format!("r{i:02}"), "title": "t"})).collect();
-    upsert(&p, json!(rows)).await?;
+    p.upsert_rows("items", json!(rows)).await?;
     apply(
         &p,
         "capped",
@@ -468,7 +462,7 @@ async fn max_in_flight_batches_bounds_concurrent_claims() -> anyhow::Result<()> 
 #[tokio::test]
 async fn a_cron_schedule_sweeps_on_its_matches_only() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
-    upsert(&p, json!([{"id": "c1", "title": "x"}])).await?;
+    p.upsert_rows("items", json!([{"id": "c1", "title": "x"}])).await?;
     // Yearly: applying does not sweep, and nothing else does either.
     apply(&p, "yearly", spec(json!({"schedule": {"cron": "0 0 1 1 *"}}))).await?;
     let (s, u) = p.call(Method::GET, "/v2/udfs/yearly", None).await?;
@@ -494,7 +488,7 @@ async fn a_cron_schedule_sweeps_on_its_matches_only() -> anyhow::Result<()> {
     let items = claim_n(&p, "often", "w", 1).await?;
     assert_eq!(items[0]["id"], "c1");
     complete(&p, "often", "w", &items, json!({"size": 1})).await?;
-    upsert(&p, json!([{"id": "c2", "title": "y"}])).await?;
+    p.upsert_rows("items", json!([{"id": "c2", "title": "y"}])).await?;
     let items = claim_n(&p, "often", "w", 1).await?;
     assert_eq!(items[0]["id"], "c2");
     let st = status(&p, "often").await?;

@@ -11,12 +11,6 @@ async fn apply(p: &TestPlatform, name: &str, spec: Value) -> anyhow::Result<()> 
     p.apply_function(name, spec).await
 }
 
-async fn upsert(p: &TestPlatform, ns: &str, rows: Value) -> anyhow::Result<()> {
-    let (s, r) = p.call(Method::POST, &format!("/v2/namespaces/{ns}"), Some(json!({"upsert_rows": rows}))).await?;
-    anyhow::ensure!(s == 200, "upsert: {r}");
-    Ok(())
-}
-
 /// Waits until the Function has nothing pending or processing.
 async fn drained(p: &TestPlatform, f: &str, within: Duration) -> anyhow::Result<Value> {
     let start = Instant::now();
@@ -42,7 +36,7 @@ async fn the_python_push_example_tags_every_product() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
     let runner = TestRunner::start(&p, |_| {}).await?;
     let rows = products()?;
-    upsert(&p, "products", rows.clone()).await?;
+    p.upsert_rows("products", rows.clone()).await?;
     let doc = std::fs::read_to_string(workspace_dir().join("examples/tag-products/function.yaml"))?;
     let mut doc: Value = serde_json::to_value(layer_protocol::resource::parse_documents(&doc)?.remove(0))?;
     let script = workspace_dir().join("examples/tag-products/worker.py");
@@ -84,20 +78,6 @@ fn worker_spec(extra: Value) -> Value {
     s
 }
 
-async fn errors(
-    p: &TestPlatform,
-    f: &str,
-) -> anyhow::Result<std::collections::BTreeMap<String, (String, String, i32)>> {
-    let rows: Vec<(String, String, String, i32)> = sqlx::query_as(
-        "SELECT row_id, coalesce(last_error_kind, ''), coalesce(last_error, ''), attempts FROM work_items
-         WHERE function_id = $1 AND state = 'failed'",
-    )
-    .bind(f)
-    .fetch_all(&p.pool)
-    .await?;
-    Ok(rows.into_iter().map(|(id, k, m, a)| (id, (k, m, a))).collect())
-}
-
 async fn result_of(p: &TestPlatform, id: &str) -> anyhow::Result<Value> {
     let (_, d) = p.call(Method::GET, &format!("/v2/namespaces/jobs/documents/{id}"), None).await?;
     Ok(d["attributes"]["result"].clone())
@@ -111,10 +91,10 @@ async fn misbehaving_workers_become_classified_row_failures() -> anyhow::Result<
     // split must isolate from its neighbours.
     let modes = ["ok", "missing", "dup", "permanent", "ok", "crash", "ok", "ok"];
     let rows: Vec<Value> = modes.iter().enumerate().map(|(i, m)| json!({"id": format!("r{i}"), "mode": m})).collect();
-    upsert(&p, "jobs", json!(rows)).await?;
+    p.upsert_rows("jobs", json!(rows)).await?;
     apply(&p, "mixed", worker_spec(json!({}))).await?;
     drained(&p, "mixed", Duration::from_secs(60)).await?;
-    let e = errors(&p, "mixed").await?;
+    let e = p.failed_rows("mixed").await?;
     assert_eq!(e.len(), 4, "{e:?}");
     assert!(e["r1"].1.contains("did not include this row"), "{e:?}");
     assert!(e["r2"].1.contains("2 times"), "{e:?}");
@@ -127,7 +107,7 @@ async fn misbehaving_workers_become_classified_row_failures() -> anyhow::Result<
 
     // Whole-call misbehaviour, each alone in its batch.
     let rows = json!([{"id": "g1", "mode": "garbage"}, {"id": "f1", "mode": "fail500"}]);
-    upsert(&p, "jobs", rows).await?;
+    p.upsert_rows("jobs", rows).await?;
     apply(
         &p,
         "mixed",
@@ -136,7 +116,7 @@ async fn misbehaving_workers_become_classified_row_failures() -> anyhow::Result<
     .await?;
     let start = Instant::now();
     loop {
-        let e = errors(&p, "mixed").await?;
+        let e = p.failed_rows("mixed").await?;
         if e.contains_key("g1") && e.contains_key("f1") {
             assert!(e["g1"].1.contains("not valid: not JSON") && e["g1"].1.contains("<html>"), "{e:?}");
             assert!(e["f1"].1.contains("HTTP 500"), "{e:?}");
@@ -152,7 +132,7 @@ async fn misbehaving_workers_become_classified_row_failures() -> anyhow::Result<
 async fn a_hung_worker_times_out_is_replaced_and_the_row_fails_after_max_attempts() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
     let _runner = TestRunner::start(&p, |_| {}).await?;
-    upsert(&p, "jobs", json!([{"id": "h", "mode": "hang"}, {"id": "fine", "mode": "ok"}])).await?;
+    p.upsert_rows("jobs", json!([{"id": "h", "mode": "hang"}, {"id": "fine", "mode": "ok"}])).await?;
     apply(
         &p,
         "hangs",
@@ -161,7 +141,7 @@ async fn a_hung_worker_times_out_is_replaced_and_the_row_fails_after_max_attempt
     )
     .await?;
     drained(&p, "hangs", Duration::from_secs(60)).await?;
-    let e = errors(&p, "hangs").await?;
+    let e = p.failed_rows("hangs").await?;
     assert_eq!(e["h"].0, "timeout", "{e:?}");
     assert_eq!(e["h"].2, 2, "two attempts: {e:?}");
     assert!(e["h"].1.contains("timeoutSeconds (1 s)"), "{e:?}");
@@ -176,7 +156,7 @@ async fn a_draining_runner_finishes_its_batches_and_a_new_one_takes_the_rest() -
     let p = TestPlatform::start().await?;
     let runner = TestRunner::start(&p, |c| c.slots = Some(1)).await?;
     let rows: Vec<Value> = (0..12).map(|i| json!({"id": format!("s{i:02}"), "mode": "slow"})).collect();
-    upsert(&p, "jobs", json!(rows)).await?;
+    p.upsert_rows("jobs", json!(rows)).await?;
     apply(&p, "drain", worker_spec(json!({"worker": {"batchSize": 2}}))).await?;
     // Wait until the runner holds a batch (its own status: the batch record
     // commits before the batch is sent), then drain it.
@@ -257,6 +237,16 @@ async fn forged_expired_and_foreign_tokens_are_refused() -> anyhow::Result<()> {
     let r = http.post(format!("{}/v2/runners/{}/heartbeat", p.url, a.id)).bearer_auth(&fresh).json(&hb).send().await?;
     let body: Value = r.json().await?;
     assert!(body.get("token").is_none(), "{body}");
+    // Reports are checked against a per-replica cache of runners' keys,
+    // filled by the good heartbeats above: the same refusals hold there,
+    // and a good token gets past the check (to "no such batch").
+    let forged = sign(b"not the runner's key, but 32 b..", &a.id, Purpose::Report(1), 60);
+    assert_eq!(post(format!("/v2/runners/{}/batches/1/report", a.id), forged).await?, 401, "cached key");
+    let good = sign(&key, &a.id, Purpose::Report(1), 60);
+    assert_eq!(post(format!("/v2/runners/{}/batches/2/report", a.id), good.clone()).await?, 401, "another batch");
+    let session_as_report = sign(&key, &a.id, Purpose::Session, 60);
+    assert_eq!(post(format!("/v2/runners/{}/batches/1/report", a.id), session_as_report).await?, 401);
+    assert_eq!(post(format!("/v2/runners/{}/batches/1/report", a.id), good).await?, 404, "cached key, good token");
     // The runner checks the platform's signature on batches it is sent.
     let batch = json!({"batch_id": 5, "udf_id": "x", "revision": 1, "version": "v1", "items": [], "report_token": "t",
                        "worker": {"batch_size": 1, "timeout_seconds": 1, "lease_seconds": 1, "replicas_min": 0, "replicas_max": 1}});
@@ -274,7 +264,7 @@ async fn the_rust_echo_example_runs_warm_and_idle_workers_stop() -> anyhow::Resu
     let p = TestPlatform::start().await?;
     let _runner = TestRunner::start(&p, |c| c.idle_timeout = Duration::from_secs(1)).await?;
     let rows: Vec<Value> = (0..500).map(|i| json!({"id": format!("e{i:03}"), "title": format!("t{i}")})).collect();
-    upsert(&p, "echo", json!(rows)).await?;
+    p.upsert_rows("echo", json!(rows)).await?;
     let doc = std::fs::read_to_string(workspace_dir().join("examples/echo-rust/function.yaml"))?;
     let mut doc: Value = serde_json::to_value(layer_protocol::resource::parse_documents(&doc)?.remove(0))?;
     doc["spec"]["worker"]["command"] = json!([layer_tests::echo_worker_binary()?]);
@@ -309,7 +299,7 @@ async fn a_new_revision_replaces_the_old_workers() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
     let _runner = TestRunner::start(&p, |_| {}).await?;
     let rows: Vec<Value> = (0..20).map(|i| json!({"id": format!("v{i:02}"), "mode": "ok"})).collect();
-    upsert(&p, "jobs", json!(rows)).await?;
+    p.upsert_rows("jobs", json!(rows)).await?;
     apply(&p, "revs", worker_spec(json!({"scaling": {"replicas": {"min": 1, "max": 2}}}))).await?;
     drained(&p, "revs", Duration::from_secs(60)).await?;
     apply(&p, "revs", worker_spec(json!({"version": "v2", "scaling": {"replicas": {"min": 1, "max": 2}}}))).await?;
@@ -339,7 +329,7 @@ async fn a_runner_that_cannot_be_reached_costs_no_attempts() -> anyhow::Result<(
                      "capacity": {"cpus": 1, "memory_bytes": 1, "slots": 1}});
     let (s, r) = p.call(Method::POST, "/v2/runners", Some(reg)).await?;
     assert_eq!(s, 200, "{r}");
-    upsert(&p, "jobs", json!([{"id": "u1", "mode": "ok"}])).await?;
+    p.upsert_rows("jobs", json!([{"id": "u1", "mode": "ok"}])).await?;
     apply(&p, "unreachable", worker_spec(json!({}))).await?;
     let start = Instant::now();
     loop {
