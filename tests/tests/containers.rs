@@ -233,9 +233,16 @@ async fn limits_apply_an_oom_kill_is_classified_and_a_hung_container_is_replaced
 
     // A hung call: after timeoutSeconds the container is removed and a new
     // one takes its place (replicas.min: 1).
-    let before = wait_for("one warm container", Duration::from_secs(30), async || {
-        let ids = containers_of(&name)?;
-        Ok((ids.len() == 1).then_some(ids))
+    // The runner's own pool says which container is warm (Docker may still
+    // list the OOM-killed one while it is being removed).
+    let status_url = format!("http://{}/v1/status", runner.addr);
+    let before: String = wait_for("one warm container", Duration::from_secs(30), async || {
+        let st: Value = reqwest::get(&status_url).await?.json().await?;
+        let workers = st["workers"].as_array().cloned().unwrap_or_default();
+        Ok(match workers.as_slice() {
+            [w] if w["state"] == "idle" => w["container"].as_str().map(str::to_string),
+            _ => None,
+        })
     })
     .await?;
     p.upsert_rows("jobs", json!([{"id": "z", "mode": "hang"}])).await?;
@@ -247,7 +254,7 @@ async fn limits_apply_an_oom_kill_is_classified_and_a_hung_container_is_replaced
     assert_eq!(failed["z"].0, "timeout", "{:?}", failed["z"]);
     wait_for("the hung container replaced", Duration::from_secs(30), async || {
         let ids = containers_of(&name)?;
-        Ok((ids.len() == 1 && !ids.contains(&before[0])).then_some(()))
+        Ok((ids.len() == 1 && !ids[0].starts_with(&before)).then_some(()))
     })
     .await?;
     runner.stop().await?;
