@@ -100,6 +100,11 @@ enum Command {
         /// a Docker engine answers (DOCKER_HOST, else the local socket).
         #[arg(long)]
         no_docker: bool,
+        /// Pretend the node has this many GPUs instead of reading them
+        /// through NVML (demos and tests on machines without one; workers
+        /// see the simulated UUIDs in CUDA_VISIBLE_DEVICES).
+        #[arg(long)]
+        simulated_gpus: Option<u32>,
     },
     /// Runners known to the platform.
     Runners {
@@ -287,6 +292,7 @@ async fn run(cli: Cli) -> Result<()> {
             idle_timeout,
             worker_api_key,
             no_docker,
+            simulated_gpus,
         } => {
             init_logging();
             serve::runner(serve::RunnerArgs {
@@ -300,6 +306,7 @@ async fn run(cli: Cli) -> Result<()> {
                 idle_timeout_seconds: idle_timeout,
                 worker_api_key,
                 docker: !no_docker,
+                simulated_gpus,
             })
             .await
         }

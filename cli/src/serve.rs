@@ -73,6 +73,7 @@ pub async fn dev(listen: SocketAddr, data_dir: PathBuf, api_key: Option<String>)
         let mut rc = layer_runner::Config::new(format!("http://{}", started.addr), key);
         rc.name = "dev".into();
         rc.labels.insert("layer.dev/local".into(), "true".into());
+        rc.gpus = layer_runner::inventory::detect();
         anyhow::Ok(layer_runner::start(rc, runner_shutdown.clone()).await?)
     }
     .await;
@@ -110,6 +111,7 @@ pub struct RunnerArgs {
     pub idle_timeout_seconds: u64,
     pub worker_api_key: Option<String>,
     pub docker: bool,
+    pub simulated_gpus: Option<u32>,
 }
 
 /// `layer runner`: a node runner; SIGTERM drains it.
@@ -128,6 +130,10 @@ pub async fn runner(args: RunnerArgs) -> Result<()> {
     config.idle_timeout = std::time::Duration::from_secs(args.idle_timeout_seconds);
     config.worker_api_key = args.worker_api_key;
     config.docker = args.docker;
+    config.gpus = match args.simulated_gpus {
+        Some(n) => std::sync::Arc::new(layer_runner::inventory::SimulatedGpus::new(n)),
+        None => layer_runner::inventory::detect(),
+    };
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let started = layer_runner::start(config, shutdown).await.context("starting the runner")?;

@@ -78,6 +78,10 @@ pub struct WorkerResources {
     /// The writable scratch space (`/tmp`), as for memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ephemeral_disk: Option<String>,
+    /// Whole NVIDIA GPUs bound to each worker (0 to 16). Omitted, a
+    /// `computeClass: gpu` worker gets one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
 }
 
 /// CPUs from a quantity: `2`, `0.5`, `500m` (millicores).
@@ -108,6 +112,68 @@ pub fn parse_bytes(q: &str) -> Option<u64> {
     let (number, scale) = SUFFIXES.iter().find_map(|(s, m)| q.strip_suffix(s).map(|n| (n, *m))).unwrap_or((q, 1.0));
     let v = number.parse::<f64>().ok()? * scale;
     (v.is_finite() && (1.0..1.8e19).contains(&v)).then_some(v as u64)
+}
+
+/// A worker's limits once every source is read: `worker.resources` first,
+/// then the first container's `resources.limits` in `worker.podSpec`
+/// (`containers`, or `spec.containers`), then the compute pool's `limits`.
+/// The Kubernetes names that mean the same are `cpu`, `memory`,
+/// `ephemeral-storage` and `nvidia.com/gpu` (which may also come from
+/// `requests`, as Kubernetes requires both to be equal). A `computeClass:
+/// gpu` worker that names no GPU count gets one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResolvedResources {
+    pub cpu: Option<f64>,
+    pub memory_bytes: Option<u64>,
+    pub ephemeral_disk_bytes: Option<u64>,
+    pub gpus: u32,
+}
+
+fn quantities(v: Option<&Value>) -> BTreeMap<String, String> {
+    v.and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| match v {
+                    Value::String(s) => Some((k.clone(), s.clone())),
+                    Value::Number(n) => Some((k.clone(), n.to_string())),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Reads [`ResolvedResources`] from the worker spec and its compute pool.
+pub fn resolve_resources(w: &WorkerSpec, pool: Option<&crate::resource::PoolResources>) -> ResolvedResources {
+    let own = w.resources.clone().unwrap_or_default();
+    let container = w.pod_spec.as_ref().and_then(|ps| {
+        let containers = ps.get("containers").or_else(|| ps.get("spec").and_then(|s| s.get("containers")))?;
+        containers.as_array()?.first()?.get("resources").cloned()
+    });
+    let pod_limits = quantities(container.as_ref().and_then(|r| r.get("limits")));
+    let pod_requests = quantities(container.as_ref().and_then(|r| r.get("requests")));
+    let empty = BTreeMap::new();
+    let (pool_limits, pool_requests) = pool.map_or((&empty, &empty), |r| (&r.limits, &r.requests));
+    let limit = |key: &str| pod_limits.get(key).or_else(|| pool_limits.get(key)).map(String::as_str);
+    let gpus = own
+        .gpus
+        .or_else(|| {
+            [&pod_limits, &pod_requests, pool_limits, pool_requests]
+                .iter()
+                .find_map(|m| m.get("nvidia.com/gpu"))
+                .and_then(|q| q.trim().parse::<u32>().ok())
+        })
+        .unwrap_or(if w.compute_class == ComputeClass::Gpu { 1 } else { 0 });
+    ResolvedResources {
+        cpu: own.cpu.as_deref().or_else(|| limit("cpu")).and_then(parse_cpu),
+        memory_bytes: own.memory.as_deref().or_else(|| limit("memory")).and_then(parse_bytes),
+        ephemeral_disk_bytes: own
+            .ephemeral_disk
+            .as_deref()
+            .or_else(|| limit("ephemeral-storage"))
+            .and_then(parse_bytes),
+        gpus,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -314,7 +380,7 @@ const WORKER_FIELDS: &[Field] = &[
     field("resources", "resources"),
 ];
 const RESOURCE_FIELDS: &[Field] =
-    &[field("cpu", "cpu"), field("memory", "memory"), field("ephemeralDisk", "ephemeral_disk")];
+    &[field("cpu", "cpu"), field("memory", "memory"), field("ephemeralDisk", "ephemeral_disk"), field("gpus", "gpus")];
 const SCHEDULE_FIELDS: &[Field] = &[
     field("discoveryIntervalSeconds", "discovery_interval_seconds"),
     field("leaseSeconds", "lease_seconds"),
@@ -584,7 +650,8 @@ fn worker_resources(p: &mut Problems, path: &str, v: &Value, case: Case) -> Opti
     let cpu = quantity(RESOURCE_FIELDS[0], |q| parse_cpu(q).is_some(), "500m");
     let memory = quantity(RESOURCE_FIELDS[1], |q| parse_bytes(q).is_some_and(|b| b >= 6 << 20), "512Mi");
     let ephemeral_disk = quantity(RESOURCE_FIELDS[2], |q| parse_bytes(q).is_some(), "1Gi");
-    Some(WorkerResources { cpu, memory, ephemeral_disk })
+    let gpus = o.int(p, RESOURCE_FIELDS[3], 0, 16).map(|n| n as u32);
+    Some(WorkerResources { cpu, memory, ephemeral_disk, gpus })
 }
 
 /// Environment names the runner sets itself.
@@ -808,6 +875,25 @@ pub struct UdfStatus {
     pub failed_count: i64,
     pub indexed_rate_per_min: f64,
     pub rate_window_seconds: i64,
+    /// Why the Function's batches are not being placed, if they are not:
+    /// its replicas are above its pool's limit, its pool is unknown, or no
+    /// active runner can run it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<UdfCondition>,
+}
+
+/// A problem with running a Function, in its status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UdfCondition {
+    /// `ReplicasRejected`, `PoolNotFound` or `NoRunner`.
+    pub reason: String,
+    pub message: String,
+}
+
+impl UdfCondition {
+    pub fn new(reason: &str, message: impl Into<String>) -> Self {
+        UdfCondition { reason: reason.into(), message: message.into() }
+    }
 }
 
 /// One stored revision of a Function's spec.

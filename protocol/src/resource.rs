@@ -272,7 +272,8 @@ fn index_spec(p: &mut Problems, spec: Option<&Value>) -> Option<IndexSpec> {
     Some(IndexSpec { distance_metric: o.one_of(p, INDEX_FIELDS[0], &DISTANCE_METRICS) })
 }
 
-fn infra_spec(p: &mut Problems, v: &Value) -> Option<InfraRulesSpec> {
+/// Validates an `InfraRules` spec (camelCase, as in a resource file).
+pub fn infra_spec(p: &mut Problems, v: &Value) -> Option<InfraRulesSpec> {
     let o = Obj::open(p, "spec", v, Case::Camel, INFRA_FIELDS)?;
     let path = o.path_of(INFRA_FIELDS[0]);
     let Some(list) = o.get(INFRA_FIELDS[0]) else {

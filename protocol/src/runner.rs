@@ -85,6 +85,31 @@ pub struct WorkerView {
     /// The container id (12 characters), for the Docker driver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// The UUIDs of the GPUs bound to the worker.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<String>,
+}
+
+/// How a runner's GPU stands, sampled with each heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GpuStatus {
+    pub uuid: String,
+    /// `free`, `bound` (to `worker`) or `cordoned` (after an error; takes
+    /// no work until the runner restarts).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udf_id: Option<String>,
+    /// GPU utilisation over the driver's last sample period, 0-100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: u64,
+    /// Why the GPU was cordoned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -93,6 +118,8 @@ pub struct RunnerLoad {
     pub batches: u32,
     #[serde(default)]
     pub workers: Vec<WorkerView>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<GpuStatus>,
 }
 
 /// `POST /v2/runners/{id}/heartbeat`, with the session token.
@@ -161,6 +188,13 @@ pub struct WorkerPlan {
     pub memory_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ephemeral_disk_bytes: Option<u64>,
+    /// Whole GPUs bound to each worker, exclusively.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gpus: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// `POST /v1/batches` on a runner, signed by the platform

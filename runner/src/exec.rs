@@ -32,6 +32,8 @@ enum CallFailure {
     Status(u16, String),
     Overloaded,
     Garbage(String),
+    /// A GPU bound to the worker was cordoned mid-call.
+    GpuLost(String),
 }
 
 impl CallFailure {
@@ -52,13 +54,14 @@ impl CallFailure {
                 (FailureKind::Transient, "the worker is overloaded (HTTP 429); try again later".to_string())
             }
             CallFailure::Garbage(m) => (FailureKind::Transient, format!("the worker's answer is not valid: {m}")),
+            CallFailure::GpuLost(m) => (FailureKind::RunnerLost, format!("{m}; the batch is reissued")),
         };
         RowError { kind, message }
     }
 
     /// Whether splitting the batch could help: not for an overloaded worker.
     fn splits(&self) -> bool {
-        !matches!(self, CallFailure::Overloaded)
+        !matches!(self, CallFailure::Overloaded | CallFailure::GpuLost(_))
     }
 }
 
@@ -145,7 +148,17 @@ impl Exec {
             let bytes = read_capped(response, self.max_response_bytes).await?;
             Ok::<_, String>((status, bytes))
         };
-        let outcome = tokio::time::timeout(timeout, call).await;
+        // A cordon of one of the worker's GPUs ends the call: its work is
+        // handed back as a free retry.
+        let lost = lease.worker().gpus().lost();
+        let outcome = tokio::select! {
+            o = tokio::time::timeout(timeout, call) => o,
+            _ = lost.cancelled() => {
+                let reason = lease.worker().gpus().lost_reason().unwrap_or_else(|| "a GPU was cordoned".into());
+                lease.discard();
+                return Err(CallFailure::GpuLost(reason));
+            }
+        };
         let (status, bytes) = match outcome {
             Err(_) => {
                 // Stage one was dropping the call; stage two kills the

@@ -1,7 +1,8 @@
 //! The Layer node runner: registers with the platform, takes batches pushed
 //! to it, runs them on warm workers, reports the results.
 //!
-//! - [`inventory`]: the node's capacity; GPUs behind the [`inventory::GpuInventory`] trait.
+//! - [`inventory`]: the node's capacity; GPUs behind the [`inventory::GpuInventory`] trait (NVML).
+//! - [`gpu`]: binding whole GPUs to workers exclusively; sampling; cordoning.
 //! - [`pool`]: warm worker pools per (Function, revision); the process driver.
 //! - [`exec`]: one batch on a worker: timeout, size cap, classification, splitting.
 //! - [`server`]: the runner's HTTP API (`POST /v1/batches`, `/healthz`, `/v1/status`).
@@ -12,6 +13,7 @@
 //! stops its workers.
 
 pub mod exec;
+pub mod gpu;
 pub mod inventory;
 pub mod platform;
 pub mod pool;
@@ -100,6 +102,7 @@ pub struct Shared {
     pub exec: exec::Exec,
     pub platform: platform::PlatformClient,
     pub batches: TaskTracker,
+    pub gpus: gpu::Gpus,
 }
 
 impl Shared {
@@ -163,6 +166,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         .map_err(|e| RunnerError::Register(format!("the platform sent a bad signing key: {e}")))?;
     client.set_session(&registration.runner_id, registration.token.clone());
     tracing::info!(runner_id = %registration.runner_id, %advertise, slots = capacity.slots, "runner registered");
+    let gpus = gpu::Gpus::new(config.gpus.clone());
     let pools = pool::Pools::new(
         pool::PoolConfig {
             idle_timeout: config.idle_timeout,
@@ -170,6 +174,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
             platform_url: config.platform.clone(),
             worker_api_key: config.worker_api_key.clone(),
             engine,
+            gpus: gpus.clone(),
         },
         http.clone(),
     );
@@ -182,6 +187,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         exec: exec::Exec { pools: pools.clone(), http, max_response_bytes: config.max_response_bytes },
         platform: client,
         batches: TaskTracker::new(),
+        gpus,
     });
     let heartbeat_every = Duration::from_secs(u64::from(registration.heartbeat_interval_seconds.max(1)));
     let runner_id = registration.runner_id.clone();

@@ -91,7 +91,11 @@ impl PlatformClient {
         let held = shared.held_ids();
         let req = HeartbeatRequest {
             state: if shared.is_draining() { RunnerState::Draining } else { RunnerState::Active },
-            load: RunnerLoad { batches: held.len() as u32, workers: shared.exec.pools.views() },
+            load: RunnerLoad {
+                batches: held.len() as u32,
+                workers: shared.exec.pools.views(),
+                gpus: shared.gpus.statuses(),
+            },
             batch_ids: held,
         };
         let r = self
@@ -170,6 +174,9 @@ pub async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, stop: Cancella
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
+        // NVML calls block: read the GPUs off the async threads.
+        let gpus = shared.gpus.clone();
+        let _ = tokio::task::spawn_blocking(move || gpus.sample()).await;
         match shared.platform.heartbeat_once(&shared).await {
             Ok(_) if failing => {
                 tracing::info!("heartbeats reach the platform again");

@@ -4,7 +4,7 @@
 //!   runner's key (`Authorization: Bearer <dispatch token>`). 202 once
 //!   accepted; 503 while draining or with every slot busy (the platform
 //!   puts the batch back at once, as a free retry); 401 for a bad token.
-//! - `GET /healthz`; `GET /v1/status`: load and workers.
+//! - `GET /healthz`; `GET /v1/status`: load, workers and GPUs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +40,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
         "slots": shared.slots,
         "batches": shared.held_ids(),
         "workers": shared.exec.pools.views(),
+        "gpus": shared.gpus.statuses(),
     }))
     .into_response()
 }

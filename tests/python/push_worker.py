@@ -2,8 +2,13 @@
 row's input `mode` says what to do: ok, slow, hang (the whole call),
 garbage (answers non-JSON), crash (exits mid-batch), fail500, missing (the
 row is left out), dup (the row is answered twice), permanent, hog (takes
-HOG_MB megabytes of memory, 512 by default)."""
+HOG_MB megabytes of memory, 512 by default).
 
+With GPU_LOCK_DIR set, the worker takes an exclusive lock on a file named
+after each GPU in CUDA_VISIBLE_DEVICES for as long as it lives, and says in
+every result whether another live worker held one of them (gpu_shared)."""
+
+import fcntl
 import json
 import os
 import sys
@@ -50,7 +55,7 @@ class Handler(BaseHTTPRequestHandler):
             if mode == "permanent":
                 out.append({**ref, "error": {"kind": "permanent", "message": "cannot do " + item["id"]}})
                 continue
-            res = {**ref, "attributes": {"result": "ok:" + item["id"], "pid": os.getpid()}}
+            res = {**ref, "attributes": {"result": "ok:" + item["id"], "pid": os.getpid(), **GPU}}
             out.append(res)
             if mode == "dup":
                 out.append(res)
@@ -75,8 +80,29 @@ def exit_with_parent():
     threading.Thread(target=watch, daemon=True).start()
 
 
+GPU = {}
+LOCKS = []
+
+
+def lock_gpus():
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    GPU["gpus"] = visible
+    if not os.environ.get("GPU_LOCK_DIR") or not visible:
+        return
+    shared = False
+    for uuid in visible.split(","):
+        f = open(os.path.join(os.environ["GPU_LOCK_DIR"], uuid), "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            shared = True
+        LOCKS.append(f)
+    GPU["gpu_shared"] = shared
+
+
 if __name__ == "__main__":
     exit_with_parent()
+    lock_gpus()
     print("push_worker ready on", os.environ["PORT"], "for", os.environ.get("HEVLAYER_UDF_ID"), flush=True)
     sys.stdout.flush()
     # BIND: 127.0.0.1 as a local process, 0.0.0.0 in a container.

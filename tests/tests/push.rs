@@ -354,3 +354,50 @@ async fn a_runner_that_cannot_be_reached_costs_no_attempts() -> anyhow::Result<(
     assert_eq!(st["counts"]["completed"], 1, "{st}");
     Ok(())
 }
+
+async fn condition(p: &TestPlatform, f: &str, reason: &str) -> anyhow::Result<String> {
+    let start = Instant::now();
+    loop {
+        let (_, st) = p.call(Method::GET, &format!("/v2/udfs/{f}/status"), None).await?;
+        if st["conditions"][0]["reason"] == reason {
+            return Ok(st["conditions"][0]["message"].as_str().unwrap_or_default().to_string());
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "no {reason} condition: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_that_cannot_be_placed_say_why_in_their_status() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    p.upsert_rows("jobs", json!([{"id": "j1", "mode": "ok"}, {"id": "j2", "mode": "ok"}])).await?;
+    // No runner at all.
+    let mut imaged = worker_spec(json!({"worker": {"image": "layer/echo-rust:dev"}}));
+    imaged["worker"].as_object_mut().unwrap().remove("command");
+    apply(&p, "imaged", imaged).await?;
+    let m = condition(&p, "imaged", "NoRunner").await?;
+    assert!(m.contains("no runner is active"), "{m}");
+    // A runner without a Docker engine cannot run images.
+    let runner = TestRunner::start(&p, |c| c.docker = false).await?;
+    let m = condition(&p, "imaged", "NoRunner").await?;
+    assert!(m.contains("no active runner can run images") && m.contains("docker driver"), "{m}");
+    // Replicas above the pool's maxReplicasPerWorkload are rejected: the
+    // rows wait, and the status says why.
+    let rules = json!({"apiVersion": "hevlayer.com/v1alpha1", "kind": "InfraRules", "metadata": {"name": "default"},
+        "spec": {"computePools": [{"name": "cpu", "kind": "cpu", "maxReplicasPerWorkload": 2}]}});
+    let (s, r) = p.call(Method::POST, "/v2/apply", Some(json!({"documents": [rules]}))).await?;
+    assert_eq!(s, 200, "{r}");
+    apply(&p, "limited", worker_spec(json!({"scaling": {"replicas": {"min": 0, "max": 3}}}))).await?;
+    let m = condition(&p, "limited", "ReplicasRejected").await?;
+    assert!(m.contains("scaling.replicas.max 3") && m.contains("maxReplicasPerWorkload (2)"), "{m}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, st) = p.call(Method::GET, "/v2/udfs/limited/status", None).await?;
+    assert_eq!(st["counts"]["completed"], 0, "a rejected Function is not run: {st}");
+    // Within the limit, it runs and the condition goes.
+    apply(&p, "limited", worker_spec(json!({"scaling": {"replicas": {"min": 0, "max": 2}}}))).await?;
+    let st = drained(&p, "limited", Duration::from_secs(30)).await?;
+    assert_eq!(st["counts"]["completed"], 2, "{st}");
+    assert!(st.get("conditions").is_none(), "{st}");
+    runner.stop().await?;
+    Ok(())
+}

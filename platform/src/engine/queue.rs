@@ -754,5 +754,6 @@ pub async fn status(pool: &PgPool, udf: &Udf) -> Result<UdfStatus> {
         failed_count: s.failed,
         indexed_rate_per_min: s.recent as f64 * 60.0 / RATE_WINDOW_SECONDS as f64,
         rate_window_seconds: RATE_WINDOW_SECONDS,
+        conditions: crate::runners::dispatch::conditions(pool, udf).await?,
     })
 }

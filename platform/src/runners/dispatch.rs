@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use layer_protocol::function::{ComputeClass, Dispatch, Udf, parse_bytes, parse_cpu};
+use layer_protocol::function::{ComputeClass, Dispatch, Udf, UdfCondition, resolve_resources};
+use layer_protocol::resource::{ComputePool, InfraRulesInfo, PoolResources};
 use layer_protocol::runner::tokens::{self, Purpose};
 use layer_protocol::runner::{BatchAssignment, RunnerState, WorkerPlan};
 use layer_protocol::work::ClaimedItem;
@@ -52,10 +53,12 @@ impl Default for DispatchConfig {
     }
 }
 
-/// The plan a runner needs to run a Function's workers.
-pub fn worker_plan(udf: &Udf) -> WorkerPlan {
+/// The plan a runner needs to run a Function's workers, with the limits
+/// of its compute pool where the spec leaves them out.
+pub fn worker_plan(udf: &Udf, pool: Option<&ComputePool>) -> WorkerPlan {
     let w = &udf.spec.worker;
     let replicas = udf.spec.scaling.as_ref().map(|s| (s.replicas.min, s.replicas.max)).unwrap_or((0, 1));
+    let r = resolve_resources(w, pool.map(|p| &p.resources));
     WorkerPlan {
         command: w.command.clone(),
         image: w.image.clone(),
@@ -67,29 +70,55 @@ pub fn worker_plan(udf: &Udf) -> WorkerPlan {
         lease_seconds: udf.spec.schedule.lease_seconds,
         replicas_min: replicas.0,
         replicas_max: replicas.1.max(1),
-        cpu: w.resources.as_ref().and_then(|r| r.cpu.as_deref()).and_then(parse_cpu),
-        memory_bytes: w.resources.as_ref().and_then(|r| r.memory.as_deref()).and_then(parse_bytes),
-        ephemeral_disk_bytes: w.resources.as_ref().and_then(|r| r.ephemeral_disk.as_deref()).and_then(parse_bytes),
+        cpu: r.cpu,
+        memory_bytes: r.memory_bytes,
+        ephemeral_disk_bytes: r.ephemeral_disk_bytes,
+        gpus: r.gpus,
     }
 }
 
-/// The driver a Function's workers need.
-fn driver_for(udf: &Udf) -> &'static str {
-    if udf.spec.worker.command.is_some() {
-        "process"
-    } else if udf.spec.worker.image.is_some() {
-        "docker"
-    } else {
-        "http"
+/// The compute pools: those of `InfraRules`, and the stock `cpu` and `gpu`
+/// pools where no rules define them (no node selector, no replica limit;
+/// the `gpu` pool asks for one GPU).
+pub fn compute_pools(rules: Vec<InfraRulesInfo>) -> BTreeMap<String, ComputePool> {
+    let mut pools = BTreeMap::new();
+    for p in rules.into_iter().flat_map(|r| r.spec.compute_pools) {
+        pools.insert(p.name.clone(), p);
     }
+    for kind in ["cpu", "gpu"] {
+        pools.entry(kind.to_string()).or_insert_with(|| ComputePool {
+            name: kind.into(),
+            kind: kind.into(),
+            max_replicas_per_workload: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            resources: PoolResources {
+                requests: BTreeMap::new(),
+                limits: if kind == "gpu" {
+                    BTreeMap::from([("nvidia.com/gpu".to_string(), "1".to_string())])
+                } else {
+                    BTreeMap::new()
+                },
+            },
+        });
+    }
+    pools
 }
 
-/// The node selector of the Function's compute pool (from `InfraRules`),
-/// empty when no rules name the pool.
-fn pool_selector<'a>(
-    udf: &Udf,
-    pools: &'a BTreeMap<String, BTreeMap<String, String>>,
-) -> Option<&'a BTreeMap<String, String>> {
+/// How a Function's batches are placed.
+#[derive(Debug, Clone)]
+pub struct Scheduling {
+    pub plan: WorkerPlan,
+    /// The worker driver a runner needs.
+    pub driver: &'static str,
+    /// The labels a runner must carry (the pool's node selector).
+    pub selector: BTreeMap<String, String>,
+    pub pool: String,
+}
+
+/// The Function's scheduling, or why it is rejected: its pool is unknown,
+/// or it asks for more replicas than the pool allows.
+pub fn scheduling(udf: &Udf, pools: &BTreeMap<String, ComputePool>) -> std::result::Result<Scheduling, UdfCondition> {
     let name = match udf.spec.scaling.as_ref().and_then(|s| s.pool.clone()) {
         Some(p) => p,
         None => match udf.spec.worker.compute_class {
@@ -97,32 +126,145 @@ fn pool_selector<'a>(
             ComputeClass::Cpu => "cpu".into(),
         },
     };
-    pools.get(&name)
+    let Some(pool) = pools.get(&name) else {
+        let known: Vec<&str> = pools.keys().map(String::as_str).collect();
+        return Err(UdfCondition::new(
+            "PoolNotFound",
+            format!("scaling.pool {name:?} is not a compute pool of InfraRules (the pools are: {})", known.join(", ")),
+        ));
+    };
+    let plan = worker_plan(udf, Some(pool));
+    if let Some(limit) = pool.max_replicas_per_workload
+        && udf.spec.scaling.as_ref().is_some_and(|s| s.replicas.max > limit)
+    {
+        return Err(UdfCondition::new(
+            "ReplicasRejected",
+            format!(
+                "scaling.replicas.max {} is above the maxReplicasPerWorkload ({limit}) of compute pool {name:?}; \
+                 no batch is placed until one of them changes",
+                plan.replicas_max
+            ),
+        ));
+    }
+    let driver = if plan.command.is_some() {
+        "process"
+    } else if plan.image.is_some() {
+        "docker"
+    } else {
+        "http"
+    };
+    Ok(Scheduling { plan, driver, selector: pool.node_selector.clone(), pool: name })
 }
 
-/// Picks a runner for one batch of `udf`, or none.
+/// GPUs of a runner that can take work (not cordoned), and those free now.
+fn gpu_counts(r: &RunnerRow) -> (usize, usize) {
+    let load = &r.load.0.gpus;
+    if load.is_empty() {
+        // No heartbeat yet: what it registered with.
+        let n = r.capacity.0.gpus.len();
+        return (n, n);
+    }
+    (load.iter().filter(|g| g.state != "cordoned").count(), load.iter().filter(|g| g.state == "free").count())
+}
+
+/// What a runner must offer to take a Function's batches, checked in this
+/// order.
+#[derive(Debug, Clone, Copy)]
+enum Need {
+    /// The worker driver (`process`, `docker`).
+    Driver,
+    /// The labels of the pool's node selector.
+    Labels,
+    /// Enough usable GPUs for one worker.
+    Gpus,
+}
+
+impl Need {
+    const ALL: [Need; 3] = [Need::Driver, Need::Labels, Need::Gpus];
+
+    fn met(self, s: &Scheduling, r: &RunnerRow) -> bool {
+        match self {
+            Need::Driver => r.drivers.0.iter().any(|d| d == s.driver),
+            Need::Labels => s.selector.iter().all(|(k, v)| r.labels.0.get(k) == Some(v)),
+            Need::Gpus => gpu_counts(r).0 >= s.plan.gpus as usize,
+        }
+    }
+
+    /// What it means when no active runner meets it.
+    fn unmet(self, s: &Scheduling) -> String {
+        match self {
+            Need::Driver if s.driver == "docker" => "no active runner can run images (worker.image): none has the \
+                                                     docker driver (a reachable Docker engine)"
+                .to_string(),
+            Need::Driver if s.driver == "http" => {
+                "no runner calls a worker.url in push mode: give the worker a command or an image".to_string()
+            }
+            Need::Driver => format!("no active runner has the {} driver", s.driver),
+            Need::Labels => {
+                let labels: Vec<String> = s.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!(
+                    "no active runner carries the labels of compute pool {:?} ({}); start one with --labels",
+                    s.pool,
+                    labels.join(", ")
+                )
+            }
+            Need::Gpus => format!("no active runner has {} usable GPUs for a worker", s.plan.gpus),
+        }
+    }
+}
+
+/// Picks a runner for one batch of `udf`, or none: an active runner with
+/// a free slot that meets every [`Need`]; among those, one with an idle
+/// warm worker of the revision, then one with the GPUs free, then the least
+/// loaded.
 fn place<'a>(
     udf: &Udf,
+    s: &Scheduling,
     runners: &'a mut [RunnerRow],
-    pools: &BTreeMap<String, BTreeMap<String, String>>,
     cooldown: &HashMap<String, Instant>,
 ) -> Option<&'a mut RunnerRow> {
-    let driver = driver_for(udf);
-    let selector = pool_selector(udf, pools);
-    let gpu = udf.spec.worker.compute_class == ComputeClass::Gpu;
+    let gpus = s.plan.gpus as usize;
     runners
         .iter_mut()
         .filter(|r| r.state() == RunnerState::Active)
         .filter(|r| r.in_flight < i64::from(r.capacity.0.slots))
         .filter(|r| cooldown.get(&r.id).is_none_or(|t| Instant::now() >= *t))
-        .filter(|r| r.drivers.0.iter().any(|d| d == driver))
-        .filter(|r| !gpu || !r.capacity.0.gpus.is_empty())
-        .filter(|r| selector.is_none_or(|s| s.iter().all(|(k, v)| r.labels.0.get(k) == Some(v))))
+        .filter(|r| Need::ALL.iter().all(|n| n.met(s, r)))
         .min_by_key(|r| {
             let warm =
                 r.load.0.workers.iter().any(|w| w.udf_id == udf.id && w.revision == udf.revision && w.state == "idle");
-            (!warm, r.in_flight)
+            (!warm, gpus > 0 && gpu_counts(r).1 < gpus, r.in_flight)
         })
+}
+
+/// What stops a Function's batches from being placed, for its status:
+/// a rejection by its pool, or (push Functions) no active runner that can
+/// run it.
+pub async fn conditions(pool: &PgPool, udf: &Udf) -> Result<Vec<UdfCondition>> {
+    let pools = compute_pools(crate::resources::store::list_infra_rules(pool).await?);
+    let s = match scheduling(udf, &pools) {
+        Ok(s) => s,
+        Err(c) => return Ok(vec![c]),
+    };
+    if udf.spec.worker.dispatch != Dispatch::Push {
+        return Ok(Vec::new());
+    }
+    let lost_after = DispatchConfig::default().lost_after.as_secs_f64();
+    let mut runners: Vec<RunnerRow> = store::list(pool, lost_after)
+        .await?
+        .into_iter()
+        .filter(|r| matches!(r.state(), RunnerState::Active | RunnerState::Draining))
+        .collect();
+    if runners.is_empty() {
+        return Ok(vec![UdfCondition::new("NoRunner", "no runner is active: batches wait until one registers")]);
+    }
+    for need in Need::ALL {
+        runners.retain(|r| need.met(&s, r));
+        if runners.is_empty() {
+            return Ok(vec![UdfCondition::new("NoRunner", need.unmet(&s))]);
+        }
+    }
+    Ok(Vec::new())
 }
 
 /// A handle to the dispatcher duty.
@@ -135,12 +277,12 @@ pub struct Dispatcher {
     config: DispatchConfig,
 }
 
-/// Push Functions and compute pools, as last read.
+/// Push Functions with their scheduling, as last read; rejected ones are
+/// left out (their status says why).
 struct Catalog {
     read_at: Instant,
     generation: u64,
-    udfs: Vec<Udf>,
-    pools: BTreeMap<String, BTreeMap<String, String>>,
+    udfs: Vec<(Udf, Scheduling)>,
 }
 
 /// How long the catalog is trusted without a local change: changes made
@@ -198,20 +340,22 @@ impl Dispatcher {
     ) -> Result<()> {
         let generation = self.generation.load(Ordering::SeqCst);
         if catalog.as_ref().is_none_or(|c| c.generation != generation || c.read_at.elapsed() > CATALOG_TTL) {
+            let pools = compute_pools(crate::resources::store::list_infra_rules(&self.pool).await?);
             let udfs = crate::functions::store::list(&self.pool)
                 .await?
                 .into_iter()
                 .filter(|u| u.spec.worker.dispatch == Dispatch::Push && !u.paused)
+                .filter_map(|u| match scheduling(&u, &pools) {
+                    Ok(s) => Some((u, s)),
+                    Err(c) => {
+                        tracing::debug!(udf = %u.id, reason = %c.reason, "{}", c.message);
+                        None
+                    }
+                })
                 .collect();
-            let mut pools = BTreeMap::new();
-            for rules in crate::resources::store::list_infra_rules(&self.pool).await? {
-                for p in rules.spec.compute_pools {
-                    pools.insert(p.name, p.node_selector);
-                }
-            }
-            *catalog = Some(Catalog { read_at: Instant::now(), generation, udfs, pools });
+            *catalog = Some(Catalog { read_at: Instant::now(), generation, udfs });
         }
-        let Some(Catalog { udfs, pools, .. }) = catalog.as_ref() else { return Ok(()) };
+        let Some(Catalog { udfs, .. }) = catalog.as_ref() else { return Ok(()) };
         if udfs.is_empty() {
             return Ok(());
         }
@@ -222,11 +366,11 @@ impl Dispatcher {
         let mut stale = false;
         let mut done: HashSet<&str> = HashSet::new();
         while done.len() < udfs.len() {
-            for udf in udfs {
+            for (udf, sched) in udfs {
                 if done.contains(udf.id.as_str()) {
                     continue;
                 }
-                let Some(runner) = place(udf, &mut runners, pools, cooldown) else {
+                let Some(runner) = place(udf, sched, &mut runners, cooldown) else {
                     done.insert(&udf.id);
                     continue;
                 };
@@ -254,7 +398,7 @@ impl Dispatcher {
                     udf_id: udf.id.clone(),
                     revision: udf.revision,
                     version: udf.spec.version.clone(),
-                    worker: worker_plan(udf),
+                    worker: sched.plan.clone(),
                     items,
                     report_token: tokens::sign(&runner.signing_key, &runner.id, Purpose::Report(batch_id), report_ttl),
                 };
@@ -342,7 +486,7 @@ impl Send {
 mod tests {
     use super::*;
     use layer_protocol::function::validate_spec;
-    use layer_protocol::runner::{Capacity, GpuInfo, RunnerLoad, WorkerView};
+    use layer_protocol::runner::{Capacity, GpuInfo, GpuStatus, RunnerLoad, WorkerView};
     use layer_protocol::validate::Case;
     use layer_protocol::validate::Problems;
     use sqlx::types::Json;
@@ -364,7 +508,14 @@ mod tests {
 
     fn runner(id: &str, labels: &[(&str, &str)], in_flight: i64, warm: bool, gpus: usize) -> RunnerRow {
         let workers = if warm {
-            vec![WorkerView { udf_id: "f".into(), revision: 3, state: "idle".into(), pid: Some(1), container: None }]
+            vec![WorkerView {
+                udf_id: "f".into(),
+                revision: 3,
+                state: "idle".into(),
+                pid: Some(1),
+                container: None,
+                gpus: Vec::new(),
+            }]
         } else {
             Vec::new()
         };
@@ -377,7 +528,7 @@ mod tests {
             capacity: Json(Capacity { cpus: 2, memory_bytes: 1, slots: 2, gpus: vec![gpu; gpus] }),
             drivers: Json(vec!["process".into()]),
             state: "active".into(),
-            load: Json(RunnerLoad { batches: 0, workers }),
+            load: Json(RunnerLoad { batches: 0, workers, gpus: Vec::new() }),
             signing_key: Vec::new(),
             registered_at: chrono::Utc::now(),
             last_heartbeat_at: chrono::Utc::now(),
@@ -394,17 +545,40 @@ mod tests {
         udf(s)
     }
 
-    fn picked(
-        u: &Udf,
-        runners: &mut [RunnerRow],
-        pools: &BTreeMap<String, BTreeMap<String, String>>,
-    ) -> Option<String> {
-        place(u, runners, pools, &HashMap::new()).map(|r| r.id.clone())
+    fn runner_with_gpus(id: &str, states: &[&str]) -> RunnerRow {
+        let mut r = runner(id, &[], 0, false, states.len());
+        r.load.0.gpus = states
+            .iter()
+            .enumerate()
+            .map(|(i, st)| GpuStatus {
+                uuid: format!("GPU-{i}"),
+                state: st.to_string(),
+                worker: None,
+                udf_id: None,
+                utilization_percent: None,
+                memory_used_bytes: None,
+                memory_total_bytes: 1,
+                error: None,
+            })
+            .collect();
+        r
+    }
+
+    fn picked(u: &Udf, runners: &mut [RunnerRow], pools: &BTreeMap<String, ComputePool>) -> Option<String> {
+        let s = scheduling(u, pools).expect("scheduled");
+        place(u, &s, runners, &HashMap::new()).map(|r| r.id.clone())
+    }
+
+    fn pools(defs: serde_json::Value) -> BTreeMap<String, ComputePool> {
+        let mut p = Problems::new();
+        let spec = layer_protocol::resource::infra_spec(&mut p, &defs).expect("valid rules");
+        assert!(p.is_empty());
+        compute_pools(vec![InfraRulesInfo { name: "default".into(), spec, updated_at: String::new() }])
     }
 
     #[test]
     fn placement_prefers_warm_then_least_loaded_among_eligible_runners() {
-        let none = BTreeMap::new();
+        let none = compute_pools(Vec::new());
         let u = push(serde_json::json!({}));
         let mut rs = vec![runner("busy", &[], 1, false, 0), runner("idle", &[], 0, false, 0)];
         assert_eq!(picked(&u, &mut rs, &none).as_deref(), Some("idle"));
@@ -421,23 +595,69 @@ mod tests {
         assert_eq!(picked(&u, std::slice::from_mut(&mut draining), &none), None);
         let mut cool = vec![runner("cool", &[], 0, false, 0)];
         let cooldown = HashMap::from([("cool".to_string(), Instant::now() + Duration::from_secs(5))]);
-        assert!(place(&u, &mut cool, &none, &cooldown).is_none());
+        let s = scheduling(&u, &none).unwrap();
+        assert!(place(&u, &s, &mut cool, &cooldown).is_none());
     }
 
     #[test]
     fn placement_follows_pools_drivers_and_gpus() {
-        let pools = BTreeMap::from([
-            ("cpu".to_string(), BTreeMap::from([("tier".to_string(), "cpu".to_string())])),
-            ("special".to_string(), BTreeMap::from([("zone".to_string(), "b".to_string())])),
-        ]);
+        let pools = pools(serde_json::json!({"computePools": [
+            {"name": "cpu", "kind": "cpu", "nodeSelector": {"tier": "cpu"}},
+            {"name": "special", "kind": "cpu", "nodeSelector": {"zone": "b"}},
+        ]}));
         let mut rs = vec![runner("plain", &[], 0, false, 0), runner("tiered", &[("tier", "cpu")], 1, false, 0)];
         assert_eq!(picked(&push(serde_json::json!({})), &mut rs, &pools).as_deref(), Some("tiered"));
         let special = push(serde_json::json!({"scaling": {"pool": "special"}}));
         assert_eq!(picked(&special, &mut rs, &pools), None, "no runner carries zone=b");
+        // The stock gpu pool: one GPU per worker, on a runner that has one.
         let gpu = push(serde_json::json!({"worker": {"dispatch": "push", "command": ["w"], "computeClass": "gpu"}}));
+        assert_eq!(scheduling(&gpu, &pools).unwrap().plan.gpus, 1);
         let mut rs = vec![runner("cpu-only", &[], 0, false, 0), runner("gpu", &[], 1, false, 1)];
-        assert_eq!(picked(&gpu, &mut rs, &BTreeMap::new()).as_deref(), Some("gpu"));
+        assert_eq!(picked(&gpu, &mut rs, &pools).as_deref(), Some("gpu"));
         let image = push(serde_json::json!({"worker": {"dispatch": "push", "image": "x:1"}}));
-        assert_eq!(picked(&image, &mut rs, &BTreeMap::new()), None, "no runner has the docker driver");
+        assert_eq!(picked(&image, &mut rs, &pools), None, "no runner has the docker driver");
+        // Cordoned GPUs do not count; a runner with its GPU free beats one
+        // whose GPUs are bound, whatever the load.
+        let mut rs = vec![runner_with_gpus("cordoned", &["cordoned"]), runner_with_gpus("bound", &["bound"])];
+        assert_eq!(picked(&gpu, &mut rs, &pools).as_deref(), Some("bound"));
+        let mut free = runner_with_gpus("free", &["bound", "free"]);
+        free.in_flight = 1;
+        let mut rs = vec![runner_with_gpus("bound", &["bound"]), free];
+        assert_eq!(picked(&gpu, &mut rs, &pools).as_deref(), Some("free"));
+        let two = push(serde_json::json!({"worker": {"dispatch": "push", "command": ["w"], "computeClass": "gpu",
+            "resources": {"gpus": 2}}}));
+        let mut rs = vec![runner_with_gpus("one", &["free"]), runner_with_gpus("two", &["bound", "free"])];
+        assert_eq!(picked(&two, &mut rs, &pools).as_deref(), Some("two"));
+    }
+
+    #[test]
+    fn pools_reject_too_many_replicas_and_unknown_names_and_lend_their_limits() {
+        let pools = pools(serde_json::json!({"computePools": [
+            {"name": "gpu", "kind": "gpu", "maxReplicasPerWorkload": 4,
+             "resources": {"limits": {"memory": "10Gi", "nvidia.com/gpu": "1"}}},
+        ]}));
+        let over = push(serde_json::json!({"worker": {"dispatch": "push", "command": ["w"], "computeClass": "gpu"},
+            "scaling": {"replicas": {"min": 0, "max": 8}}}));
+        let c = scheduling(&over, &pools).unwrap_err();
+        assert_eq!(c.reason, "ReplicasRejected");
+        assert!(c.message.contains("scaling.replicas.max 8") && c.message.contains("(4)"), "{}", c.message);
+        let within = push(serde_json::json!({"worker": {"dispatch": "push", "command": ["w"], "computeClass": "gpu"},
+            "scaling": {"replicas": {"min": 0, "max": 4}}}));
+        let s = scheduling(&within, &pools).unwrap();
+        assert_eq!((s.plan.gpus, s.plan.memory_bytes), (1, Some(10 << 30)), "the pool's limits apply");
+        // The spec and its podSpec win over the pool.
+        let own = push(serde_json::json!({"worker": {"dispatch": "push", "command": ["w"], "computeClass": "gpu",
+            "resources": {"memory": "1Gi"},
+            "podSpec": {"containers": [{"name": "w", "resources": {"limits": {"cpu": "500m", "memory": "2Gi",
+                "ephemeral-storage": "3Gi", "nvidia.com/gpu": 2}}}]}}}));
+        let p = scheduling(&own, &pools).unwrap().plan;
+        assert_eq!(
+            (p.cpu, p.memory_bytes, p.ephemeral_disk_bytes, p.gpus),
+            (Some(0.5), Some(1 << 30), Some(3 << 30), 2)
+        );
+        let unknown = push(serde_json::json!({"scaling": {"pool": "nowhere"}}));
+        let c = scheduling(&unknown, &pools).unwrap_err();
+        assert_eq!(c.reason, "PoolNotFound");
+        assert!(c.message.contains("\"nowhere\"") && c.message.contains("cpu, gpu"), "{}", c.message);
     }
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, PortBinding};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
     StopContainerOptionsBuilder,
@@ -23,7 +23,8 @@ use futures_util::StreamExt;
 use layer_protocol::runner::WorkerPlan;
 use tokio_util::task::TaskTracker;
 
-use super::process::WorkerEnv;
+use super::process::{WorkerEnv, gpu_vars};
+use crate::gpu::GpuBinding;
 
 /// The port a worker image listens on unless `spec.worker.port` says.
 pub const DEFAULT_PORT: u16 = 8080;
@@ -107,10 +108,13 @@ pub struct ContainerWorker {
     docker: Docker,
     stopping: TaskTracker,
     exit: Arc<OnceLock<Exit>>,
+    /// Given back once the container is removed.
+    pub gpus: GpuBinding,
 }
 
-/// The container's hardened host settings, with the plan's limits.
-pub fn host_config(plan: &WorkerPlan, port: u16) -> HostConfig {
+/// The container's hardened host settings, with the plan's limits and the
+/// GPUs bound to it (a device request for the NVIDIA runtime, by UUID).
+pub fn host_config(plan: &WorkerPlan, port: u16, gpus: &[String]) -> HostConfig {
     let tmp_size = plan.ephemeral_disk_bytes.map_or_else(|| TMP_SIZE.to_string(), |b| b.to_string());
     let binding = PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) };
     HostConfig {
@@ -128,6 +132,14 @@ pub fn host_config(plan: &WorkerPlan, port: u16) -> HostConfig {
         // No swap: a worker over its memory is killed, not slowed down.
         memory_swap: plan.memory_bytes.map(|b| b as i64),
         nano_cpus: plan.cpu.map(|c| (c * 1e9) as i64),
+        device_requests: (!gpus.is_empty()).then(|| {
+            vec![DeviceRequest {
+                driver: Some("nvidia".into()),
+                device_ids: Some(gpus.to_vec()),
+                capabilities: Some(vec![vec!["gpu".into()]]),
+                ..Default::default()
+            }]
+        }),
         ..Default::default()
     }
 }
@@ -140,6 +152,7 @@ impl ContainerWorker {
         plan: &WorkerPlan,
         env: &WorkerEnv,
         name: String,
+        gpus: GpuBinding,
         http: &reqwest::Client,
         startup: Duration,
     ) -> Result<ContainerWorker, String> {
@@ -151,6 +164,7 @@ impl ContainerWorker {
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .chain(env.vars(plan, port).into_iter().map(|(k, v)| format!("{k}={v}")))
+            .chain(gpu_vars(&gpus).into_iter().map(|(k, v)| format!("{k}={v}")))
             .collect();
         let body = ContainerCreateBody {
             image: Some(image.to_string()),
@@ -161,7 +175,7 @@ impl ContainerWorker {
                 ("com.hevlayer.layer.worker".to_string(), name.clone()),
                 ("com.hevlayer.layer.udf".to_string(), env.udf_id.clone()),
             ])),
-            host_config: Some(host_config(plan, port)),
+            host_config: Some(host_config(plan, port, gpus.uuids())),
             ..Default::default()
         };
         let docker = &engine.docker;
@@ -199,6 +213,7 @@ impl ContainerWorker {
             docker: docker.clone(),
             stopping: engine.stopping.clone(),
             exit,
+            gpus,
         };
         let exit = worker.exit.clone();
         match super::wait_ready(http, &worker.base_url(), startup, || exit.get().map(Exit::to_string)).await {
@@ -233,18 +248,21 @@ impl ContainerWorker {
     /// Stops the container (SIGTERM, SIGKILL after 2 s) and removes it.
     /// Returns at once.
     pub fn stop(self) {
-        let (docker, id) = (self.docker, self.id);
+        let (docker, id, gpus) = (self.docker, self.id, self.gpus);
         self.stopping.spawn(async move {
             let _ = docker.stop_container(&id, Some(StopContainerOptionsBuilder::new().t(2).build())).await;
             let _ = docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::new().force(true).build())).await;
+            // Only now may another worker have the GPUs.
+            drop(gpus);
         });
     }
 
     /// Kills and removes the container at once (a timed-out call).
     pub fn kill(self) {
-        let (docker, id) = (self.docker, self.id);
+        let (docker, id, gpus) = (self.docker, self.id, self.gpus);
         self.stopping.spawn(async move {
             let _ = docker.remove_container(&id, Some(RemoveContainerOptionsBuilder::new().force(true).build())).await;
+            drop(gpus);
         });
     }
 }

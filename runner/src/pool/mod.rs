@@ -21,6 +21,8 @@ use layer_protocol::runner::{WorkerPlan, WorkerView};
 use process::{ProcessWorker, WorkerEnv};
 use tokio::sync::Notify;
 
+use crate::gpu::{GpuBinding, Gpus, Unbound};
+
 /// Why a worker did not become ready.
 enum NotReady {
     /// It exited first; how.
@@ -73,6 +75,14 @@ impl Worker {
         }
     }
 
+    /// The GPUs bound to the worker.
+    pub fn gpus(&self) -> &GpuBinding {
+        match self {
+            Worker::Process(w) => &w.gpus,
+            Worker::Container(w) => &w.gpus,
+        }
+    }
+
     /// The worker as the heartbeat shows it; it also tells busy workers
     /// apart (a pid, or a container id).
     fn view(&self, udf_id: &str, revision: i32, state: &str) -> WorkerView {
@@ -80,7 +90,8 @@ impl Worker {
             Worker::Process(w) => (Some(w.pid), None),
             Worker::Container(w) => (None, Some(container::short(&w.id).to_string())),
         };
-        WorkerView { udf_id: udf_id.to_string(), revision, state: state.into(), pid, container }
+        let gpus = self.gpus().uuids().to_vec();
+        WorkerView { udf_id: udf_id.to_string(), revision, state: state.into(), pid, container, gpus }
     }
 
     pub fn base_url(&self) -> String {
@@ -148,6 +159,8 @@ pub struct PoolConfig {
     /// The container engine, when the node has one: Functions with
     /// `worker.image` run as its containers.
     pub engine: Option<container::Engine>,
+    /// The node's GPUs, bound to workers whose plan asks for them.
+    pub gpus: Gpus,
 }
 
 struct Idle {
@@ -244,8 +257,22 @@ impl Pools {
         plan: &WorkerPlan,
         wait: Duration,
     ) -> Result<WorkerLease, AcquireError> {
+        self.acquire_as(udf_id, revision, plan, wait, true).await
+    }
+
+    /// [`Pools::acquire`]; with `evict`, idle workers of other Functions
+    /// are stopped to free the GPUs a new worker needs.
+    async fn acquire_as(
+        &self,
+        udf_id: &str,
+        revision: i32,
+        plan: &WorkerPlan,
+        wait: Duration,
+        evict: bool,
+    ) -> Result<WorkerLease, AcquireError> {
         let key = (udf_id.to_string(), revision);
         let deadline = Instant::now() + wait;
+        let mut short_of_gpus = None;
         loop {
             let (freed, start_as) = {
                 let mut inner = self.lock();
@@ -272,25 +299,45 @@ impl Pools {
                         pool.count -= 1;
                         continue;
                     }
+                    if idle.worker.gpus().lost().is_cancelled() {
+                        tracing::warn!(worker = %idle.worker.name(), "idle worker's GPU was cordoned; replacing it");
+                        pool.count -= 1;
+                        idle.worker.kill();
+                        continue;
+                    }
                     pool.busy.push(idle.worker.view(udf_id, revision, "busy"));
                     return Ok(WorkerLease { worker: Some(idle.worker), key, pools: self.clone(), healthy: true });
                 }
                 let max = plan.replicas_max.max(1) as usize;
                 if pool.count < max && Instant::now() >= pool.next_start {
-                    pool.count += 1;
-                    pool.starting += 1;
-                    (pool.freed.clone(), Some(format!("{udf_id}-r{revision}-w{serial}")))
+                    let name = format!("{udf_id}-r{revision}-w{serial}");
+                    match self.config.gpus.bind(plan.gpus, &name, udf_id) {
+                        Ok(gpus) => {
+                            pool.count += 1;
+                            pool.starting += 1;
+                            (pool.freed.clone(), Some((name, gpus)))
+                        }
+                        Err(Unbound::Never(e)) => return Err(AcquireError::Busy(e)),
+                        Err(Unbound::NotNow(e)) => {
+                            let freed = pool.freed.clone();
+                            if evict {
+                                Self::evict_gpu_holders(&mut inner, &key);
+                            }
+                            short_of_gpus = Some(e);
+                            (freed, None)
+                        }
+                    }
                 } else {
                     (pool.freed.clone(), None)
                 }
             };
-            if let Some(name) = start_as {
+            if let Some((name, gpus)) = start_as {
                 let env = WorkerEnv {
                     udf_id: udf_id.to_string(),
                     platform_url: self.config.platform_url.clone(),
                     api_key: self.config.worker_api_key.clone(),
                 };
-                let started = self.start_worker(plan, &env, name).await;
+                let started = self.start_worker(plan, &env, name, gpus).await;
                 let mut inner = self.lock();
                 let Some(pool) = inner.pools.get_mut(&key) else {
                     if let Ok(w) = started {
@@ -318,10 +365,10 @@ impl Pools {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(AcquireError::Busy(format!(
-                    "no worker of {udf_id} came free within {} s on this runner",
-                    wait.as_secs()
-                )));
+                return Err(AcquireError::Busy(match short_of_gpus {
+                    Some(e) => format!("no GPU came free for a worker of {udf_id} within {} s: {e}", wait.as_secs()),
+                    None => format!("no worker of {udf_id} came free within {} s on this runner", wait.as_secs()),
+                }));
             }
             // Wake on a release, or poll: a start backoff may end.
             let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), freed.notified()).await;
@@ -330,15 +377,41 @@ impl Pools {
 
     /// Starts a worker with the driver the plan needs: a container for
     /// `worker.image`, a process for `worker.command`.
-    async fn start_worker(&self, plan: &WorkerPlan, env: &WorkerEnv, name: String) -> Result<Worker, String> {
+    async fn start_worker(
+        &self,
+        plan: &WorkerPlan,
+        env: &WorkerEnv,
+        name: String,
+        gpus: GpuBinding,
+    ) -> Result<Worker, String> {
         let startup = self.config.startup_timeout;
         if plan.command.is_none() && plan.image.is_some() {
             let Some(engine) = &self.config.engine else {
                 return Err("the Function runs an image (worker.image) and this runner has no Docker engine".into());
             };
-            return ContainerWorker::start(engine, plan, env, name, &self.http, startup).await.map(Worker::Container);
+            return ContainerWorker::start(engine, plan, env, name, gpus, &self.http, startup)
+                .await
+                .map(Worker::Container);
         }
-        ProcessWorker::start(plan, env, name, &self.http, startup).await.map(Worker::Process)
+        ProcessWorker::start(plan, env, name, gpus, &self.http, startup).await.map(Worker::Process)
+    }
+
+    /// Stops the idle workers of other pools that hold GPUs, so a worker
+    /// that needs them can start once they are gone. Their GPUs come free
+    /// when the process has exited or the container is removed.
+    fn evict_gpu_holders(inner: &mut Inner, wanting: &(String, i32)) {
+        for (key, pool) in inner.pools.iter_mut().filter(|(k, _)| *k != wanting) {
+            let (holders, keep): (Vec<Idle>, Vec<Idle>) =
+                pool.idle.drain(..).partition(|i| !i.worker.gpus().uuids().is_empty());
+            pool.idle = keep;
+            for idle in holders {
+                tracing::info!(worker = %idle.worker.name(), udf = %key.0, for_udf = %wanting.0,
+                    "stopping an idle worker to free its GPUs");
+                pool.count -= 1;
+                pool.freed.notify_waiters();
+                idle.worker.stop();
+            }
+        }
     }
 
     fn retire_older(&self, inner: &mut Inner, udf_id: &str, revision: i32) {
@@ -421,8 +494,9 @@ impl Pools {
                 .collect()
         };
         for (id, rev, plan) in wanted {
-            // Acquiring and dropping at once leaves a warm idle worker.
-            if let Ok(lease) = self.acquire(&id, rev, &plan, Duration::ZERO).await {
+            // Acquiring and dropping at once leaves a warm idle worker. It
+            // takes no GPU from another Function's idle worker.
+            if let Ok(lease) = self.acquire_as(&id, rev, &plan, Duration::ZERO, false).await {
                 drop(lease);
             }
         }
@@ -442,6 +516,7 @@ impl Pools {
                     state: "starting".into(),
                     pid: None,
                     container: None,
+                    gpus: Vec::new(),
                 });
             }
         }

@@ -9,6 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use layer_protocol::runner::WorkerPlan;
+
+use crate::gpu::GpuBinding;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -39,6 +41,16 @@ impl WorkerEnv {
     }
 }
 
+/// The GPUs a worker may see: those bound to it, by UUID, for CUDA and for
+/// the NVIDIA container runtime. Empty, the worker sees none.
+pub fn gpu_vars(gpus: &GpuBinding) -> [(&'static str, String); 2] {
+    let list = gpus.uuids().join(",");
+    [
+        ("CUDA_VISIBLE_DEVICES", list.clone()),
+        ("NVIDIA_VISIBLE_DEVICES", if list.is_empty() { "void".into() } else { list }),
+    ]
+}
+
 /// A started, ready worker process.
 #[derive(Debug)]
 pub struct ProcessWorker {
@@ -46,6 +58,8 @@ pub struct ProcessWorker {
     pub pid: u32,
     pub port: u16,
     child: Child,
+    /// Given back once the process has exited.
+    pub gpus: GpuBinding,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -68,6 +82,7 @@ impl ProcessWorker {
         plan: &WorkerPlan,
         env: &WorkerEnv,
         name: String,
+        gpus: GpuBinding,
         http: &reqwest::Client,
         startup: Duration,
     ) -> Result<ProcessWorker, String> {
@@ -79,6 +94,7 @@ impl ProcessWorker {
             .env_remove("LAYER_API_KEY")
             .envs(&plan.env)
             .envs(env.vars(plan, port))
+            .envs(gpu_vars(&gpus))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -92,7 +108,7 @@ impl ProcessWorker {
         if let Some(err) = child.stderr.take() {
             forward_lines(name.clone(), err);
         }
-        let mut worker = ProcessWorker { name, pid, port, child };
+        let mut worker = ProcessWorker { name, pid, port, child, gpus };
         let base_url = worker.base_url();
         match super::wait_ready(http, &base_url, startup, || worker.exited().map(|s| s.to_string())).await {
             Ok(took) => {
@@ -130,20 +146,25 @@ impl ProcessWorker {
             return;
         }
         let _ = killpg(pgid, Signal::SIGTERM);
+        let gpus = std::mem::take(&mut self.gpus);
         tokio::spawn(async move {
             let graceful = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
             if graceful.is_err() {
                 let _ = killpg(pgid, Signal::SIGKILL);
                 let _ = self.child.wait().await;
             }
+            // Only now may another worker have the GPUs.
+            drop(gpus);
         });
     }
 
     /// Kills the worker and its process group at once (a timed-out call).
     pub fn kill(mut self) {
         let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        let gpus = std::mem::take(&mut self.gpus);
         tokio::spawn(async move {
             let _ = self.child.wait().await;
+            drop(gpus);
         });
     }
 }

@@ -262,13 +262,15 @@ pub async fn w6(samples: usize) -> Result<()> {
         cpu: None,
         memory_bytes: None,
         ephemeral_disk_bytes: None,
+        gpus: 0,
     };
     let env = layer_runner::pool::process::WorkerEnv { udf_id: "w6".into(), ..Default::default() };
     let http = reqwest::Client::new();
     let mut alone = Vec::with_capacity(samples);
     for i in 0..samples {
         let t = Instant::now();
-        let w = ContainerWorker::start(&engine, &plan, &env, format!("w6-alone-{i}"), &http, Duration::from_secs(30))
+        let name = format!("w6-alone-{i}");
+        let w = ContainerWorker::start(&engine, &plan, &env, name, Default::default(), &http, Duration::from_secs(30))
             .await
             .map_err(anyhow::Error::msg)?;
         alone.push(t.elapsed());
