@@ -210,6 +210,33 @@ pub async fn udf_get(client: &Client, name: &str, json_out: bool) -> Result<()> 
         if s.active_namespaces.is_empty() { "(none exist yet)".into() } else { s.active_namespaces.join(", ") }
     );
     println!("rows:       {} pending, {} processing, {} failed", s.pending_count, s.processing_count, s.failed_count);
+    for c in &s.conditions {
+        println!("problem:    {}: {}", c.reason, c.message);
+    }
+    Ok(())
+}
+
+/// `layer logs FUNCTION`: each worker's recent lines under a header naming
+/// the runner, the worker, its revision and whether it still runs.
+pub async fn logs(client: &Client, name: &str, lines: u32, json_out: bool) -> Result<()> {
+    let r: layer_protocol::runner::FunctionLogs =
+        client.get(&format!("/v2/udfs/{}/logs?lines={lines}", seg(name))).await?;
+    if json_out {
+        return print_json(&r);
+    }
+    for u in &r.unreachable {
+        eprintln!("runner {} ({}) did not answer: {}", u.runner_name, u.runner_id, u.error);
+    }
+    if r.workers.is_empty() {
+        println!("no worker of {} has run on an active runner (its output is kept per runner, in memory)", r.udf_id);
+    }
+    for w in &r.workers {
+        let state = if w.logs.running { "running" } else { "stopped" };
+        println!("==> {} on runner {} (revision {}, {state}) <==", w.logs.worker, w.runner_name, w.logs.revision);
+        for l in &w.logs.lines {
+            println!("{}", l.line);
+        }
+    }
     Ok(())
 }
 

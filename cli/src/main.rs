@@ -151,6 +151,16 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// The recent output of a Function's workers, per worker, from every
+    /// active runner.
+    Logs {
+        function: String,
+        /// Lines per worker (1-500).
+        #[arg(long, short = 'n', default_value_t = 100)]
+        lines: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 #[derive(Subcommand)]
@@ -309,6 +319,10 @@ async fn run(cli: Cli) -> Result<()> {
                 simulated_gpus,
             })
             .await
+        }
+        Command::Logs { function, lines, remote } => {
+            let c = client::Client::new(&remote.url, remote.api_key)?;
+            commands::logs(&c, &function, lines, remote.json).await
         }
         Command::Runners { command: RunnersCommand::List, remote } => {
             let c = client::Client::new(&remote.url, remote.api_key)?;

@@ -122,6 +122,59 @@ pub struct RunnerLoad {
     pub gpus: Vec<GpuStatus>,
 }
 
+/// One line of a worker's output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogLine {
+    /// When the runner read it (Unix milliseconds).
+    pub at_unix_ms: u64,
+    pub line: String,
+}
+
+/// A worker's recent output, as a runner keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerLogs {
+    pub worker: String,
+    pub udf_id: String,
+    pub revision: i32,
+    pub started_at_unix_ms: u64,
+    /// Whether the worker's output is still open (it has not stopped).
+    pub running: bool,
+    pub lines: Vec<LogLine>,
+}
+
+/// `GET /v1/logs?udf=ID&lines=N` on a runner, signed by the platform.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunnerLogs {
+    pub workers: Vec<WorkerLogs>,
+}
+
+/// A worker's output with the runner it ran on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionWorkerLogs {
+    pub runner_id: String,
+    pub runner_name: String,
+    #[serde(flatten)]
+    pub logs: WorkerLogs,
+}
+
+/// A runner the platform could not ask for logs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnreachableRunner {
+    pub runner_id: String,
+    pub runner_name: String,
+    pub error: String,
+}
+
+/// `GET /v2/udfs/{id}/logs`: the recent output of the Function's workers
+/// on every active runner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionLogs {
+    pub udf_id: String,
+    pub workers: Vec<FunctionWorkerLogs>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<UnreachableRunner>,
+}
+
 /// `POST /v2/runners/{id}/heartbeat`, with the session token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HeartbeatRequest {
@@ -329,6 +382,8 @@ pub mod tokens {
         Session,
         /// Platform → runner: one batch.
         Dispatch(i64),
+        /// Platform → runner: a read of the runner's state (logs).
+        Inspect,
         /// Runner → platform: the report of one batch.
         Report(i64),
     }
@@ -336,13 +391,13 @@ pub mod tokens {
     impl Purpose {
         fn audience(self) -> &'static str {
             match self {
-                Purpose::Dispatch(_) => AUDIENCE_RUNNER,
+                Purpose::Dispatch(_) | Purpose::Inspect => AUDIENCE_RUNNER,
                 Purpose::Session | Purpose::Report(_) => AUDIENCE_PLATFORM,
             }
         }
         fn batch(self) -> Option<i64> {
             match self {
-                Purpose::Session => None,
+                Purpose::Session | Purpose::Inspect => None,
                 Purpose::Dispatch(b) | Purpose::Report(b) => Some(b),
             }
         }
@@ -408,6 +463,12 @@ pub mod tokens {
             assert!(verify(key, &t, "r1", Purpose::Session).is_err());
             // The dispatch audience differs from the report audience.
             assert!(verify(key, &t, "r1", Purpose::Dispatch(7)).is_err());
+            // An inspection token is neither a session token nor a batch's.
+            let inspect = sign(key, "r1", Purpose::Inspect, 60);
+            assert!(verify(key, &inspect, "r1", Purpose::Inspect).is_ok());
+            assert!(verify(key, &inspect, "r1", Purpose::Session).is_err());
+            assert!(verify(key, &inspect, "r1", Purpose::Dispatch(7)).is_err());
+            assert!(verify(key, &sign(key, "r1", Purpose::Session, 60), "r1", Purpose::Inspect).is_err());
             let expired = {
                 let claims = TokenClaims {
                     iss: TOKEN_ISSUER.into(),

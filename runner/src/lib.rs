@@ -3,6 +3,7 @@
 //!
 //! - [`inventory`]: the node's capacity; GPUs behind the [`inventory::GpuInventory`] trait (NVML).
 //! - [`gpu`]: binding whole GPUs to workers exclusively; sampling; cordoning.
+//! - [`logs`]: recent worker output per worker, for `layer logs`.
 //! - [`pool`]: warm worker pools per (Function, revision); the process driver.
 //! - [`exec`]: one batch on a worker: timeout, size cap, classification, splitting.
 //! - [`server`]: the runner's HTTP API (`POST /v1/batches`, `/healthz`, `/v1/status`).
@@ -15,6 +16,7 @@
 pub mod exec;
 pub mod gpu;
 pub mod inventory;
+pub mod logs;
 pub mod platform;
 pub mod pool;
 pub mod server;
@@ -103,6 +105,7 @@ pub struct Shared {
     pub platform: platform::PlatformClient,
     pub batches: TaskTracker,
     pub gpus: gpu::Gpus,
+    pub logs: logs::LogBook,
 }
 
 impl Shared {
@@ -167,6 +170,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
     client.set_session(&registration.runner_id, registration.token.clone());
     tracing::info!(runner_id = %registration.runner_id, %advertise, slots = capacity.slots, "runner registered");
     let gpus = gpu::Gpus::new(config.gpus.clone());
+    let logs = logs::LogBook::default();
     let pools = pool::Pools::new(
         pool::PoolConfig {
             idle_timeout: config.idle_timeout,
@@ -175,6 +179,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
             worker_api_key: config.worker_api_key.clone(),
             engine,
             gpus: gpus.clone(),
+            logs: logs.clone(),
         },
         http.clone(),
     );
@@ -188,6 +193,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         platform: client,
         batches: TaskTracker::new(),
         gpus,
+        logs,
     });
     let heartbeat_every = Duration::from_secs(u64::from(registration.heartbeat_interval_seconds.max(1)));
     let runner_id = registration.runner_id.clone();

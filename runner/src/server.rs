@@ -4,18 +4,20 @@
 //!   runner's key (`Authorization: Bearer <dispatch token>`). 202 once
 //!   accepted; 503 while draining or with every slot busy (the platform
 //!   puts the batch back at once, as a free retry); 401 for a bad token.
+//! - `GET /v1/logs?udf=ID&lines=N`: the recent output of the Function's
+//!   workers (signed by the platform: an inspection token).
 //! - `GET /healthz`; `GET /v1/status`: load, workers and GPUs.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header::AUTHORIZATION};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use layer_protocol::runner::tokens::{self, Purpose};
-use layer_protocol::runner::{BatchAssignment, BatchReport};
+use layer_protocol::runner::{BatchAssignment, BatchReport, RunnerLogs};
 use serde_json::json;
 
 use crate::Shared;
@@ -25,6 +27,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
         .route("/v1/status", get(status))
         .route("/v1/batches", post(accept))
+        .route("/v1/logs", get(logs))
         .layer(axum::extract::DefaultBodyLimit::max(256 << 20))
         .with_state(shared)
 }
@@ -45,16 +48,38 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
     .into_response()
 }
 
+fn bearer(headers: &HeaderMap) -> &str {
+    headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|h| h.strip_prefix("Bearer ")).unwrap_or_default()
+}
+
+/// The most lines one worker's log answers with.
+const MAX_LOG_LINES: usize = crate::logs::LINES_PER_WORKER;
+
+async fn logs(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    if let Err(e) = tokens::verify(&shared.signing_key, bearer(&headers), &shared.runner_id, Purpose::Inspect) {
+        return refuse(StatusCode::UNAUTHORIZED, "unauthorized", e);
+    }
+    let Some(udf) = q.get("udf").filter(|u| !u.is_empty()) else {
+        return refuse(StatusCode::BAD_REQUEST, "invalid_request", "udf: required".into());
+    };
+    let lines = match q.get("lines").map(|l| l.parse::<usize>()) {
+        None => 100,
+        Some(Ok(n)) => n.min(MAX_LOG_LINES),
+        Some(Err(_)) => return refuse(StatusCode::BAD_REQUEST, "invalid_request", "lines: expected a number".into()),
+    };
+    axum::Json(RunnerLogs { workers: shared.logs.recent(udf, lines) }).into_response()
+}
+
 async fn accept(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let assignment: BatchAssignment = match serde_json::from_slice(&body) {
         Ok(a) => a,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, "invalid_request", format!("not a batch: {e}")),
     };
-    let token = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .unwrap_or_default();
+    let token = bearer(&headers);
     if let Err(e) =
         tokens::verify(&shared.signing_key, token, &shared.runner_id, Purpose::Dispatch(assignment.batch_id))
     {

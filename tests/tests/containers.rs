@@ -231,6 +231,20 @@ async fn limits_apply_an_oom_kill_is_classified_and_a_hung_container_is_replaced
     assert!(message.contains("out of memory") && message.contains("OOM"), "{message}");
     drained(&p, "limits", 2, Duration::from_secs(60)).await?;
 
+    // The container's output outlives it: `layer logs` shows the killed
+    // worker, stopped, beside its replacement.
+    let logs = wait_for("the logs of both containers", Duration::from_secs(20), async || {
+        let (_, l) = p.call(reqwest::Method::GET, "/v2/udfs/limits/logs?lines=5", None).await?;
+        let workers = l["workers"].as_array().cloned().unwrap_or_default();
+        Ok((workers.len() >= 2 && workers[0]["running"] == false).then_some(workers))
+    })
+    .await?;
+    for w in &logs {
+        assert_eq!(w["runner_name"], name.as_str(), "{w}");
+        let lines: Vec<&str> = w["lines"].as_array().unwrap().iter().filter_map(|l| l["line"].as_str()).collect();
+        assert!(lines.iter().any(|l| l.contains("push_worker ready on 8080 for limits")), "{w}");
+    }
+
     // A hung call: after timeoutSeconds the container is removed and a new
     // one takes its place (replicas.min: 1).
     // The runner's own pool says which container is warm (Docker may still

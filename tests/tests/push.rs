@@ -86,7 +86,7 @@ async fn result_of(p: &TestPlatform, id: &str) -> anyhow::Result<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_workers_become_classified_row_failures() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
-    let _runner = TestRunner::start(&p, |_| {}).await?;
+    let runner = TestRunner::start(&p, |_| {}).await?;
     // One batch of 8 with per-row trouble; the crash row is the poison the
     // split must isolate from its neighbours.
     let modes = ["ok", "missing", "dup", "permanent", "ok", "crash", "ok", "ok"];
@@ -104,6 +104,24 @@ async fn misbehaving_workers_become_classified_row_failures() -> anyhow::Result<
     for ok in ["r0", "r4", "r6", "r7"] {
         assert_eq!(result_of(&p, ok).await?, format!("ok:{ok}"), "{ok} sank with the poison row");
     }
+    // `layer logs`: the crashed worker's output is kept, marked stopped,
+    // beside its replacement's.
+    let (s, logs) = p.call(Method::GET, "/v2/udfs/mixed/logs?lines=3", None).await?;
+    assert_eq!(s, 200, "{logs}");
+    let workers = logs["workers"].as_array().unwrap();
+    assert!(workers.len() >= 2, "{logs}");
+    assert!(workers.iter().any(|w| w["running"] == false), "the crashed worker stopped: {logs}");
+    for w in workers {
+        assert_eq!((&w["runner_id"], &w["udf_id"]), (&json!(runner.id), &json!("mixed")), "{w}");
+        assert!(w["lines"][0]["line"].as_str().is_some_and(|l| l.contains("push_worker ready on")), "{w}");
+    }
+    let (s, _) = p.call(Method::GET, "/v2/udfs/nothing/logs", None).await?;
+    assert_eq!(s, 404);
+    // The runner answers only the platform's inspection tokens.
+    let logs_url = format!("http://{}/v1/logs?udf=mixed", runner.addr);
+    assert_eq!(reqwest::get(&logs_url).await?.status(), 401);
+    let forged = reqwest::Client::new().get(&logs_url).bearer_auth(&p.admin_key).send().await?;
+    assert_eq!(forged.status(), 401);
 
     // Whole-call misbehaviour, each alone in its batch.
     let rows = json!([{"id": "g1", "mode": "garbage"}, {"id": "f1", "mode": "fail500"}]);

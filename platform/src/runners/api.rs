@@ -2,7 +2,7 @@
 //! runner's own calls, authenticated by the platform's tokens: heartbeat,
 //! deregistration, batch reports.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::routing::{get, post};
@@ -10,8 +10,8 @@ use axum::{Extension, Json, Router};
 use layer_protocol::keys::Scope;
 use layer_protocol::runner::tokens::{self, Purpose};
 use layer_protocol::runner::{
-    BatchReport, FailureKind, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, ReportResponse,
-    RunnerList, RunnerState,
+    BatchReport, FailureKind, FunctionLogs, FunctionWorkerLogs, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
+    RegisterResponse, ReportResponse, RunnerList, RunnerLogs, RunnerState, UnreachableRunner,
 };
 
 use super::store::{self, RunnerRow};
@@ -24,7 +24,7 @@ use crate::http::{ApiJson, AppState};
 
 /// Routes that take an API key.
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/v2/runners", get(list).post(register))
+    Router::new().route("/v2/runners", get(list).post(register)).route("/v2/udfs/{id}/logs", get(function_logs))
 }
 
 /// Routes that take a runner token instead.
@@ -72,6 +72,68 @@ async fn list(State(state): State<AppState>, Extension(p): Extension<Principal>)
     p.require(Scope::Read)?;
     let rows = store::list(&state.pool, state.settings.runners.lost_after.as_secs_f64()).await?;
     Ok(Json(RunnerList { runners: rows.iter().map(RunnerRow::view).collect() }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LogsQuery {
+    lines: Option<u32>,
+}
+
+/// `GET /v2/udfs/{id}/logs?lines=N`: the last `lines` (default 100, at most
+/// 500) lines of each of the Function's workers, asked of every active or
+/// draining runner at once (3 s each); runners that do not answer are
+/// listed under `unreachable`.
+async fn function_logs(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Json<FunctionLogs>, ApiError> {
+    p.require(Scope::Read)?;
+    let udf = crate::functions::store::get(&state.pool, &id).await?;
+    let lines = q.lines.unwrap_or(100).clamp(1, 500);
+    let runners: Vec<RunnerRow> = store::list(&state.pool, state.settings.runners.lost_after.as_secs_f64())
+        .await?
+        .into_iter()
+        .filter(|r| matches!(r.state(), RunnerState::Active | RunnerState::Draining))
+        .collect();
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()
+        .map_err(|e| PlatformError::Internal(e.to_string()))?;
+    let mut asks = tokio::task::JoinSet::new();
+    for (n, r) in runners.iter().enumerate() {
+        let token = tokens::sign(&r.signing_key, &r.id, Purpose::Inspect, tokens::DISPATCH_TTL_SECONDS);
+        let url = format!("{}/v1/logs", r.address.trim_end_matches('/'));
+        let request = http.get(url).bearer_auth(token).query(&[("udf", udf.id.as_str())]).query(&[("lines", lines)]);
+        asks.spawn(async move {
+            let answer = async {
+                let r = request.send().await.map_err(|e| e.to_string())?;
+                if !r.status().is_success() {
+                    return Err(format!("HTTP {}", r.status()));
+                }
+                r.json::<RunnerLogs>().await.map_err(|e| e.to_string())
+            };
+            (n, answer.await)
+        });
+    }
+    let mut answers: Vec<(usize, std::result::Result<RunnerLogs, String>)> = asks.join_all().await;
+    answers.sort_by_key(|(n, _)| *n);
+    let mut out = FunctionLogs { udf_id: udf.id.clone(), workers: Vec::new(), unreachable: Vec::new() };
+    for (r, (_, answer)) in runners.iter().zip(answers) {
+        match answer {
+            Ok(logs) => out.workers.extend(logs.workers.into_iter().map(|logs| FunctionWorkerLogs {
+                runner_id: r.id.clone(),
+                runner_name: r.name.clone(),
+                logs,
+            })),
+            Err(error) => {
+                out.unreachable.push(UnreachableRunner { runner_id: r.id.clone(), runner_name: r.name.clone(), error })
+            }
+        }
+    }
+    out.workers.sort_by_key(|w| w.logs.started_at_unix_ms);
+    Ok(Json(out))
 }
 
 /// The bearer token of a runner's call.

@@ -23,8 +23,10 @@ use futures_util::StreamExt;
 use layer_protocol::runner::WorkerPlan;
 use tokio_util::task::TaskTracker;
 
+use super::Launch;
 use super::process::{WorkerEnv, gpu_vars};
 use crate::gpu::GpuBinding;
+use crate::logs::WorkerLog;
 
 /// The port a worker image listens on unless `spec.worker.port` says.
 pub const DEFAULT_PORT: u16 = 8080;
@@ -151,11 +153,11 @@ impl ContainerWorker {
         engine: &Engine,
         plan: &WorkerPlan,
         env: &WorkerEnv,
-        name: String,
-        gpus: GpuBinding,
+        launch: Launch,
         http: &reqwest::Client,
         startup: Duration,
     ) -> Result<ContainerWorker, String> {
+        let Launch { name, gpus, log } = launch;
         let image = plan.image.as_deref().filter(|i| !i.is_empty()).ok_or("the Function has no worker.image")?;
         let port = plan.port.unwrap_or(DEFAULT_PORT);
         // Later entries win in Docker, as with the process driver.
@@ -205,7 +207,7 @@ impl ContainerWorker {
         };
         let exit = Arc::new(OnceLock::new());
         watch_exit(docker.clone(), id.clone(), exit.clone());
-        forward_logs(docker.clone(), id.clone(), name.clone());
+        forward_logs(docker.clone(), id.clone(), name.clone(), log);
         let worker = ContainerWorker {
             name,
             id,
@@ -316,7 +318,9 @@ fn watch_exit(docker: Docker, id: String, exit: Arc<OnceLock<Exit>>) {
     });
 }
 
-fn forward_logs(docker: Docker, id: String, name: String) {
+/// Sends the container's output lines to the runner's log and the
+/// worker's [`WorkerLog`], which ends with the stream.
+fn forward_logs(docker: Docker, id: String, name: String, log: WorkerLog) {
     tokio::spawn(async move {
         let options = LogsOptionsBuilder::new().follow(true).stdout(true).stderr(true).build();
         let mut logs = docker.logs(&id, Some(options));
@@ -324,7 +328,9 @@ fn forward_logs(docker: Docker, id: String, name: String) {
             let bytes = chunk.into_bytes();
             for line in String::from_utf8_lossy(&bytes).lines() {
                 tracing::info!(target: "layer_worker", worker = %name, "{line}");
+                log.push(line);
             }
         }
+        log.end();
     });
 }

@@ -22,6 +22,7 @@ use process::{ProcessWorker, WorkerEnv};
 use tokio::sync::Notify;
 
 use crate::gpu::{GpuBinding, Gpus, Unbound};
+use crate::logs::{LogBook, WorkerLog};
 
 /// Why a worker did not become ready.
 enum NotReady {
@@ -58,6 +59,17 @@ async fn wait_ready(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
     }
+}
+
+/// What a driver needs to start one worker beside its plan.
+#[derive(Debug)]
+pub struct Launch {
+    /// The worker's name, unique on the runner.
+    pub name: String,
+    /// The GPUs bound to it (none for most).
+    pub gpus: GpuBinding,
+    /// Where its output lines go, beside the runner's log.
+    pub log: WorkerLog,
 }
 
 /// A started worker, of either driver.
@@ -161,6 +173,8 @@ pub struct PoolConfig {
     pub engine: Option<container::Engine>,
     /// The node's GPUs, bound to workers whose plan asks for them.
     pub gpus: Gpus,
+    /// Recent worker output, for `layer logs`.
+    pub logs: LogBook,
 }
 
 struct Idle {
@@ -337,7 +351,8 @@ impl Pools {
                     platform_url: self.config.platform_url.clone(),
                     api_key: self.config.worker_api_key.clone(),
                 };
-                let started = self.start_worker(plan, &env, name, gpus).await;
+                let log = self.config.logs.open(udf_id, revision, &name);
+                let started = self.start_worker(plan, &env, Launch { name, gpus, log }).await;
                 let mut inner = self.lock();
                 let Some(pool) = inner.pools.get_mut(&key) else {
                     if let Ok(w) = started {
@@ -377,23 +392,15 @@ impl Pools {
 
     /// Starts a worker with the driver the plan needs: a container for
     /// `worker.image`, a process for `worker.command`.
-    async fn start_worker(
-        &self,
-        plan: &WorkerPlan,
-        env: &WorkerEnv,
-        name: String,
-        gpus: GpuBinding,
-    ) -> Result<Worker, String> {
+    async fn start_worker(&self, plan: &WorkerPlan, env: &WorkerEnv, launch: Launch) -> Result<Worker, String> {
         let startup = self.config.startup_timeout;
         if plan.command.is_none() && plan.image.is_some() {
             let Some(engine) = &self.config.engine else {
                 return Err("the Function runs an image (worker.image) and this runner has no Docker engine".into());
             };
-            return ContainerWorker::start(engine, plan, env, name, gpus, &self.http, startup)
-                .await
-                .map(Worker::Container);
+            return ContainerWorker::start(engine, plan, env, launch, &self.http, startup).await.map(Worker::Container);
         }
-        ProcessWorker::start(plan, env, name, gpus, &self.http, startup).await.map(Worker::Process)
+        ProcessWorker::start(plan, env, launch, &self.http, startup).await.map(Worker::Process)
     }
 
     /// Stops the idle workers of other pools that hold GPUs, so a worker

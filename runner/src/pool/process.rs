@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use layer_protocol::runner::WorkerPlan;
 
+use super::Launch;
 use crate::gpu::GpuBinding;
+use crate::logs::WorkerLog;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -66,11 +68,17 @@ fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
 }
 
-fn forward_lines(name: String, stream: impl AsyncRead + Unpin + Send + 'static) {
+/// Sends a worker's output lines to the runner's log and the worker's
+/// [`WorkerLog`]; with `last`, the log ends with the stream.
+fn forward_lines(name: String, log: WorkerLog, stream: impl AsyncRead + Unpin + Send + 'static, last: bool) {
     tokio::spawn(async move {
         let mut lines = BufReader::new(stream).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             tracing::info!(target: "layer_worker", worker = %name, "{line}");
+            log.push(&line);
+        }
+        if last {
+            log.end();
         }
     });
 }
@@ -81,11 +89,11 @@ impl ProcessWorker {
     pub async fn start(
         plan: &WorkerPlan,
         env: &WorkerEnv,
-        name: String,
-        gpus: GpuBinding,
+        launch: Launch,
         http: &reqwest::Client,
         startup: Duration,
     ) -> Result<ProcessWorker, String> {
+        let Launch { name, gpus, log } = launch;
         let argv = plan.command.as_deref().filter(|c| !c.is_empty()).ok_or("the Function has no worker.command")?;
         let port = free_port().map_err(|e| format!("no free port for the worker: {e}"))?;
         let mut cmd = Command::new(&argv[0]);
@@ -102,11 +110,11 @@ impl ProcessWorker {
             .kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|e| format!("cannot start worker command {:?}: {e}", argv[0]))?;
         let pid = child.id().unwrap_or_default();
-        if let Some(out) = child.stdout.take() {
-            forward_lines(name.clone(), out);
-        }
         if let Some(err) = child.stderr.take() {
-            forward_lines(name.clone(), err);
+            forward_lines(name.clone(), log.clone(), err, false);
+        }
+        if let Some(out) = child.stdout.take() {
+            forward_lines(name.clone(), log, out, true);
         }
         let mut worker = ProcessWorker { name, pid, port, child, gpus };
         let base_url = worker.base_url();

@@ -270,7 +270,12 @@ pub async fn w6(samples: usize) -> Result<()> {
     for i in 0..samples {
         let t = Instant::now();
         let name = format!("w6-alone-{i}");
-        let w = ContainerWorker::start(&engine, &plan, &env, name, Default::default(), &http, Duration::from_secs(30))
+        let launch = layer_runner::pool::Launch {
+            log: layer_runner::logs::WorkerLog::detached(&name),
+            name,
+            gpus: Default::default(),
+        };
+        let w = ContainerWorker::start(&engine, &plan, &env, launch, &http, Duration::from_secs(30))
             .await
             .map_err(anyhow::Error::msg)?;
         alone.push(t.elapsed());
