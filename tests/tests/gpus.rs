@@ -42,7 +42,14 @@ async fn wait_completed(p: &TestPlatform, f: &str, n: i64, within: Duration) -> 
             return Ok(st);
         }
         anyhow::ensure!(st["failed_count"] == 0, "rows failed: {:?}", p.failed_rows(f).await?);
-        anyhow::ensure!(start.elapsed() < within, "{f}: not {n} completed after {within:?}: {st}");
+        if start.elapsed() > within {
+            let (_, runners) = p.call(Method::GET, "/v2/runners", None).await?;
+            let batches: Vec<(i64, i32, String, String)> =
+                sqlx::query_as("SELECT id, revision, runner_id, state FROM batches ORDER BY id")
+                    .fetch_all(&p.pool)
+                    .await?;
+            anyhow::bail!("{f}: not {n} completed after {within:?}: {st}\nrunners: {runners}\nbatches: {batches:?}");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -129,8 +136,9 @@ async fn a_failing_gpu_is_cordoned_and_its_batch_reissued_for_free() -> anyhow::
     let sick = Arc::new(SimulatedGpus::new(1));
     let runner = TestRunner::start(&p, |c| c.gpus = sick.clone()).await?;
     p.upsert_rows("gpu-a", rows("a", 4)).await?;
-    // Each batch takes 30 s: long enough to fail the GPU under it.
-    let env = json!({"SLOW_SECONDS": "30"});
+    // Each batch takes 20 s (under timeoutSeconds): long enough to fail the
+    // GPU under it.
+    let env = json!({"SLOW_SECONDS": "20"});
     p.apply_function("gpu-a", spec("gpu-a", "gpu", locks.path(), env.clone())).await?;
     let start = Instant::now();
     while runner_status(runner.addr).await?["workers"]
@@ -169,13 +177,14 @@ async fn a_failing_gpu_is_cordoned_and_its_batch_reissued_for_free() -> anyhow::
         anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "no condition: {st}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // A runner with a healthy GPU finishes the rows.
+    // A runner with a healthy GPU finishes the rows (quickly: the slow
+    // revision is replaced first).
+    p.apply_function("gpu-a", spec("gpu-a", "gpu", locks.path(), json!({}))).await?;
     let healthy = TestRunner::start(&p, |c| {
         c.name = "healthy".into();
         c.gpus = Arc::new(SimulatedGpus::new(1));
     })
     .await?;
-    p.apply_function("gpu-a", spec("gpu-a", "gpu", locks.path(), json!({}))).await?;
     let st = wait_completed(&p, "gpu-a", 4, Duration::from_secs(60)).await?;
     assert!(st.get("conditions").is_none(), "{st}");
     healthy.stop().await?;

@@ -214,7 +214,8 @@ impl Need {
 }
 
 /// Picks a runner for one batch of `udf`, or none: an active runner with
-/// a free slot that meets every [`Need`]; among those, one with an idle
+/// a free slot that meets every [`Need`], and already hosts the Function
+/// when `replicas.max` workers of it run across the fleet; among those, one with an idle
 /// warm worker of the revision, then one with the GPUs free, then the least
 /// loaded.
 fn place<'a>(
@@ -224,8 +225,19 @@ fn place<'a>(
     cooldown: &HashMap<String, Instant>,
 ) -> Option<&'a mut RunnerRow> {
     let gpus = s.plan.gpus as usize;
+    // `replicas.max` holds across the fleet: once that many workers of the
+    // revision run (or are about to: a runner with a batch of it in flight
+    // counts as one), only runners that have one take more.
+    let hosted = |r: &RunnerRow| {
+        let workers = r.load.0.workers.iter().filter(|w| w.udf_id == udf.id && w.revision == udf.revision).count();
+        workers.max(usize::from(r.in_flight_udfs.contains(&udf.id)))
+    };
+    // Draining and lost runners' workers are on their way out.
+    let fleet: usize = runners.iter().filter(|r| r.state() == RunnerState::Active).map(hosted).sum();
+    let full = fleet >= s.plan.replicas_max as usize;
     runners
         .iter_mut()
+        .filter(|r| !full || hosted(r) > 0)
         .filter(|r| r.state() == RunnerState::Active)
         .filter(|r| r.in_flight < i64::from(r.capacity.0.slots))
         .filter(|r| cooldown.get(&r.id).is_none_or(|t| Instant::now() >= *t))
@@ -289,10 +301,10 @@ struct Catalog {
 /// through another replica reach this one within it.
 const CATALOG_TTL: Duration = Duration::from_secs(1);
 
-enum Sent {
-    Accepted,
-    Refused { runner_id: String },
-}
+/// Runners left out of placement until the given time, after a refused or
+/// failed send. Shared with the sends, which put a runner here before
+/// handing its batch back, so no round can place the batch on it again.
+type Cooldown = Arc<std::sync::Mutex<HashMap<String, Instant>>>;
 
 impl Dispatcher {
     pub fn new(pool: PgPool, work_ready: Arc<Notify>, generation: Arc<AtomicU64>, config: DispatchConfig) -> Self {
@@ -307,23 +319,22 @@ impl Dispatcher {
 
     /// Runs until `shutdown`; sends in progress finish first.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut sends: JoinSet<Sent> = JoinSet::new();
-        let mut cooldown: HashMap<String, Instant> = HashMap::new();
+        let mut sends: JoinSet<()> = JoinSet::new();
+        let cooldown: Cooldown = Arc::default();
         let mut catalog: Option<Catalog> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.work_ready.notified() => {}
                 _ = tokio::time::sleep(self.config.tick) => {}
-                Some(done) = sends.join_next(), if !sends.is_empty() => {
-                    if let Ok(Sent::Refused { runner_id }) = done {
-                        cooldown.insert(runner_id, Instant::now() + self.config.cooldown);
-                    }
-                    continue;
-                }
+                Some(_) = sends.join_next(), if !sends.is_empty() => continue,
             }
-            cooldown.retain(|_, t| Instant::now() < *t);
-            if let Err(e) = self.dispatch_round(&mut sends, &cooldown, &mut catalog).await {
+            let resting = {
+                let mut c = cooldown.lock().unwrap_or_else(|e| e.into_inner());
+                c.retain(|_, t| Instant::now() < *t);
+                c.clone()
+            };
+            if let Err(e) = self.dispatch_round(&mut sends, &resting, &cooldown, &mut catalog).await {
                 tracing::warn!(error = %e, "dispatch round failed; retrying");
             }
         }
@@ -334,8 +345,9 @@ impl Dispatcher {
     /// has room. Functions take turns, one batch each.
     async fn dispatch_round(
         &self,
-        sends: &mut JoinSet<Sent>,
-        cooldown: &HashMap<String, Instant>,
+        sends: &mut JoinSet<()>,
+        resting: &HashMap<String, Instant>,
+        cooldown: &Cooldown,
         catalog: &mut Option<Catalog>,
     ) -> Result<()> {
         let generation = self.generation.load(Ordering::SeqCst);
@@ -370,7 +382,7 @@ impl Dispatcher {
                 if done.contains(udf.id.as_str()) {
                     continue;
                 }
-                let Some(runner) = place(udf, sched, &mut runners, cooldown) else {
+                let Some(runner) = place(udf, sched, &mut runners, resting) else {
                     done.insert(&udf.id);
                     continue;
                 };
@@ -387,6 +399,9 @@ impl Dispatcher {
                     done.insert(&udf.id);
                 }
                 runner.in_flight += 1;
+                if !runner.in_flight_udfs.contains(&udf.id) {
+                    runner.in_flight_udfs.push(udf.id.clone());
+                }
                 let items = claim
                     .items
                     .into_iter()
@@ -417,6 +432,8 @@ impl Dispatcher {
                     token,
                     holder: claim.holder,
                     work_ready: self.work_ready.clone(),
+                    cooldown: cooldown.clone(),
+                    rest_for: self.config.cooldown,
                 };
                 sends.spawn(send.run(assignment));
             }
@@ -438,14 +455,16 @@ struct Send {
     token: String,
     holder: String,
     work_ready: Arc<Notify>,
+    cooldown: Cooldown,
+    rest_for: Duration,
 }
 
 impl Send {
-    async fn run(self, assignment: BatchAssignment) -> Sent {
+    async fn run(self, assignment: BatchAssignment) {
         let batch_id = assignment.batch_id;
         let outcome = self.http.post(&self.url).bearer_auth(&self.token).json(&assignment).send().await;
         let error = match outcome {
-            Ok(r) if r.status().is_success() => return Sent::Accepted,
+            Ok(r) if r.status().is_success() => return,
             Ok(r) => {
                 let status = r.status();
                 let body: String = r.text().await.unwrap_or_default().chars().take(300).collect();
@@ -454,6 +473,11 @@ impl Send {
             Err(e) => format!("could not send batch {batch_id} to runner {}: {e}", self.runner_id),
         };
         tracing::warn!(batch_id, runner_id = %self.runner_id, error = %error, "dispatch to runner failed");
+        // The runner rests before its batch is back in the queue.
+        self.cooldown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.runner_id.clone(), Instant::now() + self.rest_for);
         // Back to the queue at once, without spending attempts.
         let failures = assignment
             .items
@@ -478,7 +502,6 @@ impl Send {
             tracing::warn!(batch_id, error = %e, "recording a refused batch failed");
         }
         self.work_ready.notify_one();
-        Sent::Refused { runner_id: self.runner_id }
     }
 }
 
@@ -534,6 +557,7 @@ mod tests {
             last_heartbeat_at: chrono::Utc::now(),
             lost: false,
             in_flight,
+            in_flight_udfs: Vec::new(),
         }
     }
 
@@ -597,6 +621,29 @@ mod tests {
         let cooldown = HashMap::from([("cool".to_string(), Instant::now() + Duration::from_secs(5))]);
         let s = scheduling(&u, &none).unwrap();
         assert!(place(&u, &s, &mut cool, &cooldown).is_none());
+    }
+
+    #[test]
+    fn replicas_max_holds_across_the_fleet() {
+        let pools = compute_pools(Vec::new());
+        let u = push(serde_json::json!({"scaling": {"replicas": {"min": 0, "max": 1}}}));
+        // One worker of the revision runs on "warm" (busy, so not preferred
+        // as warm): only it may take more, however loaded.
+        let mut warm = runner("warm", &[], 1, true, 0);
+        warm.load.0.workers[0].state = "busy".into();
+        let mut rs = vec![runner("empty", &[], 0, false, 0), warm];
+        assert_eq!(picked(&u, &mut rs, &pools).as_deref(), Some("warm"));
+        // A batch in flight counts as a worker about to run.
+        let mut sent = runner("sent", &[], 1, false, 0);
+        sent.in_flight_udfs = vec!["f".into()];
+        let mut rs = vec![runner("empty", &[], 0, false, 0), sent];
+        assert_eq!(picked(&u, &mut rs, &pools).as_deref(), Some("sent"));
+        // Below the maximum, the emptier runner is fine.
+        let two = push(serde_json::json!({"scaling": {"replicas": {"min": 0, "max": 2}}}));
+        let mut sent = runner("sent", &[], 1, false, 0);
+        sent.in_flight_udfs = vec!["f".into()];
+        let mut rs = vec![runner("empty", &[], 0, false, 0), sent];
+        assert_eq!(picked(&two, &mut rs, &pools).as_deref(), Some("empty"));
     }
 
     #[test]

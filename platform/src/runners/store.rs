@@ -27,6 +27,8 @@ pub struct RunnerRow {
     pub lost: bool,
     /// Computed: batches dispatched to it and not yet reported.
     pub in_flight: i64,
+    /// Computed: the Functions of those batches.
+    pub in_flight_udfs: Vec<String>,
 }
 
 impl RunnerRow {
@@ -59,8 +61,11 @@ impl RunnerRow {
 const SELECT_RUNNERS: &str = "SELECT r.id, r.name, r.address, r.labels, r.capacity, r.drivers, r.state, r.load,
         r.signing_key, r.registered_at, r.last_heartbeat_at,
         r.last_heartbeat_at < now() - make_interval(secs => $1) AS lost,
-        (SELECT count(*) FROM batches b WHERE b.runner_id = r.id AND b.state = 'dispatched') AS in_flight
-    FROM runners r";
+        f.in_flight, f.in_flight_udfs
+    FROM runners r
+    CROSS JOIN LATERAL (SELECT count(*) AS in_flight,
+                               coalesce(array_agg(DISTINCT b.function_id), '{}') AS in_flight_udfs
+                        FROM batches b WHERE b.runner_id = r.id AND b.state = 'dispatched') f";
 
 /// Registers a runner; returns its id and signing key.
 pub async fn register(pool: &PgPool, key_id: &str, req: &RegisterRequest) -> Result<(String, Vec<u8>)> {
