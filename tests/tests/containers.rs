@@ -274,3 +274,36 @@ async fn limits_apply_an_oom_kill_is_classified_and_a_hung_container_is_replaced
     runner.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_container_asks_the_engine_for_its_gpu_by_uuid() -> anyhow::Result<()> {
+    ensure_image("layer/echo-rust:dev", "echo")?;
+    let p = TestPlatform::start().await?;
+    let name = format!("containers-gpu-{}", std::process::id());
+    let _cleanup = Cleanup(name.clone());
+    let runner = TestRunner::start(&p, |c| {
+        c.name = name.clone();
+        c.gpus = std::sync::Arc::new(layer_runner::inventory::SimulatedGpus::new(1));
+    })
+    .await?;
+    p.upsert_rows("gpu-echo", json!([{"id": "g1", "text": "hi"}])).await?;
+    let spec = json!({
+        "targetNamespaces": ["gpu-echo"], "inputs": ["id", "text"],
+        "worker": {"dispatch": "push", "image": "layer/echo-rust:dev", "computeClass": "gpu", "timeoutSeconds": 10},
+        "retry": {"maxAttempts": 1},
+    });
+    p.apply_function("gpu-echo", spec).await?;
+    // This engine has no NVIDIA runtime, so the device request for the
+    // simulated GPU's UUID is refused: the row fails naming why, and no
+    // container is left behind.
+    let failed = wait_for("the row failed", Duration::from_secs(60), async || {
+        let f = p.failed_rows("gpu-echo").await?;
+        Ok(f.contains_key("g1").then_some(f))
+    })
+    .await?;
+    let (_, message, _) = &failed["g1"];
+    assert!(message.contains("did not start") && message.contains("nvidia"), "{message}");
+    assert_eq!(containers_of(&name)?, Vec::<String>::new());
+    runner.stop().await?;
+    Ok(())
+}

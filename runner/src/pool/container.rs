@@ -334,3 +334,24 @@ fn forward_logs(docker: Docker, id: String, name: String, log: WorkerLog) {
         log.end();
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpus_become_a_device_request_by_uuid() {
+        let plan: WorkerPlan = serde_json::from_value(serde_json::json!({
+            "batch_size": 1, "timeout_seconds": 1, "lease_seconds": 1, "replicas_min": 0, "replicas_max": 1
+        }))
+        .unwrap();
+        assert!(host_config(&plan, 8080, &[]).device_requests.is_none(), "no GPU, no request");
+        let gpus = ["GPU-a".to_string(), "GPU-b".to_string()];
+        let r = host_config(&plan, 8080, &gpus).device_requests.unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].driver.as_deref(), Some("nvidia"));
+        assert_eq!(r[0].device_ids.as_deref(), Some(&gpus[..]));
+        assert_eq!(r[0].capabilities, Some(vec![vec!["gpu".to_string()]]));
+        assert_eq!(r[0].count, None, "the UUIDs, not a count");
+    }
+}
