@@ -240,6 +240,95 @@ pub async fn logs(client: &Client, name: &str, lines: u32, json_out: bool) -> Re
     Ok(())
 }
 
+/// Filters of `layer udf batches`.
+pub struct BatchFilters {
+    pub state: Option<String>,
+    pub runner: Option<String>,
+    pub since: Option<String>,
+    pub limit: u32,
+}
+
+/// Milliseconds between two RFC 3339 times, for the tables.
+fn millis_between(from: Option<&str>, to: Option<&str>) -> String {
+    let parse = |t: Option<&str>| t.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+    match (parse(from), parse(to)) {
+        (Some(a), Some(b)) => format!("{}", (b - a).num_milliseconds()),
+        _ => "-".into(),
+    }
+}
+
+pub async fn udf_batches(client: &Client, name: &str, f: &BatchFilters, json_out: bool) -> Result<()> {
+    let mut query = vec![format!("limit={}", f.limit)];
+    for (k, v) in [("state", &f.state), ("runner", &f.runner), ("since", &f.since)] {
+        if let Some(v) = v {
+            query.push(format!("{k}={}", seg(v)));
+        }
+    }
+    let r: layer_protocol::runner::ListBatchesResponse =
+        client.get(&format!("/v2/udfs/{}/batches?{}", seg(name), query.join("&"))).await?;
+    if json_out {
+        return print_json(&r);
+    }
+    println!(
+        "{:<10} {:<10} {:<24} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:<26} TRACE",
+        "BATCH", "STATE", "DISPATCHED", "ROWS", "OK", "FAIL", "DROP", "WAIT_MS", "RUN_MS", "WORKER"
+    );
+    for b in &r.batches {
+        let worker = match (&b.worker, b.cold_start) {
+            (Some(w), Some(true)) => format!("{w} (cold)"),
+            (Some(w), _) => w.clone(),
+            (None, _) => "-".into(),
+        };
+        println!(
+            "{:<10} {:<10} {:<24} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:<26} {}",
+            b.id,
+            b.state,
+            b.dispatched_at,
+            b.items,
+            b.written,
+            b.failed,
+            b.dropped,
+            millis_between(b.queued_at.as_deref(), Some(&b.dispatched_at)),
+            millis_between(b.started_at.as_deref(), b.ended_at.as_deref()),
+            worker,
+            b.trace_id.as_deref().unwrap_or("-"),
+        );
+        if let Some(e) = &b.error {
+            println!("           error: {e}");
+        }
+    }
+    if r.next_cursor.is_some() {
+        eprintln!("(more: raise --limit, or page with GET /v2/udfs/{name}/batches?cursor=...)");
+    }
+    Ok(())
+}
+
+pub async fn udf_failed(client: &Client, name: &str, limit: u32, json_out: bool) -> Result<()> {
+    let r: layer_protocol::runner::ListFailedResponse =
+        client.get(&format!("/v2/udfs/{}/failed?limit={limit}", seg(name))).await?;
+    if json_out {
+        return print_json(&r);
+    }
+    if r.rows.is_empty() {
+        println!("no failed rows");
+    }
+    for row in &r.rows {
+        println!(
+            "{}/{}  attempts={} kind={} at={}\n    {}",
+            row.namespace,
+            row.id,
+            row.attempts,
+            row.error_kind.as_deref().unwrap_or("-"),
+            row.failed_at,
+            row.error.as_deref().unwrap_or("")
+        );
+    }
+    if r.next_cursor.is_some() {
+        eprintln!("(more: raise --limit)");
+    }
+    Ok(())
+}
+
 pub async fn udf_revisions(client: &Client, name: &str, json_out: bool) -> Result<()> {
     let r: RevisionList = client.get(&format!("/v2/udfs/{}/revisions", seg(name))).await?;
     if json_out {

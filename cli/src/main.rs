@@ -67,6 +67,9 @@ enum Command {
         /// The admin key to install when the database has no keys.
         #[arg(long, env = "LAYER_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// How long finished batch records are kept.
+        #[arg(long, env = "LAYER_BATCH_RETENTION_HOURS", default_value_t = 168)]
+        batch_retention_hours: u64,
     },
     /// A node runner: takes batches of push Functions and runs their workers.
     Runner {
@@ -221,6 +224,27 @@ enum UdfCommand {
     ResetFailed {
         name: String,
     },
+    /// A Function's batch records, newest first: runner, worker, timings, outcome, trace id.
+    Batches {
+        name: String,
+        /// Only batches in this state: dispatched, reported or abandoned.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only batches sent to this runner id.
+        #[arg(long)]
+        runner: Option<String>,
+        /// Only batches dispatched at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// A Function's failed rows with their attempts and last error.
+    Failed {
+        name: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -259,16 +283,16 @@ enum RowsCommand {
     Drop { namespace: String },
 }
 
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("LAYER_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if std::env::var("LAYER_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
+/// Logs to stderr and traces where the `OTEL_EXPORTER_OTLP_*` variables
+/// say; the guard flushes spans when the command ends.
+fn init_telemetry(service: &str) -> Result<layer_telemetry::TraceGuard> {
+    layer_telemetry::init_logging();
+    let export = layer_telemetry::TraceExport::from_env();
+    let guard = layer_telemetry::init_traces(service, export.clone()).map_err(anyhow::Error::msg)?;
+    if export != layer_telemetry::TraceExport::Off {
+        tracing::info!(service, "exporting traces over OTLP/HTTP");
     }
+    Ok(guard)
 }
 
 #[tokio::main]
@@ -283,13 +307,20 @@ async fn main() {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Dev { listen, data_dir, api_key } => {
-            init_logging();
+            let _traces = init_telemetry("layer")?;
             serve::dev(listen, data_dir, api_key).await
         }
-        Command::Platform { database_url, listen, max_connections, max_body_bytes, api_key } => {
-            init_logging();
-            serve::platform(serve::PlatformArgs { database_url, listen, max_connections, max_body_bytes, api_key })
-                .await
+        Command::Platform { database_url, listen, max_connections, max_body_bytes, api_key, batch_retention_hours } => {
+            let _traces = init_telemetry("layer-platform")?;
+            serve::platform(serve::PlatformArgs {
+                database_url,
+                listen,
+                max_connections,
+                max_body_bytes,
+                api_key,
+                batch_retention: std::time::Duration::from_secs(batch_retention_hours.max(1) * 3600),
+            })
+            .await
         }
         Command::Runner {
             platform,
@@ -304,7 +335,7 @@ async fn run(cli: Cli) -> Result<()> {
             no_docker,
             simulated_gpus,
         } => {
-            init_logging();
+            let _traces = init_telemetry("layer-runner")?;
             serve::runner(serve::RunnerArgs {
                 platform,
                 api_key,
@@ -358,6 +389,11 @@ async fn run(cli: Cli) -> Result<()> {
                 UdfCommand::Resume { name } => commands::udf_set_paused(&c, &name, false).await,
                 UdfCommand::Delete { name } => commands::udf_delete(&c, &name).await,
                 UdfCommand::ResetFailed { name } => commands::udf_reset_failed(&c, &name).await,
+                UdfCommand::Batches { name, state, runner, since, limit } => {
+                    let filters = commands::BatchFilters { state, runner, since, limit };
+                    commands::udf_batches(&c, &name, &filters, remote.json).await
+                }
+                UdfCommand::Failed { name, limit } => commands::udf_failed(&c, &name, limit, remote.json).await,
             }
         }
         Command::Rows { command, remote } => {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
@@ -126,6 +126,45 @@ async fn request_context(req: Request, next: Next) -> Response {
     REQUEST_ID.scope(id, next.run(req)).await
 }
 
+/// One server span per API request (`HTTP <method> <route>`), under the
+/// caller's `traceparent` if it sent one; handlers' spans nest under it.
+/// Never records headers (keys) or bodies.
+async fn trace_request(req: Request, next: Next) -> Response {
+    use layer_telemetry::trace::{KeyValue, Span, SpanKind};
+    use opentelemetry::trace::FutureExt;
+    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
+    if matches!(route.as_deref(), Some("/metrics" | "/healthz")) {
+        return next.run(req).await;
+    }
+    let parent = layer_telemetry::trace::extract(req.headers());
+    let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let mut attrs = vec![
+        KeyValue::new("http.request.method", req.method().to_string()),
+        KeyValue::new("url.path", req.uri().path().to_string()),
+        KeyValue::new("layer.request_id", request_id),
+    ];
+    if let Some(r) = &route {
+        attrs.push(KeyValue::new("http.route", r.clone()));
+    }
+    let name = format!("{} {}", req.method(), route.as_deref().unwrap_or("(no route)"));
+    let span = Span::start(name, SpanKind::Server, &parent, None, attrs);
+    let response = next.run(req).with_context(span.context().clone()).await;
+    let status = response.status();
+    span.set([KeyValue::new("http.response.status_code", i64::from(status.as_u16()))]);
+    if status.is_server_error() {
+        span.error(format!("HTTP {status}"));
+    }
+    span.end();
+    response
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    match crate::metrics::render(&state.pool, state.settings.runners.lost_after.as_secs_f64()).await {
+        Ok(text) => ([(header::CONTENT_TYPE, layer_telemetry::metrics::CONTENT_TYPE)], text).into_response(),
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
 async fn healthz(State(state): State<AppState>) -> Response {
     match sqlx::query("SELECT 1").execute(&state.pool).await {
         Ok(_) => axum::Json(serde_json::json!({"status": "ok"})).into_response(),
@@ -162,16 +201,19 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::engine::api::routes())
         .merge(crate::resources::api::routes())
         .merge(crate::runners::api::routes())
+        .merge(crate::runners::records::routes())
         .route("/openapi.json", get(openapi))
         .route_layer(from_fn_with_state(state.clone(), authenticate));
     let max_body = state.settings.max_body_bytes;
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .merge(authenticated)
         // Runners authenticate these with the platform's tokens.
         .merge(crate::runners::api::token_routes())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(from_fn(trace_request))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(from_fn(request_context))
         .layer(

@@ -11,6 +11,7 @@
 //! - [`resources`]: `POST /v2/apply` for resource documents, Index and InfraRules.
 //! - [`db`]: pools and migrations; [`embedded`]: the PostgreSQL `layer dev` runs.
 //! - [`error`]: the one error type and its HTTP mapping.
+//! - [`metrics`]: the Prometheus metrics at `/metrics`.
 //! - [`openapi`]: the OpenAPI document served at `/openapi.json`.
 
 pub mod auth;
@@ -20,6 +21,7 @@ pub mod engine;
 pub mod error;
 pub mod functions;
 pub mod http;
+pub mod metrics;
 pub mod openapi;
 pub mod resources;
 pub mod rows;

@@ -320,6 +320,18 @@ pub struct BatchReport {
     /// The worker that ran the batch (for the batch record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
+    /// When the runner began working on the batch and when its worker
+    /// calls ended, in Unix milliseconds (for the batch record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at_ms: Option<i64>,
+    /// The UUIDs of the GPUs the worker held.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<String>,
+    /// Whether a worker was started for the batch (a cold start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_start: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -498,4 +510,77 @@ pub mod tokens {
             assert!(verify(key, &hs512, "r1", Purpose::Session).is_err());
         }
     }
+}
+
+/// One batch's record (`GET /v2/batches/{id}`, `GET /v2/udfs/{id}/batches`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BatchRecord {
+    pub id: i64,
+    pub udf_id: String,
+    pub revision: i32,
+    pub runner_id: String,
+    /// `dispatched` (on a runner), `reported`, or `abandoned` (refused by
+    /// the runner, or its leases expired).
+    pub state: String,
+    /// Rows leased.
+    pub items: i32,
+    pub written: i32,
+    pub failed: i32,
+    pub dropped: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_start: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The OpenTelemetry trace of the batch (32 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// When the batch's longest-waiting row became claimable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<String>,
+    /// When it was leased and sent to the runner.
+    pub dispatched_at: String,
+    /// When the runner began working on it, and when its worker calls ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    /// When its report was written back (or it was abandoned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ListBatchesResponse {
+    pub batches: Vec<BatchRecord>,
+    /// Pass as `cursor` for the next (older) page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// A row that spent its attempts (`GET /v2/udfs/{id}/failed`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FailedRow {
+    pub namespace: String,
+    pub id: String,
+    pub attempts: i32,
+    pub free_retries: i32,
+    /// The class of the last failure (`permanent`, `transient`, `timeout`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The version the row was to be brought to.
+    pub version: String,
+    pub failed_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ListFailedResponse {
+    pub rows: Vec<FailedRow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }

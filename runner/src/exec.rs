@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use layer_protocol::runner::{BatchAssignment, FailureKind, RowError, RowResult, RunRequest};
 use layer_protocol::work::ClaimedItem;
+use layer_telemetry::trace::{KeyValue, Span, SpanKind};
 use serde_json::{Map, Value};
 
 use crate::pool::{AcquireError, Pools, WorkerLease};
@@ -78,47 +79,99 @@ fn failed(items: &[ClaimedItem], error: &RowError) -> Vec<RowResult> {
         .collect()
 }
 
+/// What ran a batch, for its report and its spans.
+#[derive(Debug, Clone, Default)]
+pub struct Ran {
+    /// The worker that ran it (the last one, if it was split).
+    pub worker: Option<String>,
+    /// The UUIDs of the GPUs that worker held.
+    pub gpus: Vec<String>,
+    /// Whether any worker was started for it.
+    pub cold: bool,
+}
+
 impl Exec {
-    /// Runs a batch to per-row results, one for each item, in item order.
-    /// Returns them with the worker that ran (the last one, if split).
-    pub async fn run(&self, a: &BatchAssignment) -> (Vec<RowResult>, Option<String>) {
-        let mut worker = None;
-        let results = self.run_items(a, &a.items, &mut worker).await;
-        (results, worker)
+    /// Runs a batch to per-row results, one for each item, in item order,
+    /// with spans for each worker acquisition and call under `span`.
+    pub async fn run(&self, a: &BatchAssignment, span: &Span) -> (Vec<RowResult>, Ran) {
+        let mut ran = Ran::default();
+        let results = self.run_items(a, &a.items, &mut ran, span).await;
+        (results, ran)
     }
 
     fn run_items<'a>(
         &'a self,
         a: &'a BatchAssignment,
         items: &'a [ClaimedItem],
-        worker: &'a mut Option<String>,
+        ran: &'a mut Ran,
+        span: &'a Span,
     ) -> std::pin::Pin<Box<dyn Future<Output = Vec<RowResult>> + Send + 'a>> {
         Box::pin(async move {
             if items.is_empty() {
                 return Vec::new();
             }
             let wait = Duration::from_secs(u64::from(a.worker.lease_seconds) / 2);
+            let acquiring = span.child("layer.worker.acquire", SpanKind::Internal, vec![]);
             let mut lease = match self.pools.acquire(&a.udf_id, a.revision, &a.worker, wait).await {
                 Ok(l) => l,
                 Err(AcquireError::StartFailed(m)) => {
+                    acquiring.error(format!("the worker did not start: {m}"));
                     let e =
                         RowError { kind: FailureKind::Transient, message: format!("the worker did not start: {m}") };
                     return failed(items, &e);
                 }
                 Err(AcquireError::Busy(m)) => {
+                    acquiring.error(m.clone());
                     return failed(items, &RowError { kind: FailureKind::RunnerLost, message: m });
                 }
             };
-            *worker = Some(lease.worker().name().to_string());
-            match self.call(&mut lease, a, items).await {
-                Ok(results) => results,
+            let w = lease.worker();
+            acquiring.set([
+                KeyValue::new("layer.worker", w.name().to_string()),
+                KeyValue::new("layer.worker.cold_start", lease.cold),
+                KeyValue::new("layer.gpu.uuids", w.gpus().uuids().join(",")),
+            ]);
+            acquiring.end();
+            crate::metrics::METRICS
+                .worker_acquisitions
+                .with_label_values(&[a.udf_id.as_str(), if lease.cold { "cold" } else { "warm" }])
+                .inc();
+            ran.worker = Some(w.name().to_string());
+            ran.gpus = w.gpus().uuids().to_vec();
+            ran.cold |= lease.cold;
+            let calling = span.child(
+                "layer.worker.call",
+                SpanKind::Client,
+                vec![
+                    KeyValue::new("layer.worker", w.name().to_string()),
+                    KeyValue::new("layer.batch.size", items.len() as i64),
+                ],
+            );
+            let started = std::time::Instant::now();
+            let outcome = self.call(&mut lease, a, items, &calling).await;
+            crate::metrics::METRICS
+                .worker_call_duration
+                .with_label_values(&[&a.udf_id])
+                .observe(started.elapsed().as_secs_f64());
+            match outcome {
+                Ok(results) => {
+                    let failed = results.iter().filter(|r| r.error.is_some()).count();
+                    calling.set([
+                        KeyValue::new("layer.batch.ok", (results.len() - failed) as i64),
+                        KeyValue::new("layer.batch.failed", failed as i64),
+                    ]);
+                    calling.end();
+                    results
+                }
                 Err(f) => {
+                    calling.error(f.row_error().message);
+                    calling.end();
                     drop(lease);
                     if items.len() > 1 && f.splits() {
                         tracing::info!(batch_id = a.batch_id, rows = items.len(), failure = ?f, "batch failed as a whole; splitting it");
                         let (left, right) = items.split_at(items.len() / 2);
-                        let mut out = self.run_items(a, left, worker).await;
-                        out.extend(self.run_items(a, right, worker).await);
+                        let mut out = self.run_items(a, left, ran, span).await;
+                        out.extend(self.run_items(a, right, ran, span).await);
                         out
                     } else {
                         failed(items, &f.row_error())
@@ -133,6 +186,7 @@ impl Exec {
         lease: &mut WorkerLease,
         a: &BatchAssignment,
         items: &[ClaimedItem],
+        span: &Span,
     ) -> Result<Vec<RowResult>, CallFailure> {
         let body = RunRequest {
             udf_id: a.udf_id.clone(),
@@ -142,8 +196,11 @@ impl Exec {
         };
         let url = format!("{}/run", lease.worker().base_url());
         let timeout = Duration::from_secs(u64::from(a.worker.timeout_seconds));
+        // The worker joins the batch's trace through `traceparent`.
+        let mut headers = http::HeaderMap::new();
+        span.inject(&mut headers);
         let call = async {
-            let response = self.http.post(&url).json(&body).send().await.map_err(|e| e.to_string())?;
+            let response = self.http.post(&url).headers(headers).json(&body).send().await.map_err(|e| e.to_string())?;
             let status = response.status();
             let bytes = read_capped(response, self.max_response_bytes).await?;
             Ok::<_, String>((status, bytes))

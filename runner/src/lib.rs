@@ -17,6 +17,7 @@ pub mod exec;
 pub mod gpu;
 pub mod inventory;
 pub mod logs;
+pub mod metrics;
 pub mod platform;
 pub mod pool;
 pub mod server;

@@ -127,14 +127,24 @@ impl PlatformClient {
         token: &str,
         report: &BatchReport,
         give_up_after: Duration,
+        span: &layer_telemetry::trace::Span,
     ) -> Result<ReportResponse, String> {
+        let mut headers = http::HeaderMap::new();
+        span.inject(&mut headers);
         let (id, _) = self.session();
         let url = format!("{}/v2/runners/{id}/batches/{batch_id}/report", self.base);
         let started = std::time::Instant::now();
         let mut pause = Duration::from_millis(100);
         loop {
-            let outcome =
-                self.http.post(&url).bearer_auth(token).timeout(Duration::from_secs(30)).json(report).send().await;
+            let outcome = self
+                .http
+                .post(&url)
+                .headers(headers.clone())
+                .bearer_auth(token)
+                .timeout(Duration::from_secs(30))
+                .json(report)
+                .send()
+                .await;
             let error = match outcome {
                 Ok(r) if r.status().is_success() => return r.json().await.map_err(|e| e.to_string()),
                 Ok(r) if r.status().is_client_error() && r.status().as_u16() != 429 => {

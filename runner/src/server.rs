@@ -7,6 +7,7 @@
 //! - `GET /v1/logs?udf=ID&lines=N`: the recent output of the Function's
 //!   workers (signed by the platform: an inspection token).
 //! - `GET /healthz`; `GET /v1/status`: load, workers and GPUs.
+//! - `GET /metrics`: Prometheus text format (see [`crate::metrics`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use layer_protocol::runner::tokens::{self, Purpose};
 use layer_protocol::runner::{BatchAssignment, BatchReport, RunnerLogs};
+use layer_telemetry::trace::{KeyValue, Span, SpanKind};
 use serde_json::json;
 
 use crate::Shared;
@@ -28,6 +30,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/batches", post(accept))
         .route("/v1/logs", get(logs))
+        .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(256 << 20))
         .with_state(shared)
 }
@@ -46,6 +49,11 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
         "gpus": shared.gpus.statuses(),
     }))
     .into_response()
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let text = crate::metrics::render(&shared);
+    ([(axum::http::header::CONTENT_TYPE, layer_telemetry::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 fn bearer(headers: &HeaderMap) -> &str {
@@ -99,31 +107,71 @@ async fn accept(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axu
         }
         held.insert(assignment.batch_id);
     }
+    // The batch's spans continue the platform's trace.
+    let span = Span::start(
+        "layer.runner.batch",
+        SpanKind::Server,
+        &layer_telemetry::trace::extract(&headers),
+        None,
+        vec![
+            KeyValue::new("layer.udf", assignment.udf_id.clone()),
+            KeyValue::new("layer.revision", i64::from(assignment.revision)),
+            KeyValue::new("layer.batch.id", assignment.batch_id),
+            KeyValue::new("layer.batch.size", assignment.items.len() as i64),
+            KeyValue::new("layer.runner", shared.runner_id.clone()),
+        ],
+    );
+    let logs = tracing::info_span!(
+        "batch",
+        batch_id = assignment.batch_id,
+        udf = %assignment.udf_id,
+        trace_id = %span.trace_id()
+    );
     let s = shared.clone();
-    shared.batches.spawn(async move { run_batch(s, assignment).await });
+    shared.batches.spawn(tracing::Instrument::instrument(run_batch(s, assignment, span), logs));
     StatusCode::ACCEPTED.into_response()
 }
 
-async fn run_batch(shared: Arc<Shared>, a: BatchAssignment) {
-    let started = std::time::Instant::now();
-    let (results, worker) = shared.exec.run(&a).await;
-    let run_ms = started.elapsed().as_millis() as u64;
-    let report = BatchReport { results, worker };
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+async fn run_batch(shared: Arc<Shared>, a: BatchAssignment, span: Span) {
+    let started_at_ms = unix_ms();
+    let (results, ran) = shared.exec.run(&a, &span).await;
+    let failed = results.iter().filter(|r| r.error.is_some()).count();
+    span.set([
+        KeyValue::new("layer.batch.ok", (results.len() - failed) as i64),
+        KeyValue::new("layer.batch.failed", failed as i64),
+        KeyValue::new("layer.gpu.uuids", ran.gpus.join(",")),
+        KeyValue::new("layer.worker.cold_start", ran.cold),
+    ]);
+    let report = BatchReport {
+        results,
+        worker: ran.worker,
+        started_at_ms: Some(started_at_ms),
+        ended_at_ms: Some(unix_ms()),
+        gpus: ran.gpus,
+        cold_start: Some(ran.cold),
+    };
     // Reports are retried until the report token would have expired.
     let give_up = Duration::from_secs(u64::from(a.worker.lease_seconds) + 240);
-    match shared.platform.report(a.batch_id, &a.report_token, &report, give_up).await {
-        Ok(r) => tracing::debug!(
-            batch_id = a.batch_id,
-            udf = %a.udf_id,
-            run_ms,
-            written = r.written,
-            failed = r.failed,
-            dropped = r.dropped,
-            "batch reported"
-        ),
+    let reporting = span.child("layer.report", SpanKind::Client, vec![]);
+    match shared.platform.report(a.batch_id, &a.report_token, &report, give_up, &reporting).await {
+        Ok(r) => {
+            reporting.set([
+                KeyValue::new("layer.batch.written", r.written as i64),
+                KeyValue::new("layer.batch.dropped", r.dropped as i64),
+            ]);
+            tracing::debug!(written = r.written, failed = r.failed, dropped = r.dropped, "batch reported");
+        }
         Err(e) => {
-            tracing::warn!(batch_id = a.batch_id, error = %e, "batch report not accepted; its leases will expire")
+            reporting.error(e.clone());
+            span.error("the report was not accepted");
+            tracing::warn!(error = %e, "batch report not accepted; its leases will expire")
         }
     }
+    reporting.end();
+    span.end();
     shared.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&a.batch_id);
 }

@@ -6,7 +6,11 @@ HOG_MB megabytes of memory, 512 by default).
 
 With GPU_LOCK_DIR set, the worker takes an exclusive lock on a file named
 after each GPU in CUDA_VISIBLE_DEVICES for as long as it lives, and says in
-every result whether another live worker held one of them (gpu_shared)."""
+every result whether another live worker held one of them (gpu_shared).
+
+With OTEL_EXPORTER_OTLP_ENDPOINT set, each call that carries a W3C
+`traceparent` is exported as one span (`worker.run`, OTLP/HTTP JSON) under
+the runner's call span, as a worker instrumented with OpenTelemetry would."""
 
 import fcntl
 import json
@@ -30,7 +34,14 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, b'{"status": "ok"}')
 
     def do_POST(self):
+        started = time.time_ns()
         batch = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        try:
+            return self.run(batch)
+        finally:
+            export_span(self.headers.get("traceparent"), started, len(batch["items"]))
+
+    def run(self, batch):
         modes = [i["input"].get("mode") or "ok" for i in batch["items"]]
         if "crash" in modes:
             os._exit(3)
@@ -63,6 +74,40 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+def export_span(traceparent, started, rows):
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not endpoint or not traceparent:
+        return
+    import secrets
+    import urllib.request
+
+    _, trace_id, parent_id, _ = traceparent.split("-")
+    span = {
+        "traceId": trace_id,
+        "spanId": secrets.token_hex(8),
+        "parentSpanId": parent_id,
+        "name": "worker.run",
+        "kind": 2,
+        "startTimeUnixNano": str(started),
+        "endTimeUnixNano": str(time.time_ns()),
+        "attributes": [{"key": "rows", "value": {"intValue": str(rows)}}],
+    }
+    body = {
+        "resourceSpans": [
+            {
+                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "push-worker"}}]},
+                "scopeSpans": [{"scope": {"name": "push_worker"}, "spans": [span]}],
+            }
+        ]
+    }
+    req = urllib.request.Request(
+        endpoint.rstrip("/") + "/v1/traces",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    urllib.request.urlopen(req, timeout=5).read()
 
 
 def exit_with_parent():

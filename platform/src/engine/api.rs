@@ -10,6 +10,7 @@ use layer_protocol::work::{
     ClaimRequest, ClaimResponse, ClaimedItem, CompleteRequest, DiscoverRequest, DiscoverResponse, ErrorKind,
     FailRequest, HeartbeatRequest, ItemsResponse,
 };
+use layer_telemetry::trace::{Context, KeyValue, Span, SpanKind};
 
 use super::policy::FailureClass;
 use super::queue::{self, Completion, Failure};
@@ -65,7 +66,20 @@ async fn claim(
             PlatformError::invalid("lease_seconds", format!("{lease} is out of range; allowed 1..=86400")).into()
         );
     }
-    let claimed = queue::claim(&state.pool, &udf, queue::Claimer::Worker(&req.worker_id), limit, lease).await?;
+    let span = pull_span("layer.claim", &udf.id, &req.worker_id);
+    let claimed = match queue::claim(&state.pool, &udf, queue::Claimer::Worker(&req.worker_id), limit, lease).await {
+        Ok(c) => c,
+        Err(e) => {
+            span.error(e.to_string());
+            return Err(e.into());
+        }
+    };
+    span.set([
+        KeyValue::new("layer.batch.id", claimed.batch_id.unwrap_or_default()),
+        KeyValue::new("layer.batch.size", claimed.items.len() as i64),
+        KeyValue::new("layer.claim.at_capacity", claimed.at_capacity),
+    ]);
+    span.end();
     if claimed.at_capacity {
         tracing::debug!(udf = %udf.id, worker_id = %req.worker_id, "claim turned away: maxInFlightBatches reached");
     }
@@ -97,11 +111,33 @@ async fn complete(
             Err(f) => refused.push(f),
         }
     }
-    let mut tx = queue::begin_writeback(&state.pool).await?;
-    queue::fail(&mut tx, &udf, &req.worker_id, refused).await?;
-    let counts = queue::complete(&mut tx, &udf, &req.worker_id, completions).await?;
-    tx.commit().await.map_err(PlatformError::from)?;
-    Ok(Json(ItemsResponse { udf_id: udf.id, updated: counts.written }))
+    let span = pull_span("layer.complete", &udf.id, &req.worker_id);
+    span.set([KeyValue::new("layer.batch.size", (completions.len() + refused.len()) as i64)]);
+    let written: crate::Result<u64> = async {
+        let mut tx = queue::begin_writeback(&state.pool).await?;
+        queue::fail(&mut tx, &udf, &req.worker_id, refused).await?;
+        let counts = queue::complete(&mut tx, &udf, &req.worker_id, completions).await?;
+        tx.commit().await?;
+        Ok(counts.written)
+    }
+    .await;
+    let written = match written {
+        Ok(n) => n,
+        Err(e) => {
+            span.error(e.to_string());
+            return Err(e.into());
+        }
+    };
+    span.set([KeyValue::new("layer.batch.written", written as i64)]);
+    span.end();
+    Ok(Json(ItemsResponse { udf_id: udf.id, updated: written }))
+}
+
+/// A pull-protocol span under the request's.
+fn pull_span(name: &'static str, udf_id: &str, worker_id: &str) -> Span {
+    let attrs =
+        vec![KeyValue::new("layer.udf", udf_id.to_string()), KeyValue::new("layer.worker", worker_id.to_string())];
+    Span::start(name, SpanKind::Internal, &Context::current(), None, attrs)
 }
 
 /// Checks one result before it is written: reserved names, multi-vectors

@@ -175,6 +175,7 @@ pub async fn sweep(conn: &mut PgConnection, udf: &Udf, namespace: &str) -> Resul
 /// namespace enqueued rows, before the sweep is counted, so the dispatcher
 /// starts on them at once.
 pub async fn sweep_function(pool: &PgPool, udf: &Udf, namespaces: &[String], ready: &Notify) -> Result<u64> {
+    let started = std::time::Instant::now();
     let width = udf.spec.schedule.max_concurrent_scans.max(1) as usize;
     let mut queue = namespaces.iter().cloned();
     let mut scans = JoinSet::new();
@@ -219,6 +220,7 @@ pub async fn sweep_function(pool: &PgPool, udf: &Udf, namespaces: &[String], rea
     .bind(&udf.id)
     .execute(pool)
     .await?;
+    crate::metrics::METRICS.sweep_duration.with_label_values(&[&udf.id]).observe(started.elapsed().as_secs_f64());
     if total > 0 {
         tracing::info!(udf = %udf.id, enqueued = total, namespaces = namespaces.len(), "discovery enqueued rows");
     }

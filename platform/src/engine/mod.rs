@@ -37,6 +37,8 @@ pub struct EngineConfig {
     /// A runner silent this long is lost: the expired leases of its batches
     /// are free retries.
     pub runner_lost_after: Duration,
+    /// Finished batch records older than this are deleted.
+    pub batch_retention: Duration,
 }
 
 impl Default for EngineConfig {
@@ -45,6 +47,7 @@ impl Default for EngineConfig {
             tick: Duration::from_millis(500),
             reap_interval: Duration::from_secs(1),
             runner_lost_after: Duration::from_secs(6),
+            batch_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -264,7 +267,8 @@ struct CronState {
 }
 
 async fn reaper_loop(pool: PgPool, config: EngineConfig, work_ready: Arc<Notify>, shutdown: CancellationToken) {
-    let mut pruned = Instant::now();
+    // The first pass prunes right after start, then every ten minutes.
+    let mut pruned: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -285,11 +289,16 @@ async fn reaper_loop(pool: PgPool, config: EngineConfig, work_ready: Arc<Notify>
                 }
             }
         }
-        if pruned.elapsed() > Duration::from_secs(600) {
+        if pruned.is_none_or(|p| p.elapsed() > Duration::from_secs(600)) {
             if let Err(e) = queue::prune_buckets(&pool).await {
                 tracing::warn!(error = %e, "pruning rate buckets failed");
             }
-            pruned = Instant::now();
+            match crate::runners::records::prune(&pool, config.batch_retention).await {
+                Ok(n) if n > 0 => tracing::info!(deleted = n, "pruned batch records past their retention"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning batch records failed"),
+            }
+            pruned = Some(Instant::now());
         }
     }
 }

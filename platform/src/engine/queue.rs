@@ -80,6 +80,7 @@ struct Picked {
     row_id: Option<String>,
     attributes: Option<sqlx::types::Json<Attributes>>,
     needed: Option<bool>,
+    available_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Who claims: a pull worker, or the dispatcher for a runner.
@@ -88,15 +89,16 @@ pub enum Claimer<'a> {
     /// A pull worker's own id: its reports are fenced on it.
     Worker(&'a str),
     /// A runner: the lease holder is `runner/<id>/batch/<batch>`, so the
-    /// report of one batch cannot touch another's leases.
-    Runner(&'a str),
+    /// report of one batch cannot touch another's leases. The batch record
+    /// gets the trace id its spans will carry.
+    Runner { id: &'a str, trace_id: &'a str },
 }
 
 impl Claimer<'_> {
     fn lease_holder(self, batch_id: i64) -> String {
         match self {
             Claimer::Worker(w) => w.to_string(),
-            Claimer::Runner(r) => batch_holder(r, batch_id),
+            Claimer::Runner { id, .. } => batch_holder(id, batch_id),
         }
     }
 }
@@ -114,6 +116,8 @@ pub struct Claim {
     /// The lease holder reports must name.
     pub holder: String,
     pub items: Vec<Claimed>,
+    /// When the longest-waiting item became claimable.
+    pub queued_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Set when the claim was turned away because the Function already has
     /// `maxInFlightBatches` batches leased.
     pub at_capacity: bool,
@@ -183,6 +187,7 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
     let worker_id = claimer.lease_holder(batch_id);
     let cap = i64::from(udf.spec.schedule.max_in_flight_batches);
     let mut out = Vec::new();
+    let mut queued_at: Option<chrono::DateTime<chrono::Utc>> = None;
     // A few rounds at most: a round only comes up short when it dropped items.
     for round in 0..4 {
         let want = limit - out.len() as i64;
@@ -202,7 +207,7 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
         // the picked rows, each by primary key.
         qb.push(
             "picked AS MATERIALIZED (
-                 SELECT w.namespace, w.row_id FROM work_items w
+                 SELECT w.namespace, w.row_id, w.available_at FROM work_items w
                  WHERE w.function_id = ",
         );
         qb.push_bind(&udf.id);
@@ -213,7 +218,7 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
         qb.push(
             " FOR UPDATE SKIP LOCKED),
              probe AS MATERIALIZED (
-                 SELECT p.namespace, p.row_id, r.attributes, r.write_seq, coalesce(r.id IS NOT NULL AND ",
+                 SELECT p.namespace, p.row_id, p.available_at, r.attributes, r.write_seq, coalesce(r.id IS NOT NULL AND ",
         );
         needs.push(&mut qb);
         qb.push(
@@ -243,11 +248,11 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
         );
         qb.push_bind(&udf.id);
         qb.push(" AND w.namespace = x.namespace AND w.row_id = x.row_id AND x.needed)");
-        if let Claimer::Runner(runner_id) = claimer {
+        if let Claimer::Runner { id: runner_id, trace_id } = claimer {
             // The batch record commits with its leases.
             qb.push(
                 ", record AS (
-                     INSERT INTO batches (id, function_id, revision, runner_id, items) SELECT ",
+                     INSERT INTO batches (id, function_id, revision, runner_id, trace_id, queued_at, items) SELECT ",
             );
             qb.push_bind(batch_id);
             qb.push(", ");
@@ -256,13 +261,16 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
             qb.push_bind(udf.revision);
             qb.push(", ");
             qb.push_bind(runner_id);
+            qb.push(", ");
+            qb.push_bind(trace_id);
             qb.push(
-                ", count(*) FROM probe WHERE needed HAVING count(*) > 0
-                     ON CONFLICT (id) DO UPDATE SET items = batches.items + EXCLUDED.items)",
+                ", min(available_at), count(*) FROM probe WHERE needed HAVING count(*) > 0
+                     ON CONFLICT (id) DO UPDATE SET items = batches.items + EXCLUDED.items,
+                         queued_at = least(batches.queued_at, EXCLUDED.queued_at))",
             );
         }
         qb.push(
-            " SELECT g.n AS in_flight, x.namespace, x.row_id, x.attributes, x.needed
+            " SELECT g.n AS in_flight, x.namespace, x.row_id, x.attributes, x.needed, x.available_at
              FROM gate g LEFT JOIN probe x ON true",
         );
         let picked: Vec<Picked> = qb.build_query_as().fetch_all(&mut *tx).await?;
@@ -281,6 +289,9 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
                 dropped = true;
                 continue;
             }
+            if let Some(t) = p.available_at {
+                queued_at = Some(queued_at.map_or(t, |q| q.min(t)));
+            }
             let attrs = p.attributes.map(|a| a.0).unwrap_or_default();
             out.push(Claimed { input: project_inputs(&row_id, &attrs, &udf.spec.inputs), namespace, id: row_id });
         }
@@ -290,7 +301,7 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
     }
     tx.commit().await?;
     let batch_id = (!out.is_empty()).then_some(batch_id);
-    Ok(Claim { batch_id, holder: worker_id, items: out, at_capacity: false, stale: false })
+    Ok(Claim { batch_id, holder: worker_id, items: out, queued_at, at_capacity: false, stale: false })
 }
 
 /// One result to write back.
@@ -424,6 +435,11 @@ pub async fn complete(
     .fetch_one(&mut *conn)
     .await?;
     let counts = CompleteCounts { written: written as u64, stale: stale as u64, not_leased: fenced as u64 };
+    let m = &crate::metrics::METRICS;
+    m.rows_completed.with_label_values(&[&udf.id]).inc_by(counts.written);
+    if counts.stale + counts.not_leased > 0 {
+        m.rows_dropped_stale.with_label_values(&[&udf.id]).inc_by(counts.stale + counts.not_leased);
+    }
     if counts.stale > 0 || counts.not_leased > 0 {
         tracing::info!(udf = %udf.id, worker_id, stale = counts.stale, not_leased = counts.not_leased, "dropped results");
     }
@@ -469,7 +485,12 @@ async fn transition(conn: &mut sqlx::PgConnection, udf_id: &str, moves: Vec<Move
     let mut delays = Vec::new();
     let mut kinds = Vec::new();
     let mut messages = Vec::new();
+    let (mut retried, mut failed) = (0u64, 0u64);
     for Move { namespace: n, id, next, kind, message } in moves {
+        match next {
+            Next::Retry { .. } => retried += 1,
+            Next::Failed { .. } => failed += 1,
+        }
         let (state, a, f, d) = match next {
             Next::Retry { attempts, free_retries, delay } => ("pending", attempts, free_retries, delay.as_secs_f64()),
             Next::Failed { attempts, free_retries } => ("failed", attempts, free_retries, 0.0),
@@ -503,6 +524,9 @@ async fn transition(conn: &mut sqlx::PgConnection, udf_id: &str, moves: Vec<Move
     .execute(&mut *conn)
     .await?
     .rows_affected();
+    let m = &crate::metrics::METRICS;
+    m.rows_retried.with_label_values(&[udf_id]).inc_by(retried);
+    m.rows_failed.with_label_values(&[udf_id]).inc_by(failed);
     Ok(n)
 }
 
@@ -657,6 +681,7 @@ pub async fn reap_expired(pool: &PgPool, batch: i64, runner_lost_after: std::tim
     }
     for (udf_id, moves) in by_fn {
         let n = moves.len() as i64;
+        crate::metrics::METRICS.leases_expired.with_label_values(&[&udf_id]).inc_by(n as u64);
         transition(&mut tx, &udf_id, moves).await?;
         sqlx::query(
             "INSERT INTO function_stats (function_id, leases_expired) VALUES ($1, $2)

@@ -13,6 +13,7 @@ use layer_protocol::runner::{
     BatchReport, FailureKind, FunctionLogs, FunctionWorkerLogs, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
     RegisterResponse, ReportResponse, RunnerList, RunnerLogs, RunnerState, UnreachableRunner,
 };
+use layer_telemetry::trace::{Context, KeyValue, Span, SpanKind};
 
 use super::store::{self, RunnerRow};
 use crate::auth::Principal;
@@ -229,7 +230,7 @@ async fn report(
     State(state): State<AppState>,
     Path((id, batch_id)): Path<(String, i64)>,
     headers: HeaderMap,
-    ApiJson(req): ApiJson<BatchReport>,
+    ApiJson(mut req): ApiJson<BatchReport>,
 ) -> Result<Json<ReportResponse>, ApiError> {
     authenticate_report(&state, &headers, &id, batch_id).await?;
     // One transaction: the writeback, the failures and the batch record
@@ -249,17 +250,32 @@ async fn report(
             dropped: batch.dropped as u64,
         }));
     }
+    let writeback = Span::start(
+        "layer.writeback",
+        SpanKind::Internal,
+        &Context::current(),
+        None,
+        vec![
+            KeyValue::new("layer.udf", batch.function_id.clone()),
+            KeyValue::new("layer.revision", i64::from(batch.revision)),
+            KeyValue::new("layer.batch.id", batch_id),
+            KeyValue::new("layer.runner", id.clone()),
+            KeyValue::new("layer.batch.size", req.results.len() as i64),
+            KeyValue::new("layer.gpu.uuids", req.gpus.join(",")),
+        ],
+    );
     let Some(udf) = batch.take_udf() else {
         // Deleted meanwhile: its work is gone; acknowledge.
         let n = req.results.len() as u64;
-        store::finish_batch(&mut tx, batch_id, "reported", (0, 0, n), req.worker.as_deref(), None).await?;
+        store::finish_batch(&mut tx, batch_id, (0, 0, n), &req, None).await?;
         tx.commit().await.map_err(PlatformError::from)?;
+        writeback.set([KeyValue::new("layer.batch.dropped", n as i64)]);
         return Ok(Json(ReportResponse { batch_id, written: 0, failed: 0, dropped: n }));
     };
     let holder = batch_holder(&id, batch_id);
     let mut completions = Vec::new();
     let mut failures = Vec::new();
-    for r in req.results {
+    for r in std::mem::take(&mut req.results) {
         match r.error {
             Some(e) => failures.push(Failure {
                 namespace: r.namespace,
@@ -274,22 +290,33 @@ async fn report(
         }
     }
     let reported = (completions.len() + failures.len()) as u64;
-    let failed = queue::fail(&mut tx, &udf, &holder, failures).await?;
-    let counts = queue::complete(&mut tx, &udf, &holder, completions).await?;
-    // Rows the report left out would otherwise wait for their lease.
-    let missing = queue::fail_unreported(&mut tx, &udf, &holder, batch_id).await?;
-    let written = counts.written;
-    let dropped = reported.saturating_sub(written + failed);
-    store::finish_batch(
-        &mut tx,
-        batch_id,
-        "reported",
-        (written, failed + missing, dropped),
-        req.worker.as_deref(),
-        (missing > 0).then_some("the report left rows out"),
-    )
-    .await?;
-    tx.commit().await.map_err(PlatformError::from)?;
+    let outcome: Result<(u64, u64, u64)> = async {
+        let failed = queue::fail(&mut tx, &udf, &holder, failures).await?;
+        let counts = queue::complete(&mut tx, &udf, &holder, completions).await?;
+        // Rows the report left out would otherwise wait for their lease.
+        let missing = queue::fail_unreported(&mut tx, &udf, &holder, batch_id).await?;
+        let written = counts.written;
+        let dropped = reported.saturating_sub(written + failed);
+        let left_out = (missing > 0).then_some("the report left rows out");
+        store::finish_batch(&mut tx, batch_id, (written, failed + missing, dropped), &req, left_out).await?;
+        tx.commit().await?;
+        Ok((written, failed + missing, dropped))
+    }
+    .await;
+    let (written, failed, dropped) = match outcome {
+        Ok(c) => c,
+        Err(e) => {
+            writeback.error(e.to_string());
+            return Err(e.into());
+        }
+    };
+    writeback.set([
+        KeyValue::new("layer.batch.written", written as i64),
+        KeyValue::new("layer.batch.failed", failed as i64),
+        KeyValue::new("layer.batch.dropped", dropped as i64),
+    ]);
+    writeback.end();
+    crate::metrics::METRICS.batch_duration.with_label_values(&[&udf.id]).observe(batch.age_seconds);
     state.engine.work_ready().notify_one();
-    Ok(Json(ReportResponse { batch_id, written, failed: failed + missing, dropped }))
+    Ok(Json(ReportResponse { batch_id, written, failed, dropped }))
 }

@@ -22,6 +22,7 @@ use layer_protocol::resource::{ComputePool, InfraRulesInfo, PoolResources};
 use layer_protocol::runner::tokens::{self, Purpose};
 use layer_protocol::runner::{BatchAssignment, RunnerState, WorkerPlan};
 use layer_protocol::work::ClaimedItem;
+use layer_telemetry::trace::{KeyValue, Span, SpanKind, new_trace_id, trace_id_hex};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -388,7 +389,13 @@ impl Dispatcher {
                 };
                 let limit = i64::from(udf.spec.worker.batch_size);
                 let lease = i64::from(udf.spec.schedule.lease_seconds);
-                let claim = queue::claim(&self.pool, udf, Claimer::Runner(&runner.id), limit, lease).await?;
+                // The trace id is chosen before the lease so the batch
+                // record carries it; the spans start once there is a batch.
+                let trace_id = new_trace_id();
+                let trace_hex = trace_id_hex(trace_id);
+                let leasing_at = std::time::SystemTime::now();
+                let claimer = Claimer::Runner { id: &runner.id, trace_id: &trace_hex };
+                let claim = queue::claim(&self.pool, udf, claimer, limit, lease).await?;
                 stale |= claim.stale;
                 let Some(batch_id) = claim.batch_id else {
                     done.insert(&udf.id);
@@ -398,6 +405,8 @@ impl Dispatcher {
                 if (claim.items.len() as i64) < limit {
                     done.insert(&udf.id);
                 }
+                let span =
+                    batch_span(udf, &runner.id, batch_id, claim.items.len(), trace_id, leasing_at, claim.queued_at);
                 runner.in_flight += 1;
                 if !runner.in_flight_udfs.contains(&udf.id) {
                     runner.in_flight_udfs.push(udf.id.clone());
@@ -434,8 +443,10 @@ impl Dispatcher {
                     work_ready: self.work_ready.clone(),
                     cooldown: cooldown.clone(),
                     rest_for: self.config.cooldown,
+                    span,
                 };
-                sends.spawn(send.run(assignment));
+                let logs = tracing::info_span!("batch", batch_id, udf = %udf.id, trace_id = %trace_hex);
+                sends.spawn(tracing::Instrument::instrument(send.run(assignment), logs));
             }
         }
         if stale {
@@ -443,6 +454,38 @@ impl Dispatcher {
         }
         Ok(())
     }
+}
+
+/// A batch's root span (`layer.batch`) from the start of its lease, with
+/// `layer.queued` (its oldest row's wait) and `layer.lease` under it.
+fn batch_span(
+    udf: &Udf,
+    runner_id: &str,
+    batch_id: i64,
+    size: usize,
+    trace_id: layer_telemetry::trace::TraceId,
+    leasing_at: std::time::SystemTime,
+    queued_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> Span {
+    let attrs = vec![
+        KeyValue::new("layer.udf", udf.id.clone()),
+        KeyValue::new("layer.revision", i64::from(udf.revision)),
+        KeyValue::new("layer.batch.id", batch_id),
+        KeyValue::new("layer.batch.size", size as i64),
+        KeyValue::new("layer.runner", runner_id.to_string()),
+    ];
+    let queued_at = queued_at.map(std::time::SystemTime::from).filter(|q| *q < leasing_at);
+    let root =
+        Span::root("layer.batch", SpanKind::Internal, Some(trace_id), Some(queued_at.unwrap_or(leasing_at)), attrs);
+    let metrics = &crate::metrics::METRICS;
+    if let Some(q) = queued_at {
+        root.child_from("layer.queued", SpanKind::Internal, q, vec![]).end_at(leasing_at);
+        let wait = leasing_at.duration_since(q).unwrap_or_default();
+        metrics.batch_queue_wait.with_label_values(&[&udf.id]).observe(wait.as_secs_f64());
+    }
+    root.child_from("layer.lease", SpanKind::Internal, leasing_at, vec![]).end();
+    metrics.batches_dispatched.with_label_values(&[&udf.id]).inc();
+    root
 }
 
 /// One batch on its way to a runner.
@@ -457,21 +500,42 @@ struct Send {
     work_ready: Arc<Notify>,
     cooldown: Cooldown,
     rest_for: Duration,
+    /// The batch's root span; ends when the runner has the batch.
+    span: Span,
 }
 
 impl Send {
     async fn run(self, assignment: BatchAssignment) {
         let batch_id = assignment.batch_id;
-        let outcome = self.http.post(&self.url).bearer_auth(&self.token).json(&assignment).send().await;
-        let error = match outcome {
-            Ok(r) if r.status().is_success() => return,
+        let dispatch = self.span.child(
+            "layer.dispatch",
+            SpanKind::Client,
+            vec![KeyValue::new("http.request.method", "POST"), KeyValue::new("url.full", self.url.clone())],
+        );
+        let mut headers = http::HeaderMap::new();
+        dispatch.inject(&mut headers);
+        let outcome =
+            self.http.post(&self.url).headers(headers).bearer_auth(&self.token).json(&assignment).send().await;
+        let (error, class) = match outcome {
+            Ok(r) if r.status().is_success() => {
+                dispatch.set([KeyValue::new("http.response.status_code", i64::from(r.status().as_u16()))]);
+                dispatch.end();
+                self.span.end();
+                return;
+            }
             Ok(r) => {
                 let status = r.status();
+                dispatch.set([KeyValue::new("http.response.status_code", i64::from(status.as_u16()))]);
                 let body: String = r.text().await.unwrap_or_default().chars().take(300).collect();
-                format!("runner {} refused batch {batch_id}: {status} {body}", self.runner_id)
+                (format!("runner {} refused batch {batch_id}: {status} {body}", self.runner_id), "refused")
             }
-            Err(e) => format!("could not send batch {batch_id} to runner {}: {e}", self.runner_id),
+            Err(e) => (format!("could not send batch {batch_id} to runner {}: {e}", self.runner_id), "unreachable"),
         };
+        crate::metrics::METRICS.dispatch_errors.with_label_values(&[class]).inc();
+        dispatch.error(error.clone());
+        dispatch.end();
+        self.span.error(error.clone());
+        self.span.end();
         tracing::warn!(batch_id, runner_id = %self.runner_id, error = %error, "dispatch to runner failed");
         // The runner rests before its batch is back in the queue.
         self.cooldown

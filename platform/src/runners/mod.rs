@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod dispatch;
+pub mod records;
 pub mod store;
 
 use std::collections::HashMap;

@@ -179,6 +179,10 @@ pub struct BatchRow {
     pub written: i32,
     pub failed: i32,
     pub dropped: i32,
+    pub revision: i32,
+    pub trace_id: Option<String>,
+    /// Seconds since the batch was leased.
+    pub age_seconds: f64,
     function: Option<Json<crate::functions::store::FunctionRow>>,
 }
 
@@ -194,7 +198,8 @@ impl BatchRow {
 /// after the other and the second sees `reported`.
 pub async fn lock_batch(tx: &mut Transaction<'_, Postgres>, batch_id: i64) -> Result<Option<BatchRow>> {
     Ok(sqlx::query_as(
-        "SELECT b.id, b.function_id, b.runner_id, b.state, b.written, b.failed, b.dropped,
+        "SELECT b.id, b.function_id, b.runner_id, b.state, b.written, b.failed, b.dropped, b.revision, b.trace_id,
+             extract(epoch FROM clock_timestamp() - b.dispatched_at)::float8 AS age_seconds,
              (SELECT to_jsonb(f) FROM functions f WHERE f.id = b.function_id) AS function
          FROM batches b WHERE b.id = $1 FOR UPDATE",
     )
@@ -203,27 +208,30 @@ pub async fn lock_batch(tx: &mut Transaction<'_, Postgres>, batch_id: i64) -> Re
     .await?)
 }
 
-/// Closes a batch with its outcome.
+/// Closes a reported batch with its outcome and the runner's account of it.
 pub async fn finish_batch(
     tx: &mut Transaction<'_, Postgres>,
     batch_id: i64,
-    state: &str,
     counts: (u64, u64, u64),
-    worker: Option<&str>,
+    report: &layer_protocol::runner::BatchReport,
     error: Option<&str>,
 ) -> Result<()> {
     sqlx::query(
-        "UPDATE batches SET state = $2, written = $3, failed = $4, dropped = $5, worker = $6, error = $7,
-             finished_at = now()
+        "UPDATE batches SET state = 'reported', written = $2, failed = $3, dropped = $4, worker = $5, error = $6,
+             started_at = to_timestamp($7::float8 / 1000), ended_at = to_timestamp($8::float8 / 1000),
+             gpus = $9, cold_start = $10, finished_at = now()
          WHERE id = $1",
     )
     .bind(batch_id)
-    .bind(state)
     .bind(counts.0 as i32)
     .bind(counts.1 as i32)
     .bind(counts.2 as i32)
-    .bind(worker)
+    .bind(report.worker.as_deref())
     .bind(error)
+    .bind(report.started_at_ms.map(|t| t as f64))
+    .bind(report.ended_at_ms.map(|t| t as f64))
+    .bind(Json(&report.gpus))
+    .bind(report.cold_start)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -218,6 +218,8 @@ pub struct WorkerLease {
     key: (String, i32),
     pools: Pools,
     healthy: bool,
+    /// The worker was started for this lease.
+    pub cold: bool,
 }
 
 impl WorkerLease {
@@ -320,7 +322,13 @@ impl Pools {
                         continue;
                     }
                     pool.busy.push(idle.worker.view(udf_id, revision, "busy"));
-                    return Ok(WorkerLease { worker: Some(idle.worker), key, pools: self.clone(), healthy: true });
+                    return Ok(WorkerLease {
+                        worker: Some(idle.worker),
+                        key,
+                        pools: self.clone(),
+                        healthy: true,
+                        cold: false,
+                    });
                 }
                 let max = plan.replicas_max.max(1) as usize;
                 if pool.count < max && Instant::now() >= pool.next_start {
@@ -365,7 +373,13 @@ impl Pools {
                     Ok(w) => {
                         pool.start_failures = 0;
                         pool.busy.push(w.view(udf_id, revision, "busy"));
-                        return Ok(WorkerLease { worker: Some(w), key, pools: self.clone(), healthy: true });
+                        return Ok(WorkerLease {
+                            worker: Some(w),
+                            key,
+                            pools: self.clone(),
+                            healthy: true,
+                            cold: true,
+                        });
                     }
                     Err(e) => {
                         pool.count -= 1;

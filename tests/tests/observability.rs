@@ -1,0 +1,446 @@
+//! Traces, metrics, batch records and failed rows, end to end: an
+//! in-test OTLP/HTTP receiver decodes what the platform, the runner and the
+//! worker export; `/metrics` is parsed (and checked by `promtool` where it
+//! is installed); the batch API is compared with what happened.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::HeaderMap;
+use layer_tests::{TestPlatform, TestRunner, workspace_dir};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use prost::Message;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// One exported span, from either encoding.
+#[derive(Debug, Clone)]
+struct GotSpan {
+    service: String,
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent_id: String,
+    attrs: BTreeMap<String, String>,
+    error: bool,
+}
+
+type Spans = Arc<Mutex<Vec<GotSpan>>>;
+
+/// An OTLP/HTTP receiver on an ephemeral port: protobuf (the platform and
+/// runner) and JSON (the Python worker) on `POST /v1/traces`.
+async fn otlp_receiver() -> anyhow::Result<(String, Spans)> {
+    let spans: Spans = Arc::default();
+    let sink = spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let sink = sink.clone();
+            async move {
+                let json = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").contains("json");
+                let got = if json { decode_json(&body) } else { decode_proto(&body) };
+                match got {
+                    Ok(got) => {
+                        sink.lock().unwrap().extend(got);
+                        (axum::http::StatusCode::OK, Vec::new())
+                    }
+                    Err(e) => (axum::http::StatusCode::BAD_REQUEST, e.into_bytes()),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, spans))
+}
+
+fn decode_proto(body: &[u8]) -> Result<Vec<GotSpan>, String> {
+    let req = ExportTraceServiceRequest::decode(body).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for rs in req.resource_spans {
+        let service = rs
+            .resource
+            .iter()
+            .flat_map(|r| r.attributes.iter())
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+            .map(|v| match v {
+                AnyValue::StringValue(s) => s.clone(),
+                other => format!("{other:?}"),
+            })
+            .unwrap_or_default();
+        for ss in rs.scope_spans {
+            for s in ss.spans {
+                let attrs = s
+                    .attributes
+                    .iter()
+                    .map(|kv| {
+                        let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                            Some(AnyValue::StringValue(s)) => s.clone(),
+                            Some(AnyValue::IntValue(i)) => i.to_string(),
+                            Some(AnyValue::BoolValue(b)) => b.to_string(),
+                            Some(AnyValue::DoubleValue(d)) => d.to_string(),
+                            other => format!("{other:?}"),
+                        };
+                        (kv.key.clone(), v)
+                    })
+                    .collect();
+                out.push(GotSpan {
+                    service: service.clone(),
+                    name: s.name.clone(),
+                    trace_id: hex::encode(&s.trace_id),
+                    span_id: hex::encode(&s.span_id),
+                    parent_id: hex::encode(&s.parent_span_id),
+                    attrs,
+                    error: s.status.as_ref().is_some_and(|st| st.code == 2),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn decode_json(body: &[u8]) -> Result<Vec<GotSpan>, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for rs in v["resourceSpans"].as_array().into_iter().flatten() {
+        let service = rs["resource"]["attributes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["key"] == "service.name")
+            .and_then(|a| a["value"]["stringValue"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+            for s in ss["spans"].as_array().into_iter().flatten() {
+                let text = |k: &str| s[k].as_str().unwrap_or_default().to_string();
+                out.push(GotSpan {
+                    service: service.clone(),
+                    name: text("name"),
+                    trace_id: text("traceId"),
+                    span_id: text("spanId"),
+                    parent_id: text("parentSpanId"),
+                    attrs: BTreeMap::new(),
+                    error: false,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn worker_spec(env: Value) -> Value {
+    let script = workspace_dir().join("tests/python/push_worker.py");
+    json!({
+        "targetNamespaces": ["jobs"],
+        "inputs": ["id", "mode"],
+        "worker": {"dispatch": "push", "command": ["python3", script], "batchSize": 8, "timeoutSeconds": 10, "env": env},
+        "retry": {"maxAttempts": 1, "initialBackoffSeconds": 0, "maxBackoffSeconds": 0},
+        "schedule": {"leaseSeconds": 30}
+    })
+}
+
+/// Waits until the Function has nothing pending or processing.
+async fn drained(p: &TestPlatform, f: &str) -> anyhow::Result<Value> {
+    let start = Instant::now();
+    loop {
+        let (_, st) = p.call(Method::GET, &format!("/v2/udfs/{f}/status"), None).await?;
+        let idle = st["pending_count"] == 0 && st["processing_count"] == 0;
+        let touched = st["counts"]["completed"].as_i64() > Some(0) || st["failed_count"].as_i64() > Some(0);
+        if idle && touched {
+            return Ok(st);
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "not drained: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_push_batch_is_one_trace_across_platform_runner_and_worker() -> anyhow::Result<()> {
+    let (otlp, spans) = otlp_receiver().await?;
+    let traces =
+        layer_telemetry::init_traces("layer-test", layer_telemetry::TraceExport::Endpoint(format!("{otlp}/v1/traces")))
+            .map_err(anyhow::Error::msg)?;
+    let p = TestPlatform::start().await?;
+    let runner = TestRunner::start(&p, |_| {}).await?;
+    let rows: Vec<Value> = (0..8).map(|i| json!({"id": format!("r{i}"), "mode": "ok"})).collect();
+    p.upsert_rows("jobs", json!(rows)).await?;
+    p.apply_function("traced", worker_spec(json!({"OTEL_EXPORTER_OTLP_ENDPOINT": otlp}))).await?;
+    let st = drained(&p, "traced").await?;
+    assert_eq!(st["counts"]["completed"], 8, "{st}");
+
+    // The batch record names the trace.
+    let (status, list) = p.call(Method::GET, "/v2/udfs/traced/batches", None).await?;
+    assert_eq!(status, 200, "{list}");
+    let batches = list["batches"].as_array().unwrap();
+    assert_eq!(batches.len(), 1, "8 rows at batchSize 8: {list}");
+    let record = &batches[0];
+    let trace_id = record["trace_id"].as_str().unwrap().to_string();
+    assert_eq!(trace_id.len(), 32, "{record}");
+
+    // Every span of the batch arrives, in one trace.
+    let want = [
+        "layer.batch",
+        "layer.lease",
+        "layer.dispatch",
+        "layer.runner.batch",
+        "layer.worker.acquire",
+        "layer.worker.call",
+        "worker.run",
+        "layer.report",
+        "layer.writeback",
+    ];
+    let start = Instant::now();
+    let got: Vec<GotSpan> = loop {
+        traces.flush();
+        let got: Vec<GotSpan> = spans.lock().unwrap().iter().filter(|s| s.trace_id == trace_id).cloned().collect();
+        if want.iter().all(|w| got.iter().any(|s| s.name == *w)) {
+            break got;
+        }
+        let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "spans of trace {trace_id} so far: {names:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let by_name: HashMap<&str, &GotSpan> = got.iter().map(|s| (s.name.as_str(), s)).collect();
+    let by_id: HashMap<&str, &GotSpan> = got.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let parent_of = |name: &str| -> String {
+        let s = by_name[name];
+        by_id.get(s.parent_id.as_str()).map(|p| p.name.clone()).unwrap_or_else(|| format!("<{}>", s.parent_id))
+    };
+    // One root; every other span's parent is in the trace.
+    let roots: Vec<&str> = got.iter().filter(|s| s.parent_id.is_empty()).map(|s| s.name.as_str()).collect();
+    assert_eq!(roots, ["layer.batch"], "{got:#?}");
+    for s in &got {
+        assert!(
+            s.parent_id.is_empty() || by_id.contains_key(s.parent_id.as_str()),
+            "{} has no parent: {got:#?}",
+            s.name
+        );
+        assert!(!s.error, "{} failed: {s:?}", s.name);
+    }
+    assert_eq!(parent_of("layer.lease"), "layer.batch");
+    assert_eq!(parent_of("layer.dispatch"), "layer.batch");
+    assert_eq!(parent_of("layer.runner.batch"), "layer.dispatch", "the runner continues the platform's trace");
+    assert_eq!(parent_of("layer.worker.acquire"), "layer.runner.batch");
+    assert_eq!(parent_of("layer.worker.call"), "layer.runner.batch");
+    assert_eq!(parent_of("worker.run"), "layer.worker.call", "the worker joins through traceparent");
+    assert_eq!(parent_of("layer.report"), "layer.runner.batch");
+    let report_request = parent_of("layer.writeback");
+    assert_eq!(report_request, "POST /v2/runners/{id}/batches/{batch}/report");
+    assert_eq!(parent_of(&report_request), "layer.report", "the platform continues the runner's report");
+    assert_eq!(by_name["worker.run"].service, "push-worker");
+    assert_eq!(by_name["layer.batch"].service, "layer-test");
+
+    // The attributes name the batch and count its outcome.
+    let batch_id = record["id"].as_i64().unwrap().to_string();
+    let root = by_name["layer.batch"];
+    assert_eq!(root.attrs["layer.udf"], "traced");
+    assert_eq!(root.attrs["layer.batch.id"], batch_id);
+    assert_eq!(root.attrs["layer.batch.size"], "8");
+    assert_eq!(root.attrs["layer.runner"], runner.id);
+    assert_eq!(
+        by_name["layer.worker.acquire"].attrs["layer.worker.cold_start"], "true",
+        "the first batch starts a worker"
+    );
+    assert_eq!(by_name["layer.writeback"].attrs["layer.batch.written"], "8");
+    assert_eq!(by_name["layer.runner.batch"].attrs["layer.batch.ok"], "8");
+
+    // The record's timings are in order.
+    assert_eq!(record["state"], "reported");
+    assert_eq!((record["items"].as_i64(), record["written"].as_i64()), (Some(8), Some(8)), "{record}");
+    assert_eq!(record["cold_start"], true, "{record}");
+    assert!(record["worker"].as_str().is_some_and(|w| w.starts_with("traced-r")), "{record}");
+    let t = |k: &str| {
+        chrono::DateTime::parse_from_rfc3339(record[k].as_str().unwrap_or_else(|| panic!("{k} missing: {record}")))
+            .unwrap()
+    };
+    assert!(t("queued_at") <= t("dispatched_at"), "{record}");
+    assert!(t("started_at") <= t("ended_at"), "{record}");
+    assert!(t("ended_at") <= t("finished_at"), "{record}");
+    let (_, one) = p.call(Method::GET, &format!("/v2/batches/{batch_id}"), None).await?;
+    assert_eq!(&one, record);
+    runner.stop().await?;
+    Ok(())
+}
+
+/// Samples of a Prometheus text exposition: `name{labels}` → value.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+async fn scrape(url: &str) -> anyhow::Result<(String, BTreeMap<String, f64>)> {
+    let r = reqwest::get(format!("{url}/metrics")).await?;
+    anyhow::ensure!(r.status() == 200, "GET {url}/metrics: {}", r.status());
+    let ctype = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    let text = r.text().await?;
+    let s = samples(&text);
+    Ok((text, s))
+}
+
+/// `promtool check metrics` where promtool is installed (CI installs it).
+fn promtool_accepts(text: &str, what: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("promtool is not installed; the {what} metrics were only parsed");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    child.stdin.take().unwrap().write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "promtool rejects the {what} metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_batch_records_and_failed_rows_follow_a_drain() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let mut rows: Vec<Value> = (0..14).map(|i| json!({"id": format!("ok{i:02}"), "mode": "ok"})).collect();
+    rows.push(json!({"id": "bad1", "mode": "permanent"}));
+    rows.push(json!({"id": "bad2", "mode": "permanent"}));
+    p.upsert_rows("jobs", json!(rows)).await?;
+    p.apply_function("metered", worker_spec(json!({}))).await?;
+
+    // No runner yet: the queue depth is every row.
+    let start = Instant::now();
+    loop {
+        let (_, m) = scrape(&p.url).await?;
+        if m.get("layer_udf_queue_depth{udf=\"metered\"}") == Some(&16.0) {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "queue depth never reached 16: {m:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let runner = TestRunner::start(&p, |_| {}).await?;
+    drained(&p, "metered").await?;
+    let (text, m) = scrape(&p.url).await?;
+    assert_eq!(m["layer_udf_queue_depth{udf=\"metered\"}"], 0.0, "{text}");
+    assert_eq!(m["layer_udf_failed_rows{udf=\"metered\"}"], 2.0, "{text}");
+    assert_eq!(m["layer_rows_completed_total{udf=\"metered\"}"], 14.0, "{text}");
+    assert_eq!(m["layer_rows_failed_total{udf=\"metered\"}"], 2.0, "{text}");
+    assert_eq!(m["layer_batches_in_flight{udf=\"metered\"}"], 0.0, "{text}");
+    assert_eq!(m["layer_runners{state=\"active\"}"], 1.0, "{text}");
+    assert!(m["layer_batch_duration_seconds_count{udf=\"metered\"}"] >= 2.0, "{text}");
+    assert!(m.keys().any(|k| k.starts_with("layer_discovery_sweep_duration_seconds_count")), "{text}");
+    assert!(!text.contains("ok01"), "no row ids in labels");
+    promtool_accepts(&text, "platform")?;
+
+    let (rtext, rm) = scrape(&format!("http://{}", runner.addr)).await?;
+    assert!(rm["layer_runner_worker_acquisitions_total{start=\"cold\",udf=\"metered\"}"] >= 1.0, "{rtext}");
+    assert!(rm["layer_runner_worker_call_duration_seconds_count{udf=\"metered\"}"] >= 2.0, "{rtext}");
+    assert_eq!(rm["layer_runner_batches_in_flight"], 0.0, "{rtext}");
+    assert!(rm.keys().any(|k| k.starts_with("layer_runner_workers{")), "a warm worker is listed: {rtext}");
+    promtool_accepts(&rtext, "runner")?;
+
+    // Batch records add up to what happened.
+    let (_, list) = p.call(Method::GET, "/v2/udfs/metered/batches?limit=100", None).await?;
+    let batches = list["batches"].as_array().unwrap();
+    let sum = |k: &str| batches.iter().map(|b| b[k].as_i64().unwrap()).sum::<i64>();
+    assert_eq!((sum("items"), sum("written"), sum("failed")), (16, 14, 2), "{list}");
+    assert!(batches.iter().all(|b| b["state"] == "reported" && b["runner_id"] == runner.id.as_str()), "{list}");
+    let ids: Vec<i64> = batches.iter().map(|b| b["id"].as_i64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first: {ids:?}");
+    // Pages of one.
+    let (_, page) = p.call(Method::GET, "/v2/udfs/metered/batches?limit=1", None).await?;
+    assert_eq!(page["batches"][0]["id"], ids[0]);
+    let cursor = page["next_cursor"].as_str().expect("a next page").to_string();
+    let (_, page2) = p.call(Method::GET, &format!("/v2/udfs/metered/batches?limit=1&cursor={cursor}"), None).await?;
+    assert_eq!(page2["batches"][0]["id"], ids[1], "{page2}");
+    // Filters.
+    let (_, none) = p.call(Method::GET, "/v2/udfs/metered/batches?state=abandoned", None).await?;
+    assert_eq!(none["batches"], json!([]), "{none}");
+    let (_, other) = p.call(Method::GET, "/v2/udfs/metered/batches?runner=nobody", None).await?;
+    assert_eq!(other["batches"], json!([]), "{other}");
+    let (_, later) = p.call(Method::GET, "/v2/udfs/metered/batches?since=2999-01-01T00:00:00Z", None).await?;
+    assert_eq!(later["batches"], json!([]), "{later}");
+    let (status, bad) = p.call(Method::GET, "/v2/udfs/metered/batches?state=bogus", None).await?;
+    assert_eq!((status, bad["field"].as_str()), (400, Some("state")), "{bad}");
+    let (status, bad) = p.call(Method::GET, "/v2/udfs/metered/batches?since=yesterday", None).await?;
+    assert_eq!((status, bad["field"].as_str()), (400, Some("since")), "{bad}");
+    let (status, _) = p.call(Method::GET, "/v2/batches/999999999", None).await?;
+    assert_eq!(status, 404);
+    let (status, _) = p.call(Method::GET, "/v2/udfs/nope/batches", None).await?;
+    assert_eq!(status, 404);
+
+    // The failed rows, with their last error.
+    let (_, failed) = p.call(Method::GET, "/v2/udfs/metered/failed", None).await?;
+    let got: Vec<(String, String, String, i64)> = failed["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                r["error_kind"].as_str().unwrap_or_default().to_string(),
+                r["error"].as_str().unwrap_or_default().to_string(),
+                r["attempts"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("bad1".into(), "permanent".into(), "cannot do bad1".into(), 1),
+            ("bad2".into(), "permanent".into(), "cannot do bad2".into(), 1)
+        ],
+        "{failed}"
+    );
+    let (_, first) = p.call(Method::GET, "/v2/udfs/metered/failed?limit=1", None).await?;
+    let cursor = first["next_cursor"].as_str().expect("a second page").to_string();
+    let (_, second) = p.call(Method::GET, &format!("/v2/udfs/metered/failed?limit=1&cursor={cursor}"), None).await?;
+    assert_eq!(second["rows"][0]["id"], "bad2", "{second}");
+    assert!(second.get("next_cursor").is_none(), "{second}");
+    runner.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_batch_records_go_after_the_retention() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    p.apply_function("kept", worker_spec(json!({}))).await?;
+    for (id, state, age_hours) in
+        [(1, "reported", 200), (2, "abandoned", 200), (3, "reported", 1), (4, "dispatched", 200)]
+    {
+        sqlx::query(
+            "INSERT INTO batches (id, function_id, revision, runner_id, state, items, dispatched_at, finished_at)
+             VALUES ($1, 'kept', 1, 'r', $2, 1, now() - make_interval(hours => $3),
+                     CASE WHEN $2 = 'dispatched' THEN NULL ELSE now() - make_interval(hours => $3) END)",
+        )
+        .bind(id as i64)
+        .bind(state)
+        .bind(age_hours)
+        .execute(&p.pool)
+        .await?;
+    }
+    let n = layer_platform::runners::records::prune(&p.pool, Duration::from_secs(168 * 3600)).await?;
+    assert_eq!(n, 2);
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM batches ORDER BY id").fetch_all(&p.pool).await?;
+    assert_eq!(left, [3, 4], "recent and open records stay");
+    Ok(())
+}
