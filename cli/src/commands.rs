@@ -270,7 +270,7 @@ pub async fn udf_batches(client: &Client, name: &str, f: &BatchFilters, json_out
         return print_json(&r);
     }
     println!(
-        "{:<10} {:<10} {:<24} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:<26} TRACE",
+        "{:<10} {:<10} {:<24} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:<34} TRACE",
         "BATCH", "STATE", "DISPATCHED", "ROWS", "OK", "FAIL", "DROP", "WAIT_MS", "RUN_MS", "WORKER"
     );
     for b in &r.batches {
@@ -280,7 +280,7 @@ pub async fn udf_batches(client: &Client, name: &str, f: &BatchFilters, json_out
             (None, _) => "-".into(),
         };
         println!(
-            "{:<10} {:<10} {:<24} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:<26} {}",
+            "{:<10} {:<10} {:<24} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:<34} {}",
             b.id,
             b.state,
             b.dispatched_at,

@@ -28,6 +28,10 @@ struct Dev {
 
 impl Dev {
     fn start(dir: &Path, port: u16, key: Option<&str>) -> Dev {
+        Self::start_with_env(dir, port, key, &[])
+    }
+
+    fn start_with_env(dir: &Path, port: u16, key: Option<&str>, env: &[(&str, &str)]) -> Dev {
         std::fs::create_dir_all(dir).unwrap();
         let stdout = dir.with_extension(format!("{port}.out"));
         let stderr = dir.with_extension(format!("{port}.log"));
@@ -40,6 +44,7 @@ impl Dev {
         if let Some(k) = key {
             cmd.env("LAYER_API_KEY", k);
         }
+        cmd.envs(env.iter().copied());
         let child = cmd.spawn().unwrap();
         Dev { child, url: format!("http://127.0.0.1:{port}"), stdout, stderr }
     }
@@ -229,5 +234,109 @@ fn layer_run_drains_with_the_seed_worker_and_fails_on_failed_rows() {
     worker.kill().unwrap();
     let _ = worker.wait();
     assert!(dev.stop().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The "done when" for observability, on the real binary: a push
+/// run under `layer dev` with `OTEL_EXPORTER_OTLP_ENDPOINT` set exports one
+/// connected trace per batch, JSON log lines of a batch carry its trace id,
+/// and `promtool` (where installed) accepts both `/metrics` outputs.
+#[test]
+fn a_push_run_under_dev_exports_one_trace_per_batch_with_json_logs() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (otlp, spans) = rt.block_on(layer_tests::otlp::otlp_receiver()).unwrap();
+    let dir = data_dir("otel");
+    let key = "lyr_otel_test_key_0123456789";
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()), ("LAYER_LOG_FORMAT", "json")];
+    let mut dev = Dev::start_with_env(&dir, free_port(), Some(key), &env);
+    dev.wait_healthy();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tag-products");
+    let o = layer(&dev.url, key, &["rows", "upsert", "products", "-f", &format!("{example}/products.jsonl")]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The example names its worker relative to the repository root.
+    let doc = std::fs::read_to_string(format!("{example}/function.yaml"))
+        .unwrap()
+        .replace("examples/tag-products/worker.py", &format!("{example}/worker.py"));
+    let function = dir.with_extension("function.yaml");
+    std::fs::write(&function, doc).unwrap();
+    let o = layer(&dev.url, key, &["run", "-f", function.to_str().unwrap(), "--timeout", "60"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = layer(&dev.url, key, &["udf", "batches", "product-tags-push", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let traces: Vec<String> =
+        list["batches"].as_array().unwrap().iter().map(|b| b["trace_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(traces.len(), 3, "24 rows at batch 8: {list}");
+
+    // Every batch: one trace, one root, the spans of platform, runner and report.
+    let start = Instant::now();
+    for trace in &traces {
+        loop {
+            let got: Vec<layer_tests::otlp::GotSpan> =
+                spans.lock().unwrap().iter().filter(|s| &s.trace_id == trace).cloned().collect();
+            // All but `layer.queued`, which a batch leased as soon as its
+            // rows were queued may lack.
+            let want = [
+                "layer.batch",
+                "layer.lease",
+                "layer.dispatch",
+                "layer.runner.batch",
+                "layer.worker.acquire",
+                "layer.worker.call",
+                "layer.report",
+                "POST /v2/runners/{id}/batches/{batch}/report",
+                "layer.writeback",
+            ];
+            if want.iter().all(|w| got.iter().any(|s| s.name == *w)) {
+                let roots: Vec<&str> = got.iter().filter(|s| s.parent_id.is_empty()).map(|s| s.name.as_str()).collect();
+                assert_eq!(roots, ["layer.batch"], "{got:#?}");
+                for s in &got {
+                    assert!(
+                        s.parent_id.is_empty() || got.iter().any(|p| p.span_id == s.parent_id),
+                        "{} is cut off from its trace: {got:#?}",
+                        s.name
+                    );
+                    assert_eq!(s.service, "layer");
+                }
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "trace {trace}: {got:#?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    // Metrics from both ports pass promtool.
+    let runner = std::fs::read_to_string(&dev.stdout)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("runner ").and_then(|r| r.split(" on ").nth(1)))
+        .and_then(|r| r.split_whitespace().next())
+        .map(str::to_string)
+        .expect("the banner names the runner's address");
+    for url in [dev.url.clone(), runner] {
+        let text = reqwest::blocking::get(format!("{url}/metrics")).unwrap().text().unwrap();
+        assert!(text.contains("layer_"), "{url}/metrics: {text}");
+        if let Ok(mut child) = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "promtool on {url}/metrics: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
+    let stderr = dev.stderr.clone();
+    assert!(dev.stop().success());
+    // Every log line is JSON; those written inside a batch carry its trace.
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    let lines: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let traced: Vec<&str> = lines.iter().filter_map(|l| l["span"]["trace_id"].as_str()).collect();
+    assert!(traces.iter().any(|t| traced.contains(&t.as_str())), "no log line carries a batch's trace: {log}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -126,14 +126,15 @@ async fn request_context(req: Request, next: Next) -> Response {
     REQUEST_ID.scope(id, next.run(req)).await
 }
 
-/// One server span per API request (`HTTP <method> <route>`), under the
+/// One server span per API request (`<method> <route>`), under the
 /// caller's `traceparent` if it sent one; handlers' spans nest under it.
 /// Never records headers (keys) or bodies.
 async fn trace_request(req: Request, next: Next) -> Response {
     use layer_telemetry::trace::{KeyValue, Span, SpanKind};
     use opentelemetry::trace::FutureExt;
     let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
-    if matches!(route.as_deref(), Some("/metrics" | "/healthz")) {
+    // Probes, scrapes and runner heartbeats (every 2 s each) are not traced.
+    if matches!(route.as_deref(), Some("/metrics" | "/healthz" | "/v2/runners/{id}/heartbeat")) {
         return next.run(req).await;
     }
     let parent = layer_telemetry::trace::extract(req.headers());
@@ -148,6 +149,8 @@ async fn trace_request(req: Request, next: Next) -> Response {
     }
     let name = format!("{} {}", req.method(), route.as_deref().unwrap_or("(no route)"));
     let span = Span::start(name, SpanKind::Server, &parent, None, attrs);
+    // Log lines of the request carry its trace (a runner's report: the batch's).
+    tracing::Span::current().record("trace_id", span.trace_id().as_str());
     let response = next.run(req).with_context(span.context().clone()).await;
     let status = response.status();
     span.set([KeyValue::new("http.response.status_code", i64::from(status.as_u16()))]);
@@ -225,7 +228,8 @@ pub fn router(state: AppState) -> Router {
                         method = %req.method(),
                         path = %req.uri().path(),
                         request_id = %id,
-                        key_id = tracing::field::Empty
+                        key_id = tracing::field::Empty,
+                        trace_id = tracing::field::Empty
                     )
                 })
                 // One line per request, with status and latency; headers

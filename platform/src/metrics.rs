@@ -38,7 +38,7 @@ fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Hi
 /// This process's platform metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let r = Registry::new();
-    Metrics {
+    let m = Metrics {
         rows_completed: counter(&r, "layer_rows_completed_total", "Results written with their markers.", &["udf"]),
         rows_failed: counter(&r, "layer_rows_failed_total", "Rows moved to failed (attempts spent).", &["udf"]),
         rows_retried: counter(&r, "layer_rows_retried_total", "Row failures put back in the queue.", &["udf"]),
@@ -75,7 +75,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["udf"],
         ),
         registry: r,
+    };
+    // Both classes read 0 until the first error.
+    for class in ["refused", "unreachable"] {
+        m.dispatch_errors.with_label_values(&[class]);
     }
+    m
 });
 
 #[derive(sqlx::FromRow)]

@@ -8,6 +8,8 @@
 //! for the next test process to reuse; every test gets its own database,
 //! named after its process so databases of finished runs are dropped.
 
+pub mod otlp;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
