@@ -274,20 +274,7 @@ fn a_push_run_under_dev_exports_one_trace_per_batch_with_json_logs() {
         loop {
             let got: Vec<layer_tests::otlp::GotSpan> =
                 spans.lock().unwrap().iter().filter(|s| &s.trace_id == trace).cloned().collect();
-            // All but `layer.queued`, which a batch leased as soon as its
-            // rows were queued may lack.
-            let want = [
-                "layer.batch",
-                "layer.lease",
-                "layer.dispatch",
-                "layer.runner.batch",
-                "layer.worker.acquire",
-                "layer.worker.call",
-                "layer.report",
-                "POST /v2/runners/{id}/batches/{batch}/report",
-                "layer.writeback",
-            ];
-            if want.iter().all(|w| got.iter().any(|s| s.name == *w)) {
+            if layer_tests::otlp::BATCH_SPANS.iter().all(|w| got.iter().any(|s| s.name == *w)) {
                 let roots: Vec<&str> = got.iter().filter(|s| s.parent_id.is_empty()).map(|s| s.name.as_str()).collect();
                 assert_eq!(roots, ["layer.batch"], "{got:#?}");
                 for s in &got {
@@ -316,18 +303,7 @@ fn a_push_run_under_dev_exports_one_trace_per_batch_with_json_logs() {
     for url in [dev.url.clone(), runner] {
         let text = reqwest::blocking::get(format!("{url}/metrics")).unwrap().text().unwrap();
         assert!(text.contains("layer_"), "{url}/metrics: {text}");
-        if let Ok(mut child) = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-        {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(out.status.success(), "promtool on {url}/metrics: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        layer_tests::otlp::promtool_accepts(&text, &url).unwrap();
     }
 
     let stderr = dev.stderr.clone();

@@ -196,6 +196,22 @@ impl TestPlatform {
         Ok(rows.into_iter().map(|(id, k, m, a)| (id, (k, m, a))).collect())
     }
 
+    /// Waits until the Function has nothing pending or processing and has
+    /// completed or failed something; returns its status.
+    pub async fn drained(&self, udf_id: &str, within: Duration) -> Result<serde_json::Value> {
+        let start = std::time::Instant::now();
+        loop {
+            let (_, st) = self.call(reqwest::Method::GET, &format!("/v2/udfs/{udf_id}/status"), None).await?;
+            let idle = st["pending_count"] == 0 && st["processing_count"] == 0;
+            let touched = st["counts"]["completed"].as_i64() > Some(0) || st["failed_count"].as_i64() > Some(0);
+            if idle && touched {
+                return Ok(st);
+            }
+            anyhow::ensure!(start.elapsed() < within, "{udf_id} not drained after {within:?}: {st}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Sends JSON as the admin and returns (status, body).
     pub async fn call(
         &self,

@@ -129,3 +129,47 @@ fn decode_json(body: &[u8]) -> Result<Vec<GotSpan>, String> {
     }
     Ok(out)
 }
+
+/// The spans every push batch's trace has, whatever happens: the platform's
+/// (`layer.queued` is left out: a batch leased as soon as its rows were
+/// queued has none), the runner's, and the report request's.
+pub const BATCH_SPANS: [&str; 9] = [
+    "layer.batch",
+    "layer.lease",
+    "layer.dispatch",
+    "layer.runner.batch",
+    "layer.worker.acquire",
+    "layer.worker.call",
+    "layer.report",
+    "POST /v2/runners/{id}/batches/{batch}/report",
+    "layer.writeback",
+];
+
+/// Runs `promtool check metrics` on `text` where promtool is installed
+/// (CI installs it); says so on stderr where it is not.
+pub fn promtool_accepts(text: &str, what: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("promtool is not installed; the {what} metrics were only parsed");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    child.stdin.take().expect("piped").write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "promtool rejects the {what} metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use layer_tests::otlp::{GotSpan, otlp_receiver};
+use layer_tests::otlp::{BATCH_SPANS, GotSpan, otlp_receiver, promtool_accepts};
 use layer_tests::{TestPlatform, TestRunner, workspace_dir};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -22,21 +22,6 @@ fn worker_spec(env: Value) -> Value {
     })
 }
 
-/// Waits until the Function has nothing pending or processing.
-async fn drained(p: &TestPlatform, f: &str) -> anyhow::Result<Value> {
-    let start = Instant::now();
-    loop {
-        let (_, st) = p.call(Method::GET, &format!("/v2/udfs/{f}/status"), None).await?;
-        let idle = st["pending_count"] == 0 && st["processing_count"] == 0;
-        let touched = st["counts"]["completed"].as_i64() > Some(0) || st["failed_count"].as_i64() > Some(0);
-        if idle && touched {
-            return Ok(st);
-        }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "not drained: {st}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_push_batch_is_one_trace_across_platform_runner_and_worker() -> anyhow::Result<()> {
     let (otlp, spans) = otlp_receiver().await?;
@@ -48,7 +33,7 @@ async fn a_push_batch_is_one_trace_across_platform_runner_and_worker() -> anyhow
     let rows: Vec<Value> = (0..8).map(|i| json!({"id": format!("r{i}"), "mode": "ok"})).collect();
     p.upsert_rows("jobs", json!(rows)).await?;
     p.apply_function("traced", worker_spec(json!({"OTEL_EXPORTER_OTLP_ENDPOINT": otlp}))).await?;
-    let st = drained(&p, "traced").await?;
+    let st = p.drained("traced", Duration::from_secs(60)).await?;
     assert_eq!(st["counts"]["completed"], 8, "{st}");
 
     // The batch record names the trace.
@@ -60,18 +45,8 @@ async fn a_push_batch_is_one_trace_across_platform_runner_and_worker() -> anyhow
     let trace_id = record["trace_id"].as_str().unwrap().to_string();
     assert_eq!(trace_id.len(), 32, "{record}");
 
-    // Every span of the batch arrives, in one trace.
-    let want = [
-        "layer.batch",
-        "layer.lease",
-        "layer.dispatch",
-        "layer.runner.batch",
-        "layer.worker.acquire",
-        "layer.worker.call",
-        "worker.run",
-        "layer.report",
-        "layer.writeback",
-    ];
+    // Every span of the batch arrives, in one trace, the worker's too.
+    let want: Vec<&str> = BATCH_SPANS.iter().copied().chain(["worker.run"]).collect();
     let start = Instant::now();
     let got: Vec<GotSpan> = loop {
         traces.flush();
@@ -166,34 +141,6 @@ async fn scrape(url: &str) -> anyhow::Result<(String, BTreeMap<String, f64>)> {
     Ok((text, s))
 }
 
-/// `promtool check metrics` where promtool is installed (CI installs it).
-fn promtool_accepts(text: &str, what: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("promtool is not installed; the {what} metrics were only parsed");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
-    child.stdin.take().unwrap().write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "promtool rejects the {what} metrics:\n{}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_batch_records_and_failed_rows_follow_a_drain() -> anyhow::Result<()> {
     let p = TestPlatform::start().await?;
@@ -215,7 +162,7 @@ async fn metrics_batch_records_and_failed_rows_follow_a_drain() -> anyhow::Resul
     }
 
     let runner = TestRunner::start(&p, |_| {}).await?;
-    drained(&p, "metered").await?;
+    p.drained("metered", Duration::from_secs(60)).await?;
     let (text, m) = scrape(&p.url).await?;
     assert_eq!(m["layer_udf_queue_depth{udf=\"metered\"}"], 0.0, "{text}");
     assert_eq!(m["layer_udf_failed_rows{udf=\"metered\"}"], 2.0, "{text}");

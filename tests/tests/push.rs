@@ -11,21 +11,6 @@ async fn apply(p: &TestPlatform, name: &str, spec: Value) -> anyhow::Result<()> 
     p.apply_function(name, spec).await
 }
 
-/// Waits until the Function has nothing pending or processing.
-async fn drained(p: &TestPlatform, f: &str, within: Duration) -> anyhow::Result<Value> {
-    let start = Instant::now();
-    loop {
-        let (_, st) = p.call(Method::GET, &format!("/v2/udfs/{f}/status"), None).await?;
-        let idle = st["pending_count"] == 0 && st["processing_count"] == 0;
-        let touched = st["counts"]["completed"].as_i64() > Some(0) || st["failed_count"].as_i64() > Some(0);
-        if idle && touched {
-            return Ok(st);
-        }
-        anyhow::ensure!(start.elapsed() < within, "not drained after {within:?}: {st}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn products() -> anyhow::Result<Value> {
     let text = std::fs::read_to_string(workspace_dir().join("examples/tag-products/products.jsonl"))?;
     Ok(Value::Array(text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?))
@@ -42,7 +27,7 @@ async fn the_python_push_example_tags_every_product() -> anyhow::Result<()> {
     let script = workspace_dir().join("examples/tag-products/worker.py");
     doc["spec"]["worker"]["command"] = json!(["python3", script]);
     apply(&p, "product-tags-push", doc["spec"].clone()).await?;
-    let st = drained(&p, "product-tags-push", Duration::from_secs(60)).await?;
+    let st = p.drained("product-tags-push", Duration::from_secs(60)).await?;
     assert_eq!(st["counts"]["completed"], rows.as_array().unwrap().len(), "{st}");
     let (_, d) = p.call(Method::GET, "/v2/namespaces/products/documents/p002", None).await?;
     assert_eq!(d["attributes"]["tags"], json!(["wireless", "waterproof"]), "{d}");
@@ -93,7 +78,7 @@ async fn misbehaving_workers_become_classified_row_failures() -> anyhow::Result<
     let rows: Vec<Value> = modes.iter().enumerate().map(|(i, m)| json!({"id": format!("r{i}"), "mode": m})).collect();
     p.upsert_rows("jobs", json!(rows)).await?;
     apply(&p, "mixed", worker_spec(json!({}))).await?;
-    drained(&p, "mixed", Duration::from_secs(60)).await?;
+    p.drained("mixed", Duration::from_secs(60)).await?;
     let e = p.failed_rows("mixed").await?;
     assert_eq!(e.len(), 4, "{e:?}");
     assert!(e["r1"].1.contains("did not include this row"), "{e:?}");
@@ -158,7 +143,7 @@ async fn a_hung_worker_times_out_is_replaced_and_the_row_fails_after_max_attempt
                            "retry": {"maxAttempts": 2}, "scaling": {"replicas": {"min": 0, "max": 1}}})),
     )
     .await?;
-    drained(&p, "hangs", Duration::from_secs(60)).await?;
+    p.drained("hangs", Duration::from_secs(60)).await?;
     let e = p.failed_rows("hangs").await?;
     assert_eq!(e["h"].0, "timeout", "{e:?}");
     assert_eq!(e["h"].2, 2, "two attempts: {e:?}");
@@ -196,7 +181,7 @@ async fn a_draining_runner_finishes_its_batches_and_a_new_one_takes_the_rest() -
         sqlx::query_scalar("SELECT coalesce(sum(written), 0)::bigint FROM batches").fetch_one(&p.pool).await?;
     assert!((2..12).contains(&done), "{done} rows done by the drained runner");
     let _second = TestRunner::start(&p, |_| {}).await?;
-    let st = drained(&p, "drain", Duration::from_secs(60)).await?;
+    let st = p.drained("drain", Duration::from_secs(60)).await?;
     assert_eq!(st["counts"]["completed"], 12, "{st}");
     assert_eq!(st["failed_count"], 0, "{st}");
     Ok(())
@@ -288,7 +273,7 @@ async fn the_rust_echo_example_runs_warm_and_idle_workers_stop() -> anyhow::Resu
     doc["spec"]["worker"]["command"] = json!([layer_tests::echo_worker_binary()?]);
     doc["spec"]["scaling"]["replicas"] = json!({"min": 0, "max": 2});
     apply(&p, "echo", doc["spec"].clone()).await?;
-    let st = drained(&p, "echo", Duration::from_secs(60)).await?;
+    let st = p.drained("echo", Duration::from_secs(60)).await?;
     assert_eq!(st["counts"]["completed"], 500, "{st}");
     let (_, d) = p.call(Method::GET, "/v2/namespaces/echo/documents/e042", None).await?;
     assert_eq!(d["attributes"]["echo"], json!({"id": "e042", "title": "t42"}), "{d}");
@@ -319,7 +304,7 @@ async fn a_new_revision_replaces_the_old_workers() -> anyhow::Result<()> {
     let rows: Vec<Value> = (0..20).map(|i| json!({"id": format!("v{i:02}"), "mode": "ok"})).collect();
     p.upsert_rows("jobs", json!(rows)).await?;
     apply(&p, "revs", worker_spec(json!({"scaling": {"replicas": {"min": 1, "max": 2}}}))).await?;
-    drained(&p, "revs", Duration::from_secs(60)).await?;
+    p.drained("revs", Duration::from_secs(60)).await?;
     apply(&p, "revs", worker_spec(json!({"version": "v2", "scaling": {"replicas": {"min": 1, "max": 2}}}))).await?;
     let start = Instant::now();
     loop {
@@ -368,7 +353,7 @@ async fn a_runner_that_cannot_be_reached_costs_no_attempts() -> anyhow::Result<(
     assert!(free >= 1, "a free retry was counted: {free}");
     // A real runner then finishes the row (maxAttempts is 1: nothing was spent).
     let _runner = TestRunner::start(&p, |_| {}).await?;
-    let st = drained(&p, "unreachable", Duration::from_secs(30)).await?;
+    let st = p.drained("unreachable", Duration::from_secs(30)).await?;
     assert_eq!(st["counts"]["completed"], 1, "{st}");
     Ok(())
 }
@@ -413,7 +398,7 @@ async fn functions_that_cannot_be_placed_say_why_in_their_status() -> anyhow::Re
     assert_eq!(st["counts"]["completed"], 0, "a rejected Function is not run: {st}");
     // Within the limit, it runs and the condition goes.
     apply(&p, "limited", worker_spec(json!({"scaling": {"replicas": {"min": 0, "max": 2}}}))).await?;
-    let st = drained(&p, "limited", Duration::from_secs(30)).await?;
+    let st = p.drained("limited", Duration::from_secs(30)).await?;
     assert_eq!(st["counts"]["completed"], 2, "{st}");
     assert!(st.get("conditions").is_none(), "{st}");
     runner.stop().await?;

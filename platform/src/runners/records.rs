@@ -82,6 +82,16 @@ const RECORD_COLUMNS: &str = "SELECT id, function_id, revision, runner_id, state
      worker, gpus, cold_start, error, trace_id, queued_at, dispatched_at, started_at, ended_at, finished_at \
      FROM batches";
 
+/// Pages read `limit + 1` rows: the extra one says there is a next page,
+/// which starts after the last row kept.
+fn next_page<T>(rows: &mut Vec<T>, limit: i64, cursor: impl Fn(&T) -> String) -> Option<String> {
+    if rows.len() as i64 <= limit {
+        return None;
+    }
+    rows.truncate(limit as usize);
+    rows.last().map(cursor)
+}
+
 const STATES: [&str; 3] = ["dispatched", "reported", "abandoned"];
 
 async fn list_batches(
@@ -116,12 +126,7 @@ async fn list_batches(
     }
     qb.push(" ORDER BY id DESC LIMIT ").push_bind(limit + 1);
     let mut rows: Vec<RecordRow> = qb.build_query_as().fetch_all(&state.pool).await.map_err(PlatformError::from)?;
-    let next_cursor = if rows.len() as i64 > limit {
-        rows.truncate(limit as usize);
-        rows.last().map(|r| r.id.to_string())
-    } else {
-        None
-    };
+    let next_cursor = next_page(&mut rows, limit, |r| r.id.to_string());
     Ok(Json(ListBatchesResponse { batches: rows.into_iter().map(Into::into).collect(), next_cursor }))
 }
 
@@ -182,12 +187,7 @@ async fn list_failed(
     }
     qb.push(" ORDER BY namespace, row_id LIMIT ").push_bind(limit + 1);
     let mut rows: Vec<FailedRowDb> = qb.build_query_as().fetch_all(&state.pool).await.map_err(PlatformError::from)?;
-    let next_cursor = if rows.len() as i64 > limit {
-        rows.truncate(limit as usize);
-        rows.last().map(|r| format!("{}/{}", r.namespace, r.row_id))
-    } else {
-        None
-    };
+    let next_cursor = next_page(&mut rows, limit, |r| format!("{}/{}", r.namespace, r.row_id));
     let rows = rows
         .into_iter()
         .map(|r| FailedRow {
