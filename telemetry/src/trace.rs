@@ -117,6 +117,17 @@ impl Span {
         self.cx.span().end();
     }
 
+    /// Awaits `work` inside this span: an error marks the span failed; the
+    /// span ends either way.
+    pub async fn run<T, E: std::fmt::Display>(&self, work: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+        let out = work.await;
+        if let Err(e) = &out {
+            self.error(e.to_string());
+        }
+        self.end();
+        out
+    }
+
     pub fn end_at(&self, at: SystemTime) {
         self.cx.span().end_with_timestamp(at);
     }

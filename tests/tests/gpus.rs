@@ -165,6 +165,11 @@ async fn a_failing_gpu_is_cordoned_and_its_batch_reissued_for_free() -> anyhow::
     };
     assert_eq!(runners["runners"][0]["load"]["gpus"][0]["error"], "GPU has fallen off the bus");
     assert!(p.failed_rows("gpu-a").await?.is_empty());
+    // The runner's metrics show the cordon, per GPU.
+    let metrics = reqwest::get(format!("http://{}/metrics", runner.addr)).await?.text().await?;
+    assert!(metrics.contains("layer_runner_gpu_cordoned{gpu_uuid=\"GPU-simulated-0\"} 1\n"), "{metrics}");
+    assert!(metrics.contains("layer_runner_gpu_memory_total_bytes{gpu_uuid=\"GPU-simulated-0\"} "), "{metrics}");
+    layer_tests::otlp::promtool_accepts(&metrics, "runner")?;
     // Nothing can take the work now, and the Function's status says why.
     let start = Instant::now();
     loop {

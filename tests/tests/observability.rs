@@ -117,6 +117,62 @@ async fn a_push_batch_is_one_trace_across_platform_runner_and_worker() -> anyhow
     let (_, one) = p.call(Method::GET, &format!("/v2/batches/{batch_id}"), None).await?;
     assert_eq!(&one, record);
     runner.stop().await?;
+
+    // The pull protocol: a claim and a completion sent with a caller's
+    // traceparent are server spans under it, each with its pull span.
+    let pull = json!({"targetNamespaces": ["jobs"], "inputs": ["id"], "worker": {"dispatch": "pull"}});
+    p.apply_function("pulled", pull).await?;
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{caller_trace}-{caller_span}-01");
+    let start = Instant::now();
+    let items = loop {
+        let r = p
+            .request(Method::POST, "/v2/udfs/pulled/claim", Some(&p.admin_key))
+            .header("traceparent", &traceparent)
+            .json(&json!({"worker_id": "puller", "limit": 2}))
+            .send()
+            .await?;
+        let body: Value = r.json().await?;
+        if body["items"].as_array().is_some_and(|i| !i.is_empty()) {
+            break body["items"].clone();
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "nothing to claim: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let done: Vec<Value> =
+        items.as_array().unwrap().iter().map(|i| json!({"namespace": i["namespace"], "id": i["id"]})).collect();
+    let r = p
+        .request(Method::POST, "/v2/udfs/pulled/items/complete", Some(&p.admin_key))
+        .header("traceparent", &traceparent)
+        .json(&json!({"worker_id": "puller", "items": done}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    let start = Instant::now();
+    let pulled: Vec<GotSpan> = loop {
+        traces.flush();
+        let got: Vec<GotSpan> = spans.lock().unwrap().iter().filter(|s| s.trace_id == caller_trace).cloned().collect();
+        if got.iter().any(|s| s.name == "layer.claim" && s.attrs.get("layer.batch.size").is_some_and(|n| n != "0"))
+            && got.iter().any(|s| s.name == "layer.complete")
+        {
+            break got;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "pull spans so far: {got:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for (server, inner) in
+        [("POST /v2/udfs/{id}/claim", "layer.claim"), ("POST /v2/udfs/{id}/items/complete", "layer.complete")]
+    {
+        let inner = pulled.iter().rfind(|s| s.name == inner).unwrap();
+        let parent = pulled.iter().find(|s| s.span_id == inner.parent_id).expect("the request's span");
+        assert_eq!(parent.name, server);
+        assert_eq!(parent.parent_id, caller_span, "the request continues the caller's trace");
+        assert_eq!(parent.attrs["http.response.status_code"], "200");
+        assert_eq!(inner.attrs["layer.worker"], "puller");
+    }
+    let complete = pulled.iter().find(|s| s.name == "layer.complete").unwrap();
+    assert_eq!(complete.attrs["layer.batch.written"], items.as_array().unwrap().len().to_string());
     Ok(())
 }
 

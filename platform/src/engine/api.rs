@@ -67,19 +67,17 @@ async fn claim(
         );
     }
     let span = pull_span("layer.claim", &udf.id, &req.worker_id);
-    let claimed = match queue::claim(&state.pool, &udf, queue::Claimer::Worker(&req.worker_id), limit, lease).await {
-        Ok(c) => c,
-        Err(e) => {
-            span.error(e.to_string());
-            return Err(e.into());
-        }
-    };
-    span.set([
-        KeyValue::new("layer.batch.id", claimed.batch_id.unwrap_or_default()),
-        KeyValue::new("layer.batch.size", claimed.items.len() as i64),
-        KeyValue::new("layer.claim.at_capacity", claimed.at_capacity),
-    ]);
-    span.end();
+    let claimed = span
+        .run(async {
+            let c = queue::claim(&state.pool, &udf, queue::Claimer::Worker(&req.worker_id), limit, lease).await?;
+            span.set([
+                KeyValue::new("layer.batch.id", c.batch_id.unwrap_or_default()),
+                KeyValue::new("layer.batch.size", c.items.len() as i64),
+                KeyValue::new("layer.claim.at_capacity", c.at_capacity),
+            ]);
+            Ok::<_, PlatformError>(c)
+        })
+        .await?;
     if claimed.at_capacity {
         tracing::debug!(udf = %udf.id, worker_id = %req.worker_id, "claim turned away: maxInFlightBatches reached");
     }
@@ -113,23 +111,16 @@ async fn complete(
     }
     let span = pull_span("layer.complete", &udf.id, &req.worker_id);
     span.set([KeyValue::new("layer.batch.size", (completions.len() + refused.len()) as i64)]);
-    let written: crate::Result<u64> = async {
-        let mut tx = queue::begin_writeback(&state.pool).await?;
-        queue::fail(&mut tx, &udf, &req.worker_id, refused).await?;
-        let counts = queue::complete(&mut tx, &udf, &req.worker_id, completions).await?;
-        tx.commit().await?;
-        Ok(counts.written)
-    }
-    .await;
-    let written = match written {
-        Ok(n) => n,
-        Err(e) => {
-            span.error(e.to_string());
-            return Err(e.into());
-        }
-    };
-    span.set([KeyValue::new("layer.batch.written", written as i64)]);
-    span.end();
+    let written = span
+        .run(async {
+            let mut tx = queue::begin_writeback(&state.pool).await?;
+            queue::fail(&mut tx, &udf, &req.worker_id, refused).await?;
+            let counts = queue::complete(&mut tx, &udf, &req.worker_id, completions).await?;
+            tx.commit().await?;
+            span.set([KeyValue::new("layer.batch.written", counts.written as i64)]);
+            Ok::<_, PlatformError>(counts.written)
+        })
+        .await?;
     Ok(Json(ItemsResponse { udf_id: udf.id, updated: written }))
 }
 
@@ -192,9 +183,16 @@ async fn fail(
             id: i.id,
         })
         .collect();
-    let mut tx = queue::begin(&state.pool).await?;
-    let updated = queue::fail(&mut tx, &udf, &req.worker_id, failures).await?;
-    tx.commit().await.map_err(PlatformError::from)?;
+    let span = pull_span("layer.fail", &udf.id, &req.worker_id);
+    let updated = span
+        .run(async {
+            let mut tx = queue::begin(&state.pool).await?;
+            let updated = queue::fail(&mut tx, &udf, &req.worker_id, failures).await?;
+            tx.commit().await?;
+            span.set([KeyValue::new("layer.batch.failed", updated as i64)]);
+            Ok::<_, PlatformError>(updated)
+        })
+        .await?;
     Ok(Json(ItemsResponse { udf_id: udf.id, updated }))
 }
 

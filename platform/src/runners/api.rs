@@ -290,7 +290,7 @@ async fn report(
         }
     }
     let reported = (completions.len() + failures.len()) as u64;
-    let outcome: Result<(u64, u64, u64)> = async {
+    let outcome = writeback.run(async {
         let failed = queue::fail(&mut tx, &udf, &holder, failures).await?;
         let counts = queue::complete(&mut tx, &udf, &holder, completions).await?;
         // Rows the report left out would otherwise wait for their lease.
@@ -300,22 +300,14 @@ async fn report(
         let left_out = (missing > 0).then_some("the report left rows out");
         store::finish_batch(&mut tx, batch_id, (written, failed + missing, dropped), &req, left_out).await?;
         tx.commit().await?;
-        Ok((written, failed + missing, dropped))
-    }
-    .await;
-    let (written, failed, dropped) = match outcome {
-        Ok(c) => c,
-        Err(e) => {
-            writeback.error(e.to_string());
-            return Err(e.into());
-        }
-    };
-    writeback.set([
-        KeyValue::new("layer.batch.written", written as i64),
-        KeyValue::new("layer.batch.failed", failed as i64),
-        KeyValue::new("layer.batch.dropped", dropped as i64),
-    ]);
-    writeback.end();
+        writeback.set([
+            KeyValue::new("layer.batch.written", written as i64),
+            KeyValue::new("layer.batch.failed", (failed + missing) as i64),
+            KeyValue::new("layer.batch.dropped", dropped as i64),
+        ]);
+        Ok::<_, PlatformError>((written, failed + missing, dropped))
+    });
+    let (written, failed, dropped) = outcome.await?;
     crate::metrics::METRICS.batch_duration.with_label_values(&[&udf.id]).observe(batch.age_seconds);
     state.engine.work_ready().notify_one();
     Ok(Json(ReportResponse { batch_id, written, failed, dropped }))
