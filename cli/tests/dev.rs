@@ -83,6 +83,23 @@ impl Dev {
     }
 }
 
+/// A test that fails before `stop` leaves no `layer dev` behind.
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SIGTERM first, so it stops its PostgreSQL too.
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let start = Instant::now();
+            while matches!(self.child.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn layer(url: &str, key: &str, args: &[&str]) -> Output {
     Command::new(BIN).args(args).env("LAYER_URL", url).env("LAYER_API_KEY", key).output().unwrap()
 }
