@@ -14,7 +14,7 @@ use axum::routing::get;
 use serde::de::DeserializeOwned;
 use sqlx::PgPool;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::trace::TraceLayer;
 
 use crate::error::{ApiError, PlatformError, REQUEST_ID};
 
@@ -223,6 +223,17 @@ pub fn router(state: AppState) -> Router {
             TraceLayer::new_for_http()
                 .make_span_with(|req: &Request| {
                     let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                    // Runner heartbeats (every 2 s each) log at debug.
+                    if req.uri().path().ends_with("/heartbeat") && req.uri().path().starts_with("/v2/runners/") {
+                        return tracing::debug_span!(
+                            "request",
+                            method = %req.method(),
+                            path = %req.uri().path(),
+                            request_id = %id,
+                            key_id = tracing::field::Empty,
+                            trace_id = tracing::field::Empty
+                        );
+                    }
                     tracing::info_span!(
                         "request",
                         method = %req.method(),
@@ -232,9 +243,17 @@ pub fn router(state: AppState) -> Router {
                         trace_id = tracing::field::Empty
                     )
                 })
-                // One line per request, with status and latency; headers
-                // (and so keys) are never logged.
-                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+                // One line per request, with status and latency, at the
+                // level of its span; headers (and so keys) are never logged.
+                .on_response(|res: &Response, latency: std::time::Duration, span: &tracing::Span| {
+                    let status = res.status().as_u16();
+                    let latency_ms = latency.as_secs_f64() * 1000.0;
+                    if span.metadata().is_some_and(|m| *m.level() == tracing::Level::INFO) {
+                        tracing::info!(status, latency_ms, "finished processing request");
+                    } else {
+                        tracing::debug!(status, latency_ms, "finished processing request");
+                    }
+                }),
         )
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
