@@ -223,25 +223,28 @@ pub fn router(state: AppState) -> Router {
             TraceLayer::new_for_http()
                 .make_span_with(|req: &Request| {
                     let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
-                    // Runner heartbeats (every 2 s each) log at debug.
-                    if req.uri().path().ends_with("/heartbeat") && req.uri().path().starts_with("/v2/runners/") {
-                        return tracing::debug_span!(
-                            "request",
-                            method = %req.method(),
-                            path = %req.uri().path(),
-                            request_id = %id,
-                            key_id = tracing::field::Empty,
-                            trace_id = tracing::field::Empty
-                        );
+                    // A span's level is fixed where it is written: one
+                    // spelling, two levels.
+                    macro_rules! request_span {
+                        ($level:expr) => {
+                            tracing::span!(
+                                $level,
+                                "request",
+                                method = %req.method(),
+                                path = %req.uri().path(),
+                                request_id = %id,
+                                key_id = tracing::field::Empty,
+                                trace_id = tracing::field::Empty
+                            )
+                        };
                     }
-                    tracing::info_span!(
-                        "request",
-                        method = %req.method(),
-                        path = %req.uri().path(),
-                        request_id = %id,
-                        key_id = tracing::field::Empty,
-                        trace_id = tracing::field::Empty
-                    )
+                    // Runner heartbeats (every 2 s each) log at debug.
+                    let path = req.uri().path();
+                    if path.starts_with("/v2/runners/") && path.ends_with("/heartbeat") {
+                        request_span!(tracing::Level::DEBUG)
+                    } else {
+                        request_span!(tracing::Level::INFO)
+                    }
                 })
                 // One line per request, with status and latency, at the
                 // level of its span; headers (and so keys) are never logged.

@@ -55,7 +55,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Batches a runner refused (refused) or could not be sent (unreachable).",
             &["class"],
         ),
-        batches_dispatched: counter(&r, "layer_batches_dispatched_total", "Batches sent to runners.", &["udf"]),
+        batches_dispatched: counter(&r, "layer_batches_dispatched_total", "Batches a runner accepted.", &["udf"]),
         batch_duration: histogram(
             &r,
             "layer_batch_duration_seconds",

@@ -79,11 +79,12 @@ impl Span {
         start: Option<SystemTime>,
         attrs: Vec<KeyValue>,
     ) -> Span {
-        let mut builder = tracer().span_builder(name.into()).with_kind(kind).with_attributes(attrs);
+        let tracer = tracer();
+        let mut builder = tracer.span_builder(name.into()).with_kind(kind).with_attributes(attrs);
         if let Some(t) = start {
             builder = builder.with_start_time(t);
         }
-        let span = tracer().build_with_context(builder, parent);
+        let span = tracer.build_with_context(builder, parent);
         Span { cx: parent.with_span(span) }
     }
 
@@ -161,11 +162,6 @@ pub fn span_trace_id(cx: &Context) -> String {
     if sc.is_valid() { sc.trace_id().to_string() } else { String::new() }
 }
 
-/// A trace id in hex.
-pub fn trace_id_hex(id: TraceId) -> String {
-    id.to_string()
-}
-
 /// OTLP/HTTP (protobuf) span exporter; `endpoint` `None` reads the
 /// standard variables.
 pub(crate) fn otlp_exporter(
@@ -222,19 +218,19 @@ mod tests {
         let _guard = crate::init_traces("test", crate::TraceExport::Off).expect("provider");
         let id = new_trace_id();
         let root = Span::root("root", SpanKind::Internal, Some(id), None, vec![]);
-        assert_eq!(root.trace_id(), trace_id_hex(id), "the root span takes the chosen trace id");
+        assert_eq!(root.trace_id(), id.to_string(), "the root span takes the chosen trace id");
         let child = root.child("child", SpanKind::Client, vec![]);
         let mut headers = http::HeaderMap::new();
         child.inject(&mut headers);
         let tp = headers.get("traceparent").and_then(|v| v.to_str().ok()).expect("traceparent").to_string();
         let span_id = child.context().span().span_context().span_id().to_string();
-        assert_eq!(tp, format!("00-{}-{span_id}-01", trace_id_hex(id)));
+        assert_eq!(tp, format!("00-{id}-{span_id}-01"));
         let remote = extract(&headers);
         let server = Span::start("server", SpanKind::Server, &remote, None, vec![]);
-        assert_eq!(server.trace_id(), trace_id_hex(id));
+        assert_eq!(server.trace_id(), id.to_string());
         // The next root span gets a fresh id again.
         let other = Span::root("other", SpanKind::Internal, None, None, vec![]);
-        assert_ne!(other.trace_id(), trace_id_hex(id));
+        assert_ne!(other.trace_id(), id.to_string());
         assert!(!other.trace_id().is_empty());
         // A malformed header is no parent.
         let mut bad = http::HeaderMap::new();

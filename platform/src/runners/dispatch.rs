@@ -22,7 +22,7 @@ use layer_protocol::resource::{ComputePool, InfraRulesInfo, PoolResources};
 use layer_protocol::runner::tokens::{self, Purpose};
 use layer_protocol::runner::{BatchAssignment, RunnerState, WorkerPlan};
 use layer_protocol::work::ClaimedItem;
-use layer_telemetry::trace::{KeyValue, Span, SpanKind, new_trace_id, trace_id_hex};
+use layer_telemetry::trace::{KeyValue, Span, SpanKind, new_trace_id};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -253,7 +253,7 @@ fn place<'a>(
 /// What stops a Function's batches from being placed, for its status:
 /// a rejection by its pool, or (push Functions) no active runner that can
 /// run it.
-pub async fn conditions(pool: &PgPool, udf: &Udf) -> Result<Vec<UdfCondition>> {
+pub async fn conditions(pool: &PgPool, udf: &Udf, lost_after: Duration) -> Result<Vec<UdfCondition>> {
     let pools = compute_pools(crate::resources::store::list_infra_rules(pool).await?);
     let s = match scheduling(udf, &pools) {
         Ok(s) => s,
@@ -262,8 +262,7 @@ pub async fn conditions(pool: &PgPool, udf: &Udf) -> Result<Vec<UdfCondition>> {
     if udf.spec.worker.dispatch != Dispatch::Push {
         return Ok(Vec::new());
     }
-    let lost_after = DispatchConfig::default().lost_after.as_secs_f64();
-    let mut runners: Vec<RunnerRow> = store::list(pool, lost_after)
+    let mut runners: Vec<RunnerRow> = store::list(pool, lost_after.as_secs_f64())
         .await?
         .into_iter()
         .filter(|r| matches!(r.state(), RunnerState::Active | RunnerState::Draining))
@@ -392,7 +391,7 @@ impl Dispatcher {
                 // The trace id is chosen before the lease so the batch
                 // record carries it; the spans start once there is a batch.
                 let trace_id = new_trace_id();
-                let trace_hex = trace_id_hex(trace_id);
+                let trace_hex = trace_id.to_string();
                 let leasing_at = std::time::SystemTime::now();
                 let claimer = Claimer::Runner { id: &runner.id, trace_id: &trace_hex };
                 let claim = queue::claim(&self.pool, udf, claimer, limit, lease).await?;
@@ -484,7 +483,6 @@ fn batch_span(
         metrics.batch_queue_wait.with_label_values(&[&udf.id]).observe(wait.as_secs_f64());
     }
     root.child_from("layer.lease", SpanKind::Internal, leasing_at, vec![]).end();
-    metrics.batches_dispatched.with_label_values(&[&udf.id]).inc();
     root
 }
 
@@ -518,6 +516,7 @@ impl Send {
             self.http.post(&self.url).headers(headers).bearer_auth(&self.token).json(&assignment).send().await;
         let (error, class) = match outcome {
             Ok(r) if r.status().is_success() => {
+                crate::metrics::METRICS.batches_dispatched.with_label_values(&[&self.udf.id]).inc();
                 dispatch.set([KeyValue::new("http.response.status_code", i64::from(r.status().as_u16()))]);
                 dispatch.end();
                 self.span.end();

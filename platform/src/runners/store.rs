@@ -180,7 +180,6 @@ pub struct BatchRow {
     pub failed: i32,
     pub dropped: i32,
     pub revision: i32,
-    pub trace_id: Option<String>,
     /// Seconds since the batch was leased.
     pub age_seconds: f64,
     function: Option<Json<crate::functions::store::FunctionRow>>,
@@ -198,7 +197,7 @@ impl BatchRow {
 /// after the other and the second sees `reported`.
 pub async fn lock_batch(tx: &mut Transaction<'_, Postgres>, batch_id: i64) -> Result<Option<BatchRow>> {
     Ok(sqlx::query_as(
-        "SELECT b.id, b.function_id, b.runner_id, b.state, b.written, b.failed, b.dropped, b.revision, b.trace_id,
+        "SELECT b.id, b.function_id, b.runner_id, b.state, b.written, b.failed, b.dropped, b.revision,
              extract(epoch FROM clock_timestamp() - b.dispatched_at)::float8 AS age_seconds,
              (SELECT to_jsonb(f) FROM functions f WHERE f.id = b.function_id) AS function
          FROM batches b WHERE b.id = $1 FOR UPDATE",
