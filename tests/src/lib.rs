@@ -319,6 +319,29 @@ pub async fn run_python(script: &str, platform: &TestPlatform, extra_env: &[(&st
     Ok(text)
 }
 
+/// Samples of a Prometheus text exposition: `name{labels}` → value.
+pub fn prometheus_samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `GET {base}/metrics` (a platform's or a runner's): the text, checked to
+/// be the Prometheus text format, and its samples.
+pub async fn scrape(base: &str) -> Result<(String, std::collections::BTreeMap<String, f64>)> {
+    let r = reqwest::get(format!("{base}/metrics")).await?;
+    anyhow::ensure!(r.status() == 200, "GET {base}/metrics: {}", r.status());
+    let ctype = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    anyhow::ensure!(ctype.starts_with("text/plain; version=0.0.4"), "{base}/metrics is {ctype}");
+    let text = r.text().await?;
+    let samples = prometheus_samples(&text);
+    Ok((text, samples))
+}
+
 /// A runner started in-process against a [`TestPlatform`].
 pub struct TestRunner {
     pub id: String,

@@ -248,6 +248,9 @@ async fn a_vanished_worker_loses_its_lease_and_its_late_result() -> anyhow::Resu
     assert_eq!(d["attributes"]["size"], "good");
     let st = status(&p, "lease").await?;
     assert_eq!((st["counts"]["leases_expired"].as_i64(), st["counts"]["dropped"].as_i64()), (Some(1), Some(1)), "{st}");
+    let (text, m) = layer_tests::scrape(&p.url).await?;
+    assert_eq!(m["layer_lease_expiries_total{udf=\"lease\"}"], 1.0, "{text}");
+    assert_eq!(m["layer_rows_dropped_stale_total{udf=\"lease\"}"], 1.0, "{text}");
     Ok(())
 }
 

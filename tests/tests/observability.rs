@@ -3,10 +3,11 @@
 //! worker export; `/metrics` is parsed (and checked by `promtool` where it
 //! is installed); the batch API is compared with what happened.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use layer_tests::otlp::{BATCH_SPANS, GotSpan, otlp_receiver, promtool_accepts};
+use layer_tests::scrape;
 use layer_tests::{TestPlatform, TestRunner, workspace_dir};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -116,6 +117,32 @@ async fn a_push_batch_is_one_trace_across_platform_runner_and_worker() -> anyhow
     assert!(t("ended_at") <= t("finished_at"), "{record}");
     let (_, one) = p.call(Method::GET, &format!("/v2/batches/{batch_id}"), None).await?;
     assert_eq!(&one, record);
+
+    // A worker that answers garbage: its call span and the batch's runner
+    // span record the error; the writeback counts the failed row.
+    p.upsert_rows("broken", json!([{"id": "g1", "mode": "garbage"}])).await?;
+    let mut broken = worker_spec(json!({}));
+    broken["targetNamespaces"] = json!(["broken"]);
+    p.apply_function("broken", broken).await?;
+    let st = p.drained("broken", Duration::from_secs(60)).await?;
+    assert_eq!(st["failed_count"], 1, "{st}");
+    let (_, list) = p.call(Method::GET, "/v2/udfs/broken/batches", None).await?;
+    let broken_trace = list["batches"][0]["trace_id"].as_str().unwrap().to_string();
+    let start = Instant::now();
+    let got: Vec<GotSpan> = loop {
+        traces.flush();
+        let got: Vec<GotSpan> = spans.lock().unwrap().iter().filter(|s| s.trace_id == broken_trace).cloned().collect();
+        if BATCH_SPANS.iter().all(|w| got.iter().any(|s| s.name == *w)) {
+            break got;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "spans of the broken batch: {got:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let span = |name: &str| got.iter().find(|s| s.name == name).unwrap();
+    assert!(span("layer.worker.call").error, "{got:#?}");
+    assert!(!span("layer.runner.batch").error, "the batch itself was reported: {got:#?}");
+    assert_eq!(span("layer.runner.batch").attrs["layer.batch.failed"], "1");
+    assert_eq!(span("layer.writeback").attrs["layer.batch.failed"], "1");
     runner.stop().await?;
 
     // The pull protocol: a claim and a completion sent with a caller's
@@ -174,27 +201,6 @@ async fn a_push_batch_is_one_trace_across_platform_runner_and_worker() -> anyhow
     let complete = pulled.iter().find(|s| s.name == "layer.complete").unwrap();
     assert_eq!(complete.attrs["layer.batch.written"], items.as_array().unwrap().len().to_string());
     Ok(())
-}
-
-/// Samples of a Prometheus text exposition: `name{labels}` → value.
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
-async fn scrape(url: &str) -> anyhow::Result<(String, BTreeMap<String, f64>)> {
-    let r = reqwest::get(format!("{url}/metrics")).await?;
-    anyhow::ensure!(r.status() == 200, "GET {url}/metrics: {}", r.status());
-    let ctype = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
-    let text = r.text().await?;
-    let s = samples(&text);
-    Ok((text, s))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

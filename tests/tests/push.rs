@@ -351,10 +351,17 @@ async fn a_runner_that_cannot_be_reached_costs_no_attempts() -> anyhow::Result<(
     .await?;
     assert_eq!((state.as_str(), attempts, kind.as_deref()), ("pending", 0, Some("runner_lost")));
     assert!(free >= 1, "a free retry was counted: {free}");
+    // The metrics count the failed sends by class, and the free retries.
+    let (text, m) = layer_tests::scrape(&p.url).await?;
+    assert!(m["layer_dispatch_errors_total{class=\"unreachable\"}"] >= 1.0, "{text}");
+    assert_eq!(m["layer_dispatch_errors_total{class=\"refused\"}"], 0.0, "{text}");
+    assert!(m["layer_rows_retried_total{udf=\"unreachable\"}"] >= 1.0, "{text}");
     // A real runner then finishes the row (maxAttempts is 1: nothing was spent).
     let _runner = TestRunner::start(&p, |_| {}).await?;
     let st = p.drained("unreachable", Duration::from_secs(30)).await?;
     assert_eq!(st["counts"]["completed"], 1, "{st}");
+    let (text, m) = layer_tests::scrape(&p.url).await?;
+    assert_eq!(m["layer_batches_dispatched_total{udf=\"unreachable\"}"], 1.0, "only the accepted send: {text}");
     Ok(())
 }
 
