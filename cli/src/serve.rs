@@ -1,7 +1,7 @@
 //! `layer dev` and `layer platform`: run the control plane.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use layer_platform::embedded::{EmbeddedOptions, EmbeddedPostgres};
@@ -27,7 +27,7 @@ pub fn cancel_on_signal(token: CancellationToken) {
     });
 }
 
-fn print_banner(addr: SocketAddr, minted: Option<&str>, data_dir: Option<&PathBuf>) {
+fn print_banner(addr: SocketAddr, minted: Option<&str>, data_dir: Option<&Path>) {
     println!("Layer platform listening on http://{addr}");
     if let Some(dir) = data_dir {
         println!("  data: {} (PostgreSQL log in postgres.log)", dir.display());
@@ -40,11 +40,94 @@ fn print_banner(addr: SocketAddr, minted: Option<&str>, data_dir: Option<&PathBu
         println!();
         println!("  (Set LAYER_API_KEY before the first start to choose the key yourself.)");
     }
-    println!("  Stop with Ctrl-C.");
+}
+
+/// What to type next, in another terminal: the shortest path to rows
+/// worked on by a Function (the README's "A first session" goes on).
+fn print_next_steps(addr: SocketAddr, minted: Option<&str>) {
+    let bin_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
+    println!();
+    println!("  Next, in another terminal at the repository root:");
+    println!();
+    if let Some(dir) = bin_dir {
+        println!("    export PATH={}:$PATH", dir.display());
+    }
+    match minted {
+        Some(key) => println!("    export LAYER_API_KEY={key}"),
+        None => println!("    export LAYER_API_KEY=...   # the key printed at the first start"),
+    }
+    if addr.port() != 8080 || !addr.ip().is_loopback() {
+        println!("    export LAYER_URL=http://{addr}");
+    }
+    println!("    layer rows upsert products -f examples/tag-products/products.jsonl");
+    println!("    layer run -f examples/tag-products/function.yaml");
+    println!("    layer rows get products p002");
+    println!();
+    println!("  Stop with Ctrl-C (the data stays for the next start).");
+}
+
+/// Held for as long as this `layer dev` runs: an exclusive lock on
+/// `<data dir>/layer-dev.pid`, which names our pid. The kernel drops the
+/// lock when the process ends, however it ends, so a PostgreSQL left by a
+/// killed run is still adopted, while one a live `layer dev` uses is never
+/// touched.
+struct DataDirLock {
+    _file: std::fs::File,
+}
+
+fn lock_data_dir(dir: &Path) -> Result<DataDirLock> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("layer-dev.pid");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            // The holder writes its pid right after locking: give it a moment.
+            let mut holder = String::new();
+            for _ in 0..20 {
+                holder.clear();
+                let _ = file.rewind();
+                let _ = file.read_to_string(&mut holder);
+                if !holder.trim().is_empty() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let who = match holder.split_whitespace().next() {
+                Some(pid) => format!("pid {pid}"),
+                None => "a process that has not written its pid yet".to_string(),
+            };
+            anyhow::bail!(
+                "the data directory {} is in use by another `layer dev` ({who}); nothing was started and its \
+                 PostgreSQL was not touched. Stop that one first (Ctrl-C in its terminal), or give this one its \
+                 own --data-dir",
+                dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    file.flush()?;
+    Ok(DataDirLock { _file: file })
 }
 
 /// `layer dev`: embedded PostgreSQL plus the platform.
 pub async fn dev(listen: SocketAddr, data_dir: PathBuf, api_key: Option<String>) -> Result<()> {
+    // Refuse before anything is initialised: a data directory another
+    // `layer dev` uses, then an address that is taken.
+    let _lock = lock_data_dir(&data_dir)?;
+    let listener = layer_platform::bind(listen).await?;
     let pg = EmbeddedPostgres::start(EmbeddedOptions { data_dir: data_dir.clone(), port: 5432, ephemeral: false })
         .await
         .context("starting the embedded PostgreSQL")?;
@@ -58,7 +141,7 @@ pub async fn dev(listen: SocketAddr, data_dir: PathBuf, api_key: Option<String>)
     let mut config = Config::new(options.clone());
     config.listen = listen;
     config.bootstrap_admin_key = api_key;
-    let started = match layer_platform::start(config, shutdown.clone()).await {
+    let started = match layer_platform::start_on(config, listener, shutdown.clone()).await {
         Ok(s) => s,
         Err(e) => {
             pg.stop().await.ok();
@@ -87,6 +170,7 @@ pub async fn dev(listen: SocketAddr, data_dir: PathBuf, api_key: Option<String>)
         }
     };
     println!("  runner {} on http://{} (runs push Functions' workers here)", runner.runner_id, runner.addr);
+    print_next_steps(started.addr, started.minted_admin_key.as_deref());
     signal.cancelled().await;
     runner_shutdown.cancel();
     if let Err(e) = runner.wait().await {
@@ -164,6 +248,7 @@ pub async fn platform(args: PlatformArgs) -> Result<()> {
     config.engine.batch_retention = args.batch_retention;
     let started = layer_platform::start(config, shutdown).await.context("starting the platform")?;
     print_banner(started.addr, started.minted_admin_key.as_deref(), None);
+    println!("  Stop with Ctrl-C.");
     started.wait().await.context("serving")?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! directory, a restart that keeps the data, a clean stop on SIGTERM, and
 //! the client commands against it.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
@@ -32,6 +33,11 @@ impl Dev {
     }
 
     fn start_with_env(dir: &Path, port: u16, key: Option<&str>, env: &[(&str, &str)]) -> Dev {
+        Self::start_in(dir, port, key, env, None)
+    }
+
+    /// `cwd`: where `layer dev` runs (its runner starts local workers there).
+    fn start_in(dir: &Path, port: u16, key: Option<&str>, env: &[(&str, &str)], cwd: Option<&Path>) -> Dev {
         std::fs::create_dir_all(dir).unwrap();
         let stdout = dir.with_extension(format!("{port}.out"));
         let stderr = dir.with_extension(format!("{port}.log"));
@@ -45,6 +51,9 @@ impl Dev {
             cmd.env("LAYER_API_KEY", k);
         }
         cmd.envs(env.iter().copied());
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
         let child = cmd.spawn().unwrap();
         Dev { child, url: format!("http://127.0.0.1:{port}"), stdout, stderr }
     }
@@ -67,6 +76,24 @@ impl Dev {
             assert!(start.elapsed() < Duration::from_secs(120), "no /healthz after 120 s");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits for it to exit by itself (a refusal); its exit status.
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(start.elapsed() < within, "layer dev still runs after {within:?}: {}", self.output());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What it printed, stdout then stderr.
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+            + &std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
     fn stop(mut self) -> std::process::ExitStatus {
@@ -332,4 +359,230 @@ fn a_push_run_under_dev_exports_one_trace_per_batch_with_json_logs() {
     let traced: Vec<&str> = lines.iter().filter_map(|l| l["span"]["trace_id"].as_str()).collect();
     assert!(traces.iter().any(|t| traced.contains(&t.as_str())), "no log line carries a batch's trace: {log}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pid in the cluster's `postmaster.pid`.
+fn postmaster_pid(dir: &Path) -> i32 {
+    let text = std::fs::read_to_string(dir.join("pg/postmaster.pid")).expect("postmaster.pid");
+    text.lines().next().unwrap().trim().parse().unwrap()
+}
+
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+fn healthz(url: &str) -> u16 {
+    reqwest::blocking::get(format!("{url}/healthz")).map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+#[test]
+fn a_second_dev_on_a_live_data_dir_refuses_at_once_and_leaves_the_first_alone() {
+    let dir = data_dir("twice");
+    let key = "lyr_twice_test_key_0123456789";
+    let port = free_port();
+    let mut first = Dev::start(&dir, port, Some(key));
+    let first_pid = first.child.id();
+    // As soon as the first holds the data directory (long before its
+    // PostgreSQL answers), a second start on it.
+    let start = Instant::now();
+    while std::fs::read_to_string(dir.join("layer-dev.pid")).unwrap_or_default().trim() != first_pid.to_string() {
+        assert!(start.elapsed() < Duration::from_secs(30), "the first layer dev never locked {}", dir.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut early = Dev::start(&dir, free_port(), Some(key));
+    let status = early.wait_exit(Duration::from_secs(10));
+    assert!(!status.success());
+    let refusal = format!("is in use by another `layer dev` (pid {first_pid})");
+    assert!(early.output().contains(&refusal), "{}", early.output());
+
+    first.wait_healthy();
+    let postmaster = postmaster_pid(&dir);
+    // Once it serves, another start (on its own port too) is refused the same way.
+    let mut late = Dev::start(&dir, port, None);
+    assert!(!late.wait_exit(Duration::from_secs(10)).success());
+    assert!(late.output().contains(&refusal), "{}", late.output());
+    assert!(!late.output().contains("adopting"), "{}", late.output());
+
+    // The first is untouched: same PostgreSQL, still serving, keys valid.
+    assert_eq!(postmaster_pid(&dir), postmaster);
+    assert_eq!(healthz(&first.url), 200);
+    let o = layer(&first.url, key, &["udf", "list"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(first.stop().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_taken_listen_address_is_refused_before_anything_is_initialised() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = data_dir("taken");
+    let mut dev = Dev::start(&dir, port, None);
+    let status = dev.wait_exit(Duration::from_secs(10));
+    assert!(!status.success());
+    let out = dev.output();
+    assert!(
+        out.contains(&format!("cannot listen on 127.0.0.1:{port}")) && out.contains("another process listens there"),
+        "{out}"
+    );
+    assert!(!dir.join("pg").exists(), "a PostgreSQL cluster was initialised for a start that could not listen");
+    drop(taken);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_dev_killed_with_sigkill_leaves_a_postgres_that_the_next_start_adopts() {
+    let dir = data_dir("adopt");
+    let key = "lyr_adopt_test_key_0123456789";
+    let port = free_port();
+    let mut dev = Dev::start(&dir, port, Some(key));
+    dev.wait_healthy();
+    let rows = dir.with_extension("rows.jsonl");
+    std::fs::write(&rows, "{\"id\": \"p1\", \"title\": \"Lamp\"}\n").unwrap();
+    assert!(layer(&dev.url, key, &["rows", "upsert", "products", "-f", rows.to_str().unwrap()]).status.success());
+    let postmaster = postmaster_pid(&dir);
+    dev.child.kill().unwrap();
+    dev.child.wait().unwrap();
+    assert!(alive(postmaster), "PostgreSQL went down with its layer dev");
+
+    let mut dev = Dev::start(&dir, port, None);
+    dev.wait_healthy();
+    assert!(dev.output().contains("adopting a PostgreSQL server left running"), "{}", dev.output());
+    assert_eq!(postmaster_pid(&dir), postmaster);
+    let o = layer(&dev.url, key, &["rows", "get", "products", "p1"]);
+    assert!(o.status.success() && text(&o).contains("Lamp"), "{}", text(&o));
+    assert!(dev.stop().success());
+    assert!(!dir.join("pg/postmaster.pid").exists(), "the adopted PostgreSQL was not stopped");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The fenced block of `lang` that follows `heading` in the README.
+fn readme_block(heading: &str, lang: &str) -> String {
+    let readme = std::fs::read_to_string(layer_tests::workspace_dir().join("README.md")).unwrap();
+    let section = readme.split(heading).nth(1).unwrap_or_else(|| panic!("README has no {heading}"));
+    let open = format!("```{lang}\n");
+    let body = section.split(&open).nth(1).unwrap_or_else(|| panic!("no {lang} block after {heading}"));
+    body.split("```").next().unwrap().to_string()
+}
+
+/// The README's first session, typed as written against a fresh `layer
+/// dev` started at the repository root; only the address, the key (from
+/// the environment, as after its `export`) and the venv differ: the venv
+/// line is checked to be there and stands for the harness's venv, made the
+/// same way.
+#[test]
+fn the_readme_first_session_runs_line_by_line_as_written() {
+    let ws = layer_tests::workspace_dir();
+    let dir = data_dir("readme");
+    let key = "lyr_readme_test_key_0123456789";
+    let mut dev = Dev::start_in(&dir, free_port(), Some(key), &[], Some(&ws));
+    dev.wait_healthy();
+    layer_tests::python_with_hevlayer().unwrap();
+    let venv = dir.with_extension("venv");
+    let _ = std::fs::remove_file(&venv);
+    std::os::unix::fs::symlink(ws.join("target/pyenv"), &venv).unwrap();
+    let bin_dir = Path::new(BIN).parent().unwrap().display().to_string();
+
+    let block = readme_block("### A first session", "sh");
+    let venv_line = "python3 -m venv .venv && .venv/bin/pip install --quiet hevlayer==0.7.3";
+    assert!(block.lines().any(|l| l == venv_line), "installing the client is a step of its own:\n{block}");
+    let script: String = block
+        .lines()
+        .filter(|l| !l.starts_with("export LAYER_API_KEY="))
+        .map(|l| if l == venv_line { "true" } else { l })
+        .map(|l| {
+            l.replace("http://127.0.0.1:8080", &dev.url)
+                .replace("$PWD/target/release", &bin_dir)
+                .replace(".venv/", &format!("{}/", venv.display()))
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let out = dir.with_extension("session.out");
+    let mut session = Command::new("bash")
+        .args(["-e", "-u", "-c", &script])
+        .current_dir(&ws)
+        .env("LAYER_API_KEY", key)
+        .env("LAYER_URL", &dev.url)
+        .env_remove("NO_COLOR")
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::from(std::fs::File::options().append(true).open(&out).unwrap()))
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = session.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(240) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(session.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("the first session did not finish in 240 s:\n{}", std::fs::read_to_string(&out).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let said = std::fs::read_to_string(&out).unwrap();
+    assert!(status.success(), "the first session failed ({status}):\n{said}");
+    assert!(said.contains("0 pending, 0 processing, 0 failed"), "{said}");
+    assert!(said.contains("\"_hevlayer_udf_product_tags_v\": \"v1\""), "{said}");
+    assert!(said.contains("dev") && said.contains("product-tags-push"), "{said}");
+    let o = layer(&dev.url, key, &["udf", "get", "product-tags-push"]);
+    assert!(text(&o).contains("0 pending, 0 processing, 0 failed"), "{}", text(&o));
+
+    // The Python snippet runs as a script.
+    let py = dir.with_extension("first.py");
+    std::fs::write(
+        &py,
+        readme_block("Or from Python with the public client", "python").replace("http://127.0.0.1:8080", &dev.url),
+    )
+    .unwrap();
+    let o = Command::new(venv.join("bin/python")).arg(&py).env("LAYER_API_KEY", key).output().unwrap();
+    assert!(o.status.success() && text(&o).contains("'title': 'Tent'"), "{}", text(&o));
+    assert!(dev.stop().success());
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&venv);
+}
+
+/// The README's command to stop the harness's cluster works as root (where
+/// `pg_ctl` refuses) and with or without TMPDIR.
+#[test]
+fn the_readme_command_stops_the_test_cluster() {
+    let readme = std::fs::read_to_string(layer_tests::workspace_dir().join("README.md")).unwrap();
+    let command = readme
+        .lines()
+        .find(|l| l.starts_with("kill -INT ") && l.contains("layer-test-pg-"))
+        .expect("the README says how to stop the test cluster")
+        .to_string();
+    let tmp = data_dir("stopcmd");
+    std::fs::create_dir_all(&tmp).unwrap();
+    // Readable by the unprivileged user PostgreSQL runs as under root.
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let uid = nix::unistd::Uid::effective();
+    let cluster = tmp.join(format!("layer-test-pg-{uid}"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pg = rt
+        .block_on(layer_platform::embedded::EmbeddedPostgres::start(layer_platform::embedded::EmbeddedOptions {
+            data_dir: cluster.clone(),
+            port: 5432,
+            ephemeral: true,
+        }))
+        .unwrap();
+    let postmaster = postmaster_pid(&cluster);
+    std::mem::forget(pg);
+    let o = Command::new("bash").args(["-c", &command]).env("TMPDIR", &tmp).output().unwrap();
+    assert!(o.status.success(), "{command}: {}", text(&o));
+    // PostgreSQL removes its pid file as it stops (the process itself lingers
+    // as this test's zombie, so its pid says nothing).
+    let start = Instant::now();
+    while cluster.join("pg/postmaster.pid").exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "{command} did not stop the cluster (pid {postmaster})");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Without TMPDIR the command names the default place, as the harness does.
+    let path_only = command.replacen("kill -INT", "echo", 1).replacen("head -n 1", "echo", 1);
+    let o = Command::new("bash").args(["-c", &path_only]).env_remove("TMPDIR").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), format!("/tmp/layer-test-pg-{uid}/pg/postmaster.pid"));
+    let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -91,15 +91,35 @@ impl Started {
     }
 }
 
-/// Connects, migrates, installs the bootstrap key if needed, binds and
-/// starts serving. Returns once the listener is bound.
+/// Binds `config.listen` (before touching the database, so a taken port
+/// fails at once), then [`start_on`] that listener.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Started> {
+    let listener = bind(config.listen).await?;
+    start_on(config, listener, shutdown).await
+}
+
+/// Binds the API's address, with an error that names it.
+pub async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another process listens there: stop it, or choose another address with --listen)"
+        } else {
+            ""
+        };
+        PlatformError::Setup(format!("cannot listen on {listen}: {e}{hint}"))
+    })
+}
+
+/// Connects, migrates, installs the bootstrap key if needed and starts
+/// serving on a listener already bound (`config.listen` is not used).
+pub async fn start_on(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<Started> {
     let pool = db::connect(config.database.clone(), config.max_connections).await?;
     db::migrate(&pool).await?;
     let minted_admin_key = auth::store::bootstrap_admin(&pool, config.bootstrap_admin_key.as_deref()).await?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| PlatformError::Setup(format!("cannot listen on {}: {e}", config.listen)))?;
     let addr = listener.local_addr()?;
     let engine = engine::Engine::new(pool.clone());
     let mut duties = tokio::task::JoinSet::new();

@@ -1,0 +1,53 @@
+# Sourced by ./dev.sh and ./test.sh: finds what a command needs and installs
+# what is missing. As root, Debian's packages are installed with apt-get;
+# otherwise the one command to run is printed and the script stops.
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# The directory holding initdb and postgres, as the platform looks for it.
+pg_bindir() {
+  local d
+  if [ -n "${LAYER_PG_BINDIR:-}" ]; then echo "$LAYER_PG_BINDIR"; return; fi
+  if d=$(command -v initdb 2>/dev/null) && [ -x "$(dirname "$(readlink -f "$d")")/postgres" ]; then
+    dirname "$(readlink -f "$d")"; return
+  fi
+  if command -v pg_config >/dev/null 2>&1 && d=$(pg_config --bindir 2>/dev/null) && [ -x "$d/initdb" ] && [ -x "$d/postgres" ]; then
+    echo "$d"; return
+  fi
+  for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+    if [ -x "$d/initdb" ] && [ -x "$d/postgres" ]; then echo "$d"; return; fi
+  done
+  return 1
+}
+
+# install_packages PKG...: Debian packages, as root; else say how and stop.
+install_packages() {
+  [ $# -eq 0 ] && return 0
+  if ! command -v apt-get >/dev/null 2>&1; then
+    die "missing: $* (Debian package names); install their equivalents with your system's package manager, then run this again"
+  fi
+  if [ "$(id -u)" != 0 ]; then
+    printf '\nThese Debian packages are missing: %s\nInstall them, then run this again:\n\n  sudo apt-get install -y --no-install-recommends %s\n\n' "$*" "$*" >&2
+    exit 1
+  fi
+  say "installing $* (apt-get)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+need_cargo() {
+  command -v cargo >/dev/null 2>&1 ||
+    die "cargo is missing: install Rust (1.89 or newer) with rustup, then run this again"
+}
+
+# The PostgreSQL server binaries (the platform runs its own cluster from them).
+postgres_package() { pg_bindir >/dev/null || echo postgresql; }
+
+docker_engine_answers() { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; }
+
+# No Docker at all: no client, no DOCKER_HOST, no local socket. A machine
+# with any of them but no answering engine is broken, not Docker-less.
+no_docker_at_all() {
+  ! command -v docker >/dev/null 2>&1 && [ -z "${DOCKER_HOST:-}" ] && [ ! -S /var/run/docker.sock ]
+}

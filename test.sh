@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# ./test.sh [nextest args]: installs what the tests need, then runs the suite.
+#
+#   cargo-nextest                    cargo install (from crates.io)
+#   the PostgreSQL server binaries   Debian package postgresql
+#   promtool                         Debian package prometheus
+#   debootstrap                      Debian package debootstrap (the Python image base)
+#   target/pyenv                     a venv with the public client, hevlayer==0.7.3
+#   the example worker images        deploy/images/build.sh (needs Docker)
+#
+# Then it starts a throwaway PostgreSQL (unless DATABASE_URL names one),
+# runs `cargo nextest run --workspace` with any arguments given here, and
+# stops that PostgreSQL again. On a machine with no Docker at all the
+# container tests are skipped, and this says so; where Docker exists they
+# run, and an engine that does not answer fails them.
+set -euo pipefail
+cd "$(dirname "$0")"
+. deploy/prereqs.sh
+
+need_cargo
+command -v python3 >/dev/null 2>&1 || install_packages python3 python3-venv
+missing=()
+pkg=$(postgres_package) && [ -n "$pkg" ] && missing+=("$pkg")
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+docker=yes
+if no_docker_at_all; then
+  docker=no
+else
+  command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+fi
+python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
+install_packages "${missing[@]}"
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  say "installing cargo-nextest (cargo install; a few minutes)"
+  cargo install cargo-nextest --locked
+fi
+
+if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c 'import hevlayer' 2>/dev/null; then
+  say "making target/pyenv with the public hevlayer client"
+  mkdir -p target
+  python3 -m venv target/pyenv
+  target/pyenv/bin/pip install --quiet --disable-pip-version-check hevlayer==0.7.3
+fi
+
+filter=()
+if [ "$docker" = yes ]; then
+  say "building the example worker images (deploy/images/build.sh; the first time takes a few minutes)"
+  flock /tmp/layer-images.lock deploy/images/build.sh
+else
+  cat >&2 <<'MSG'
+
+  ***************************************************************************
+  *  SKIPPING the container tests (tests/tests/containers.rs): this machine  *
+  *  has no Docker engine at all (no docker client, no DOCKER_HOST, no        *
+  *  /var/run/docker.sock). They are counted as skipped below. Install       *
+  *  Docker to run them.                                                     *
+  ***************************************************************************
+
+MSG
+  filter=(-E 'not binary(containers)')
+fi
+
+# A throwaway PostgreSQL for this run, unless DATABASE_URL names a server.
+if [ -z "${DATABASE_URL:-}" ]; then
+  PG_BIN=$(pg_bindir)
+  PG_DIR=$(mktemp -d /tmp/layer-test-run.XXXXXX)
+  chmod 755 "$PG_DIR"
+  RUN_AS=()
+  if [ "$(id -u)" = 0 ]; then
+    PG_USER=${LAYER_PG_USER:-postgres}
+    id "$PG_USER" >/dev/null 2>&1 || PG_USER=nobody
+    chown "$PG_USER" "$PG_DIR"
+    RUN_AS=(runuser -u "$PG_USER" --)
+  fi
+  "${RUN_AS[@]}" "$PG_BIN/initdb" -D "$PG_DIR/data" -U layer --auth=trust -E UTF8 --locale=C >/dev/null
+  "${RUN_AS[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w start -o \
+    "-k $PG_DIR -c listen_addresses= -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" >/dev/null
+  stop_pg() {
+    "${RUN_AS[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+    rm -rf "$PG_DIR"
+  }
+  trap stop_pg EXIT
+  export DATABASE_URL="postgres://layer@localhost/postgres?host=$PG_DIR"
+fi
+
+say "running the tests: cargo nextest run --workspace ${filter[*]} $*"
+cargo nextest run --workspace "${filter[@]}" "$@"
