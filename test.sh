@@ -10,9 +10,11 @@
 #
 # Then it starts a throwaway PostgreSQL (unless DATABASE_URL names one),
 # runs `cargo nextest run --workspace` with any arguments given here, and
-# stops that PostgreSQL again. On a machine with no Docker at all the
-# container tests are skipped, and this says so; where Docker exists they
-# run, and an engine that does not answer fails them.
+# stops that PostgreSQL again. On a machine with no Docker at all (no
+# `docker` client) the container tests are skipped with nextest's
+# `no-docker` profile (.config/nextest.toml), and this says so loudly;
+# where Docker exists they all run, and an engine that does not answer
+# fails them.
 set -euo pipefail
 cd "$(dirname "$0")"
 . deploy/prereqs.sh
@@ -43,7 +45,7 @@ if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c 'import hevl
   target/pyenv/bin/pip install --quiet --disable-pip-version-check hevlayer==0.7.3
 fi
 
-filter=()
+profile=()
 if [ "$docker" = yes ]; then
   say "building the example worker images (deploy/images/build.sh; the first time takes a few minutes)"
   flock /tmp/layer-images.lock deploy/images/build.sh
@@ -51,14 +53,13 @@ else
   cat >&2 <<'MSG'
 
   ***************************************************************************
-  *  SKIPPING the container tests (tests/tests/containers.rs): this machine  *
-  *  has no Docker engine at all (no docker client, no DOCKER_HOST, no        *
-  *  /var/run/docker.sock). They are counted as skipped below. Install       *
-  *  Docker to run them.                                                     *
+  *  SKIPPING the container tests (tests/tests/containers.rs): this machine *
+  *  has no Docker at all (no `docker` client on PATH). nextest counts them *
+  *  as skipped below. Install Docker to run them.                          *
   ***************************************************************************
 
 MSG
-  filter=(-E 'not binary(containers)')
+  profile=(--profile no-docker)
 fi
 
 # A throwaway PostgreSQL for this run, unless DATABASE_URL names a server.
@@ -84,5 +85,5 @@ if [ -z "${DATABASE_URL:-}" ]; then
   export DATABASE_URL="postgres://layer@localhost/postgres?host=$PG_DIR"
 fi
 
-say "running the tests: cargo nextest run --workspace ${filter[*]} $*"
-cargo nextest run --workspace "${filter[@]}" "$@"
+say "running the tests: cargo nextest run --workspace ${profile[*]} $*"
+cargo nextest run --workspace "${profile[@]}" "$@"

@@ -14,6 +14,12 @@ use serde_json::{Value, json};
 /// Builds the image set (`echo` or `python`) unless `image` exists. Tests
 /// run as separate processes, so builds take turns on a file lock.
 fn ensure_image(image: &str, set: &str) -> anyhow::Result<()> {
+    if let Err(e) = Command::new("docker").arg("--version").output() {
+        anyhow::bail!(
+            "no Docker client here ({e}): this test needs a Docker engine; `./test.sh` counts the container tests \
+             as skipped on a machine without Docker"
+        );
+    }
     let present = |image: &str| {
         Command::new("docker").args(["image", "inspect", image]).output().is_ok_and(|o| o.status.success())
     };
