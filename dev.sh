@@ -7,8 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . deploy/prereqs.sh
 
-need_cargo
 install_packages $(postgres_package)
+need_cargo
 say "building the layer binary (release; the first build takes a few minutes)"
 cargo build --release --bin layer
 exec ./target/release/layer dev "$@"

@@ -8,7 +8,10 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 # The directory holding initdb and postgres, as the platform looks for it.
 pg_bindir() {
   local d
-  if [ -n "${LAYER_PG_BINDIR:-}" ]; then echo "$LAYER_PG_BINDIR"; return; fi
+  if [ -n "${LAYER_PG_BINDIR:-}" ]; then
+    [ -x "$LAYER_PG_BINDIR/initdb" ] && [ -x "$LAYER_PG_BINDIR/postgres" ] || return 1
+    echo "$LAYER_PG_BINDIR"; return
+  fi
   if d=$(command -v initdb 2>/dev/null) && [ -x "$(dirname "$(readlink -f "$d")")/postgres" ]; then
     dirname "$(readlink -f "$d")"; return
   fi

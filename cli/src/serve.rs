@@ -54,7 +54,9 @@ fn print_next_steps(addr: SocketAddr, minted: Option<&str>) {
     }
     match minted {
         Some(key) => println!("    export LAYER_API_KEY={key}"),
-        None => println!("    export LAYER_API_KEY=...   # the key printed at the first start"),
+        None => println!(
+            "    export LAYER_API_KEY=...   # your admin key: printed at the first start, or the one you chose"
+        ),
     }
     if addr.port() != 8080 || !addr.ip().is_loopback() {
         println!("    export LAYER_URL=http://{addr}");

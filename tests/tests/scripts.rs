@@ -58,3 +58,38 @@ fn without_docker_test_sh_counts_the_container_tests_as_skipped_and_says_why() -
     anyhow::ensure!(!text.lines().any(|l| l.contains("PASS") && l.contains("containers")), "{text}");
     Ok(())
 }
+
+/// Not root: `./dev.sh` installs nothing itself; it prints the one command
+/// that installs what is missing and stops before building anything.
+#[test]
+fn dev_sh_without_root_prints_the_one_install_command_and_stops() -> anyhow::Result<()> {
+    // A copy of the scripts where `nobody` can read them, wherever the checkout is.
+    let scratch = std::env::temp_dir().join(format!("layer-dev-sh-{}", std::process::id()));
+    std::fs::create_dir_all(scratch.join("deploy"))?;
+    for f in ["dev.sh", "deploy/prereqs.sh"] {
+        std::fs::copy(workspace_dir().join(f), scratch.join(f))?;
+    }
+    for d in [scratch.clone(), scratch.join("deploy")] {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let script = scratch.join("dev.sh");
+    let mut cmd = if nix::unistd::Uid::effective().is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "nobody", "--"]).arg(&script);
+        c
+    } else {
+        Command::new(&script)
+    };
+    // The server binaries are "missing": LAYER_PG_BINDIR names a place without them.
+    let out = cmd
+        .env("LAYER_PG_BINDIR", "/nonexistent/pg/bin")
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", "/nonexistent")
+        .output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&scratch);
+    anyhow::ensure!(out.status.code() == Some(1), "{}: {text}", out.status);
+    anyhow::ensure!(text.contains("\n  sudo apt-get install -y --no-install-recommends postgresql\n"), "{text}");
+    anyhow::ensure!(!text.contains("building"), "it went on past the missing server: {text}");
+    Ok(())
+}
