@@ -1,10 +1,12 @@
-//! The client commands: apply, keys, udf, rows.
+//! The client commands: apply, keys, udf, rows. Their output goes through
+//! [`write_line`] (the `out!` and `note!` macros), never `println!`.
 
-use std::io::Read;
-use std::path::Path;
+use std::fmt;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use layer_protocol::function::{GetUdfResponse, RevisionList, Udf, UdfList};
+use layer_protocol::function::{Dispatch, GetUdfResponse, RevisionList, Udf, UdfList};
 use layer_protocol::keys::{ApiKey, ApiKeyList, Entitlement, MintKeyRequest, MintKeyResponse, Scope};
 use layer_protocol::namespace::{Document, NamespaceList, QueryResponse, StatusResponse, WriteResponse};
 use layer_protocol::resource::{ApplyResponse, parse_documents};
@@ -12,7 +14,31 @@ use serde_json::{Value, json};
 
 use crate::client::{ApiFailure, Client, seg};
 
-fn read_input(file: &Path) -> Result<String> {
+/// Standard output (or error) was closed by its reader, as `| head` does:
+/// the command stops there and `main` exits quietly, with status 0.
+#[derive(Debug)]
+pub struct OutputClosed;
+
+impl fmt::Display for OutputClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the output was closed by its reader")
+    }
+}
+
+impl std::error::Error for OutputClosed {}
+
+/// Writes one line; a closed pipe is [`OutputClosed`], other failures
+/// (a full disk) are errors of the command.
+pub fn write_line(mut w: impl Write, line: fmt::Arguments<'_>) -> Result<()> {
+    match writeln!(w, "{line}") {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(OutputClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing the output")),
+    }
+}
+
+/// A file's text; `-` reads standard input.
+pub fn read_input(file: &Path) -> Result<String> {
     if file.as_os_str() == "-" {
         let mut s = String::new();
         std::io::stdin().read_to_string(&mut s).context("reading standard input")?;
@@ -22,18 +48,27 @@ fn read_input(file: &Path) -> Result<String> {
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+    out!("{}", serde_json::to_string_pretty(v)?)
 }
 
-/// `layer apply -f FILE...`: every document of every file, all or nothing.
-pub async fn apply(client: &Client, files: &[std::path::PathBuf], json_out: bool) -> Result<()> {
+/// Every document of every file, each file read once (`-` is stdin).
+pub fn read_documents(files: &[PathBuf]) -> Result<Vec<Value>> {
     let mut documents = Vec::new();
     for f in files {
         let text = read_input(f)?;
         let docs = parse_documents(&text).map_err(|e| anyhow!("{}: {e}", f.display()))?;
         documents.extend(docs);
     }
+    Ok(documents)
+}
+
+/// `layer apply -f FILE...`: every document of every file, all or nothing.
+pub async fn apply(client: &Client, files: &[PathBuf], json_out: bool) -> Result<()> {
+    apply_documents(client, files, read_documents(files)?, json_out).await
+}
+
+/// Applies documents read from `files` (named in a refusal).
+pub async fn apply_documents(client: &Client, files: &[PathBuf], documents: Vec<Value>, json_out: bool) -> Result<()> {
     let resp: ApplyResponse = match client.post("/v2/apply", &json!({ "documents": documents })).await {
         Ok(r) => r,
         Err(e) => {
@@ -62,7 +97,7 @@ pub async fn apply(client: &Client, files: &[std::path::PathBuf], json_out: bool
     for r in resp.results {
         let rev = r.revision.map(|n| format!(" (revision {n})")).unwrap_or_default();
         let action = serde_json::to_value(r.action)?.as_str().unwrap_or_default().to_string();
-        println!("{}/{} {action}{rev}", r.kind.to_lowercase(), r.name);
+        out!("{}/{} {action}{rev}", r.kind.to_lowercase(), r.name)?;
     }
     Ok(())
 }
@@ -105,9 +140,8 @@ pub async fn keys_create(client: &Client, k: CreateKey, json_out: bool) -> Resul
     if json_out {
         return print_json(&resp);
     }
-    println!("created key {} ({})", resp.key.key_id, resp.key.name);
-    println!("token (shown this once; only its hash is stored):\n\n  {}\n", resp.token);
-    Ok(())
+    out!("created key {} ({})", resp.key.key_id, resp.key.name)?;
+    out!("token (shown this once; only its hash is stored):\n\n  {}\n", resp.token)
 }
 
 fn describe_entitlements(k: &ApiKey) -> String {
@@ -135,30 +169,31 @@ pub async fn keys_list(client: &Client, all: bool, json_out: bool) -> Result<()>
     if json_out {
         return print_json(&list.keys);
     }
-    println!("{:<22} {:<20} {:<8} {:<26} GRANTS", "KEY ID", "NAME", "PHASE", "CREATED");
+    if list.keys.is_empty() {
+        return out!("no keys{}", if all { "" } else { " (--all also lists revoked ones)" });
+    }
+    out!("{:<22} {:<20} {:<8} {:<26} GRANTS", "KEY ID", "NAME", "PHASE", "CREATED")?;
     for k in list.keys {
-        println!(
+        out!(
             "{:<22} {:<20} {:<8} {:<26} {}",
             k.key_id,
             k.name,
             format!("{:?}", k.phase),
             k.created_at,
             describe_entitlements(&k)
-        );
+        )?;
     }
     Ok(())
 }
 
 pub async fn keys_revoke(client: &Client, key_id: &str) -> Result<()> {
     let k: ApiKey = client.post_empty(&format!("/v2/keys/{}/revoke", seg(key_id))).await?;
-    println!("revoked {} ({}) at {}", k.key_id, k.name, k.revoked_at.unwrap_or_default());
-    Ok(())
+    out!("revoked {} ({}) at {}", k.key_id, k.name, k.revoked_at.unwrap_or_default())
 }
 
 pub async fn keys_delete(client: &Client, key_id: &str) -> Result<()> {
     let s: StatusResponse = client.delete(&format!("/v2/keys/{}", seg(key_id))).await?;
-    println!("{}", s.message.unwrap_or(s.status));
-    Ok(())
+    out!("{}", s.message.unwrap_or(s.status))
 }
 
 pub async fn udf_list(client: &Client, json_out: bool) -> Result<()> {
@@ -166,14 +201,17 @@ pub async fn udf_list(client: &Client, json_out: bool) -> Result<()> {
     if json_out {
         return print_json(&list.udfs);
     }
-    println!("{:<28} {:<9} {:<8} {:<7} {:<10} TARGETS", "NAME", "VERSION", "DISPATCH", "PAUSED", "REVISION");
+    if list.udfs.is_empty() {
+        return out!("no Functions yet: `layer apply -f FILE` creates one");
+    }
+    out!("{:<28} {:<9} {:<8} {:<7} {:<10} TARGETS", "NAME", "VERSION", "DISPATCH", "PAUSED", "REVISION")?;
     for u in list.udfs {
         let targets = if u.spec.target_namespaces.is_empty() {
             "indexSelector".to_string()
         } else {
             u.spec.target_namespaces.join(",")
         };
-        println!(
+        out!(
             "{:<28} {:<9} {:<8} {:<7} {:<10} {}",
             u.id,
             u.spec.version,
@@ -181,7 +219,7 @@ pub async fn udf_list(client: &Client, json_out: bool) -> Result<()> {
             u.paused,
             u.revision,
             targets
-        );
+        )?;
     }
     Ok(())
 }
@@ -193,25 +231,27 @@ pub async fn udf_get(client: &Client, name: &str, json_out: bool) -> Result<()> 
     }
     let u = &r.udf;
     let s = &r.status;
-    println!("name:       {}", u.id);
-    println!("revision:   {} (updated {})", u.revision, u.updated_at);
-    println!(
+    out!("name:       {}", u.id)?;
+    out!("revision:   {} (updated {})", u.revision, u.updated_at)?;
+    out!(
         "version:    {}  marker: {}",
         u.spec.version,
         layer_protocol::function::FunctionSpec::marker_attribute(&u.id)
-    );
-    println!("paused:     {}", u.paused);
-    println!(
+    )?;
+    out!("paused:     {}", u.paused)?;
+    out!(
         "dispatch:   {:?}, batch {} rows, timeout {} s",
-        u.spec.worker.dispatch, u.spec.worker.batch_size, u.spec.worker.timeout_seconds
-    );
-    println!(
+        u.spec.worker.dispatch,
+        u.spec.worker.batch_size,
+        u.spec.worker.timeout_seconds
+    )?;
+    out!(
         "namespaces: {}",
         if s.active_namespaces.is_empty() { "(none exist yet)".into() } else { s.active_namespaces.join(", ") }
-    );
-    println!("rows:       {} pending, {} processing, {} failed", s.pending_count, s.processing_count, s.failed_count);
+    )?;
+    out!("rows:       {} pending, {} processing, {} failed", s.pending_count, s.processing_count, s.failed_count)?;
     for c in &s.conditions {
-        println!("problem:    {}: {}", c.reason, c.message);
+        out!("problem:    {}: {}", c.reason, c.message)?;
     }
     Ok(())
 }
@@ -225,16 +265,19 @@ pub async fn logs(client: &Client, name: &str, lines: u32, json_out: bool) -> Re
         return print_json(&r);
     }
     for u in &r.unreachable {
-        eprintln!("runner {} ({}) did not answer: {}", u.runner_name, u.runner_id, u.error);
+        note!("runner {} ({}) did not answer: {}", u.runner_name, u.runner_id, u.error)?;
     }
     if r.workers.is_empty() {
-        println!("no worker of {} has run on an active runner (its output is kept per runner, in memory)", r.udf_id);
+        out!("no worker of {} has run on an active runner (its output is kept per runner, in memory)", r.udf_id)?;
     }
     for w in &r.workers {
         let state = if w.logs.running { "running" } else { "stopped" };
-        println!("==> {} on runner {} (revision {}, {state}) <==", w.logs.worker, w.runner_name, w.logs.revision);
+        out!("==> {} on runner {} (revision {}, {state}) <==", w.logs.worker, w.runner_name, w.logs.revision)?;
+        if w.logs.lines.is_empty() {
+            out!("(this worker has printed nothing on stdout or stderr)")?;
+        }
         for l in &w.logs.lines {
-            println!("{}", l.line);
+            out!("{}", l.line)?;
         }
     }
     Ok(())
@@ -269,17 +312,29 @@ pub async fn udf_batches(client: &Client, name: &str, f: &BatchFilters, json_out
     if json_out {
         return print_json(&r);
     }
-    println!(
+    if r.batches.is_empty() {
+        return explain_no_batches(client, name, f).await;
+    }
+    out!(
         "{:<10} {:<10} {:<24} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:<34} TRACE",
-        "BATCH", "STATE", "DISPATCHED", "ROWS", "OK", "FAIL", "DROP", "WAIT_MS", "RUN_MS", "WORKER"
-    );
+        "BATCH",
+        "STATE",
+        "DISPATCHED",
+        "ROWS",
+        "OK",
+        "FAIL",
+        "DROP",
+        "WAIT_MS",
+        "RUN_MS",
+        "WORKER"
+    )?;
     for b in &r.batches {
         let worker = match (&b.worker, b.cold_start) {
             (Some(w), Some(true)) => format!("{w} (cold)"),
             (Some(w), _) => w.clone(),
             (None, _) => "-".into(),
         };
-        println!(
+        out!(
             "{:<10} {:<10} {:<24} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:<34} {}",
             b.id,
             b.state,
@@ -292,15 +347,34 @@ pub async fn udf_batches(client: &Client, name: &str, f: &BatchFilters, json_out
             millis_between(b.started_at.as_deref(), b.ended_at.as_deref()),
             worker,
             b.trace_id.as_deref().unwrap_or("-"),
-        );
+        )?;
         if let Some(e) = &b.error {
-            println!("           error: {e}");
+            out!("           error: {e}")?;
         }
     }
     if r.next_cursor.is_some() {
-        eprintln!("(more: raise --limit, or page with GET /v2/udfs/{name}/batches?cursor=...)");
+        note!("(more: raise --limit, or page with GET /v2/udfs/{name}/batches?cursor=...)")?;
     }
     Ok(())
+}
+
+/// Why `layer udf batches` found nothing: a pull Function has no batch
+/// records at all; a push one has none yet, or none that match.
+async fn explain_no_batches(client: &Client, name: &str, f: &BatchFilters) -> Result<()> {
+    let r: GetUdfResponse = client.get(&format!("/v2/udfs/{}", seg(name))).await?;
+    if r.udf.spec.worker.dispatch == Dispatch::Pull {
+        return out!(
+            "no batch records: {name} is a pull Function, whose workers claim rows themselves; \
+             `layer udf get {name}` shows its row counts"
+        );
+    }
+    if f.state.is_some() || f.runner.is_some() || f.since.is_some() {
+        return out!("no batch records of {name} match --state, --runner and --since");
+    }
+    out!(
+        "no batch records of {name} yet: one is written when a batch is sent to a runner \
+         (`layer udf get {name}` says why none is)"
+    )
 }
 
 pub async fn udf_failed(client: &Client, name: &str, limit: u32, json_out: bool) -> Result<()> {
@@ -310,10 +384,10 @@ pub async fn udf_failed(client: &Client, name: &str, limit: u32, json_out: bool)
         return print_json(&r);
     }
     if r.rows.is_empty() {
-        println!("no failed rows");
+        out!("no failed rows")?;
     }
     for row in &r.rows {
-        println!(
+        out!(
             "{}/{}  attempts={} kind={} at={}\n    {}",
             row.namespace,
             row.id,
@@ -321,10 +395,10 @@ pub async fn udf_failed(client: &Client, name: &str, limit: u32, json_out: bool)
             row.error_kind.as_deref().unwrap_or("-"),
             row.failed_at,
             row.error.as_deref().unwrap_or("")
-        );
+        )?;
     }
     if r.next_cursor.is_some() {
-        eprintln!("(more: raise --limit)");
+        note!("(more: raise --limit)")?;
     }
     Ok(())
 }
@@ -334,15 +408,15 @@ pub async fn udf_revisions(client: &Client, name: &str, json_out: bool) -> Resul
     if json_out {
         return print_json(&r.revisions);
     }
-    println!("{:<9} {:<26} {:<22} CHANGED", "REVISION", "CREATED", "BY KEY");
+    out!("{:<9} {:<26} {:<22} CHANGED", "REVISION", "CREATED", "BY KEY")?;
     for rev in r.revisions {
-        println!(
+        out!(
             "{:<9} {:<26} {:<22} {}",
             rev.revision,
             rev.created_at,
             rev.key_id.unwrap_or_default(),
             rev.changed.join(", ")
-        );
+        )?;
     }
     Ok(())
 }
@@ -350,21 +424,18 @@ pub async fn udf_revisions(client: &Client, name: &str, json_out: bool) -> Resul
 pub async fn udf_set_paused(client: &Client, name: &str, paused: bool) -> Result<()> {
     let verb = if paused { "pause" } else { "resume" };
     let u: Udf = client.post_empty(&format!("/v2/udfs/{}/{verb}", seg(name))).await?;
-    println!("{} {}", u.id, if u.paused { "paused" } else { "resumed" });
-    Ok(())
+    out!("{} {}", u.id, if u.paused { "paused" } else { "resumed" })
 }
 
 pub async fn udf_delete(client: &Client, name: &str) -> Result<()> {
     let s: StatusResponse = client.delete(&format!("/v2/udfs/{}", seg(name))).await?;
-    println!("{}", s.message.unwrap_or(s.status));
-    Ok(())
+    out!("{}", s.message.unwrap_or(s.status))
 }
 
 pub async fn udf_reset_failed(client: &Client, name: &str) -> Result<()> {
     let r: layer_protocol::work::ItemsResponse =
         client.post_empty(&format!("/v2/udfs/{}/reset-failed", seg(name))).await?;
-    println!("{} failed rows of {} are back in the queue", r.updated, r.udf_id);
-    Ok(())
+    out!("{} failed rows of {} are back in the queue", r.updated, r.udf_id)
 }
 
 /// Reads rows from a JSON array or JSON lines file.
@@ -387,20 +458,24 @@ pub async fn rows_upsert(client: &Client, ns: &str, file: &Path, batch: usize) -
     let total = rows.len();
     let started = std::time::Instant::now();
     let mut done = 0usize;
+    // A line redrawn in place, on a terminal only; best effort.
+    let tty = std::io::stderr().is_terminal();
     for chunk in rows.chunks(batch.max(1)) {
         let r: WriteResponse =
             client.post(&format!("/v2/namespaces/{}", seg(ns)), &json!({ "upsert_rows": chunk })).await?;
         done += r.rows_upserted as usize;
-        eprint!(
-            "\rupserted {done}/{total} rows ({:.0} rows/s)",
-            done as f64 / started.elapsed().as_secs_f64().max(1e-3)
-        );
+        if tty {
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            let _ = write!(std::io::stderr(), "\rupserted {done}/{total} rows ({rate:.0} rows/s)");
+        }
     }
-    eprintln!();
-    println!("upserted {done} rows into {ns} in {:.2} s", started.elapsed().as_secs_f64());
-    Ok(())
+    if tty {
+        let _ = writeln!(std::io::stderr());
+    }
+    out!("upserted {done} rows into {ns} in {:.2} s", started.elapsed().as_secs_f64())
 }
 
+/// `layer rows get NS ID`: the row as JSON.
 pub async fn rows_get(client: &Client, ns: &str, id: &str) -> Result<()> {
     let d: Document = client.get(&format!("/v2/namespaces/{}/documents/{}", seg(ns), seg(id))).await?;
     print_json(&d)
@@ -414,8 +489,17 @@ pub struct QueryArgs {
     pub attributes: Option<String>,
 }
 
+/// The platform's largest `top_k` (`POST /v2/namespaces/{ns}/query`).
+const MAX_TOP_K: i64 = 10_000;
+
+/// `layer rows query`: asks for one row more than `--top-k` to know whether
+/// the answer was cut, prints `--top-k` rows and says so on stderr.
 pub async fn rows_query(client: &Client, ns: &str, q: QueryArgs) -> Result<()> {
-    let mut body = json!({ "top_k": q.top_k, "include_attributes": true });
+    let top_k = q.top_k;
+    let filtered = q.filter.is_some();
+    // Out of range values go as they are: the platform's refusal names the range.
+    let ask = if (1..MAX_TOP_K).contains(&top_k) { top_k + 1 } else { top_k };
+    let mut body = json!({ "top_k": ask, "include_attributes": true });
     if let Some(f) = q.filter {
         body["filters"] = serde_json::from_str(&f)
             .context("--filter must be a JSON filter like '[\"category\", \"Eq\", \"outdoor\"]'")?;
@@ -428,24 +512,43 @@ pub async fn rows_query(client: &Client, ns: &str, q: QueryArgs) -> Result<()> {
         body["include_attributes"] = json!(a.split(',').map(str::trim).collect::<Vec<_>>());
     }
     let r: QueryResponse = client.post(&format!("/v2/namespaces/{}/query", seg(ns)), &body).await?;
-    for row in r.rows {
-        println!("{}", serde_json::to_string(&row)?);
+    let returned = r.rows.len() as i64;
+    for row in r.rows.iter().take(top_k.max(0) as usize) {
+        out!("{}", serde_json::to_string(row)?)?;
+    }
+    if returned > top_k {
+        note!("showing the first {top_k} rows (--top-k {top_k}); there are more: raise --top-k or narrow --filter")?;
+    } else if returned == top_k && ask == top_k {
+        note!("showing the first {top_k} rows (--top-k {top_k}); there may be more")?;
+    } else if returned == 0 && filtered {
+        note!("no rows of {ns} match --filter")?;
+    } else if returned == 0 {
+        note!("{ns} has no rows")?;
     }
     Ok(())
 }
 
+/// `layer rows namespaces`: every page of namespaces, by name.
 pub async fn rows_namespaces(client: &Client, prefix: Option<&str>) -> Result<()> {
     let mut cursor: Option<String> = None;
-    println!("{:<40} {:>12}  LABELS", "NAMESPACE", "ROWS");
     loop {
         let mut path = format!("/v2/namespaces?page_size=1000&prefix={}", seg(prefix.unwrap_or("")));
         if let Some(c) = &cursor {
             path.push_str(&format!("&cursor={}", seg(c)));
         }
         let page: NamespaceList = client.get(&path).await?;
+        if cursor.is_none() {
+            if page.namespaces.is_empty() {
+                return match prefix.filter(|p| !p.is_empty()) {
+                    Some(p) => out!("no namespace starts with {p}"),
+                    None => out!("no namespaces yet: `layer rows upsert NS -f FILE` creates one"),
+                };
+            }
+            out!("{:<40} {:>12}  LABELS", "NAMESPACE", "ROWS")?;
+        }
         for n in &page.namespaces {
             let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!("{:<40} {:>12}  {}", n.name, n.row_count, labels.join(","));
+            out!("{:<40} {:>12}  {}", n.name, n.row_count, labels.join(","))?;
         }
         match page.next_cursor {
             Some(c) => cursor = Some(c),
@@ -456,8 +559,7 @@ pub async fn rows_namespaces(client: &Client, prefix: Option<&str>) -> Result<()
 
 pub async fn rows_drop(client: &Client, ns: &str) -> Result<()> {
     let s: StatusResponse = client.delete(&format!("/v2/namespaces/{}", seg(ns))).await?;
-    println!("{} ({} rows)", s.message.unwrap_or(s.status), s.rows_affected.unwrap_or(0));
-    Ok(())
+    out!("{} ({} rows)", s.message.unwrap_or(s.status), s.rows_affected.unwrap_or(0))
 }
 
 pub async fn runners_list(client: &Client, json_out: bool) -> Result<()> {
@@ -465,14 +567,26 @@ pub async fn runners_list(client: &Client, json_out: bool) -> Result<()> {
     if json_out {
         return print_json(&list.runners);
     }
-    println!(
+    if list.runners.is_empty() {
+        return out!(
+            "no runners: push Functions need one (`layer runner --platform URL`; `layer dev` starts one); \
+             pull workers need none"
+        );
+    }
+    out!(
         "{:<36} {:<12} {:<9} {:>5} {:>6} {:>4} {:>7}  WORKERS",
-        "ID", "NAME", "STATE", "CPUS", "SLOTS", "GPUS", "BATCHES"
-    );
+        "ID",
+        "NAME",
+        "STATE",
+        "CPUS",
+        "SLOTS",
+        "GPUS",
+        "BATCHES"
+    )?;
     for r in list.runners {
         let workers: Vec<String> =
             r.load.workers.iter().map(|w| format!("{}@r{}:{}", w.udf_id, w.revision, w.state)).collect();
-        println!(
+        out!(
             "{:<36} {:<12} {:<9} {:>5} {:>6} {:>4} {:>7}  {}",
             r.id,
             r.name,
@@ -482,7 +596,7 @@ pub async fn runners_list(client: &Client, json_out: bool) -> Result<()> {
             r.capacity.gpus.len(),
             r.batches_in_flight,
             if workers.is_empty() { "-".to_string() } else { workers.join(" ") }
-        );
+        )?;
     }
     Ok(())
 }

@@ -1,11 +1,27 @@
 //! `layer`: the one binary. `dev` and `platform` run the control plane; the
 //! other commands talk to it over the REST API (`LAYER_URL`, `LAYER_API_KEY`).
+//!
+//! Client commands write through [`out!`] and [`note!`], which return an
+//! error where `println!` would panic: a closed pipe (`layer ... | head`)
+//! ends the command quietly.
+
+/// `println!` to standard output that returns the write's error (see
+/// `commands::write_line`) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::commands::write_line(::std::io::stdout(), format_args!($($arg)*)) };
+}
+
+/// `eprintln!` to standard error, likewise.
+macro_rules! note {
+    ($($arg:tt)*) => { $crate::commands::write_line(::std::io::stderr(), format_args!($($arg)*)) };
+}
 
 mod client;
 mod commands;
 mod run;
 mod serve;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -43,6 +59,7 @@ enum RunnersCommand {
 enum Command {
     /// Everything on one machine: an embedded PostgreSQL and the platform.
     Dev {
+        /// The address the platform's API listens on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
         /// Holds the PostgreSQL cluster and its log; reused on the next start.
@@ -54,8 +71,10 @@ enum Command {
     },
     /// A platform replica against an existing PostgreSQL.
     Platform {
+        /// The PostgreSQL to use: postgres://user@host/db, or ?host=/socket/dir.
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
+        /// The address the API listens on.
         #[arg(long, env = "LAYER_LISTEN", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
         /// Connections this replica may hold.
@@ -79,6 +98,7 @@ enum Command {
         /// An API key with the `runner` claim or the admin scope.
         #[arg(long, env = "LAYER_API_KEY", hide_env_values = true)]
         api_key: String,
+        /// The address this runner listens on for the platform's batches.
         #[arg(long, env = "LAYER_RUNNER_LISTEN", default_value = "127.0.0.1:7070")]
         listen: SocketAddr,
         /// The URL the platform reaches this runner at (default: http://<listen>).
@@ -118,6 +138,7 @@ enum Command {
     },
     /// Apply Function, Index and InfraRules documents (YAML or JSON; `-` reads stdin).
     Apply {
+        /// A YAML or JSON file of documents (repeatable; `-` reads stdin).
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
         #[command(flatten)]
@@ -125,6 +146,7 @@ enum Command {
     },
     /// Apply a file, discover its Functions' rows and watch them drain.
     Run {
+        /// A YAML or JSON file of documents (repeatable; `-` reads stdin).
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
         /// Give up after this many seconds (default: wait).
@@ -157,6 +179,7 @@ enum Command {
     /// The recent output of a Function's workers, per worker, from every
     /// active runner.
     Logs {
+        /// The Function's name.
         function: String,
         /// Lines per worker (1-500).
         #[arg(long, short = 'n', default_value_t = 100)]
@@ -170,6 +193,7 @@ enum Command {
 enum KeysCommand {
     /// Mint a key; its token is printed once.
     Create {
+        /// A name for the key, shown by `layer keys list`.
         name: String,
         /// read, write or admin (repeatable). Default: read.
         #[arg(long = "scope")]
@@ -183,8 +207,10 @@ enum KeysCommand {
         /// Lifetime: 365d (default), 12h, 30m, or never.
         #[arg(long)]
         expires_after: Option<String>,
+        /// What the key is for.
         #[arg(long)]
         description: Option<String>,
+        /// Who holds the key.
         #[arg(long)]
         owner: Option<String>,
     },
@@ -195,37 +221,54 @@ enum KeysCommand {
         all: bool,
     },
     /// Revoke a key: it is refused from now on.
-    Revoke { key_id: String },
+    Revoke {
+        /// The key's id, as `layer keys list` shows it.
+        key_id: String,
+    },
     /// Delete a key's record.
-    Delete { key_id: String },
+    Delete {
+        /// The key's id, as `layer keys list` shows it.
+        key_id: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum UdfCommand {
+    /// Functions with their version, dispatch, paused flag and targets.
     List,
+    /// One Function: its spec in short, row counts and any problem running it.
     Get {
+        /// The Function's name.
         name: String,
     },
     /// Every revision of a Function's spec: when, by which key, what changed.
     Revisions {
+        /// The Function's name.
         name: String,
     },
+    /// Stop handing out and discovering a Function's rows, until resumed.
     Pause {
+        /// The Function's name.
         name: String,
     },
+    /// Hand out and discover a paused Function's rows again.
     Resume {
+        /// The Function's name.
         name: String,
     },
     /// Delete a Function; attributes it already wrote stay.
     Delete {
+        /// The Function's name.
         name: String,
     },
     /// Put a Function's failed rows back in the queue.
     ResetFailed {
+        /// The Function's name.
         name: String,
     },
-    /// A Function's batch records, newest first: runner, worker, timings, outcome, trace id.
+    /// A push Function's batch records, newest first: runner, worker, timings, outcome, trace id.
     Batches {
+        /// The Function's name.
         name: String,
         /// Only batches in this state: dispatched, reported or abandoned.
         #[arg(long)]
@@ -236,12 +279,15 @@ enum UdfCommand {
         /// Only batches dispatched at or after this RFC 3339 time.
         #[arg(long)]
         since: Option<String>,
+        /// Batches to show, at most.
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
     /// A Function's failed rows with their attempts and last error.
     Failed {
+        /// The Function's name.
         name: String,
+        /// Rows to show, at most.
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
@@ -251,16 +297,25 @@ enum UdfCommand {
 enum RowsCommand {
     /// Upsert rows from a JSON array or JSON-lines file (`-` reads stdin).
     Upsert {
+        /// The namespace to write into (created on first write).
         namespace: String,
+        /// The rows: a JSON array or one JSON object a line (`-` reads stdin).
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Rows per request.
         #[arg(long, default_value_t = 1000)]
         batch: usize,
     },
     /// Fetch one row.
-    Get { namespace: String, id: String },
+    Get {
+        /// The row's namespace.
+        namespace: String,
+        /// The row's id.
+        id: String,
+    },
     /// Query rows (one JSON row per line).
     Query {
+        /// The namespace to query.
         namespace: String,
         /// A JSON filter, e.g. '["category", "Eq", "outdoor"]'.
         #[arg(long)]
@@ -268,6 +323,7 @@ enum RowsCommand {
         /// `attr`, `attr:asc` or `attr:desc`.
         #[arg(long)]
         rank_by: Option<String>,
+        /// Rows to return, at most (1-10000); stderr says when more match.
         #[arg(long, default_value_t = 10)]
         top_k: i64,
         /// Comma-separated attributes to return (default: all).
@@ -276,11 +332,15 @@ enum RowsCommand {
     },
     /// List namespaces.
     Namespaces {
+        /// Only namespaces whose name starts with this.
         #[arg(long)]
         prefix: Option<String>,
     },
     /// Delete a namespace and all its rows.
-    Drop { namespace: String },
+    Drop {
+        /// The namespace to delete.
+        namespace: String,
+    },
 }
 
 /// Logs to stderr and traces where the `OTEL_EXPORTER_OTLP_*` variables
@@ -299,7 +359,11 @@ fn init_telemetry(service: &str) -> Result<layer_telemetry::TraceGuard> {
 async fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
-        eprintln!("error: {e:#}");
+        // A reader that went away (`layer ... | head`) got what it wanted.
+        if e.chain().any(|c| c.is::<commands::OutputClosed>()) {
+            return;
+        }
+        let _ = writeln!(std::io::stderr(), "error: {e:#}");
         std::process::exit(1);
     }
 }

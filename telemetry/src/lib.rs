@@ -101,12 +101,14 @@ fn export_timeout() -> Duration {
 
 /// Logs to stderr: `LAYER_LOG` filters (default `info,sqlx=warn`),
 /// `LAYER_LOG_FORMAT=json` writes one JSON object a line with the fields
-/// of the spans it was written in (a batch's `trace_id` among them).
+/// of the spans it was written in (a batch's `trace_id` among them). Text
+/// is coloured only on a terminal, and never with `NO_COLOR` set.
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_env("LAYER_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = colour_allowed(std::io::IsTerminal::is_terminal(&std::io::stderr()), std::env::var_os("NO_COLOR"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match std::env::var("LAYER_LOG_FORMAT").as_deref() {
         Ok("json") => builder.json().with_current_span(true).with_span_list(false).init(),
         Ok("text") | Err(_) => builder.init(),
@@ -114,5 +116,26 @@ pub fn init_logging() {
             builder.init();
             tracing::warn!(format = other, "LAYER_LOG_FORMAT must be `text` or `json`; writing text");
         }
+    }
+}
+
+/// Whether to write ANSI colour: on a terminal, unless `NO_COLOR` is set to
+/// anything but the empty string (<https://no-color.org>). The fmt layer's
+/// default colours a file or a pipe too.
+fn colour_allowed(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::colour_allowed;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour_allowed(true, None));
+        assert!(colour_allowed(true, Some("".into())));
+        assert!(!colour_allowed(true, Some("1".into())));
+        assert!(!colour_allowed(false, None));
+        assert!(!colour_allowed(false, Some("1".into())));
     }
 }
