@@ -8,6 +8,15 @@ use layer_platform::embedded::{EmbeddedOptions, EmbeddedPostgres};
 use layer_platform::{Config, db};
 use tokio_util::sync::CancellationToken;
 
+/// A banner line on stdout. A server whose stdout was closed (`layer dev |
+/// head`) goes on serving: the line is dropped, nothing panics.
+macro_rules! banner {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Cancels `token` on Ctrl-C or SIGTERM.
 pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
@@ -28,17 +37,17 @@ pub fn cancel_on_signal(token: CancellationToken) {
 }
 
 fn print_banner(addr: SocketAddr, minted: Option<&str>, data_dir: Option<&Path>) {
-    println!("Layer platform listening on http://{addr}");
+    banner!("Layer platform listening on http://{addr}");
     if let Some(dir) = data_dir {
-        println!("  data: {} (PostgreSQL log in postgres.log)", dir.display());
+        banner!("  data: {} (PostgreSQL log in postgres.log)", dir.display());
     }
     if let Some(key) = minted {
-        println!();
-        println!("  An admin API key was minted. It is shown this once and stored only as a hash:");
-        println!();
-        println!("    export LAYER_API_KEY={key}");
-        println!();
-        println!("  (Set LAYER_API_KEY before the first start to choose the key yourself.)");
+        banner!();
+        banner!("  An admin API key was minted. It is shown this once and stored only as a hash:");
+        banner!();
+        banner!("    export LAYER_API_KEY={key}");
+        banner!();
+        banner!("  (Set LAYER_API_KEY before the first start to choose the key yourself.)");
     }
 }
 
@@ -46,26 +55,26 @@ fn print_banner(addr: SocketAddr, minted: Option<&str>, data_dir: Option<&Path>)
 /// worked on by a Function (the README's "A first session" goes on).
 fn print_next_steps(addr: SocketAddr, minted: Option<&str>) {
     let bin_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
-    println!();
-    println!("  Next, in another terminal at the repository root:");
-    println!();
+    banner!();
+    banner!("  Next, in another terminal at the repository root:");
+    banner!();
     if let Some(dir) = bin_dir {
-        println!("    export PATH={}:$PATH", dir.display());
+        banner!("    export PATH={}:$PATH", dir.display());
     }
     match minted {
-        Some(key) => println!("    export LAYER_API_KEY={key}"),
-        None => println!(
-            "    export LAYER_API_KEY=...   # your admin key: printed at the first start, or the one you chose"
-        ),
+        Some(key) => banner!("    export LAYER_API_KEY={key}"),
+        None => {
+            banner!("    export LAYER_API_KEY=...   # your admin key: printed at the first start, or the one you chose")
+        }
     }
     if addr.port() != 8080 || !addr.ip().is_loopback() {
-        println!("    export LAYER_URL=http://{addr}");
+        banner!("    export LAYER_URL=http://{addr}");
     }
-    println!("    layer rows upsert products -f examples/tag-products/products.jsonl");
-    println!("    layer run -f examples/tag-products/function.yaml");
-    println!("    layer rows get products p002");
-    println!();
-    println!("  Stop with Ctrl-C (the data stays for the next start).");
+    banner!("    layer rows upsert products -f examples/tag-products/products.jsonl");
+    banner!("    layer run -f examples/tag-products/function.yaml");
+    banner!("    layer rows get products p002");
+    banner!();
+    banner!("  Stop with Ctrl-C (the data stays for the next start).");
 }
 
 /// Held for as long as this `layer dev` runs: an exclusive lock on
@@ -171,7 +180,7 @@ pub async fn dev(listen: SocketAddr, data_dir: PathBuf, api_key: Option<String>)
             return Err(e).context("starting the local runner");
         }
     };
-    println!("  runner {} on http://{} (runs push Functions' workers here)", runner.runner_id, runner.addr);
+    banner!("  runner {} on http://{} (runs push Functions' workers here)", runner.runner_id, runner.addr);
     print_next_steps(started.addr, started.minted_admin_key.as_deref());
     signal.cancelled().await;
     runner_shutdown.cancel();
@@ -223,7 +232,7 @@ pub async fn runner(args: RunnerArgs) -> Result<()> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let started = layer_runner::start(config, shutdown).await.context("starting the runner")?;
-    println!("Layer runner {} listening on http://{}", started.runner_id, started.addr);
+    banner!("Layer runner {} listening on http://{}", started.runner_id, started.addr);
     started.wait().await.context("running")?;
     Ok(())
 }
@@ -250,7 +259,7 @@ pub async fn platform(args: PlatformArgs) -> Result<()> {
     config.engine.batch_retention = args.batch_retention;
     let started = layer_platform::start(config, shutdown).await.context("starting the platform")?;
     print_banner(started.addr, started.minted_admin_key.as_deref(), None);
-    println!("  Stop with Ctrl-C.");
+    banner!("  Stop with Ctrl-C.");
     started.wait().await.context("serving")?;
     Ok(())
 }

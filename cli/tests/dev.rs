@@ -599,3 +599,38 @@ fn the_readme_command_stops_the_test_cluster() {
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), format!("/tmp/layer-test-pg-{uid}/pg/postmaster.pid"));
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// `layer dev | head -n 1`: the banner's reader goes away, the platform
+/// goes on serving and stops cleanly, nothing panics.
+#[test]
+fn dev_with_its_stdout_closed_goes_on_serving() {
+    use std::io::BufRead as _;
+    let dir = data_dir("pipe");
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let log = dir.with_extension("pipe.log");
+    let mut child = Command::new(BIN)
+        .args(["dev", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(&dir)
+        .env_remove("LAYER_API_KEY")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.starts_with("Layer platform listening on"), "{first}");
+    // The reader is dropped here, with the rest of the banner still to come.
+    let mut dev = Dev { child, url: format!("http://127.0.0.1:{port}"), stdout: log.clone(), stderr: log.clone() };
+    dev.wait_healthy();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("runner registered") {
+        assert!(start.elapsed() < Duration::from_secs(60), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(healthz(&dev.url), 200);
+    assert!(dev.stop().success());
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(!said.contains("panicked"), "{said}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
