@@ -10,8 +10,21 @@
 #                               on that base
 #   layer/test-worker:dev       the tests' misbehaving push worker
 #                               (tests/python/push_worker.py) on that base
+#   ghcr.io/hev/tag-products:latest
+#                               seed 000's classifier as a pull worker
+#                               (examples/tag-products-pull/worker.py, as the
+#                               seed writes it, started by main.py there) with
+#                               the public hevlayer client, so the seed's YAML
+#                               runs unchanged
+#   ghcr.io/hev/tag-products-writethrough:latest
+#                               the seed's write-through pattern
+#                               (examples/tag-products-writethrough/worker.py)
 #
-# Usage: deploy/images/build.sh [echo] [python] [test]   (all when none is named)
+# The pull images take the hevlayer client (hevlayer==0.7.3 and what it
+# needs) from target/pyenv, which ./test.sh makes; this makes it the same way
+# when it is missing.
+#
+# Usage: deploy/images/build.sh [echo] [python] [test] [pull]   (all when none is named)
 # An image that exists is kept; LAYER_REBUILD=1 builds it again.
 # Needs: docker, cargo, and for the Python base debootstrap (Debian package
 # `debootstrap`) with a reachable Debian mirror (LAYER_DEBIAN_MIRROR,
@@ -20,7 +33,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 WANT=("$@")
-[ ${#WANT[@]} -eq 0 ] && WANT=(echo python test)
+[ ${#WANT[@]} -eq 0 ] && WANT=(echo python test pull)
 MIRROR=${LAYER_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
 have() { [ "${LAYER_REBUILD:-0}" != 1 ] && docker image inspect "$1" >/dev/null 2>&1; }
@@ -86,12 +99,49 @@ DOCKERFILE
   echo "$image: built"
 }
 
+# pull_image IMAGE WORKER: a pull worker image: WORKER (a module with the
+# @udf function tag_product) started by examples/tag-products-pull/main.py,
+# with the client's packages beside it, run as nobody.
+pull_image() {
+  local image=$1 script=$2 dir site
+  if have "$image"; then echo "$image: present"; return; fi
+  if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c 'import hevlayer' 2>/dev/null; then
+    python3 -m venv target/pyenv
+    target/pyenv/bin/pip install --quiet --disable-pip-version-check hevlayer==0.7.3
+  fi
+  site=$(target/pyenv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  dir=$(ctx)
+  mkdir "$dir/site-packages"
+  # The client and what it imports; not pip's own tools.
+  (cd "$site" && tar -c --exclude='__pycache__' --exclude='pip*' --exclude='setuptools*' \
+    --exclude='pkg_resources' --exclude='_distutils_hack' --exclude='distutils-precedence.pth' .) |
+    tar -C "$dir/site-packages" -x
+  cp "$script" "$dir/worker.py"
+  cp examples/tag-products-pull/main.py "$dir/main.py"
+  cat > "$dir/Dockerfile" <<'DOCKERFILE'
+FROM layer/python-base:bookworm
+COPY site-packages /app/site-packages
+COPY worker.py main.py /app/
+ENV PYTHONPATH=/app/site-packages PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+USER 65534:65534
+CMD ["python3", "/app/main.py"]
+DOCKERFILE
+  docker build --quiet -t "$image" "$dir" >/dev/null
+  rm -rf "$dir"
+  echo "$image: built"
+}
+
 for w in "${WANT[@]}"; do
   case "$w" in
     echo) build_echo ;;
     python) build_python_base; on_python_base layer/tag-products:dev examples/tag-products/worker.py ;;
     test) build_python_base; on_python_base layer/test-worker:dev tests/python/push_worker.py ;;
-    *) echo "unknown image set '$w' (echo, python, test)" >&2; exit 2 ;;
+    pull)
+      build_python_base
+      pull_image ghcr.io/hev/tag-products:latest examples/tag-products-pull/worker.py
+      pull_image ghcr.io/hev/tag-products-writethrough:latest examples/tag-products-writethrough/worker.py
+      ;;
+    *) echo "unknown image set '$w' (echo, python, test, pull)" >&2; exit 2 ;;
   esac
 done
 cd "$ROOT"

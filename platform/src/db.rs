@@ -14,6 +14,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// sqlx's migrator takes its own lock around the migrations themselves, so
 /// several replicas can start together and the migrations run once.
 pub const BOOTSTRAP_LOCK: i64 = 0x4c41_5945_5201; // "LAYER" 1
+/// Taken by the replica whose scaler decides pull workers this tick.
+pub const SCALER_LOCK: i64 = 0x4c41_5945_5202; // "LAYER" 2
 
 /// Opens a pool. `max_connections` bounds what one replica takes.
 pub async fn connect(options: PgConnectOptions, max_connections: u32) -> Result<PgPool> {

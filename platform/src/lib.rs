@@ -55,6 +55,8 @@ pub struct Config {
     /// Runner heartbeats and the push dispatcher.
     pub runners: runners::RunnerSettings,
     pub dispatch: runners::dispatch::DispatchConfig,
+    /// The scaler of pull workers run by runners.
+    pub scaling: runners::scaling::ScalingConfig,
 }
 
 impl Config {
@@ -69,6 +71,7 @@ impl Config {
             engine: engine::EngineConfig::default(),
             runners: runners::RunnerSettings::default(),
             dispatch: runners::dispatch::DispatchConfig::default(),
+            scaling: runners::scaling::ScalingConfig::default(),
         }
     }
 }
@@ -137,6 +140,9 @@ pub async fn start_on(
         dispatch_config,
     );
     duties.spawn(dispatcher.run(shutdown.clone()));
+    let mut scaling = config.scaling.clone();
+    scaling.lost_after = config.runners.lost_after;
+    duties.spawn(runners::scaling::run(pool.clone(), scaling, shutdown.clone()));
     let state = http::AppState {
         pool: pool.clone(),
         settings: Arc::new(http::Settings { max_body_bytes: config.max_body_bytes, runners: config.runners.clone() }),

@@ -73,12 +73,20 @@ pub enum RunnerState {
 }
 
 /// A warm (or starting) worker on a runner.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct WorkerView {
     pub udf_id: String,
     pub revision: i32,
-    /// `starting`, `idle` or `busy`.
+    /// Push workers: `starting`, `idle` or `busy`. Pull workers: `starting`,
+    /// `running`, or `backoff` (it exited; restarted after a doubling pause).
     pub state: String,
+    /// `pull` for a pull worker the runner runs from the Function's image;
+    /// absent for push workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Why a pull worker is in backoff: how it ended, with its last lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// The process id, for the process driver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
@@ -193,6 +201,38 @@ pub struct HeartbeatResponse {
     pub token: Option<String>,
     /// Leases extended.
     pub extended: u64,
+    /// The pull workers this runner is to keep running, every Function's
+    /// (none: stop them all). Older platforms send nothing here.
+    #[serde(default)]
+    pub pull: Vec<PullWorkers>,
+}
+
+/// Pull workers of one Function that the platform's scaler assigned to a
+/// runner: `replicas` containers of the revision's image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PullWorkers {
+    pub udf_id: String,
+    pub revision: i32,
+    pub replicas: u32,
+    pub plan: WorkerPlan,
+}
+
+/// `POST /v2/runners/{id}/worker-keys`, with the session token: a key for
+/// the workers of one Function on this runner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerKeyRequest {
+    pub udf_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerKeyResponse {
+    pub udf_id: String,
+    pub key_id: String,
+    /// Shown once; the runner hands it to the workers as
+    /// `LAYER_GATEWAY_API_KEY`.
+    pub token: String,
+    /// The namespaces the key may read and write.
+    pub namespaces: Vec<String>,
 }
 
 /// A runner in `GET /v2/runners`.

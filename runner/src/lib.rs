@@ -4,7 +4,10 @@
 //! - [`inventory`]: the node's capacity; GPUs behind the [`inventory::GpuInventory`] trait (NVML).
 //! - [`gpu`]: binding whole GPUs to workers exclusively; sampling; cordoning.
 //! - [`logs`]: recent worker output per worker, for `layer logs`.
-//! - [`pool`]: warm worker pools per (Function, revision); the process driver.
+//! - [`pool`]: warm worker pools per (Function, revision); the process and
+//!   Docker drivers; the pull workers the platform assigns ([`pool::pull`]).
+//! - [`gateway`]: the address through which container workers reach the platform.
+//! - [`keys`]: the keys minted for each Function's workers.
 //! - [`exec`]: one batch on a worker: timeout, size cap, classification, splitting.
 //! - [`server`]: the runner's HTTP API (`POST /v1/batches`, `/healthz`, `/v1/status`).
 //! - [`platform`]: registration, heartbeats, reports, deregistration.
@@ -14,8 +17,10 @@
 //! stops its workers.
 
 pub mod exec;
+pub mod gateway;
 pub mod gpu;
 pub mod inventory;
+pub mod keys;
 pub mod logs;
 pub mod metrics;
 pub mod platform;
@@ -51,7 +56,8 @@ pub struct Config {
     /// Idle workers beyond `replicas.min` stop after this long.
     pub idle_timeout: Duration,
     pub startup_timeout: Duration,
-    /// Handed to workers as `LAYER_GATEWAY_API_KEY`.
+    /// Handed to every worker as `LAYER_GATEWAY_API_KEY` instead of the
+    /// key the platform mints for each Function's workers.
     pub worker_api_key: Option<String>,
     pub max_response_bytes: usize,
     /// How long a drain waits for batches in progress.
@@ -107,6 +113,8 @@ pub struct Shared {
     pub batches: TaskTracker,
     pub gpus: gpu::Gpus,
     pub logs: logs::LogBook,
+    /// The pull workers the platform assigned to this runner.
+    pub pull: pool::pull::PullFleet,
 }
 
 impl Shared {
@@ -157,6 +165,28 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
     } else {
         None
     };
+    // Containers reach the platform through the runner's gateway on the
+    // bridge network's gateway address.
+    let stop_gateway = CancellationToken::new();
+    let worker_url = match &engine {
+        Some(engine) => {
+            let started = match gateway::bridge_gateway(&engine.docker).await {
+                Ok(ip) => gateway::start(SocketAddr::new(ip, 0), &config.platform, stop_gateway.clone()).await,
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(url) => {
+                    tracing::info!(%url, "container workers reach the platform through the runner at this address");
+                    Some(url)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no worker gateway: container workers get the platform's own URL");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let mut drivers = vec!["process".to_string()];
     if engine.is_some() {
         drivers.push("docker".into());
@@ -172,12 +202,22 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
     tracing::info!(runner_id = %registration.runner_id, %advertise, slots = capacity.slots, "runner registered");
     let gpus = gpu::Gpus::new(config.gpus.clone());
     let logs = logs::LogBook::default();
+    let keys = keys::WorkerKeys::new(client.clone(), config.worker_api_key.clone());
+    let pull = pool::pull::PullFleet::new(
+        engine.clone(),
+        keys.clone(),
+        gpus.clone(),
+        logs.clone(),
+        worker_url.clone().unwrap_or_else(|| config.platform.clone()),
+        config.name.clone(),
+    );
     let pools = pool::Pools::new(
         pool::PoolConfig {
             idle_timeout: config.idle_timeout,
             startup_timeout: config.startup_timeout,
             platform_url: config.platform.clone(),
-            worker_api_key: config.worker_api_key.clone(),
+            worker_url,
+            keys,
             engine,
             gpus: gpus.clone(),
             logs: logs.clone(),
@@ -195,10 +235,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         batches: TaskTracker::new(),
         gpus,
         logs,
+        pull,
     });
     let heartbeat_every = Duration::from_secs(u64::from(registration.heartbeat_interval_seconds.max(1)));
     let runner_id = registration.runner_id.clone();
-    let task = tokio::spawn(run(shared, listener, heartbeat_every, config.drain_timeout, shutdown));
+    let task = tokio::spawn(async move {
+        let ran = run(shared, listener, heartbeat_every, config.drain_timeout, shutdown).await;
+        stop_gateway.cancel();
+        ran
+    });
     Ok(Started { addr, runner_id, task })
 }
 
@@ -219,6 +264,7 @@ async fn run(
     let heartbeat = tokio::spawn(platform::heartbeat_loop(shared.clone(), heartbeat_every, stop_duties.clone()));
     let housekeeping = tokio::spawn({
         let pools = shared.exec.pools.clone();
+        let pull = shared.pull.clone();
         let stop = stop_duties.clone();
         async move {
             loop {
@@ -228,6 +274,7 @@ async fn run(
                 }
                 pools.reap_idle();
                 pools.keep_minimum().await;
+                pull.tick();
             }
         }
     });
@@ -236,6 +283,9 @@ async fn run(
     // Drain: refuse new batches, tell the platform, finish what is held.
     shared.draining.store(true, Ordering::SeqCst);
     tracing::info!(held = shared.held_ids().len(), "draining: finishing batches in progress");
+    // Pull workers stop now; the rows they hold come back when their
+    // leases run out.
+    shared.pull.stop_all();
     shared.platform.heartbeat_once(&shared).await.ok();
     shared.batches.close();
     if tokio::time::timeout(drain_timeout, shared.batches.wait()).await.is_err() {

@@ -69,6 +69,12 @@ impl WorkerLog {
         e.lines.push_back(LogLine { at_unix_ms: now_ms(), line });
     }
 
+    /// The last `n` lines, oldest first.
+    pub fn tail(&self, n: usize) -> Vec<String> {
+        let e = self.lock();
+        e.lines.iter().skip(e.lines.len().saturating_sub(n)).map(|l| l.line.clone()).collect()
+    }
+
     /// The worker's output has ended: it stopped.
     pub fn end(&self) {
         self.lock().running = false;

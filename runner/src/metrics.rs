@@ -18,6 +18,14 @@ pub struct Metrics {
     registry: Registry,
     pub worker_acquisitions: IntCounterVec,
     pub worker_call_duration: HistogramVec,
+    pub gateway_requests: IntCounterVec,
+}
+
+/// Counts one request a worker sent through the runner's gateway, by the
+/// first two segments of its path (`/v2/udfs`, `/v2/namespaces`).
+pub fn gateway_request(path: &str) {
+    let area: String = path.split('/').filter(|s| !s.is_empty()).take(2).collect::<Vec<_>>().join("/");
+    METRICS.gateway_requests.with_label_values(&[&format!("/{area}")]).inc();
 }
 
 /// This process's runner metrics.
@@ -44,6 +52,17 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             )
             .expect("valid histogram"),
         ),
+        gateway_requests: register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "layer_runner_gateway_requests_total",
+                    "Requests container workers sent to the platform through the runner, by API area.",
+                ),
+                &["area"],
+            )
+            .expect("valid counter"),
+        ),
         registry: r,
     }
 });
@@ -56,7 +75,7 @@ pub fn render(shared: &Shared) -> String {
     };
     let workers = gauge("layer_runner_workers", "Warm workers by Function and state.", &["udf", "state"]);
     let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
-    for w in shared.exec.pools.views() {
+    for w in shared.exec.pools.views().into_iter().chain(shared.pull.views()) {
         *counts.entry((w.udf_id, w.state)).or_default() += 1;
     }
     for ((udf, state), n) in counts {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use layer_protocol::runner::{
     BatchReport, Capacity, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, ReportResponse,
-    RunnerLoad, RunnerState,
+    RunnerLoad, RunnerState, WorkerKeyRequest, WorkerKeyResponse,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -93,7 +93,11 @@ impl PlatformClient {
             state: if shared.is_draining() { RunnerState::Draining } else { RunnerState::Active },
             load: RunnerLoad {
                 batches: held.len() as u32,
-                workers: shared.exec.pools.views(),
+                workers: {
+                    let mut w = shared.exec.pools.views();
+                    w.extend(shared.pull.views());
+                    w
+                },
                 gpus: shared.gpus.statuses(),
             },
             batch_ids: held,
@@ -115,6 +119,10 @@ impl PlatformClient {
             self.set_session(&id, t.clone());
             tracing::debug!("session token rotated");
         }
+        // A draining runner keeps no pull workers, whatever it is told.
+        let pull = if shared.is_draining() { Vec::new() } else { resp.pull.clone() };
+        shared.pull.assign(pull);
+        shared.pull.tick();
         Ok(resp)
     }
 
@@ -160,6 +168,25 @@ impl PlatformClient {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(5));
         }
+    }
+
+    /// Asks the platform for a key for one Function's workers on this
+    /// runner (it replaces the one minted before).
+    pub async fn worker_key(&self, udf_id: &str) -> Result<WorkerKeyResponse, String> {
+        let (id, token) = self.session();
+        let r = self
+            .http
+            .post(format!("{}/v2/runners/{id}/worker-keys", self.base))
+            .bearer_auth(token)
+            .timeout(Duration::from_secs(10))
+            .json(&WorkerKeyRequest { udf_id: udf_id.to_string() })
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach the platform for a worker key: {e}"))?;
+        if !r.status().is_success() {
+            return Err(format!("the platform minted no worker key for {udf_id}: {}", error_text(r).await));
+        }
+        r.json().await.map_err(|e| format!("the platform's worker key answer is not valid: {e}"))
     }
 
     pub async fn deregister(&self) -> Result<(), String> {

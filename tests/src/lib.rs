@@ -124,11 +124,14 @@ pub struct TestPlatform {
 #[derive(Debug, Clone)]
 pub struct PlatformOptions {
     pub max_body_bytes: usize,
+    /// How long the pull scaler waits before it stops workers the queue no
+    /// longer calls for.
+    pub scale_down_after: Duration,
 }
 
 impl Default for PlatformOptions {
     fn default() -> Self {
-        PlatformOptions { max_body_bytes: 64 << 20 }
+        PlatformOptions { max_body_bytes: 64 << 20, scale_down_after: Duration::from_secs(60) }
     }
 }
 
@@ -143,6 +146,7 @@ impl TestPlatform {
         config.listen = "127.0.0.1:0".parse()?;
         config.max_connections = 8;
         config.max_body_bytes = opts.max_body_bytes;
+        config.scaling.scale_down_after = opts.scale_down_after;
         config.bootstrap_admin_key = Some(ADMIN_KEY.to_string());
         let shutdown = CancellationToken::new();
         let started = layer_platform::start(config, shutdown.clone()).await?;
@@ -209,6 +213,19 @@ impl TestPlatform {
             }
             anyhow::ensure!(start.elapsed() < within, "{udf_id} not drained after {within:?}: {st}");
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the Function has `n` rows pending (discovery ran).
+    pub async fn wait_for_pending(&self, udf_id: &str, n: u64) -> Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            let (_, st) = self.call(reqwest::Method::GET, &format!("/v2/udfs/{udf_id}/status"), None).await?;
+            if st["pending_count"].as_u64() == Some(n) {
+                return Ok(());
+            }
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "{udf_id}: never {n} pending: {st}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

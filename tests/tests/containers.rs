@@ -313,3 +313,270 @@ async fn a_gpu_container_asks_the_engine_for_its_gpu_by_uuid() -> anyhow::Result
     runner.stop().await?;
     Ok(())
 }
+
+/// Applies a YAML file of the repository, unchanged.
+async fn apply_file(p: &TestPlatform, path: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(workspace_dir().join(path))?;
+    let docs = layer_protocol::resource::parse_documents(&text)?;
+    let (s, r) = p.call(Method::POST, "/v2/apply", Some(json!({"documents": docs}))).await?;
+    anyhow::ensure!(s == 200, "apply {path}: {r}");
+    Ok(())
+}
+
+/// The pull workers of a Function running in the runner's containers.
+fn pull_containers(runner: &str, udf: &str) -> anyhow::Result<usize> {
+    let out = Command::new("docker")
+        .args(["ps", "-q", "--filter", &format!("label=com.hevlayer.layer.runner={runner}")])
+        .args(["--filter", &format!("label=com.hevlayer.layer.udf={udf}")])
+        .args(["--filter", "label=com.hevlayer.layer.dispatch=pull"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "docker ps: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+}
+
+/// Seed 000's products: outdoor ones the Function tags, some without a
+/// title (a permanent failure), and indoor ones it leaves alone.
+fn seed_products(n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let category = if i % 10 == 9 { "indoor" } else { "outdoor" };
+            let title = match i % 4 {
+                0 => json!(format!("Wireless speaker {i}")),
+                1 => json!(format!("Waterproof jacket {i}")),
+                2 => json!(format!("Tent {i}")),
+                _ if i % 40 == 3 => Value::Null,
+                _ => json!(format!("Wireless waterproof radio {i}")),
+            };
+            json!({"id": format!("p{i:04}"), "title": title, "category": category})
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_tag_products_runs_unchanged_in_runner_containers_from_zero_to_max_and_back() -> anyhow::Result<()> {
+    ensure_image("ghcr.io/hev/tag-products:latest", "pull")?;
+    let p = TestPlatform::start_with(layer_tests::PlatformOptions {
+        scale_down_after: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await?;
+    let name = format!("containers-pull-{}", std::process::id());
+    let _cleanup = Cleanup(name.clone());
+    let runner = TestRunner::start(&p, |c| c.name = name.clone()).await?;
+    let products = seed_products(1200);
+    p.upsert_rows("products", json!(products)).await?;
+    // Seed 000's YAML, as written: pull, worker.image, autoscale 0..6.
+    apply_file(&p, "examples/functions/tag-products.yaml").await?;
+
+    // Drains, scaling up from zero and never above replicas.max.
+    let start = Instant::now();
+    let mut most = 0;
+    let st = loop {
+        most = most.max(pull_containers(&name, "tag-products")?);
+        let (_, st) = p.call(Method::GET, "/v2/udfs/tag-products/status", None).await?;
+        if st["pending_count"] == 0 && st["processing_count"] == 0 && st["counts"]["completed"].as_u64() > Some(0) {
+            break st;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(180), "not drained: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(most >= 2, "the queue called for more than one worker; at most {most} ran");
+    assert!(most <= 6, "{most} workers ran at replicas.max 6");
+    let assigned: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(replicas), 0) FROM pull_assignments").fetch_one(&p.pool).await?;
+    assert!(assigned <= 6, "{assigned}");
+    let outdoor: Vec<&Value> = products.iter().filter(|r| r["category"] == "outdoor").collect();
+    let untitled = outdoor.iter().filter(|r| r["title"].is_null()).count();
+    assert_eq!(st["counts"]["completed"].as_u64(), Some((outdoor.len() - untitled) as u64), "{st}");
+    assert_eq!(st["failed_count"].as_u64(), Some(untitled as u64), "{st}");
+    let (_, d) = p.call(Method::GET, "/v2/namespaces/products/documents/p0005", None).await?;
+    assert_eq!(d["attributes"]["tags"], json!(["waterproof"]), "{d}");
+    assert_eq!(d["attributes"]["_hevlayer_udf_tag_products_v"], "v1", "{d}");
+    let (_, d) = p.call(Method::GET, "/v2/namespaces/products/documents/p0009", None).await?;
+    assert!(d["attributes"].get("tags").is_none(), "indoor rows are not the Function's: {d}");
+
+    // What the containers were given: the seed's environment, the runner's
+    // gateway as the base URL, a key minted for the Function's workers.
+    let ids = containers_of(&name)?;
+    anyhow::ensure!(!ids.is_empty(), "no container left to inspect");
+    let info = inspect(&ids[0])?;
+    let env: Vec<String> = info["Config"]["Env"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    let var = |k: &str| env.iter().find_map(|e| e.strip_prefix(&format!("{k}="))).map(str::to_string);
+    assert_eq!(var("HEVLAYER_UDF_ID").as_deref(), Some("tag-products"), "{env:?}");
+    assert_eq!(var("HEVLAYER_UDF_BATCH_SIZE").as_deref(), Some("32"), "{env:?}");
+    assert_eq!(var("HEVLAYER_UDF_TIMEOUT_SECONDS").as_deref(), Some("30"), "{env:?}");
+    assert_eq!(var("HEVLAYER_UDF_LEASE_SECONDS").as_deref(), Some("120"), "{env:?}");
+    assert!(var("PORT").is_none(), "a pull worker listens nowhere: {env:?}");
+    let base = var("HEVLAYER_BASE_URL").unwrap_or_default();
+    assert!(!base.contains("127.0.0.1") && base.starts_with("http://"), "{base}");
+    let mode = info["HostConfig"]["NetworkMode"].as_str().unwrap_or_default().to_string();
+    assert!(mode == "default" || mode == "bridge", "the default bridge, no host networking: {mode}");
+    assert_eq!(info["HostConfig"]["ReadonlyRootfs"], true);
+    let key = var("LAYER_GATEWAY_API_KEY").unwrap_or_default();
+    assert!(!key.is_empty() && key != p.admin_key, "the worker's key is its own");
+    // That key is the Function's workers' alone.
+    let (s, _) = p.call_as(&key, Method::GET, "/v2/udfs/tag-products/status", None).await?;
+    assert_eq!(s, 200);
+    let (s, r) = p.call_as(&key, Method::GET, "/v2/udfs", None).await?;
+    assert_eq!(s, 403, "{r}");
+    p.upsert_rows("elsewhere", json!([{"id": "x"}])).await?;
+    let (s, r) = p.call_as(&key, Method::POST, "/v2/namespaces/elsewhere/query", Some(json!({"top_k": 1}))).await?;
+    assert_eq!(s, 404, "{r}");
+    let (s, r) = p.call_as(&key, Method::POST, "/v2/apply", Some(json!({"documents": [{"kind": "Index"}]}))).await?;
+    assert!(s == 403 || s == 400, "{s} {r}");
+    let owner: Option<String> = sqlx::query_scalar(
+        "SELECT worker_function_id FROM api_keys WHERE worker_runner_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(&runner.id)
+    .fetch_optional(&p.pool)
+    .await?
+    .flatten();
+    assert_eq!(owner.as_deref(), Some("tag-products"));
+    // The workers' output is in `layer logs`.
+    let (_, logs) = p.call(Method::GET, "/v2/udfs/tag-products/logs", None).await?;
+    assert!(logs.to_string().contains("pull worker for tag-products starting"), "{logs}");
+
+    // An empty queue, past the scale-down window: back to zero.
+    wait_for("pull workers gone", Duration::from_secs(40), async || {
+        Ok((pull_containers(&name, "tag-products")? == 0).then_some(()))
+    })
+    .await?;
+    // Deleting the Function deletes its workers' key.
+    let (s, _) = p.call(Method::DELETE, "/v2/udfs/tag-products", None).await?;
+    assert_eq!(s, 200);
+    let (s, _) = p.call_as(&key, Method::GET, "/v2/udfs/tag-products/status", None).await?;
+    assert_eq!(s, 401);
+    runner.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_worker_that_exits_backs_off_and_its_status_says_why() -> anyhow::Result<()> {
+    ensure_image("ghcr.io/hev/tag-products:latest", "pull")?;
+    let p = TestPlatform::start().await?;
+    let name = format!("containers-crash-{}", std::process::id());
+    let _cleanup = Cleanup(name.clone());
+    p.upsert_rows("crash", json!([{"id": "a", "title": "Wireless a"}, {"id": "b", "title": "b"}])).await?;
+    // No runner with the docker driver yet: the status says so.
+    let no_docker = TestRunner::start(&p, |c| {
+        c.name = format!("{name}-nodocker");
+        c.docker = false;
+    })
+    .await?;
+    let spec = |image: &str, env: Value| {
+        json!({
+            "targetNamespaces": ["crash"], "inputs": ["id", "title"],
+            "worker": {"dispatch": "pull", "image": image, "batchSize": 8, "env": env},
+            "scaling": {"mode": "fixed", "replicas": {"min": 0, "max": 1}},
+        })
+    };
+    // The entrypoint's LAYER_UDF_FUNCTION names a function worker.py lacks.
+    let broken = json!({"LAYER_UDF_FUNCTION": "no_such_function"});
+    p.apply_function("crashy", spec("ghcr.io/hev/tag-products:latest", broken)).await?;
+    let condition = async |reason: &str, needle: &str| {
+        wait_for(&format!("condition {reason} with {needle:?}"), Duration::from_secs(40), async || {
+            let (_, st) = p.call(Method::GET, "/v2/udfs/crashy/status", None).await?;
+            let hit = st["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["reason"] == reason && c["message"].as_str().is_some_and(|m| m.contains(needle)));
+            Ok(hit.cloned())
+        })
+        .await
+    };
+    condition("NoRunner", "docker driver").await?;
+    no_docker.stop().await?;
+
+    // The image's worker exits at once: restarted with a growing pause,
+    // and the status carries its last lines.
+    let runner = TestRunner::start(&p, |c| c.name = name.clone()).await?;
+    let c = condition("WorkerFailing", "has no attribute 'no_such_function'").await?;
+    assert!(c["message"].as_str().unwrap_or("").contains("exit code"), "{c}");
+    let restarts = Instant::now();
+    let mut seen: std::collections::BTreeSet<String> = Default::default();
+    while restarts.elapsed() < Duration::from_secs(12) {
+        seen.extend(containers_of(&name)?);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // 1 s, 2 s, 4 s, 8 s between starts: a handful, not one per tick.
+    assert!((2..=6).contains(&seen.len()), "{} containers in 12 s", seen.len());
+
+    // An image that does not exist says so.
+    p.apply_function("crashy", spec("layer/no-such-image:dev", json!({}))).await?;
+    condition("WorkerFailing", "No such image").await?;
+    let (_, st) = p.call(Method::GET, "/v2/udfs/crashy/status", None).await?;
+    assert_eq!(st["pending_count"], 2, "nothing is lost meanwhile: {st}");
+    runner.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_product_color_places_a_gpu_container_and_the_engines_refusal_shows() -> anyhow::Result<()> {
+    ensure_image("ghcr.io/hev/tag-products:latest", "pull")?;
+    // The seed's GPU image needs torch and a model, which cannot be had
+    // here: a local image stands in under its name.
+    let image = "ghcr.io/hev/hev-shop-udf-product-color:latest";
+    let out = Command::new("docker").args(["tag", "ghcr.io/hev/tag-products:latest", image]).output()?;
+    anyhow::ensure!(out.status.success(), "docker tag: {}", String::from_utf8_lossy(&out.stderr));
+    let p = TestPlatform::start().await?;
+    let name = format!("containers-gpu-{}", std::process::id());
+    let _cleanup = Cleanup(name.clone());
+    let runner = TestRunner::start(&p, |c| {
+        c.name = name.clone();
+        c.gpus = std::sync::Arc::new(layer_runner::inventory::SimulatedGpus::new(1));
+    })
+    .await?;
+    p.upsert_rows("amazon-products", json!([{"id": "a", "image_url": "http://example.invalid/a.jpg"}])).await?;
+    apply_file(&p, "examples/functions/product-color.yaml").await?;
+    let placed: (String, i32) = wait_for("a pull assignment", Duration::from_secs(20), async || {
+        Ok(sqlx::query_as("SELECT runner_id, replicas FROM pull_assignments WHERE function_id = 'product-color'")
+            .fetch_optional(&p.pool)
+            .await?)
+    })
+    .await?;
+    assert_eq!(placed, (runner.id.clone(), 1));
+    // The device request for the bound GPU reached the engine, which has no
+    // NVIDIA runtime here and refused it.
+    let refusal = wait_for("the engine's refusal in the status", Duration::from_secs(40), async || {
+        let (_, st) = p.call(Method::GET, "/v2/udfs/product-color/status", None).await?;
+        let hit =
+            st["conditions"].as_array().into_iter().flatten().find(|c| {
+                c["reason"] == "WorkerFailing" && c["message"].as_str().is_some_and(|m| m.contains("nvidia"))
+            });
+        Ok(hit.cloned())
+    })
+    .await?;
+    assert!(refusal["message"].as_str().unwrap_or("").contains(image), "{refusal}");
+    assert!(containers_of(&name)?.is_empty(), "a refused container is removed");
+    runner.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_through_image_completes_every_row_it_wrote_itself() -> anyhow::Result<()> {
+    ensure_image("ghcr.io/hev/tag-products-writethrough:latest", "pull")?;
+    let p = TestPlatform::start().await?;
+    let name = format!("containers-wt-{}", std::process::id());
+    let _cleanup = Cleanup(name.clone());
+    let runner = TestRunner::start(&p, |c| c.name = name.clone()).await?;
+    let rows: Vec<Value> =
+        (0..40).map(|i| json!({"id": format!("w{i:02}"), "title": format!("Wireless {i}")})).collect();
+    p.upsert_rows("products", json!(rows)).await?;
+    apply_file(&p, "examples/tag-products-writethrough/function.yaml").await?;
+    let st = p.drained("tag-products-wt", Duration::from_secs(120)).await?;
+    assert_eq!(st["counts"]["completed"], 40, "{st}");
+    assert_eq!(st["counts"]["dropped"], 0, "its own writes never make it stale: {st}");
+    assert_eq!(st["failed_count"], 0, "{st}");
+    let (_, d) = p.call(Method::GET, "/v2/namespaces/products/documents/w07", None).await?;
+    assert_eq!(d["attributes"]["tags"], json!(["wireless"]), "{d}");
+    assert_eq!(d["attributes"]["_hevlayer_udf_tag_products_wt_v"], "v1", "{d}");
+    runner.stop().await?;
+    Ok(())
+}

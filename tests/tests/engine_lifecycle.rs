@@ -283,7 +283,18 @@ async fn a_row_rewritten_while_leased_keeps_the_new_write_and_runs_again() -> an
     apply(&p, "rw", spec(json!({}))).await?;
     let items = claim_n(&p, "rw", "w", 1).await?;
     assert_eq!(items[0]["input"]["title"], "old");
-    p.upsert_rows("items", json!([{"id": "a", "title": "new"}])).await?;
+    // Another key writes it (the claiming key's own writes keep the lease:
+    // see tests/tests/writethrough.rs).
+    let other = p.mint_key(json!({"o": {"scopes": ["write"]}})).await?;
+    let (s, r) = p
+        .call_as(
+            &other,
+            Method::POST,
+            "/v2/namespaces/items",
+            Some(json!({"upsert_rows": [{"id": "a", "title": "new"}]})),
+        )
+        .await?;
+    assert_eq!(s, 200, "{r}");
     assert_eq!(complete(&p, "rw", "w", &items, json!({"size": "from-old"})).await?, 0, "stale result dropped");
     let (_, d) = p.call(Method::GET, "/v2/namespaces/items/documents/a", None).await?;
     assert_eq!(d["attributes"], json!({"title": "new"}), "not overwritten");

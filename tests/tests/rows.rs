@@ -153,7 +153,7 @@ async fn queries_rank_limit_and_project() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn bad_requests_name_what_is_wrong_and_change_nothing() -> anyhow::Result<()> {
-    let p = TestPlatform::start_with(PlatformOptions { max_body_bytes: 4096 }).await?;
+    let p = TestPlatform::start_with(PlatformOptions { max_body_bytes: 4096, ..Default::default() }).await?;
     write(&p, "e", json!({"upsert_rows": [{"id": "keep", "v": 1}]})).await?;
     let cases = [
         (

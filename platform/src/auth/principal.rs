@@ -4,6 +4,9 @@ use layer_protocol::keys::{Entitlements, Scope};
 
 use crate::error::PlatformError;
 
+/// The claim prefix of keys minted for one Function's workers: `udf:<id>`.
+pub const WORKER_CLAIM: &str = "udf:";
+
 /// An authenticated key.
 #[derive(Debug, Clone)]
 pub struct Principal {
@@ -60,6 +63,17 @@ impl Principal {
         } else {
             Err(PlatformError::NotFound(format!("namespace {namespace} not found")))
         }
+    }
+
+    /// Whether the key was minted for the workers of Function `udf_id`
+    /// (the claim `udf:<id>`): it may speak the pull protocol for it.
+    pub fn works_for(&self, udf_id: &str) -> bool {
+        self.worker_of() == Some(udf_id)
+    }
+
+    /// The Function a worker key was minted for.
+    pub fn worker_of(&self) -> Option<&str> {
+        self.entitlements.values().flat_map(|e| e.claims.iter().flatten()).find_map(|c| c.strip_prefix(WORKER_CLAIM))
     }
 
     /// Whether any entitlement carries a claim (`runner`).

@@ -257,3 +257,70 @@ pub async fn delete(pool: &PgPool, key_id: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// A key minted for one Function's workers on one runner.
+pub struct WorkerKey {
+    pub key_id: String,
+    pub token: String,
+    pub namespaces: Vec<String>,
+}
+
+/// Mints the key a runner hands one Function's workers as
+/// `LAYER_GATEWAY_API_KEY`, replacing the one it had for them: the pull
+/// protocol for that Function alone (the claim `udf:<id>`), and read and
+/// write on its namespaces (its `targetNamespaces` and the Indexes its
+/// `indexSelector` matches now). It never expires on its own: it is
+/// deleted with the Function and with the runner, and replaced when the
+/// runner asks again (a new revision, a restart).
+pub async fn mint_worker_key(
+    pool: &PgPool,
+    runner_id: &str,
+    runner_name: &str,
+    udf: &layer_protocol::function::Udf,
+) -> Result<WorkerKey> {
+    let mut namespaces = udf.spec.target_namespaces.clone();
+    for ns in crate::functions::store::active_namespaces(pool, &udf.spec).await? {
+        if !namespaces.contains(&ns) {
+            namespaces.push(ns);
+        }
+    }
+    namespaces.sort();
+    let entitlement = Entitlement {
+        scopes: Some(vec![Scope::Write]),
+        namespaces: Some(namespaces.clone()),
+        claims: Some(vec![format!("{}{}", super::principal::WORKER_CLAIM, udf.id)]),
+    };
+    let token = mint_token();
+    let key_id = mint_key_id();
+    let mut tx = pool.begin().await?;
+    sqlx::query("DELETE FROM api_keys WHERE worker_runner_id = $1 AND worker_function_id = $2")
+        .bind(runner_id)
+        .bind(&udf.id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO api_keys (key_id, name, description, entitlements, token_hash, expires_after,
+                               worker_function_id, worker_runner_id)
+         VALUES ($1, $2, $3, $4, $5, 'never', $6, $7)",
+    )
+    .bind(&key_id)
+    .bind(format!("worker {} on {runner_name}", udf.id))
+    .bind(format!("minted for the workers of Function {} at revision {} on runner {runner_id}", udf.id, udf.revision))
+    .bind(sqlx::types::Json(Entitlements::from([("worker".to_string(), entitlement)])))
+    .bind(hash_token(&token))
+    .bind(&udf.id)
+    .bind(runner_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(WorkerKey { key_id, token, namespaces })
+}
+
+/// Deletes the worker keys of a runner (it deregistered).
+pub async fn delete_worker_keys(pool: &PgPool, runner_id: &str) -> Result<u64> {
+    Ok(sqlx::query("DELETE FROM api_keys WHERE worker_runner_id = $1")
+        .bind(runner_id)
+        .execute(pool)
+        .await?
+        .rows_affected())
+}

@@ -48,14 +48,50 @@ async fn udf_for(state: &AppState, p: &Principal, id: &str, scope: Scope) -> Res
     store::get(&state.pool, id).await
 }
 
+/// The Function of a pull-protocol call (claim, complete, fail, heartbeat,
+/// status): a key minted for the Function's workers may make these for
+/// that Function alone.
+async fn udf_for_worker(state: &AppState, p: &Principal, id: &str, scope: Scope) -> Result<Udf> {
+    if !p.works_for(id) {
+        p.require(scope)?;
+    }
+    store::get(&state.pool, id).await
+}
+
+/// Notes that a worker claimed from the Function's queue, at most every
+/// 5 s per Function and platform replica: the status of a pull Function
+/// whose workers run elsewhere says when none has claimed for a while.
+async fn note_claim(state: &AppState, udf_id: &str) {
+    static SEEN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>> =
+        std::sync::LazyLock::new(Default::default);
+    {
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.get(udf_id).is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(5)) {
+            return;
+        }
+        seen.insert(udf_id.to_string(), std::time::Instant::now());
+    }
+    let noted = sqlx::query(
+        "INSERT INTO function_stats (function_id, last_claim_at) SELECT id, now() FROM functions WHERE id = $1
+         ON CONFLICT (function_id) DO UPDATE SET last_claim_at = now()",
+    )
+    .bind(udf_id)
+    .execute(&state.pool)
+    .await;
+    if let Err(e) = noted {
+        tracing::debug!(udf = %udf_id, error = %e, "noting a claim failed");
+    }
+}
+
 async fn claim(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ClaimRequest>,
 ) -> Result<Json<ClaimResponse>, ApiError> {
-    let udf = udf_for(&state, &p, &id, Scope::Write).await?;
+    let udf = udf_for_worker(&state, &p, &id, Scope::Write).await?;
     check_worker(&req.worker_id)?;
+    note_claim(&state, &udf.id).await;
     let limit = req.limit.unwrap_or(i64::from(udf.spec.worker.batch_size));
     if !(1..=10_000).contains(&limit) {
         return Err(PlatformError::invalid("limit", format!("{limit} is out of range; allowed 1..=10000")).into());
@@ -69,7 +105,14 @@ async fn claim(
     let span = pull_span("layer.claim", &udf.id, &req.worker_id);
     let claimed = span
         .run(async {
-            let c = queue::claim(&state.pool, &udf, queue::Claimer::Worker(&req.worker_id), limit, lease).await?;
+            let c = queue::claim(
+                &state.pool,
+                &udf,
+                queue::Claimer::Worker { id: &req.worker_id, key: &p.key_id },
+                limit,
+                lease,
+            )
+            .await?;
             span.set([
                 KeyValue::new("layer.batch.id", c.batch_id.unwrap_or_default()),
                 KeyValue::new("layer.batch.size", c.items.len() as i64),
@@ -98,7 +141,7 @@ async fn complete(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<CompleteRequest>,
 ) -> Result<Json<ItemsResponse>, ApiError> {
-    let udf = udf_for(&state, &p, &id, Scope::Write).await?;
+    let udf = udf_for_worker(&state, &p, &id, Scope::Write).await?;
     check_worker(&req.worker_id)?;
     let mut completions = Vec::with_capacity(req.items.len());
     let mut refused = Vec::new();
@@ -168,7 +211,7 @@ async fn fail(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<FailRequest>,
 ) -> Result<Json<ItemsResponse>, ApiError> {
-    let udf = udf_for(&state, &p, &id, Scope::Write).await?;
+    let udf = udf_for_worker(&state, &p, &id, Scope::Write).await?;
     check_worker(&req.worker_id)?;
     let failures = req
         .items
@@ -202,7 +245,7 @@ async fn heartbeat(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<HeartbeatRequest>,
 ) -> Result<Json<ItemsResponse>, ApiError> {
-    let udf = udf_for(&state, &p, &id, Scope::Write).await?;
+    let udf = udf_for_worker(&state, &p, &id, Scope::Write).await?;
     check_worker(&req.worker_id)?;
     let items: Vec<(String, String)> = req.items.into_iter().map(|i| (i.namespace, i.id)).collect();
     let updated = queue::heartbeat(&state.pool, &udf, &req.worker_id, &items).await?;
@@ -248,7 +291,7 @@ async fn status(
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<UdfStatus>, ApiError> {
-    let udf = udf_for(&state, &p, &id, Scope::Read).await?;
+    let udf = udf_for_worker(&state, &p, &id, Scope::Read).await?;
     Ok(Json(queue::status(&state.pool, &udf, state.settings.runners.lost_after).await?))
 }
 

@@ -86,8 +86,10 @@ struct Picked {
 /// Who claims: a pull worker, or the dispatcher for a runner.
 #[derive(Debug, Clone, Copy)]
 pub enum Claimer<'a> {
-    /// A pull worker's own id: its reports are fenced on it.
-    Worker(&'a str),
+    /// A pull worker's own id: its reports are fenced on it. `key` is the
+    /// API key it claimed with: that key's writes to a leased row keep the
+    /// lease's fence (write-through completion).
+    Worker { id: &'a str, key: &'a str },
     /// A runner: the lease holder is `runner/<id>/batch/<batch>`, so the
     /// report of one batch cannot touch another's leases. The batch record
     /// gets the trace id its spans will carry.
@@ -97,7 +99,7 @@ pub enum Claimer<'a> {
 impl Claimer<'_> {
     fn lease_holder(self, batch_id: i64) -> String {
         match self {
-            Claimer::Worker(w) => w.to_string(),
+            Claimer::Worker { id, .. } => id.to_string(),
             Claimer::Runner { id, .. } => batch_holder(id, batch_id),
         }
     }
@@ -235,6 +237,11 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
                  UPDATE work_items w SET state = 'leased', worker_id = ",
         );
         qb.push_bind(&worker_id);
+        qb.push(", leased_key = ");
+        qb.push_bind(match claimer {
+            Claimer::Worker { key, .. } => Some(key),
+            Claimer::Runner { .. } => None,
+        });
         qb.push(", batch_id = ");
         qb.push_bind(batch_id);
         qb.push(", lease_epoch = w.lease_epoch + 1, lease_seconds = ");
@@ -780,6 +787,6 @@ pub async fn status(pool: &PgPool, udf: &Udf, runner_lost_after: std::time::Dura
         failed_count: s.failed,
         indexed_rate_per_min: s.recent as f64 * 60.0 / RATE_WINDOW_SECONDS as f64,
         rate_window_seconds: RATE_WINDOW_SECONDS,
-        conditions: crate::runners::dispatch::conditions(pool, udf, runner_lost_after).await?,
+        conditions: crate::runners::dispatch::conditions(pool, udf, runner_lost_after, s.pending as u64).await?,
     })
 }

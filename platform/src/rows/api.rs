@@ -48,7 +48,8 @@ async fn write(
     check_ns(&principal, &ns, Scope::Write)?;
     let metric = req.distance_metric.clone();
     let plan = plan(req)?;
-    let c = store::write(&state.pool, &ns, plan, metric.as_deref()).await?;
+    let writer = store::Writer { key_id: &principal.key_id, worker_of: principal.worker_of() };
+    let c = store::write(&state.pool, &ns, plan, metric.as_deref(), &writer).await?;
     state.engine.namespace_written(&ns);
     let affected = c.upserted + c.patched + c.deleted;
     Ok(Json(WriteResponse {

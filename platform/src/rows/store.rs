@@ -20,6 +20,14 @@ pub struct WriteCounts {
     pub deleted: u64,
 }
 
+/// Who writes: the key, and the Function it was minted for if it is a
+/// worker key.
+#[derive(Debug, Clone, Copy)]
+pub struct Writer<'a> {
+    pub key_id: &'a str,
+    pub worker_of: Option<&'a str>,
+}
+
 /// Applies a write plan in one transaction.
 ///
 /// Concurrency: the namespace row is locked (insert-or-update) first, so
@@ -27,11 +35,19 @@ pub struct WriteCounts {
 /// `write_seq`, strictly increasing in commit order. Every row it touches is
 /// stamped with that sequence, which is what lets discovery read only rows
 /// written since its last sweep.
+///
+/// Write-through: when `writer` holds live pull leases on rows it writes
+/// (it claimed them with this key), or is a key minted for the workers of
+/// the Function that leased them, those leases move to the new `write_seq`
+/// in the same transaction, so the worker's completion still passes the
+/// fence. A write by anyone else leaves them behind: the result is then
+/// stale, dropped, and the row runs again on its new content.
 pub async fn write(
     pool: &PgPool,
     namespace: &str,
     plan: WritePlan,
     distance_metric: Option<&str>,
+    writer: &Writer<'_>,
 ) -> Result<WriteCounts> {
     let mut tx = pool.begin().await?;
     let creates = !plan.upserts.is_empty() || distance_metric.is_some();
@@ -58,6 +74,28 @@ pub async fn write(
     let Some(seq) = seq else {
         return Err(PlatformError::NotFound(format!("namespace {namespace} not found")));
     };
+
+    let mut touched: Vec<&str> = plan.upserts.iter().map(|u| u.id.as_str()).collect();
+    touched.extend(plan.patches.iter().map(|p| p.id.as_str()));
+    if !touched.is_empty() {
+        // Before the rows move: the leases still name their old write_seq.
+        sqlx::query(
+            "UPDATE work_items w SET leased_seq = $5
+             FROM rows r
+             WHERE r.namespace = $1 AND r.id = ANY($2)
+               AND w.namespace = r.namespace AND w.row_id = r.id
+               AND w.state = 'leased' AND w.lease_expires_at > now() AND w.leased_seq = r.write_seq
+               AND (w.leased_key = $3 OR w.function_id = $4)",
+        )
+        .bind(namespace)
+        .bind(&touched)
+        .bind(writer.key_id)
+        .bind(writer.worker_of)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?;
+    }
+    drop(touched);
 
     let mut counts = WriteCounts::default();
     let mut inserted: i64 = 0;

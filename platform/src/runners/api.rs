@@ -11,7 +11,8 @@ use layer_protocol::keys::Scope;
 use layer_protocol::runner::tokens::{self, Purpose};
 use layer_protocol::runner::{
     BatchReport, FailureKind, FunctionLogs, FunctionWorkerLogs, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
-    RegisterResponse, ReportResponse, RunnerList, RunnerLogs, RunnerState, UnreachableRunner,
+    RegisterResponse, ReportResponse, RunnerList, RunnerLogs, RunnerState, UnreachableRunner, WorkerKeyRequest,
+    WorkerKeyResponse,
 };
 use layer_telemetry::trace::{Context, KeyValue, Span, SpanKind};
 
@@ -33,6 +34,7 @@ pub fn token_routes() -> Router<AppState> {
     Router::new()
         .route("/v2/runners/{id}/heartbeat", post(heartbeat))
         .route("/v2/runners/{id}/deregister", post(deregister))
+        .route("/v2/runners/{id}/worker-keys", post(worker_key))
         .route("/v2/runners/{id}/batches/{batch}/report", post(report))
 }
 
@@ -199,7 +201,29 @@ async fn heartbeat(
     // Rotate before expiry: a fresh token once past half-life.
     let token = (tokens::seconds_left(&claims) < tokens::SESSION_TTL_SECONDS / 2)
         .then(|| tokens::sign(&runner.signing_key, &id, Purpose::Session, tokens::SESSION_TTL_SECONDS));
-    Ok(Json(HeartbeatResponse { token, extended }))
+    let pull = if req.state == RunnerState::Active {
+        super::scaling::assigned_to(&state.pool, &id).await?
+    } else {
+        // A draining runner stops its pull workers.
+        Vec::new()
+    };
+    Ok(Json(HeartbeatResponse { token, extended, pull }))
+}
+
+/// `POST /v2/runners/{id}/worker-keys`: a key for one Function's workers
+/// on this runner (see `auth::store::mint_worker_key`), replacing the one
+/// it had for them. The token is in the answer only.
+async fn worker_key(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<WorkerKeyRequest>,
+) -> Result<Json<WorkerKeyResponse>, ApiError> {
+    let (runner, _) = authenticate_runner(&state, &headers, &id, Purpose::Session).await?;
+    let udf = crate::functions::store::get(&state.pool, &req.udf_id).await?;
+    let key = crate::auth::store::mint_worker_key(&state.pool, &id, &runner.name, &udf).await?;
+    tracing::info!(runner_id = %id, udf = %udf.id, key_id = %key.key_id, "minted a worker key");
+    Ok(Json(WorkerKeyResponse { udf_id: udf.id, key_id: key.key_id, token: key.token, namespaces: key.namespaces }))
 }
 
 async fn deregister(
@@ -209,6 +233,7 @@ async fn deregister(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authenticate_runner(&state, &headers, &id, Purpose::Session).await?;
     store::deregister(&state.pool, &id).await?;
+    crate::auth::store::delete_worker_keys(&state.pool, &id).await?;
     tracing::info!(runner_id = %id, "runner deregistered");
     Ok(Json(serde_json::json!({"status": "ok"})))
 }

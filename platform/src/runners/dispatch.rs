@@ -251,32 +251,46 @@ fn place<'a>(
 }
 
 /// What stops a Function's batches from being placed, for its status:
-/// a rejection by its pool, or (push Functions) no active runner that can
-/// run it.
-pub async fn conditions(pool: &PgPool, udf: &Udf, lost_after: Duration) -> Result<Vec<UdfCondition>> {
+/// a rejection by its pool, no active runner that can run it (push
+/// Functions, and pull Functions whose workers the runners run), or, for
+/// pull Functions, what [`super::scaling::conditions`] finds.
+pub async fn conditions(pool: &PgPool, udf: &Udf, lost_after: Duration, pending: u64) -> Result<Vec<UdfCondition>> {
     let pools = compute_pools(crate::resources::store::list_infra_rules(pool).await?);
     let s = match scheduling(udf, &pools) {
         Ok(s) => s,
         Err(c) => return Ok(vec![c]),
     };
     if udf.spec.worker.dispatch != Dispatch::Push {
-        return Ok(Vec::new());
+        return super::scaling::conditions(pool, udf, &s, lost_after, pending).await;
     }
-    let mut runners: Vec<RunnerRow> = store::list(pool, lost_after.as_secs_f64())
-        .await?
-        .into_iter()
-        .filter(|r| matches!(r.state(), RunnerState::Active | RunnerState::Draining))
-        .collect();
+    let runners = store::list(pool, lost_after.as_secs_f64()).await?;
+    Ok(unmet(&s, &runners).map(|why| UdfCondition::new("NoRunner", why)).into_iter().collect())
+}
+
+/// The first [`Need`] no active or draining runner meets, in words.
+pub(crate) fn unmet(s: &Scheduling, runners: &[RunnerRow]) -> Option<String> {
+    let mut runners: Vec<&RunnerRow> =
+        runners.iter().filter(|r| matches!(r.state(), RunnerState::Active | RunnerState::Draining)).collect();
     if runners.is_empty() {
-        return Ok(vec![UdfCondition::new("NoRunner", "no runner is active: batches wait until one registers")]);
+        return Some("no runner is active: work waits until one registers".into());
     }
     for need in Need::ALL {
-        runners.retain(|r| need.met(&s, r));
+        runners.retain(|r| need.met(s, r));
         if runners.is_empty() {
-            return Ok(vec![UdfCondition::new("NoRunner", need.unmet(&s))]);
+            return Some(need.unmet(s));
         }
     }
-    Ok(Vec::new())
+    None
+}
+
+/// Whether a runner meets every [`Need`] of a Function.
+pub(crate) fn qualifies(s: &Scheduling, r: &RunnerRow) -> bool {
+    Need::ALL.iter().all(|n| n.met(s, r))
+}
+
+/// The GPUs of a runner that can take work (not cordoned).
+pub(crate) fn usable_gpus(r: &RunnerRow) -> usize {
+    gpu_counts(r).0
 }
 
 /// A handle to the dispatcher duty.
@@ -569,7 +583,7 @@ impl Send {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use layer_protocol::function::validate_spec;
     use layer_protocol::runner::{Capacity, GpuInfo, GpuStatus, RunnerLoad, WorkerView};
@@ -577,7 +591,7 @@ mod tests {
     use layer_protocol::validate::Problems;
     use sqlx::types::Json;
 
-    fn udf(spec: serde_json::Value) -> Udf {
+    pub(crate) fn udf(spec: serde_json::Value) -> Udf {
         let mut p = Problems::new();
         let spec = validate_spec(&mut p, "spec", &spec, Case::Camel).expect("valid spec").spec;
         assert!(p.is_empty());
@@ -592,15 +606,14 @@ mod tests {
         }
     }
 
-    fn runner(id: &str, labels: &[(&str, &str)], in_flight: i64, warm: bool, gpus: usize) -> RunnerRow {
+    pub(crate) fn runner(id: &str, labels: &[(&str, &str)], in_flight: i64, warm: bool, gpus: usize) -> RunnerRow {
         let workers = if warm {
             vec![WorkerView {
                 udf_id: "f".into(),
                 revision: 3,
                 state: "idle".into(),
                 pid: Some(1),
-                container: None,
-                gpus: Vec::new(),
+                ..Default::default()
             }]
         } else {
             Vec::new()

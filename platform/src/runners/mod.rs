@@ -5,6 +5,8 @@
 //!   deregistration and batch reports (runner tokens).
 //! - [`dispatch`]: the duty that leases batches of push Functions and sends
 //!   them to runners.
+//! - [`scaling`]: the duty that decides how many pull workers of each
+//!   Function run, and on which runners.
 //!
 //! Trust: a runner registers with an API key that has the `runner` claim
 //! (or admin) and gets its own HMAC key. Every token after that is an HS256
@@ -15,6 +17,7 @@
 pub mod api;
 pub mod dispatch;
 pub mod records;
+pub mod scaling;
 pub mod store;
 
 use std::collections::HashMap;

@@ -105,7 +105,8 @@ pub struct ContainerWorker {
     pub name: String,
     /// The container's id.
     pub id: String,
-    /// The loopback port of the node the worker's port is published on.
+    /// The loopback port of the node the worker's port is published on
+    /// (0 for a pull worker, which publishes none).
     pub port: u16,
     docker: Docker,
     stopping: TaskTracker,
@@ -116,11 +117,13 @@ pub struct ContainerWorker {
 
 /// The container's hardened host settings, with the plan's limits and the
 /// GPUs bound to it (a device request for the NVIDIA runtime, by UUID).
-pub fn host_config(plan: &WorkerPlan, port: u16, gpus: &[String]) -> HostConfig {
+/// A push worker's `port` is published on a loopback port of the node; a
+/// pull worker (`None`) publishes nothing.
+pub fn host_config(plan: &WorkerPlan, port: Option<u16>, gpus: &[String]) -> HostConfig {
     let tmp_size = plan.ephemeral_disk_bytes.map_or_else(|| TMP_SIZE.to_string(), |b| b.to_string());
     let binding = PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) };
     HostConfig {
-        port_bindings: Some(HashMap::from([(format!("{port}/tcp"), Some(vec![binding]))])),
+        port_bindings: port.map(|port| HashMap::from([(format!("{port}/tcp"), Some(vec![binding]))])),
         privileged: Some(false),
         cap_drop: Some(vec!["ALL".into()]),
         security_opt: Some(vec!["no-new-privileges".into()]),
@@ -147,8 +150,8 @@ pub fn host_config(plan: &WorkerPlan, port: u16, gpus: &[String]) -> HostConfig 
 }
 
 impl ContainerWorker {
-    /// Creates and starts the container and waits until it is ready, it
-    /// exits, or `startup` passes. The error says which.
+    /// Creates and starts a push worker's container and waits until it is
+    /// ready, it exits, or `startup` passes. The error says which.
     pub async fn start(
         engine: &Engine,
         plan: &WorkerPlan,
@@ -157,25 +160,77 @@ impl ContainerWorker {
         http: &reqwest::Client,
         startup: Duration,
     ) -> Result<ContainerWorker, String> {
+        let port = plan.port.unwrap_or(DEFAULT_PORT);
+        let worker = Self::spawn(engine, plan, env, launch, Some(port)).await?;
+        let image = plan.image.clone().unwrap_or_default();
+        let exit = worker.exit.clone();
+        match super::wait_ready(http, &worker.base_url(), startup, || exit.get().map(Exit::to_string)).await {
+            Ok(took) => {
+                tracing::info!(worker = %worker.name, container = %short(&worker.id), port = worker.port,
+                    ready_ms = took.as_millis() as u64, "worker container ready");
+                Ok(worker)
+            }
+            Err(super::NotReady::Exited(how)) => {
+                worker.kill();
+                Err(format!("the container of image {image:?} stopped ({how}) before it was ready"))
+            }
+            Err(super::NotReady::TimedOut) => {
+                worker.kill();
+                Err(format!(
+                    "the container of image {image:?} did not answer GET /healthz on port {port} with 200 within {} s",
+                    startup.as_secs()
+                ))
+            }
+        }
+    }
+
+    /// Creates and starts a pull worker's container: it publishes no port
+    /// and is running once started; it claims its own work.
+    pub async fn start_pull(
+        engine: &Engine,
+        plan: &WorkerPlan,
+        env: &WorkerEnv,
+        launch: Launch,
+    ) -> Result<ContainerWorker, String> {
+        let worker = Self::spawn(engine, plan, env, launch, None).await?;
+        tracing::info!(worker = %worker.name, container = %short(&worker.id), "pull worker container started");
+        Ok(worker)
+    }
+
+    /// Creates and starts the container, publishing `port` if given, and
+    /// watches its exit and output.
+    async fn spawn(
+        engine: &Engine,
+        plan: &WorkerPlan,
+        env: &WorkerEnv,
+        launch: Launch,
+        port: Option<u16>,
+    ) -> Result<ContainerWorker, String> {
         let Launch { name, gpus, log } = launch;
         let image = plan.image.as_deref().filter(|i| !i.is_empty()).ok_or("the Function has no worker.image")?;
-        let port = plan.port.unwrap_or(DEFAULT_PORT);
-        // Later entries win in Docker, as with the process driver.
+        // Later entries win in Docker, as with the process driver. A pull
+        // worker gets no PORT.
         let vars: Vec<String> = plan
             .env
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
-            .chain(env.vars(plan, port).into_iter().map(|(k, v)| format!("{k}={v}")))
+            .chain(
+                env.vars(plan, port.unwrap_or_default())
+                    .into_iter()
+                    .filter(|(k, _)| port.is_some() || *k != "PORT")
+                    .map(|(k, v)| format!("{k}={v}")),
+            )
             .chain(gpu_vars(&gpus).into_iter().map(|(k, v)| format!("{k}={v}")))
             .collect();
         let body = ContainerCreateBody {
             image: Some(image.to_string()),
             env: Some(vars),
-            exposed_ports: Some(vec![format!("{port}/tcp")]),
+            exposed_ports: port.map(|port| vec![format!("{port}/tcp")]),
             labels: Some(HashMap::from([
                 (RUNNER_LABEL.to_string(), engine.runner_name.clone()),
                 ("com.hevlayer.layer.worker".to_string(), name.clone()),
                 ("com.hevlayer.layer.udf".to_string(), env.udf_id.clone()),
+                ("com.hevlayer.layer.dispatch".to_string(), if port.is_some() { "push" } else { "pull" }.to_string()),
             ])),
             host_config: Some(host_config(plan, port, gpus.uuids())),
             ..Default::default()
@@ -198,17 +253,20 @@ impl ContainerWorker {
             remove(docker, &id);
             return Err(format!("cannot start a container of image {image:?}: {}", docker_message(&e)));
         }
-        let host_port = match published_port(docker, &id, port).await {
-            Ok(p) => p,
-            Err(e) => {
-                remove(docker, &id);
-                return Err(e);
-            }
+        let host_port = match port {
+            Some(port) => match published_port(docker, &id, port).await {
+                Ok(p) => p,
+                Err(e) => {
+                    remove(docker, &id);
+                    return Err(e);
+                }
+            },
+            None => 0,
         };
         let exit = Arc::new(OnceLock::new());
         watch_exit(docker.clone(), id.clone(), exit.clone());
         forward_logs(docker.clone(), id.clone(), name.clone(), log);
-        let worker = ContainerWorker {
+        Ok(ContainerWorker {
             name,
             id,
             port: host_port,
@@ -216,26 +274,7 @@ impl ContainerWorker {
             stopping: engine.stopping.clone(),
             exit,
             gpus,
-        };
-        let exit = worker.exit.clone();
-        match super::wait_ready(http, &worker.base_url(), startup, || exit.get().map(Exit::to_string)).await {
-            Ok(took) => {
-                tracing::info!(worker = %worker.name, container = %short(&worker.id), port = worker.port,
-                    ready_ms = took.as_millis() as u64, "worker container ready");
-                Ok(worker)
-            }
-            Err(super::NotReady::Exited(how)) => {
-                worker.kill();
-                Err(format!("the container of image {image:?} stopped ({how}) before it was ready"))
-            }
-            Err(super::NotReady::TimedOut) => {
-                worker.kill();
-                Err(format!(
-                    "the container of image {image:?} did not answer GET /healthz on port {port} with 200 within {} s",
-                    startup.as_secs()
-                ))
-            }
-        }
+        })
     }
 
     pub fn base_url(&self) -> String {
@@ -345,9 +384,9 @@ mod tests {
             "batch_size": 1, "timeout_seconds": 1, "lease_seconds": 1, "replicas_min": 0, "replicas_max": 1
         }))
         .unwrap();
-        assert!(host_config(&plan, 8080, &[]).device_requests.is_none(), "no GPU, no request");
+        assert!(host_config(&plan, Some(8080), &[]).device_requests.is_none(), "no GPU, no request");
         let gpus = ["GPU-a".to_string(), "GPU-b".to_string()];
-        let r = host_config(&plan, 8080, &gpus).device_requests.unwrap();
+        let r = host_config(&plan, Some(8080), &gpus).device_requests.unwrap();
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].driver.as_deref(), Some("nvidia"));
         assert_eq!(r[0].device_ids.as_deref(), Some(&gpus[..]));

@@ -11,6 +11,7 @@
 
 pub mod container;
 pub mod process;
+pub mod pull;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -103,7 +104,15 @@ impl Worker {
             Worker::Container(w) => (None, Some(container::short(&w.id).to_string())),
         };
         let gpus = self.gpus().uuids().to_vec();
-        WorkerView { udf_id: udf_id.to_string(), revision, state: state.into(), pid, container, gpus }
+        WorkerView {
+            udf_id: udf_id.to_string(),
+            revision,
+            state: state.into(),
+            pid,
+            container,
+            gpus,
+            ..Default::default()
+        }
     }
 
     pub fn base_url(&self) -> String {
@@ -166,8 +175,11 @@ pub struct PoolConfig {
     /// How long a worker has to answer `/healthz`.
     pub startup_timeout: Duration,
     pub platform_url: String,
+    /// `HEVLAYER_BASE_URL` for container workers: the runner's gateway
+    /// (see [`crate::gateway`]); `None`, they get `platform_url`.
+    pub worker_url: Option<String>,
     /// Handed to workers as `LAYER_GATEWAY_API_KEY`.
-    pub worker_api_key: Option<String>,
+    pub keys: crate::keys::WorkerKeys,
     /// The container engine, when the node has one: Functions with
     /// `worker.image` run as its containers.
     pub engine: Option<container::Engine>,
@@ -354,11 +366,21 @@ impl Pools {
                 }
             };
             if let Some((name, gpus)) = start_as {
-                let env = WorkerEnv {
-                    udf_id: udf_id.to_string(),
-                    platform_url: self.config.platform_url.clone(),
-                    api_key: self.config.worker_api_key.clone(),
+                let api_key = match self.config.keys.get(udf_id, revision).await {
+                    Ok(k) => k,
+                    Err(e) => {
+                        // The platform's fault, not the Function's: a free retry.
+                        let mut inner = self.lock();
+                        if let Some(pool) = inner.pools.get_mut(&key) {
+                            pool.count -= 1;
+                            pool.starting -= 1;
+                            pool.freed.notify_waiters();
+                        }
+                        return Err(AcquireError::Busy(e));
+                    }
                 };
+                let env =
+                    WorkerEnv { udf_id: udf_id.to_string(), platform_url: self.config.platform_url.clone(), api_key };
                 let log = self.config.logs.open(udf_id, revision, &name);
                 let started = self.start_worker(plan, &env, Launch { name, gpus, log }).await;
                 let mut inner = self.lock();
@@ -412,7 +434,13 @@ impl Pools {
             let Some(engine) = &self.config.engine else {
                 return Err("the Function runs an image (worker.image) and this runner has no Docker engine".into());
             };
-            return ContainerWorker::start(engine, plan, env, launch, &self.http, startup).await.map(Worker::Container);
+            let mut env = env.clone();
+            if let Some(url) = &self.config.worker_url {
+                env.platform_url = url.clone();
+            }
+            return ContainerWorker::start(engine, plan, &env, launch, &self.http, startup)
+                .await
+                .map(Worker::Container);
         }
         ProcessWorker::start(plan, env, launch, &self.http, startup).await.map(Worker::Process)
     }
@@ -536,8 +564,7 @@ impl Pools {
                     revision: pool.revision,
                     state: "starting".into(),
                     pid: None,
-                    container: None,
-                    gpus: Vec::new(),
+                    ..Default::default()
                 });
             }
         }

@@ -276,7 +276,7 @@ pub async fn discovery(rows: usize, new: usize, repeat: usize) -> Result<()> {
             let docs: Vec<Value> =
                 (0..new).map(|i| json!({"id": format!("new-{round}-{i}"), "title": "fresh", "kind": "product"})).collect();
             let req: layer_protocol::namespace::WriteRequest = serde_json::from_value(json!({"upsert_rows": docs}))?;
-            layer_platform::rows::store::write(&pool, "big", layer_platform::rows::plan::plan(req)?, None).await?;
+            layer_platform::rows::store::write(&pool, "big", layer_platform::rows::plan::plan(req)?, None, &layer_platform::rows::store::Writer { key_id: "bench", worker_of: None }).await?;
             let t = Instant::now();
             let enqueued = sweep_function(&pool, &udf, &ns, &tokio::sync::Notify::new()).await?;
             times.push(t.elapsed());

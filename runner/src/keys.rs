@@ -1,0 +1,64 @@
+//! The keys a runner hands its workers as `LAYER_GATEWAY_API_KEY`.
+//!
+//! Each Function's workers get a key the platform mints for them on this
+//! runner (`POST /v2/runners/{id}/worker-keys`): the pull protocol for that
+//! Function alone, and read and write on its namespaces. The runner asks
+//! once per (Function, revision), so a new revision rotates the key, and
+//! keeps the token in memory only; it is never logged. An operator's
+//! `--worker-api-key` (the seed's configured inbound worker key) replaces
+//! them all.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+
+use crate::platform::PlatformClient;
+
+#[derive(Clone)]
+pub struct WorkerKeys {
+    platform: Option<PlatformClient>,
+    configured: Option<String>,
+    minted: Arc<Mutex<HashMap<(String, i32), String>>>,
+}
+
+impl std::fmt::Debug for WorkerKeys {
+    // Never the tokens.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerKeys").field("configured", &self.configured.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl WorkerKeys {
+    pub fn new(platform: PlatformClient, configured: Option<String>) -> Self {
+        WorkerKeys { platform: Some(platform), configured, minted: Arc::default() }
+    }
+
+    /// No platform to ask: workers get `configured`, or no key.
+    pub fn fixed(configured: Option<String>) -> Self {
+        WorkerKeys { platform: None, configured, minted: Arc::default() }
+    }
+
+    /// The key for the workers of `udf_id` at `revision`.
+    pub async fn get(&self, udf_id: &str, revision: i32) -> Result<Option<String>, String> {
+        if let Some(k) = &self.configured {
+            return Ok(Some(k.clone()));
+        }
+        let Some(platform) = &self.platform else {
+            return Ok(None);
+        };
+        let key = (udf_id.to_string(), revision);
+        // Held across the mint: two workers starting together share one key
+        // (a second mint would delete the first's).
+        let mut keys = self.minted.lock().await;
+        if let Some(t) = keys.get(&key) {
+            return Ok(Some(t.clone()));
+        }
+        let minted = platform.worker_key(udf_id).await?;
+        tracing::info!(udf = %udf_id, revision, key_id = %minted.key_id, "worker key minted");
+        // One key per Function: the platform replaced the older ones.
+        keys.retain(|(id, _), _| id != udf_id);
+        keys.insert(key, minted.token.clone());
+        Ok(Some(minted.token))
+    }
+}
