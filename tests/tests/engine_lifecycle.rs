@@ -535,3 +535,24 @@ async fn sweeps_cover_every_namespace_with_bounded_concurrent_scans() -> anyhow:
     assert_eq!(per_ns, 7);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_pull_function_without_an_image_says_when_no_worker_claims() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    p.upsert_rows("items", json!([{"id": "a", "title": "x"}, {"id": "b", "title": "y"}])).await?;
+    apply(&p, "lonely", spec(json!({}))).await?;
+    p.wait_for_pending("lonely", 2).await?;
+    let conditions = async || -> anyhow::Result<Vec<Value>> {
+        let (_, st) = p.call(Method::GET, "/v2/udfs/lonely/status", None).await?;
+        Ok(st["conditions"].as_array().cloned().unwrap_or_default())
+    };
+    let c = conditions().await?;
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!(c[0]["reason"], "NoWorker");
+    let m = c[0]["message"].as_str().unwrap_or_default();
+    assert!(m.contains("2 rows are pending") && m.contains("no worker has ever claimed"), "{m}");
+    // A worker that claims (even nothing more than one row) clears it.
+    claim(&p, "lonely", "w", 1, None).await?;
+    assert_eq!(conditions().await?, Vec::<Value>::new());
+    Ok(())
+}
