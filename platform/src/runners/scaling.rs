@@ -174,11 +174,15 @@ pub async fn scale_once(pool: &PgPool, config: &ScalingConfig) -> Result<bool> {
     let udfs: Vec<Udf> = crate::functions::store::list(pool).await?.into_iter().filter(runs_pull_workers).collect();
     let pools = compute_pools(crate::resources::store::list_infra_rules(pool).await?);
     let runners = store::list(pool, config.lost_after.as_secs_f64()).await?;
-    let rows: Vec<(String, String, i32)> =
-        sqlx::query_as("SELECT function_id, runner_id, replicas FROM pull_assignments").fetch_all(&mut *tx).await?;
+    let rows: Vec<(String, String, i32, i32)> =
+        sqlx::query_as("SELECT function_id, runner_id, revision, replicas FROM pull_assignments")
+            .fetch_all(&mut *tx)
+            .await?;
     let mut current: HashMap<String, BTreeMap<String, u32>> = HashMap::new();
-    for (f, r, n) in rows {
-        current.entry(f).or_default().insert(r, n.max(0) as u32);
+    let mut before: BTreeMap<(String, String), (i32, u32)> = BTreeMap::new();
+    for (f, r, rev, n) in rows {
+        current.entry(f.clone()).or_default().insert(r.clone(), n.max(0) as u32);
+        before.insert((f, r), (rev, n.max(0) as u32));
     }
     let scaled: Vec<(String, i32, Option<DateTime<Utc>>)> =
         sqlx::query_as("SELECT function_id, replicas, low_since FROM pull_scaling").fetch_all(&mut *tx).await?;
@@ -193,41 +197,70 @@ pub async fn scale_once(pool: &PgPool, config: &ScalingConfig) -> Result<bool> {
             *gpus_taken.entry(runner.clone()).or_default() += *n as usize * per;
         }
     }
-    sqlx::query("DELETE FROM pull_assignments").execute(&mut *tx).await?;
+    let mut after: BTreeMap<(String, String), (i32, u32)> = BTreeMap::new();
+    let mut decided: Vec<(&str, u32, Option<DateTime<Utc>>)> = Vec::new();
     for udf in &udfs {
         let Some(s) = plans.get(udf.id.as_str()).and_then(|s| s.as_ref()) else {
-            sqlx::query("DELETE FROM pull_scaling WHERE function_id = $1").bind(&udf.id).execute(&mut *tx).await?;
             continue;
         };
         let max = u64::from(s.plan.replicas_max);
         let cap = (max * ROWS_PER_REPLICA_BATCHES * u64::from(udf.spec.worker.batch_size.max(1)) + 1) as i64;
         let depth = queue_depth(pool, &udf.id, cap).await?;
-        let (was, low_since) = scaled.get(&udf.id).copied().unwrap_or((0, None));
-        let (replicas, low_since) = next_replicas(was, wanted(udf, depth), low_since, now, config.scale_down_after);
-        if replicas != was {
-            tracing::info!(udf = %udf.id, from = was, to = replicas, queue_depth = depth, "scaling pull workers");
+        let was = scaled.get(&udf.id).copied();
+        let (was_n, low_since) = was.unwrap_or((0, None));
+        let (replicas, low_since) = next_replicas(was_n, wanted(udf, depth), low_since, now, config.scale_down_after);
+        if replicas != was_n {
+            tracing::info!(udf = %udf.id, from = was_n, to = replicas, queue_depth = depth, "scaling pull workers");
         }
+        if was != Some((replicas, low_since)) {
+            decided.push((&udf.id, replicas, low_since));
+        }
+        let empty = BTreeMap::new();
+        for (runner, n) in assign(s, replicas, current.get(&udf.id).unwrap_or(&empty), &runners, &mut gpus_taken) {
+            after.insert((udf.id.clone(), runner), (udf.revision, n));
+        }
+    }
+    // Most ticks change nothing: then nothing is written.
+    let gone: Vec<&String> =
+        scaled.keys().filter(|f| !udfs.iter().any(|u| &u.id == *f && plans[u.id.as_str()].is_some())).collect();
+    if decided.is_empty() && gone.is_empty() && after == before {
+        return Ok(true);
+    }
+    for (f, replicas, low_since) in decided {
         sqlx::query(
             "INSERT INTO pull_scaling (function_id, replicas, low_since) VALUES ($1, $2, $3)
              ON CONFLICT (function_id) DO UPDATE SET replicas = EXCLUDED.replicas, low_since = EXCLUDED.low_since,
                  updated_at = now()",
         )
-        .bind(&udf.id)
+        .bind(f)
         .bind(replicas as i32)
         .bind(low_since)
         .execute(&mut *tx)
         .await?;
-        let empty = BTreeMap::new();
-        let placed = assign(s, replicas, current.get(&udf.id).unwrap_or(&empty), &runners, &mut gpus_taken);
-        let (ids, counts): (Vec<String>, Vec<i32>) = placed.into_iter().map(|(r, n)| (r, n as i32)).unzip();
+    }
+    if !gone.is_empty() {
+        sqlx::query("DELETE FROM pull_scaling WHERE function_id = ANY($1)").bind(&gone).execute(&mut *tx).await?;
+    }
+    if after != before {
+        sqlx::query("DELETE FROM pull_assignments").execute(&mut *tx).await?;
+        let mut fs = Vec::new();
+        let mut rs = Vec::new();
+        let mut revs = Vec::new();
+        let mut ns = Vec::new();
+        for ((f, r), (rev, n)) in after {
+            fs.push(f);
+            rs.push(r);
+            revs.push(rev);
+            ns.push(n as i32);
+        }
         sqlx::query(
             "INSERT INTO pull_assignments (function_id, runner_id, revision, replicas)
-             SELECT $1, u.runner, $2, u.n FROM unnest($3::text[], $4::int[]) AS u(runner, n)",
+             SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[])",
         )
-        .bind(&udf.id)
-        .bind(udf.revision)
-        .bind(&ids)
-        .bind(&counts)
+        .bind(&fs)
+        .bind(&rs)
+        .bind(&revs)
+        .bind(&ns)
         .execute(&mut *tx)
         .await?;
     }
