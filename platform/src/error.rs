@@ -126,6 +126,12 @@ impl From<sqlx::Error> for PlatformError {
     }
 }
 
+/// Whether PostgreSQL cancelled the statement (its `statement_timeout`
+/// passed), for the callers that record that outcome instead of failing.
+pub fn is_query_cancelled(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("57014"))
+}
+
 tokio::task_local! {
     /// The request id of the request being served, for error bodies.
     pub static REQUEST_ID: String;
