@@ -2,7 +2,8 @@
 //! against an in-process platform: rounded figures and true summaries in
 //! `layer run`, a query that says when `--top-k` cut it, help on every
 //! command and argument, no colour off a terminal or with `NO_COLOR`, a
-//! quiet end on a closed pipe, and empty tables that say why.
+//! quiet end on a closed pipe, empty tables that say why, and `layer apply`
+//! reading YAML by the 1.2 core schema.
 
 use std::io::Read as _;
 use std::os::unix::process::ExitStatusExt as _;
@@ -567,5 +568,71 @@ async fn logs_of_a_worker_that_printed_nothing_say_so() -> Result<()> {
     let header = lines.next().unwrap_or_default();
     assert!(header.starts_with("==> ") && header.ends_with(" <=="), "{out}");
     assert_eq!(lines.next(), Some("(this worker has printed nothing on stdout or stderr)"), "{out}");
+    Ok(())
+}
+
+/// YAML 1.2 core schema through `layer apply -f`: an input, a filter value
+/// or an Index label spelt `n`, `y`, `on`, `no`, `off` or `yes` stays a
+/// string (YAML 1.1 would make it a boolean); `true`/`false` stay booleans
+/// where a boolean is expected, and `yes` there is refused, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_reads_yaml_by_the_1_2_core_schema() -> Result<()> {
+    let p = TestPlatform::start().await?;
+    let dir = scratch("yaml-core");
+    let file = dir.join("norway.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: hevlayer.com/v1alpha1
+kind: Index
+metadata:
+  name: answers
+  labels:
+    on: yes
+    y: n
+    off: no
+---
+apiVersion: hevlayer.com/v1alpha1
+kind: Function
+metadata:
+  name: norway
+spec:
+  targetNamespaces: [answers]
+  inputs: [id, n, y, on, no, off, yes]
+  filter: [And, [[country, Eq, no], [flag, In, [y, n, on, off]], [ok, Eq, true]]]
+  paused: true
+  worker:
+    dispatch: pull
+",
+    )?;
+    let o = layer(&p, &["apply", "-f", file.to_str().unwrap()]).await?;
+    assert!(o.status.success(), "{}", both(&o));
+
+    let (_, g) = p.call(Method::GET, "/v2/udfs/norway", None).await?;
+    let spec = &g["udf"]["spec"];
+    assert_eq!(spec["inputs"], json!(["id", "n", "y", "on", "no", "off", "yes"]), "{g}");
+    let filter = json!(["And", [["country", "Eq", "no"], ["flag", "In", ["y", "n", "on", "off"]], ["ok", "Eq", true]]]);
+    assert_eq!(spec["filter"], filter, "{g}");
+    assert_eq!(g["udf"]["paused"], true, "{g}");
+    let (_, list) = p.call(Method::GET, "/v2/indexes", None).await?;
+    assert_eq!(list["indexes"][0]["labels"], json!({"on": "yes", "y": "n", "off": "no"}), "{list}");
+    // The stored filter selects by those strings.
+    p.upsert_rows(
+        "answers",
+        json!([{"id": "a", "country": "no", "flag": "on", "ok": true},
+               {"id": "b", "country": false, "flag": false, "ok": true},
+               {"id": "c", "country": "no", "flag": "y", "ok": "true"}]),
+    )
+    .await?;
+    let (_, q) = p.call(Method::POST, "/v2/namespaces/answers/query", Some(json!({"filters": filter}))).await?;
+    let ids: Vec<&str> = q["rows"].as_array().unwrap().iter().filter_map(|r| r["id"].as_str()).collect();
+    assert_eq!(ids, ["a"], "{q}");
+
+    // `yes` where a boolean is expected is a string, refused by name.
+    let bad = dir.join("paused-yes.yaml");
+    let text = std::fs::read_to_string(&file)?.replace("paused: true", "paused: yes");
+    std::fs::write(&bad, text)?;
+    let o = layer(&p, &["apply", "-f", bad.to_str().unwrap()]).await?;
+    assert!(!o.status.success(), "{}", both(&o));
+    assert!(stderr(&o).contains("spec.paused: expected true or false, got \"yes\""), "{}", both(&o));
     Ok(())
 }

@@ -10,6 +10,10 @@
 #                               on that base
 #   layer/test-worker:dev       the tests' misbehaving push worker
 #                               (tests/python/push_worker.py) on that base
+#   layer/test-worker-tmp0700:dev  the same worker on a base whose /tmp is
+#                               root's, mode 0700 (the container tests'
+#                               check that the runner's /tmp tmpfs is
+#                               writable whatever the image's /tmp is)
 #   ghcr.io/hev/tag-products:latest
 #                               seed 000's classifier as a pull worker
 #                               (examples/tag-products-pull/worker.py, as the
@@ -78,10 +82,11 @@ build_python_base() {
   echo "layer/python-base:bookworm: built"
 }
 
-# on_python_base IMAGE SCRIPT: the Python script as a worker image on the
-# debootstrap base, run as nobody and listening on every interface.
+# on_python_base IMAGE SCRIPT [LINE]: the Python script as a worker image on
+# the debootstrap base, run as nobody and listening on every interface. A
+# LINE (a Dockerfile instruction) runs as root before the worker's USER.
 on_python_base() {
-  local image=$1 script=$2 dir name
+  local image=$1 script=$2 extra=${3:-} dir name
   if have "$image"; then echo "$image: present"; return; fi
   dir=$(ctx)
   name=$(basename "$script")
@@ -89,6 +94,7 @@ on_python_base() {
   cat > "$dir/Dockerfile" <<DOCKERFILE
 FROM layer/python-base:bookworm
 COPY $name /app/$name
+$extra
 ENV BIND=0.0.0.0 PORT=8080 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 USER 65534:65534
 EXPOSE 8080
@@ -135,7 +141,11 @@ for w in "${WANT[@]}"; do
   case "$w" in
     echo) build_echo ;;
     python) build_python_base; on_python_base layer/tag-products:dev examples/tag-products/worker.py ;;
-    test) build_python_base; on_python_base layer/test-worker:dev tests/python/push_worker.py ;;
+    test)
+      build_python_base
+      on_python_base layer/test-worker:dev tests/python/push_worker.py
+      on_python_base layer/test-worker-tmp0700:dev tests/python/push_worker.py "RUN chown 0:0 /tmp && chmod 0700 /tmp"
+      ;;
     pull)
       build_python_base
       pull_image ghcr.io/hev/tag-products:latest examples/tag-products-pull/worker.py

@@ -100,6 +100,10 @@ impl From<sqlx::Error> for PlatformError {
                     return Self::invalid("filters", format!("invalid regular expression: {msg}"));
                 }
                 "22P02" | "22023" | "2202E" | "22003" => return Self::invalid("", msg),
+                // A NUL byte (text and jsonb hold none) that no check caught first.
+                "22021" | "22P05" => {
+                    return Self::invalid("", format!("{}: {msg}", layer_protocol::validate::NUL_MESSAGE));
+                }
                 "54001" => return Self::invalid("filters", "filter is too complex to evaluate"),
                 "57014" => {
                     return Self::Unavailable("the query was cancelled (statement timeout); narrow it or retry".into());
@@ -120,6 +124,12 @@ impl From<sqlx::Error> for PlatformError {
             other => Self::Database(other),
         }
     }
+}
+
+/// Whether PostgreSQL cancelled the statement (its `statement_timeout`
+/// passed), for the callers that record that outcome instead of failing.
+pub fn is_query_cancelled(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("57014"))
 }
 
 tokio::task_local! {

@@ -201,6 +201,9 @@ fn parse_node(v: &Value, path: &str, depth: usize, count: &mut usize) -> Result<
             if attr.is_empty() || attr.len() > 128 {
                 return Err(err(&index(path, 0), "attribute name must be 1-128 bytes"));
             }
+            if attr.contains('\0') {
+                return Err(err(&index(path, 0), crate::validate::NUL_MESSAGE));
+            }
             let op_path = index(path, 1);
             let Value::String(op_name) = &items[1] else {
                 return Err(err(&op_path, format!("operator must be a string, got {}", type_name(&items[1]))));
@@ -224,6 +227,9 @@ fn parse_node(v: &Value, path: &str, depth: usize, count: &mut usize) -> Result<
             }
             let value = items[2].clone();
             check_operand(op, &value, &index(path, 2))?;
+            if let Some(at) = crate::validate::nul_byte_path(&value, &index(path, 2)) {
+                return Err(err(&at, crate::validate::NUL_MESSAGE));
+            }
             Ok(Filter::Cmp { attr: attr.clone(), op, value })
         }
         _ => Err(err(path, "expected [attr, Op, value], [\"And\", [...]], [\"Or\", [...]] or [\"Not\", filter]")),
@@ -389,6 +395,17 @@ mod tests {
         assert!(parse(json!({"a": 1})).is_err());
         assert_eq!(parse(json!([])).unwrap(), None);
         assert_eq!(parse(Value::Null).unwrap(), None);
+    }
+
+    #[test]
+    fn nul_bytes_are_refused_with_their_path() {
+        let e = parse(json!(["And", [["a", "Eq", 1], ["b", "In", ["x", "y\u{0}z"]]]])).unwrap_err();
+        assert_eq!(e.path, "filters[1][1][2][1]");
+        assert!(e.message.contains("NUL"), "{}", e.message);
+        let e = parse(json!(["a\u{0}", "Eq", 1])).unwrap_err();
+        assert_eq!(e.path, "filters[0]");
+        let e = parse(json!(["a", "Eq", {"k\u{0}": 1}])).unwrap_err();
+        assert_eq!(e.path, "filters[2].k\\u0000", "{}", e.message);
     }
 
     #[test]

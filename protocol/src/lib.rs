@@ -5,6 +5,7 @@
 //! - [`error`]: the one JSON error body every endpoint answers with.
 //! - [`namespace`]: row-store requests and responses (the `/v2/namespaces` API).
 //! - [`filter`]: the Turbopuffer array-form filter language, parsed into an AST.
+//! - [`scan`]: scan jobs over a namespace (`/v2/namespaces/{ns}/scans`).
 //! - [`keys`]: API keys and their entitlements (`/v2/keys`).
 //! - [`function`]: the Function spec in its canonical snake_case form (`/v2/udfs`).
 //! - [`resource`]: `Function`, `Index` and `InfraRules` documents (YAML or JSON),
@@ -21,6 +22,7 @@ pub mod keys;
 pub mod namespace;
 pub mod resource;
 pub mod runner;
+pub mod scan;
 pub mod validate;
 pub mod work;
 

@@ -115,6 +115,23 @@ pub enum ParseError {
     Empty,
 }
 
+/// YAML is read with the YAML 1.2 core schema: only `true`/`false` (`True`,
+/// `TRUE`, ...) are booleans, so an input, a filter value or a label spelt
+/// `y`, `n`, `yes`, `no`, `on` or `off` stays the string it is; `1_000` is a
+/// string too. (The YAML 1.1 rules, serde-saphyr's default, would turn `n`
+/// into `false`.)
+fn yaml_core_schema() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        strict_booleans: true,
+        underscored_numbers_as_strings: true,
+        legacy_octal_numbers: false,
+    }
+}
+
+fn parse_yaml(text: &str) -> Result<Vec<Value>, ParseError> {
+    serde_saphyr::from_multiple_with_options(text, yaml_core_schema()).map_err(|e| ParseError::Syntax(e.to_string()))
+}
+
 /// Splits a YAML or JSON file into documents (YAML `---` separators; a JSON
 /// array, or a `{"items": [...]}` list, counts as several).
 pub fn parse_documents(text: &str) -> Result<Vec<Value>, ParseError> {
@@ -122,10 +139,10 @@ pub fn parse_documents(text: &str) -> Result<Vec<Value>, ParseError> {
     let docs: Vec<Value> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
         match serde_json::from_str::<Value>(text) {
             Ok(v) => vec![v],
-            Err(_) => serde_saphyr::from_multiple(text).map_err(|e| ParseError::Syntax(e.to_string()))?,
+            Err(_) => parse_yaml(text)?,
         }
     } else {
-        serde_saphyr::from_multiple(text).map_err(|e| ParseError::Syntax(e.to_string()))?
+        parse_yaml(text)?
     };
     let mut out = Vec::new();
     for d in docs {
@@ -489,6 +506,58 @@ spec:
         let Resource::InfraRules { spec, .. } = r else { panic!() };
         assert_eq!(spec.compute_pools[0].max_replicas_per_workload, Some(4));
         assert_eq!(spec.compute_pools[0].resources.limits["nvidia.com/gpu"], "1");
+    }
+
+    /// YAML 1.2 core schema: the YAML 1.1 boolean spellings stay strings
+    /// wherever they appear; `true`/`false` stay booleans.
+    #[test]
+    fn yaml_1_1_booleans_stay_strings() {
+        let text = r#"
+apiVersion: hevlayer.com/v1alpha1
+kind: Function
+metadata:
+  name: norway
+  labels: {on: yes, y: n, off: NO}
+spec:
+  targetNamespaces: [products]
+  inputs: [id, n, y, on, no, off, yes, Y, On]
+  filter: [And, [[flag, Eq, on], [answer, In, [y, n, yes, no, off]], [ok, Eq, true], [count, Eq, 1_000]]]
+  paused: true
+  worker: {dispatch: pull}
+"#;
+        let docs = parse_documents(text).unwrap();
+        let d = &docs[0];
+        assert_eq!(d["spec"]["inputs"], serde_json::json!(["id", "n", "y", "on", "no", "off", "yes", "Y", "On"]));
+        assert_eq!(
+            d["spec"]["filter"],
+            serde_json::json!([
+                "And",
+                [
+                    ["flag", "Eq", "on"],
+                    ["answer", "In", ["y", "n", "yes", "no", "off"]],
+                    ["ok", "Eq", true],
+                    ["count", "Eq", "1_000"]
+                ]
+            ])
+        );
+        assert_eq!(d["spec"]["paused"], serde_json::json!(true));
+        let Resource::Function { metadata, spec, paused } = validate_document(d).unwrap() else { panic!() };
+        assert_eq!(paused, Some(true));
+        assert_eq!(spec.inputs, ["id", "n", "y", "on", "no", "off", "yes", "Y", "On"]);
+        let labels: Vec<(&str, &str)> = metadata.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(labels, [("off", "NO"), ("on", "yes"), ("y", "n")]);
+        // The rest of the core schema still holds.
+        for (yaml, want) in [
+            ("a: TRUE", serde_json::json!(true)),
+            ("a: False", serde_json::json!(false)),
+            ("a: 0o17", serde_json::json!(15)),
+            ("a: 0x1F", serde_json::json!(31)),
+            ("a: 1.5e3", serde_json::json!(1500.0)),
+            ("a: ~", Value::Null),
+            ("a: null", Value::Null),
+        ] {
+            assert_eq!(parse_documents(yaml).unwrap()[0]["a"], want, "{yaml}");
+        }
     }
 
     #[test]

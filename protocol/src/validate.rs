@@ -90,6 +90,27 @@ pub fn type_name(v: &Value) -> &'static str {
     }
 }
 
+/// What a string holding a NUL byte is told: PostgreSQL stores no NUL in
+/// text or jsonb, so such a value is refused up front, never a 500 later.
+pub const NUL_MESSAGE: &str = "strings may not hold NUL (\\u0000) bytes";
+
+/// The path of the first string (or object key) inside `v` that holds a
+/// NUL byte, `root` naming `v` itself.
+pub fn nul_byte_path(v: &Value, root: &str) -> Option<String> {
+    match v {
+        Value::String(s) => s.contains('\0').then(|| root.to_string()),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, x)| nul_byte_path(x, &index(root, i))),
+        Value::Object(m) => m.iter().find_map(|(k, x)| {
+            if k.contains('\0') {
+                Some(join(root, &k.replace('\0', "\\u0000")))
+            } else {
+                nul_byte_path(x, &join(root, k))
+            }
+        }),
+        _ => None,
+    }
+}
+
 /// The closest allowed spelling to an unknown key, if one is close enough to
 /// be a likely typo or a snake/camel mix-up.
 pub fn suggest<'a>(unknown: &str, allowed: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {

@@ -2,7 +2,9 @@
 row's input `mode` says what to do: ok, slow, hang (the whole call),
 garbage (answers non-JSON), crash (exits mid-batch), fail500, missing (the
 row is left out), dup (the row is answered twice), permanent, hog (takes
-HOG_MB megabytes of memory, 512 by default).
+HOG_MB megabytes of memory, 512 by default), tmpwrite (writes a file under
+/tmp, reads it back and answers with what it saw, or fails permanently
+with the OS error).
 
 With GPU_LOCK_DIR set, the worker takes an exclusive lock on a file named
 after each GPU in CUDA_VISIBLE_DEVICES for as long as it lives, and says in
@@ -66,6 +68,14 @@ class Handler(BaseHTTPRequestHandler):
             if mode == "permanent":
                 out.append({**ref, "error": {"kind": "permanent", "message": "cannot do " + item["id"]}})
                 continue
+            if mode == "tmpwrite":
+                try:
+                    attrs = write_tmp(item["id"])
+                except OSError as e:
+                    out.append({**ref, "error": {"kind": "permanent", "message": f"writing under /tmp: {e}"}})
+                    continue
+                out.append({**ref, "attributes": attrs})
+                continue
             res = {**ref, "attributes": {"result": "ok:" + item["id"], "pid": os.getpid(), **GPU}}
             out.append(res)
             if mode == "dup":
@@ -74,6 +84,28 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+def write_tmp(row_id):
+    """Writes, reads back and removes a file under /tmp as this user."""
+    import tempfile
+
+    data = ("written by " + row_id).encode()
+    fd, path = tempfile.mkstemp(dir="/tmp", prefix="layer-")
+    try:
+        os.write(fd, data)
+        os.close(fd)
+        with open(path, "rb") as f:
+            back = f.read()
+    finally:
+        os.unlink(path)
+    st = os.stat("/tmp")
+    return {
+        "tmp_read_back": back.decode(),
+        "tmp_mode": format(st.st_mode & 0o7777, "o"),
+        "tmp_owner": st.st_uid,
+        "uid": os.getuid(),
+    }
 
 
 def export_span(traceparent, started, rows):

@@ -152,7 +152,11 @@ async fn the_echo_image_runs_as_warm_hardened_containers_that_stop_when_idle() -
     assert_eq!(host["SecurityOpt"], json!(["no-new-privileges"]), "{host}");
     assert_eq!(host["PidsLimit"], 512, "{host}");
     assert_eq!(host["Init"], true, "{host}");
-    assert!(host["Tmpfs"]["/tmp"].as_str().is_some_and(|o| o.contains("size=256m")), "{host}");
+    // Writable by the image's user (65534) whatever its /tmp is.
+    assert!(
+        host["Tmpfs"]["/tmp"].as_str().is_some_and(|o| o.contains("size=256m,mode=1777,uid=65534,gid=65534")),
+        "{host}"
+    );
     assert_eq!(host["PortBindings"]["8080/tcp"][0]["HostIp"], "127.0.0.1", "{host}");
     let mounts = info["Mounts"].as_array().cloned().unwrap_or_default();
     assert!(mounts.iter().all(|m| !m["Source"].as_str().unwrap_or("").contains("docker.sock")), "{mounts:?}");
@@ -279,6 +283,56 @@ async fn limits_apply_an_oom_kill_is_classified_and_a_hung_container_is_replaced
     .await?;
     runner.stop().await?;
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_root_worker_writes_under_tmp_though_the_images_tmp_is_roots_0700() -> anyhow::Result<()> {
+    const IMAGE: &str = "layer/test-worker-tmp0700:dev";
+    ensure_image(IMAGE, "test")?;
+    // The image's own /tmp: root's, mode 0700, and the worker runs as nobody.
+    let out = Command::new("docker")
+        .args(["run", "--rm", "--entrypoint", "stat", IMAGE, "-c", "%a %u:%g", "/tmp"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "docker run stat: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "700 0:0", "the image's /tmp is not locked");
+    let user = inspect_image_user(IMAGE)?;
+    assert_eq!(user, "65534:65534", "the worker must not be root");
+
+    let p = TestPlatform::start().await?;
+    let name = format!("containers-tmp-{}", std::process::id());
+    let _cleanup = Cleanup(name.clone());
+    let runner = TestRunner::start(&p, |c| c.name = name.clone()).await?;
+    p.upsert_rows("tmpjobs", json!([{"id": "t1", "mode": "tmpwrite"}, {"id": "t2", "mode": "tmpwrite"}])).await?;
+    let spec = json!({
+        "targetNamespaces": ["tmpjobs"], "inputs": ["id", "mode"], "triggers": ["discovery"],
+        "worker": {"dispatch": "push", "image": IMAGE, "batchSize": 2, "timeoutSeconds": 30},
+        "retry": {"maxAttempts": 1},
+        "scaling": {"replicas": {"min": 0, "max": 1}},
+    });
+    p.apply_function("tmp-writer", spec).await?;
+    let st = p.drained("tmp-writer", Duration::from_secs(90)).await?;
+    let failed = p.failed_rows("tmp-writer").await?;
+    assert!(failed.is_empty(), "the worker could not write under /tmp: {failed:?} {st}");
+    for id in ["t1", "t2"] {
+        let (_, d) = p.call(Method::GET, &format!("/v2/namespaces/tmpjobs/documents/{id}"), None).await?;
+        let a = &d["attributes"];
+        assert_eq!(a["tmp_read_back"], format!("written by {id}"), "{d}");
+        assert_eq!(a["uid"], 65534, "{d}");
+        // Everyone's and sticky where the runtime honours mode=1777 (runc
+        // 1.1.8 and later); older runc copies the image's 0700 onto it,
+        // and then the worker's user owns it.
+        let everyones = a["tmp_mode"] == "1777";
+        let owned = a["tmp_mode"] == "700" && a["tmp_owner"] == 65534;
+        assert!(everyones || owned, "{d}");
+    }
+    runner.stop().await?;
+    Ok(())
+}
+
+fn inspect_image_user(image: &str) -> anyhow::Result<String> {
+    let out = Command::new("docker").args(["image", "inspect", "--format", "{{.Config.User}}", image]).output()?;
+    anyhow::ensure!(out.status.success(), "docker image inspect: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

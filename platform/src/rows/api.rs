@@ -1,4 +1,4 @@
-//! `/v2/namespaces`: writes, fetches, queries, listing.
+//! `/v2/namespaces`: writes, fetches, queries, listing (scans are in [`super::scans`]).
 
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
@@ -25,9 +25,10 @@ pub fn routes() -> Router<AppState> {
         .route("/v2/namespaces/{ns}/query", post(query))
         .route("/v2/namespaces/{ns}/documents", post(fetch_many))
         .route("/v2/namespaces/{ns}/documents/{id}", get(fetch_one))
+        .merge(super::scans::routes())
 }
 
-fn check_ns(principal: &Principal, ns: &str, scope: Scope) -> Result<()> {
+pub(super) fn check_ns(principal: &Principal, ns: &str, scope: Scope) -> Result<()> {
     check_namespace_name(ns).map_err(|m| PlatformError::invalid("namespace", m))?;
     principal.require_namespace(ns, scope)
 }

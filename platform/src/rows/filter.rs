@@ -42,7 +42,7 @@ pub fn push_filter(qb: &mut QueryBuilder<'_, Postgres>, f: &Filter) {
 }
 
 /// The jsonb value of an attribute (`id` is the row id, as a JSON string).
-fn push_attr(qb: &mut QueryBuilder<'_, Postgres>, attr: &str) {
+pub(super) fn push_attr(qb: &mut QueryBuilder<'_, Postgres>, attr: &str) {
     if attr == "id" {
         qb.push("to_jsonb(r.id)");
     } else {

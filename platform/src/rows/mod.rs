@@ -5,8 +5,11 @@
 //! - [`filter`]: the filter AST compiled to parameterised SQL.
 //! - [`store`]: the SQL, one function per use case.
 //! - [`api`]: the HTTP handlers.
+//! - [`scans`]: scan jobs (`/v2/namespaces/{ns}/scans`) and [`scan_store`], their SQL.
 
 pub mod api;
 pub mod filter;
 pub mod plan;
+pub mod scan_store;
+pub mod scans;
 pub mod store;

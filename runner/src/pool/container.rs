@@ -4,7 +4,8 @@
 //! on a loopback port of the node that Docker picks; it is ready once
 //! `GET /healthz` answers 200. Containers are hardened whatever the image
 //! asks: not privileged, every capability dropped, `no-new-privileges`, a
-//! read-only root with a tmpfs at `/tmp`, a pids limit, no Docker socket
+//! read-only root with a tmpfs at `/tmp` the worker's user may write
+//! whatever the image's own `/tmp` is (see [`tmp_options`]), a pids limit, no Docker socket
 //! inside, and an init as PID 1. Their output goes to the runner's log, one
 //! line per event, tagged with the worker. An exit is watched: an OOM kill
 //! is told apart from a crash.
@@ -115,12 +116,54 @@ pub struct ContainerWorker {
     pub gpus: GpuBinding,
 }
 
-/// The container's hardened host settings, with the plan's limits and the
-/// GPUs bound to it (a device request for the NVIDIA runtime, by UUID).
+/// The user an image runs as, by number, when its `USER` gives one that is
+/// not root: the owner of the worker's `/tmp` tmpfs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TmpOwner {
+    pub uid: u32,
+    pub gid: Option<u32>,
+}
+
+impl TmpOwner {
+    /// Reads an image's `Config.User` (`uid`, `uid:gid`). Root, an empty
+    /// user and names give `None`: root writes its own tmpfs, and a name
+    /// would need the image's `/etc/passwd` (the tmpfs `mode=1777` serves
+    /// named users on runtimes that honour it).
+    pub fn of_image_user(user: &str) -> Option<TmpOwner> {
+        let (uid, gid) = match user.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (user, None),
+        };
+        let uid: u32 = uid.parse().ok().filter(|u| *u != 0)?;
+        Some(TmpOwner { uid, gid: gid.and_then(|g| g.parse().ok()) })
+    }
+}
+
+/// The options of the worker's `/tmp` tmpfs. `mode=1777` (sticky, everyone
+/// writes) is what the mount should have whatever the image's own `/tmp`
+/// is; but runc before 1.1.8 copies the image directory's mode onto the
+/// tmpfs after mounting it (opencontainers/runc#3911), so over an image
+/// whose `/tmp` is root's 0700 a non-root worker could still write
+/// nowhere. The tmpfs is therefore also owned by the image's user when
+/// its `USER` is numeric: then that user writes it under either runc.
+pub fn tmp_options(plan: &WorkerPlan, owner: Option<TmpOwner>) -> String {
+    let size = plan.ephemeral_disk_bytes.map_or_else(|| TMP_SIZE.to_string(), |b| b.to_string());
+    let mut options = format!("rw,noexec,nosuid,nodev,size={size},mode=1777");
+    if let Some(o) = owner {
+        options.push_str(&format!(",uid={}", o.uid));
+        if let Some(g) = o.gid {
+            options.push_str(&format!(",gid={g}"));
+        }
+    }
+    options
+}
+
+/// The container's hardened host settings, with the plan's limits, the
+/// GPUs bound to it (a device request for the NVIDIA runtime, by UUID)
+/// and a `/tmp` its user may write ([`tmp_options`]).
 /// A push worker's `port` is published on a loopback port of the node; a
 /// pull worker (`None`) publishes nothing.
-pub fn host_config(plan: &WorkerPlan, port: Option<u16>, gpus: &[String]) -> HostConfig {
-    let tmp_size = plan.ephemeral_disk_bytes.map_or_else(|| TMP_SIZE.to_string(), |b| b.to_string());
+pub fn host_config(plan: &WorkerPlan, port: Option<u16>, gpus: &[String], tmp_owner: Option<TmpOwner>) -> HostConfig {
     let binding = PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) };
     HostConfig {
         port_bindings: port.map(|port| HashMap::from([(format!("{port}/tcp"), Some(vec![binding]))])),
@@ -128,7 +171,7 @@ pub fn host_config(plan: &WorkerPlan, port: Option<u16>, gpus: &[String]) -> Hos
         cap_drop: Some(vec!["ALL".into()]),
         security_opt: Some(vec!["no-new-privileges".into()]),
         readonly_rootfs: Some(true),
-        tmpfs: Some(HashMap::from([("/tmp".to_string(), format!("rw,noexec,nosuid,nodev,size={tmp_size}"))])),
+        tmpfs: Some(HashMap::from([("/tmp".to_string(), tmp_options(plan, tmp_owner))])),
         pids_limit: Some(PIDS_LIMIT),
         // An init as PID 1 passes SIGTERM on: a worker that installs no
         // handler still stops at once instead of after the grace period.
@@ -222,6 +265,12 @@ impl ContainerWorker {
             )
             .chain(gpu_vars(&gpus).into_iter().map(|(k, v)| format!("{k}={v}")))
             .collect();
+        // The image's user owns the /tmp tmpfs (see tmp_options). An image
+        // that cannot be inspected fails at create, with Docker's message.
+        let tmp_owner = match engine.docker.inspect_image(image).await {
+            Ok(info) => info.config.and_then(|c| c.user).as_deref().and_then(TmpOwner::of_image_user),
+            Err(_) => None,
+        };
         let body = ContainerCreateBody {
             image: Some(image.to_string()),
             env: Some(vars),
@@ -232,7 +281,7 @@ impl ContainerWorker {
                 ("com.hevlayer.layer.udf".to_string(), env.udf_id.clone()),
                 ("com.hevlayer.layer.dispatch".to_string(), if port.is_some() { "push" } else { "pull" }.to_string()),
             ])),
-            host_config: Some(host_config(plan, port, gpus.uuids())),
+            host_config: Some(host_config(plan, port, gpus.uuids(), tmp_owner)),
             ..Default::default()
         };
         let docker = &engine.docker;
@@ -378,15 +427,42 @@ fn forward_logs(docker: Docker, id: String, name: String, log: WorkerLog) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn gpus_become_a_device_request_by_uuid() {
-        let plan: WorkerPlan = serde_json::from_value(serde_json::json!({
+    fn plan() -> WorkerPlan {
+        serde_json::from_value(serde_json::json!({
             "batch_size": 1, "timeout_seconds": 1, "lease_seconds": 1, "replicas_min": 0, "replicas_max": 1
         }))
-        .unwrap();
-        assert!(host_config(&plan, Some(8080), &[]).device_requests.is_none(), "no GPU, no request");
+        .unwrap()
+    }
+
+    #[test]
+    fn tmp_is_a_tmpfs_everyone_may_write_owned_by_the_images_user() {
+        let mut plan = plan();
+        let tmpfs = host_config(&plan, Some(8080), &[], None).tmpfs.unwrap();
+        assert_eq!(tmpfs.keys().collect::<Vec<_>>(), ["/tmp"]);
+        let options: Vec<&str> = tmpfs["/tmp"].split(',').collect();
+        assert_eq!(options, ["rw", "noexec", "nosuid", "nodev", "size=256m", "mode=1777"], "{tmpfs:?}");
+        plan.ephemeral_disk_bytes = Some(1 << 30);
+        let owner = TmpOwner::of_image_user("65534:65534");
+        let tmpfs = host_config(&plan, Some(8080), &[], owner).tmpfs.unwrap();
+        assert_eq!(tmpfs["/tmp"], format!("rw,noexec,nosuid,nodev,size={},mode=1777,uid=65534,gid=65534", 1u64 << 30));
+    }
+
+    #[test]
+    fn only_a_numeric_non_root_user_owns_the_tmpfs() {
+        assert_eq!(TmpOwner::of_image_user("1000"), Some(TmpOwner { uid: 1000, gid: None }));
+        assert_eq!(TmpOwner::of_image_user("1000:50"), Some(TmpOwner { uid: 1000, gid: Some(50) }));
+        assert_eq!(TmpOwner::of_image_user("1000:staff"), Some(TmpOwner { uid: 1000, gid: None }));
+        for none in ["", "0", "0:0", "root", "app", "app:app"] {
+            assert_eq!(TmpOwner::of_image_user(none), None, "{none:?}");
+        }
+    }
+
+    #[test]
+    fn gpus_become_a_device_request_by_uuid() {
+        let plan = plan();
+        assert!(host_config(&plan, Some(8080), &[], None).device_requests.is_none(), "no GPU, no request");
         let gpus = ["GPU-a".to_string(), "GPU-b".to_string()];
-        let r = host_config(&plan, Some(8080), &gpus).device_requests.unwrap();
+        let r = host_config(&plan, Some(8080), &gpus, None).device_requests.unwrap();
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].driver.as_deref(), Some("nvidia"));
         assert_eq!(r[0].device_ids.as_deref(), Some(&gpus[..]));
