@@ -38,3 +38,14 @@ CREATE TABLE pull_assignments (
     PRIMARY KEY (function_id, runner_id)
 );
 CREATE INDEX pull_assignments_runner ON pull_assignments (runner_id);
+
+-- Push workers: a runner asks for a slot before it starts one, so
+-- replicas.max holds across the fleet (POST /v2/runners/{id}/worker-slots).
+-- Heartbeats bring a runner's slots down to the workers it reports.
+CREATE TABLE worker_slots (
+    function_id text        NOT NULL REFERENCES functions (id) ON DELETE CASCADE,
+    runner_id   text        NOT NULL REFERENCES runners (id) ON DELETE CASCADE,
+    slots       integer     NOT NULL CHECK (slots >= 0),
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (function_id, runner_id)
+);

@@ -217,6 +217,22 @@ pub struct PullWorkers {
     pub plan: WorkerPlan,
 }
 
+/// `POST /v2/runners/{id}/worker-slots`, with the session token: may this
+/// runner start one more push worker of the Function?
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSlotRequest {
+    pub udf_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSlotResponse {
+    pub granted: bool,
+    /// The workers of the Function the fleet may run (`replicas.max`).
+    pub max: u32,
+    /// Slots held across the fleet, this one included when granted.
+    pub held: u32,
+}
+
 /// `POST /v2/runners/{id}/worker-keys`, with the session token: a key for
 /// the workers of one Function on this runner.
 #[derive(Debug, Clone, Serialize, Deserialize)]

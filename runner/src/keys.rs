@@ -7,6 +7,10 @@
 //! keeps the token in memory only; it is never logged. An operator's
 //! `--worker-api-key` (the seed's configured inbound worker key) replaces
 //! them all.
+//!
+//! The same handle asks for push worker slots: a runner starts a push
+//! worker only once the platform granted it one (`replicas.max` across the
+//! fleet).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,6 +41,16 @@ impl WorkerKeys {
     /// No platform to ask: workers get `configured`, or no key.
     pub fn fixed(configured: Option<String>) -> Self {
         WorkerKeys { platform: None, configured, minted: Arc::default() }
+    }
+
+    /// Whether this runner may start one more push worker of `udf_id`: the
+    /// platform counts them across the fleet against `replicas.max`. With
+    /// no platform to ask, yes.
+    pub async fn slot(&self, udf_id: &str) -> Result<bool, String> {
+        match &self.platform {
+            Some(p) => p.worker_slot(udf_id).await.map(|r| r.granted),
+            None => Ok(true),
+        }
     }
 
     /// The key for the workers of `udf_id` at `revision`.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use layer_protocol::runner::{
     BatchReport, Capacity, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, ReportResponse,
-    RunnerLoad, RunnerState, WorkerKeyRequest, WorkerKeyResponse,
+    RunnerLoad, RunnerState, WorkerKeyRequest, WorkerKeyResponse, WorkerSlotRequest, WorkerSlotResponse,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -168,6 +168,25 @@ impl PlatformClient {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(5));
         }
+    }
+
+    /// Asks the platform whether this runner may start one more push
+    /// worker of a Function (`replicas.max` across the fleet).
+    pub async fn worker_slot(&self, udf_id: &str) -> Result<WorkerSlotResponse, String> {
+        let (id, token) = self.session();
+        let r = self
+            .http
+            .post(format!("{}/v2/runners/{id}/worker-slots", self.base))
+            .bearer_auth(token)
+            .timeout(Duration::from_secs(10))
+            .json(&WorkerSlotRequest { udf_id: udf_id.to_string() })
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach the platform for a worker slot: {e}"))?;
+        if !r.status().is_success() {
+            return Err(format!("the platform granted no worker slot for {udf_id}: {}", error_text(r).await));
+        }
+        r.json().await.map_err(|e| format!("the platform's worker slot answer is not valid: {e}"))
     }
 
     /// Asks the platform for a key for one Function's workers on this

@@ -411,3 +411,44 @@ async fn functions_that_cannot_be_placed_say_why_in_their_status() -> anyhow::Re
     runner.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_max_holds_across_the_fleet_in_a_burst() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let mut runners = Vec::new();
+    for i in 0..3 {
+        runners.push(
+            TestRunner::start(&p, |c| {
+                c.name = format!("burst-{i}");
+                c.slots = Some(4);
+            })
+            .await?,
+        );
+    }
+    let rows: Vec<Value> = (0..600).map(|i| json!({"id": format!("e{i:03}"), "title": format!("t{i}")})).collect();
+    p.upsert_rows("burst", json!(rows)).await?;
+    let spec = json!({
+        "targetNamespaces": ["burst"], "inputs": ["id", "title"], "triggers": ["discovery"],
+        "worker": {"dispatch": "push", "command": [layer_tests::echo_worker_binary()?], "batchSize": 10},
+        "schedule": {"maxInFlightBatches": 12},
+        "scaling": {"replicas": {"min": 0, "max": 2}},
+    });
+    // Every runner has room for 4 batches and the Function allows 12 in
+    // flight, so each would start workers of its own; the fleet may run 2.
+    apply(&p, "burst", spec).await?;
+    let st = p.drained("burst", Duration::from_secs(90)).await?;
+    assert_eq!(st["counts"]["completed"], 600, "{st}");
+    let workers: Vec<(String, String)> = sqlx::query_as(
+        "SELECT DISTINCT runner_id, worker FROM batches WHERE function_id = 'burst' AND worker IS NOT NULL",
+    )
+    .fetch_all(&p.pool)
+    .await?;
+    assert!(!workers.is_empty() && workers.len() <= 2, "{} workers ran at replicas.max 2: {workers:?}", workers.len());
+    let held: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(slots), 0)::bigint FROM worker_slots").fetch_one(&p.pool).await?;
+    assert!(held <= 2, "{held}");
+    for r in runners {
+        r.stop().await?;
+    }
+    Ok(())
+}

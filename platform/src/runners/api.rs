@@ -12,7 +12,7 @@ use layer_protocol::runner::tokens::{self, Purpose};
 use layer_protocol::runner::{
     BatchReport, FailureKind, FunctionLogs, FunctionWorkerLogs, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
     RegisterResponse, ReportResponse, RunnerList, RunnerLogs, RunnerState, UnreachableRunner, WorkerKeyRequest,
-    WorkerKeyResponse,
+    WorkerKeyResponse, WorkerSlotRequest, WorkerSlotResponse,
 };
 use layer_telemetry::trace::{Context, KeyValue, Span, SpanKind};
 
@@ -35,6 +35,7 @@ pub fn token_routes() -> Router<AppState> {
         .route("/v2/runners/{id}/heartbeat", post(heartbeat))
         .route("/v2/runners/{id}/deregister", post(deregister))
         .route("/v2/runners/{id}/worker-keys", post(worker_key))
+        .route("/v2/runners/{id}/worker-slots", post(worker_slot))
         .route("/v2/runners/{id}/batches/{batch}/report", post(report))
 }
 
@@ -208,6 +209,26 @@ async fn heartbeat(
         Vec::new()
     };
     Ok(Json(HeartbeatResponse { token, extended, pull }))
+}
+
+/// `POST /v2/runners/{id}/worker-slots`: may the runner start one more
+/// push worker of the Function? Granted while the fleet holds fewer slots
+/// than its `replicas.max`; so `replicas.max` is a hard cap across runners.
+async fn worker_slot(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<WorkerSlotRequest>,
+) -> Result<Json<WorkerSlotResponse>, ApiError> {
+    authenticate_runner(&state, &headers, &id, Purpose::Session).await?;
+    let udf = crate::functions::store::get(&state.pool, &req.udf_id).await?;
+    let max = super::dispatch::worker_plan(&udf, None).replicas_max;
+    let lost_after = state.settings.runners.lost_after.as_secs_f64();
+    let (granted, held) = store::grant_slot(&state.pool, &id, &udf.id, max, lost_after).await?;
+    if !granted {
+        tracing::debug!(runner_id = %id, udf = %udf.id, max, "no worker slot: replicas.max workers run in the fleet");
+    }
+    Ok(Json(WorkerSlotResponse { granted, max, held }))
 }
 
 /// `POST /v2/runners/{id}/worker-keys`: a key for one Function's workers

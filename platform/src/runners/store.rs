@@ -67,6 +67,72 @@ const SELECT_RUNNERS: &str = "SELECT r.id, r.name, r.address, r.labels, r.capaci
                                coalesce(array_agg(DISTINCT b.function_id), '{}') AS in_flight_udfs
                         FROM batches b WHERE b.runner_id = r.id AND b.state = 'dispatched') f";
 
+/// How long a granted worker slot is kept whatever the runner reports:
+/// the worker it was granted for may not show in a heartbeat yet.
+const SLOT_GRACE_SECONDS: f64 = 10.0;
+
+/// Grants one more push worker slot of `udf_id` to a runner when the
+/// fleet holds fewer than `max` (counting only runners that are not lost
+/// or gone). Slots are counted under an advisory lock of the Function, so
+/// grants on every replica add up. Returns whether it was granted, and
+/// the slots held across the fleet after it.
+pub async fn grant_slot(
+    pool: &PgPool,
+    runner_id: &str,
+    udf_id: &str,
+    max: u32,
+    lost_after_seconds: f64,
+) -> Result<(bool, u32)> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7318))").bind(udf_id).execute(&mut *tx).await?;
+    let held: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(s.slots), 0)::bigint FROM worker_slots s JOIN runners r ON r.id = s.runner_id
+         WHERE s.function_id = $1 AND r.state <> 'gone'
+           AND r.last_heartbeat_at >= now() - make_interval(secs => $2)",
+    )
+    .bind(udf_id)
+    .bind(lost_after_seconds)
+    .fetch_one(&mut *tx)
+    .await?;
+    if held >= i64::from(max) {
+        tx.commit().await?;
+        return Ok((false, held as u32));
+    }
+    sqlx::query(
+        "INSERT INTO worker_slots (function_id, runner_id, slots) VALUES ($1, $2, 1)
+         ON CONFLICT (function_id, runner_id) DO UPDATE SET slots = worker_slots.slots + 1, granted_at = now()",
+    )
+    .bind(udf_id)
+    .bind(runner_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((true, held as u32 + 1))
+}
+
+/// Brings a runner's slots down to the push workers it reports, except
+/// those granted in the last few seconds.
+async fn release_slots(pool: &PgPool, runner_id: &str, load: &RunnerLoad) -> Result<()> {
+    let mut counts: std::collections::BTreeMap<&str, i32> = std::collections::BTreeMap::new();
+    for w in load.workers.iter().filter(|w| w.kind.is_none()) {
+        *counts.entry(w.udf_id.as_str()).or_default() += 1;
+    }
+    let (udfs, ns): (Vec<&str>, Vec<i32>) = counts.into_iter().unzip();
+    sqlx::query(
+        "WITH c AS (SELECT * FROM unnest($2::text[], $3::int[]) AS c(udf, n))
+         UPDATE worker_slots s SET slots = coalesce((SELECT n FROM c WHERE c.udf = s.function_id), 0)
+         WHERE s.runner_id = $1 AND s.granted_at < now() - make_interval(secs => $4)
+           AND s.slots > coalesce((SELECT n FROM c WHERE c.udf = s.function_id), 0)",
+    )
+    .bind(runner_id)
+    .bind(&udfs)
+    .bind(&ns)
+    .bind(SLOT_GRACE_SECONDS)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Registers a runner; returns its id and signing key.
 pub async fn register(pool: &PgPool, key_id: &str, req: &RegisterRequest) -> Result<(String, Vec<u8>)> {
     let id = format!("rn_{}", uuid::Uuid::new_v4().simple());
@@ -133,6 +199,7 @@ pub async fn heartbeat(
     if updated == 0 {
         return Err(PlatformError::Conflict(format!("runner {id} is deregistered; register again")));
     }
+    release_slots(pool, id, load).await?;
     if batch_ids.is_empty() {
         return Ok(0);
     }

@@ -301,6 +301,7 @@ impl Pools {
         let key = (udf_id.to_string(), revision);
         let deadline = Instant::now() + wait;
         let mut short_of_gpus = None;
+        let mut fleet_full: Option<String> = None;
         loop {
             let (freed, start_as) = {
                 let mut inner = self.lock();
@@ -365,6 +366,25 @@ impl Pools {
                     (pool.freed.clone(), None)
                 }
             };
+            let mut start_as = start_as;
+            if start_as.is_some() {
+                // replicas.max holds across the fleet: the platform grants
+                // each start. Without a slot, wait for a worker to come free.
+                let granted = self.config.keys.slot(udf_id).await;
+                if !matches!(granted, Ok(true)) {
+                    let mut inner = self.lock();
+                    if let Some(pool) = inner.pools.get_mut(&key) {
+                        pool.count -= 1;
+                        pool.starting -= 1;
+                    }
+                    drop(inner);
+                    start_as = None;
+                    fleet_full = Some(match granted {
+                        Err(e) => e,
+                        _ => format!("replicas.max workers of {udf_id} run in the fleet"),
+                    });
+                }
+            }
             if let Some((name, gpus)) = start_as {
                 let api_key = match self.config.keys.get(udf_id, revision).await {
                     Ok(k) => k,
@@ -416,9 +436,14 @@ impl Pools {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(AcquireError::Busy(match short_of_gpus {
-                    Some(e) => format!("no GPU came free for a worker of {udf_id} within {} s: {e}", wait.as_secs()),
-                    None => format!("no worker of {udf_id} came free within {} s on this runner", wait.as_secs()),
+                return Err(AcquireError::Busy(match (short_of_gpus, fleet_full) {
+                    (Some(e), _) => {
+                        format!("no GPU came free for a worker of {udf_id} within {} s: {e}", wait.as_secs())
+                    }
+                    (None, Some(e)) => format!("no worker of {udf_id} came free within {} s: {e}", wait.as_secs()),
+                    (None, None) => {
+                        format!("no worker of {udf_id} came free within {} s on this runner", wait.as_secs())
+                    }
                 }));
             }
             // Wake on a release, or poll: a start backoff may end.
