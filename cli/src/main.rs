@@ -123,6 +123,11 @@ enum Command {
         /// a Docker engine answers (DOCKER_HOST, else the local socket).
         #[arg(long)]
         no_docker: bool,
+        /// Start Functions' worker.command as local processes on this host,
+        /// with the runner's rights (off by default: only images, in
+        /// containers, run here, and the platform sends no command Function).
+        #[arg(long, env = "LAYER_RUNNER_ALLOW_COMMANDS", value_parser = clap::builder::BoolishValueParser::new())]
+        allow_commands: bool,
         /// Pretend the node has this many GPUs instead of reading them
         /// through NVML (demos and tests on machines without one; workers
         /// see the simulated UUIDs in CUDA_VISIBLE_DEVICES).
@@ -397,6 +402,7 @@ async fn run(cli: Cli) -> Result<()> {
             idle_timeout,
             worker_api_key,
             no_docker,
+            allow_commands,
             simulated_gpus,
         } => {
             let _traces = init_telemetry("layer-runner")?;
@@ -411,6 +417,7 @@ async fn run(cli: Cli) -> Result<()> {
                 idle_timeout_seconds: idle_timeout,
                 worker_api_key,
                 docker: !no_docker,
+                allow_commands,
                 simulated_gpus,
             })
             .await

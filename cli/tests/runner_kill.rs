@@ -21,15 +21,22 @@ impl Drop for Proc {
     }
 }
 
+/// `layer runner --allow-commands`.
 fn runner(p: &TestPlatform, name: &str) -> Proc {
-    let child = Command::new(BIN)
-        .args(["runner", "--platform", &p.url, "--listen", "127.0.0.1:0", "--slots", "2", "--name", name])
+    runner_with(p, name, |c| {
+        c.arg("--allow-commands");
+    })
+}
+
+fn runner_with(p: &TestPlatform, name: &str, configure: impl FnOnce(&mut Command)) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["runner", "--platform", &p.url, "--listen", "127.0.0.1:0", "--slots", "2", "--name", name])
         .env("LAYER_API_KEY", &p.admin_key)
+        .env_remove("LAYER_RUNNER_ALLOW_COMMANDS")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start layer runner");
-    Proc(child)
+        .stderr(Stdio::null());
+    configure(&mut cmd);
+    Proc(cmd.spawn().expect("start layer runner"))
 }
 
 async fn runners(p: &TestPlatform) -> anyhow::Result<Vec<Value>> {
@@ -117,5 +124,31 @@ async fn a_runner_killed_mid_batch_loses_nothing_and_writes_each_row_once() -> a
         anyhow::ensure!(start.elapsed() < Duration::from_secs(15), "runner a is not lost: {a:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
+}
+
+/// `layer runner` runs no commands unless its operator says so, with the
+/// flag or the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layer_runner_advertises_the_process_driver_only_when_allowed() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let _plain = runner_with(&p, "plain", |c| {
+        c.arg("--no-docker");
+    });
+    let _env = runner_with(&p, "env", |c| {
+        c.arg("--no-docker").env("LAYER_RUNNER_ALLOW_COMMANDS", "1");
+    });
+    let start = Instant::now();
+    let list = loop {
+        let list = runners(&p).await?;
+        if list.len() == 2 {
+            break list;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "the runners did not register: {list:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let drivers = |name: &str| list.iter().find(|r| r["name"] == name).map(|r| r["drivers"].clone());
+    assert_eq!(drivers("plain"), Some(json!([])), "{list:?}");
+    assert_eq!(drivers("env"), Some(json!(["process"])), "{list:?}");
     Ok(())
 }

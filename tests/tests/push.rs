@@ -411,3 +411,52 @@ async fn functions_that_cannot_be_placed_say_why_in_their_status() -> anyhow::Re
     runner.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_functions_go_only_to_runners_that_allow_commands() -> anyhow::Result<()> {
+    use layer_protocol::runner::tokens::{Purpose, sign};
+    let p = TestPlatform::start().await?;
+    // A runner whose operator did not pass --allow-commands (and no Docker:
+    // it has no driver at all).
+    let closed = TestRunner::start(&p, |c| {
+        c.allow_commands = false;
+        c.docker = false;
+    })
+    .await?;
+    let (_, list) = p.call(Method::GET, "/v2/runners", None).await?;
+    assert_eq!(list["runners"][0]["drivers"], json!([]), "no process driver advertised: {list}");
+    let rows: Vec<Value> = (0..20).map(|i| json!({"id": format!("c{i:02}"), "mode": "ok"})).collect();
+    p.upsert_rows("jobs", json!(rows)).await?;
+    apply(&p, "cmds", worker_spec(json!({"worker": {"batchSize": 2}}))).await?;
+    let m = condition(&p, "cmds", "NoRunner").await?;
+    assert!(m.contains("no active runner allows commands") && m.contains("--allow-commands"), "{m}");
+    // Sent one anyway (a placement made on stale drivers), the runner
+    // refuses it and says why.
+    let key: Vec<u8> =
+        sqlx::query_scalar("SELECT signing_key FROM runners WHERE id = $1").bind(&closed.id).fetch_one(&p.pool).await?;
+    let batch = json!({"batch_id": 7, "udf_id": "cmds", "revision": 1, "version": "v1", "items": [],
+                       "report_token": "t", "worker": {"command": ["python3", "w.py"], "batch_size": 1,
+                       "timeout_seconds": 1, "lease_seconds": 1, "replicas_min": 0, "replicas_max": 1}});
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/batches", closed.addr))
+        .bearer_auth(sign(&key, &closed.id, Purpose::Dispatch(7), 60))
+        .json(&batch)
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let body: Value = r.json().await?;
+    assert_eq!((status, &body["code"]), (403, &json!("commands_not_allowed")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("--allow-commands"), "{body}");
+    // A runner that allows commands runs them all; the other, just as
+    // idle, is never sent one (a refused send would leave a batch record).
+    let open = TestRunner::start(&p, |_| {}).await?;
+    let st = p.drained("cmds", Duration::from_secs(60)).await?;
+    assert_eq!(st["counts"]["completed"], 20, "{st}");
+    assert!(st.get("conditions").is_none(), "{st}");
+    let on: Vec<(String, i64)> =
+        sqlx::query_as("SELECT runner_id, count(*) FROM batches WHERE function_id = 'cmds' GROUP BY runner_id")
+            .fetch_all(&p.pool)
+            .await?;
+    assert!(on.len() == 1 && on[0].0 == open.id, "every batch on the runner that allows commands: {on:?}");
+    Ok(())
+}
