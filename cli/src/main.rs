@@ -89,6 +89,10 @@ enum Command {
         /// How long finished batch records are kept.
         #[arg(long, env = "LAYER_BATCH_RETENTION_HOURS", default_value_t = 168)]
         batch_retention_hours: u64,
+        /// How long a lost or deregistered runner stays in the runner list
+        /// (at least 1; its batch records stay for their own retention).
+        #[arg(long, env = "LAYER_RUNNER_RETENTION_HOURS", default_value_t = 24)]
+        runner_retention_hours: u64,
     },
     /// A node runner: takes batches of push Functions and runs their workers.
     Runner {
@@ -379,7 +383,15 @@ async fn run(cli: Cli) -> Result<()> {
             let _traces = init_telemetry("layer")?;
             serve::dev(listen, data_dir, api_key).await
         }
-        Command::Platform { database_url, listen, max_connections, max_body_bytes, api_key, batch_retention_hours } => {
+        Command::Platform {
+            database_url,
+            listen,
+            max_connections,
+            max_body_bytes,
+            api_key,
+            batch_retention_hours,
+            runner_retention_hours,
+        } => {
             let _traces = init_telemetry("layer-platform")?;
             serve::platform(serve::PlatformArgs {
                 database_url,
@@ -388,6 +400,7 @@ async fn run(cli: Cli) -> Result<()> {
                 max_body_bytes,
                 api_key,
                 batch_retention: std::time::Duration::from_secs(batch_retention_hours.max(1) * 3600),
+                runner_retention: std::time::Duration::from_secs(runner_retention_hours.max(1) * 3600),
             })
             .await
         }

@@ -249,6 +249,7 @@ pub struct PlatformArgs {
     pub max_body_bytes: usize,
     pub api_key: Option<String>,
     pub batch_retention: std::time::Duration,
+    pub runner_retention: std::time::Duration,
 }
 
 /// `layer platform`: a replica against an existing database.
@@ -261,6 +262,7 @@ pub async fn platform(args: PlatformArgs) -> Result<()> {
     config.max_body_bytes = args.max_body_bytes;
     config.bootstrap_admin_key = args.api_key;
     config.engine.batch_retention = args.batch_retention;
+    config.engine.runner_retention = args.runner_retention;
     let started = layer_platform::start(config, shutdown).await.context("starting the platform")?;
     print_banner(started.addr, started.minted_admin_key.as_deref(), None);
     banner!("  Stop with Ctrl-C.");
