@@ -89,6 +89,10 @@ enum Command {
         /// How long finished batch records are kept.
         #[arg(long, env = "LAYER_BATCH_RETENTION_HOURS", default_value_t = 168)]
         batch_retention_hours: u64,
+        /// How long a lost or deregistered runner stays in the runner list
+        /// (at least 1; its batch records stay for their own retention).
+        #[arg(long, env = "LAYER_RUNNER_RETENTION_HOURS", default_value_t = 24)]
+        runner_retention_hours: u64,
     },
     /// A node runner: takes batches of push Functions and runs their workers.
     Runner {
@@ -123,6 +127,11 @@ enum Command {
         /// a Docker engine answers (DOCKER_HOST, else the local socket).
         #[arg(long)]
         no_docker: bool,
+        /// Start Functions' worker.command as local processes on this host,
+        /// with the runner's rights (off by default: only images, in
+        /// containers, run here, and the platform sends no command Function).
+        #[arg(long, env = "LAYER_RUNNER_ALLOW_COMMANDS", value_parser = clap::builder::BoolishValueParser::new())]
+        allow_commands: bool,
         /// Pretend the node has this many GPUs instead of reading them
         /// through NVML (demos and tests on machines without one; workers
         /// see the simulated UUIDs in CUDA_VISIBLE_DEVICES).
@@ -374,7 +383,15 @@ async fn run(cli: Cli) -> Result<()> {
             let _traces = init_telemetry("layer")?;
             serve::dev(listen, data_dir, api_key).await
         }
-        Command::Platform { database_url, listen, max_connections, max_body_bytes, api_key, batch_retention_hours } => {
+        Command::Platform {
+            database_url,
+            listen,
+            max_connections,
+            max_body_bytes,
+            api_key,
+            batch_retention_hours,
+            runner_retention_hours,
+        } => {
             let _traces = init_telemetry("layer-platform")?;
             serve::platform(serve::PlatformArgs {
                 database_url,
@@ -383,6 +400,7 @@ async fn run(cli: Cli) -> Result<()> {
                 max_body_bytes,
                 api_key,
                 batch_retention: std::time::Duration::from_secs(batch_retention_hours.max(1) * 3600),
+                runner_retention: std::time::Duration::from_secs(runner_retention_hours.max(1) * 3600),
             })
             .await
         }
@@ -397,6 +415,7 @@ async fn run(cli: Cli) -> Result<()> {
             idle_timeout,
             worker_api_key,
             no_docker,
+            allow_commands,
             simulated_gpus,
         } => {
             let _traces = init_telemetry("layer-runner")?;
@@ -411,6 +430,7 @@ async fn run(cli: Cli) -> Result<()> {
                 idle_timeout_seconds: idle_timeout,
                 worker_api_key,
                 docker: !no_docker,
+                allow_commands,
                 simulated_gpus,
             })
             .await

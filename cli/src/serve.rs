@@ -168,6 +168,8 @@ pub async fn dev(listen: SocketAddr, data_dir: PathBuf, api_key: Option<String>)
         rc.name = "dev".into();
         rc.labels.insert("layer.dev/local".into(), "true".into());
         rc.gpus = layer_runner::inventory::detect();
+        // One machine, one operator: the local runner runs commands.
+        rc.allow_commands = true;
         anyhow::Ok(layer_runner::start(rc, runner_shutdown.clone()).await?)
     }
     .await;
@@ -206,6 +208,7 @@ pub struct RunnerArgs {
     pub idle_timeout_seconds: u64,
     pub worker_api_key: Option<String>,
     pub docker: bool,
+    pub allow_commands: bool,
     pub simulated_gpus: Option<u32>,
 }
 
@@ -225,6 +228,7 @@ pub async fn runner(args: RunnerArgs) -> Result<()> {
     config.idle_timeout = std::time::Duration::from_secs(args.idle_timeout_seconds);
     config.worker_api_key = args.worker_api_key;
     config.docker = args.docker;
+    config.allow_commands = args.allow_commands;
     config.gpus = match args.simulated_gpus {
         Some(n) => std::sync::Arc::new(layer_runner::inventory::SimulatedGpus::new(n)),
         None => layer_runner::inventory::detect(),
@@ -245,6 +249,7 @@ pub struct PlatformArgs {
     pub max_body_bytes: usize,
     pub api_key: Option<String>,
     pub batch_retention: std::time::Duration,
+    pub runner_retention: std::time::Duration,
 }
 
 /// `layer platform`: a replica against an existing database.
@@ -257,6 +262,7 @@ pub async fn platform(args: PlatformArgs) -> Result<()> {
     config.max_body_bytes = args.max_body_bytes;
     config.bootstrap_admin_key = args.api_key;
     config.engine.batch_retention = args.batch_retention;
+    config.engine.runner_retention = args.runner_retention;
     let started = layer_platform::start(config, shutdown).await.context("starting the platform")?;
     print_banner(started.addr, started.minted_admin_key.as_deref(), None);
     banner!("  Stop with Ctrl-C.");

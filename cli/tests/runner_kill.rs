@@ -1,6 +1,7 @@
 //! `layer runner` processes against a platform: a runner killed with
 //! SIGKILL mid-batch loses nothing; its batches are reissued to the other
-//! runner as free retries and every row is written exactly once.
+//! runner as free retries and every row is written exactly once; and it
+//! leaves no worker process behind.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,15 +22,22 @@ impl Drop for Proc {
     }
 }
 
+/// `layer runner --allow-commands`.
 fn runner(p: &TestPlatform, name: &str) -> Proc {
-    let child = Command::new(BIN)
-        .args(["runner", "--platform", &p.url, "--listen", "127.0.0.1:0", "--slots", "2", "--name", name])
+    runner_with(p, name, |c| {
+        c.arg("--allow-commands");
+    })
+}
+
+fn runner_with(p: &TestPlatform, name: &str, configure: impl FnOnce(&mut Command)) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["runner", "--platform", &p.url, "--listen", "127.0.0.1:0", "--slots", "2", "--name", name])
         .env("LAYER_API_KEY", &p.admin_key)
+        .env_remove("LAYER_RUNNER_ALLOW_COMMANDS")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start layer runner");
-    Proc(child)
+        .stderr(Stdio::null());
+    configure(&mut cmd);
+    Proc(cmd.spawn().expect("start layer runner"))
 }
 
 async fn runners(p: &TestPlatform) -> anyhow::Result<Vec<Value>> {
@@ -117,5 +125,98 @@ async fn a_runner_killed_mid_batch_loses_nothing_and_writes_each_row_once() -> a
         anyhow::ensure!(start.elapsed() < Duration::from_secs(15), "runner a is not lost: {a:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
+}
+
+/// Whether a process is gone: no /proc entry, or a zombie (killed, not yet
+/// reaped by whoever adopted it).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // "pid (comm) S ppid ...": the state follows the last ')'.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_killed_with_sigkill_leaves_no_worker_process() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    // The operator's consent through the environment this time.
+    let mut r = runner_with(&p, "solo", |c| {
+        c.env("LAYER_RUNNER_ALLOW_COMMANDS", "true");
+    });
+    let start = Instant::now();
+    let address = loop {
+        if let Some(a) = runners(&p).await?.first().and_then(|r| r["address"].as_str().map(str::to_string)) {
+            break a;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "the runner did not register");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    p.upsert_rows("echo", json!([{"id": "w1", "title": "t"}])).await?;
+    // The Rust echo worker: it does not watch its parent itself (the
+    // Python test worker does, and would leave on its own).
+    let worker = layer_tests::echo_worker_binary()?;
+    p.apply_function(
+        "orphan",
+        json!({"targetNamespaces": ["echo"], "inputs": ["id", "title"],
+               "worker": {"dispatch": "push", "command": [worker], "timeoutSeconds": 10}}),
+    )
+    .await?;
+    p.drained("orphan", Duration::from_secs(60)).await?;
+    // The worker stays warm after its batch; its pid is in the runner's status.
+    let start = Instant::now();
+    let pid = loop {
+        let st: Value = reqwest::get(format!("{address}/v1/status")).await?.json().await?;
+        if let Some(pid) = st["workers"][0]["pid"].as_u64() {
+            break pid as u32;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "no warm worker: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(parent_of(pid), Some(r.0.id()), "the worker is the runner's child");
+    assert!(!gone(pid));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.0.id() as i32), nix::sys::signal::Signal::SIGKILL)?;
+    let _ = r.0.wait();
+    let start = Instant::now();
+    while !gone(pid) {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(5),
+            "worker {pid} outlived its runner (parent now {:?})",
+            parent_of(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// `layer runner` runs no commands unless its operator says so, with the
+/// flag or the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layer_runner_advertises_the_process_driver_only_when_allowed() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let _plain = runner_with(&p, "plain", |c| {
+        c.arg("--no-docker");
+    });
+    let _env = runner_with(&p, "env", |c| {
+        c.arg("--no-docker").env("LAYER_RUNNER_ALLOW_COMMANDS", "1");
+    });
+    let start = Instant::now();
+    let list = loop {
+        let list = runners(&p).await?;
+        if list.len() == 2 {
+            break list;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "the runners did not register: {list:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let drivers = |name: &str| list.iter().find(|r| r["name"] == name).map(|r| r["drivers"].clone());
+    assert_eq!(drivers("plain"), Some(json!([])), "{list:?}");
+    assert_eq!(drivers("env"), Some(json!(["process"])), "{list:?}");
     Ok(())
 }

@@ -66,6 +66,12 @@ pub struct Config {
     /// Whether to run Functions with `worker.image` as containers when a
     /// Docker engine answers (`DOCKER_HOST`, else the local socket).
     pub docker: bool,
+    /// Whether the operator lets this runner start `worker.command` as
+    /// local processes (`--allow-commands`). Off, the runner does not
+    /// advertise the `process` driver, so the platform sends it no such
+    /// Function, and it refuses a batch that needs one. Off by default:
+    /// a command runs on the host with the runner's rights.
+    pub allow_commands: bool,
 }
 
 impl Config {
@@ -85,6 +91,7 @@ impl Config {
             drain_timeout: Duration::from_secs(300),
             gpus: Arc::new(inventory::NoGpus),
             docker: true,
+            allow_commands: false,
         }
     }
 }
@@ -105,6 +112,8 @@ pub struct Shared {
     pub runner_id: String,
     pub signing_key: Vec<u8>,
     pub slots: u32,
+    /// Whether batches of `worker.command` Functions are taken.
+    pub allow_commands: bool,
     pub draining: AtomicBool,
     /// Batches accepted and not yet reported.
     pub held: Mutex<HashSet<i64>>,
@@ -187,7 +196,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         }
         None => None,
     };
-    let mut drivers = vec!["process".to_string()];
+    let mut drivers = Vec::new();
+    if config.allow_commands {
+        drivers.push("process".to_string());
+    } else {
+        tracing::info!(
+            "the process driver is off: Functions with worker.command are not placed here (start the runner with \
+             --allow-commands to run them)"
+        );
+    }
     if engine.is_some() {
         drivers.push("docker".into());
     }
@@ -219,6 +236,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
             worker_url,
             keys,
             engine,
+            allow_commands: config.allow_commands,
             gpus: gpus.clone(),
             logs: logs.clone(),
         },
@@ -228,6 +246,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Starte
         runner_id: registration.runner_id.clone(),
         signing_key,
         slots: capacity.slots,
+        allow_commands: config.allow_commands,
         draining: AtomicBool::new(false),
         held: Mutex::new(HashSet::new()),
         exec: exec::Exec { pools: pools.clone(), http, max_response_bytes: config.max_response_bytes },

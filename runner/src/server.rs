@@ -3,7 +3,9 @@
 //! - `POST /v1/batches`: a batch from the platform, signed with this
 //!   runner's key (`Authorization: Bearer <dispatch token>`). 202 once
 //!   accepted; 503 while draining or with every slot busy (the platform
-//!   puts the batch back at once, as a free retry); 401 for a bad token.
+//!   puts the batch back at once, as a free retry); 401 for a bad token;
+//!   403 for a `worker.command` batch on a runner started without
+//!   `--allow-commands` (also a free retry on the platform's side).
 //! - `GET /v1/logs?udf=ID&lines=N`: the recent output of the Function's
 //!   workers (signed by the platform: an inspection token).
 //! - `GET /healthz`; `GET /v1/status`: load, workers and GPUs.
@@ -96,6 +98,12 @@ async fn accept(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axu
     }
     if shared.is_draining() {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", "the runner is draining".into());
+    }
+    // The platform places command Functions only on runners that
+    // advertise the process driver; this holds even if it did not.
+    if assignment.worker.command.is_some() && !shared.allow_commands {
+        tracing::warn!(batch_id = assignment.batch_id, udf = %assignment.udf_id, "batch refused: commands are not allowed");
+        return refuse(StatusCode::FORBIDDEN, "commands_not_allowed", crate::pool::COMMANDS_NOT_ALLOWED.into());
     }
     {
         let mut held = shared.held.lock().unwrap_or_else(|e| e.into_inner());

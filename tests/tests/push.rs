@@ -452,3 +452,127 @@ async fn replicas_max_holds_across_the_fleet_in_a_burst() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_functions_go_only_to_runners_that_allow_commands() -> anyhow::Result<()> {
+    use layer_protocol::runner::tokens::{Purpose, sign};
+    let p = TestPlatform::start().await?;
+    // A runner whose operator did not pass --allow-commands (and no Docker:
+    // it has no driver at all).
+    let closed = TestRunner::start(&p, |c| {
+        c.allow_commands = false;
+        c.docker = false;
+    })
+    .await?;
+    let (_, list) = p.call(Method::GET, "/v2/runners", None).await?;
+    assert_eq!(list["runners"][0]["drivers"], json!([]), "no process driver advertised: {list}");
+    let rows: Vec<Value> = (0..20).map(|i| json!({"id": format!("c{i:02}"), "mode": "ok"})).collect();
+    p.upsert_rows("jobs", json!(rows)).await?;
+    apply(&p, "cmds", worker_spec(json!({"worker": {"batchSize": 2}}))).await?;
+    let m = condition(&p, "cmds", "NoRunner").await?;
+    assert!(m.contains("no active runner allows commands") && m.contains("--allow-commands"), "{m}");
+    // Sent one anyway (a placement made on stale drivers), the runner
+    // refuses it and says why.
+    let key: Vec<u8> =
+        sqlx::query_scalar("SELECT signing_key FROM runners WHERE id = $1").bind(&closed.id).fetch_one(&p.pool).await?;
+    let batch = json!({"batch_id": 7, "udf_id": "cmds", "revision": 1, "version": "v1", "items": [],
+                       "report_token": "t", "worker": {"command": ["python3", "w.py"], "batch_size": 1,
+                       "timeout_seconds": 1, "lease_seconds": 1, "replicas_min": 0, "replicas_max": 1}});
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/batches", closed.addr))
+        .bearer_auth(sign(&key, &closed.id, Purpose::Dispatch(7), 60))
+        .json(&batch)
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let body: Value = r.json().await?;
+    assert_eq!((status, &body["code"]), (403, &json!("commands_not_allowed")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("--allow-commands"), "{body}");
+    // A runner that allows commands runs them all; the other, just as
+    // idle, is never sent one (a refused send would leave a batch record).
+    let open = TestRunner::start(&p, |_| {}).await?;
+    let st = p.drained("cmds", Duration::from_secs(60)).await?;
+    assert_eq!(st["counts"]["completed"], 20, "{st}");
+    assert!(st.get("conditions").is_none(), "{st}");
+    let on: Vec<(String, i64)> =
+        sqlx::query_as("SELECT runner_id, count(*) FROM batches WHERE function_id = 'cmds' GROUP BY runner_id")
+            .fetch_all(&p.pool)
+            .await?;
+    assert!(on.len() == 1 && on[0].0 == open.id, "every batch on the runner that allows commands: {on:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_and_deregistered_runners_leave_the_list_after_the_retention() -> anyhow::Result<()> {
+    use layer_platform::runners::store::prune;
+    let p = TestPlatform::start().await?;
+    let day = Duration::from_secs(24 * 3600);
+    let register = |name: &str, address: String| {
+        json!({"name": name, "address": address, "drivers": ["process"],
+               "capacity": {"cpus": 1, "memory_bytes": 1, "slots": 1}})
+    };
+    // "ghost" never heartbeats: lost. The batch sent to it fails and is
+    // recorded under its id.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let (s, ghost) = p.call(Method::POST, "/v2/runners", Some(register("ghost", format!("http://{closed}")))).await?;
+    assert_eq!(s, 200, "{ghost}");
+    let ghost_id = ghost["runner_id"].as_str().unwrap().to_string();
+    // "leaver" deregisters.
+    let (_, leaver) = p.call(Method::POST, "/v2/runners", Some(register("leaver", format!("http://{closed}")))).await?;
+    let leaver_id = leaver["runner_id"].as_str().unwrap().to_string();
+    let r = reqwest::Client::new()
+        .post(format!("{}/v2/runners/{leaver_id}/deregister", p.url))
+        .bearer_auth(leaver["token"].as_str().unwrap())
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    p.upsert_rows("jobs", json!([{"id": "s1", "mode": "slow"}])).await?;
+    let spec = worker_spec(json!({"worker": {"timeoutSeconds": 120, "env": {"SLOW_SECONDS": "60"}},
+                                  "schedule": {"leaseSeconds": 300}}));
+    apply(&p, "held", spec).await?;
+    let start = Instant::now();
+    let ghost_batch: i64 = loop {
+        let b: Option<i64> = sqlx::query_scalar("SELECT id FROM batches WHERE runner_id = $1 AND state = 'abandoned'")
+            .bind(&ghost_id)
+            .fetch_optional(&p.pool)
+            .await?;
+        if let Some(b) = b {
+            break b;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "no batch was sent to the ghost");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // "busy" is a real runner holding the slow batch.
+    let busy = TestRunner::start(&p, |_| {}).await?;
+    let start = Instant::now();
+    loop {
+        let (_, list) = p.call(Method::GET, "/v2/runners", None).await?;
+        let state_of =
+            |id: &str| list["runners"].as_array().unwrap().iter().find(|r| r["id"] == id).map(|r| r["state"].clone());
+        let st: Value = reqwest::get(format!("http://{}/v1/status", busy.addr)).await?.json().await?;
+        if state_of(&ghost_id) == Some(json!("lost")) && st["batches"].as_array().is_some_and(|b| !b.is_empty()) {
+            assert_eq!(state_of(&leaver_id), None, "a deregistered runner is not listed: {list}");
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "ghost not lost or busy idle: {list} {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ids = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, String>("SELECT id FROM runners ORDER BY registered_at").fetch_all(&pool).await
+    };
+    // Lost and deregistered, but not for a day yet: kept.
+    assert_eq!(prune(&p.pool, day, None).await?, 0);
+    let now = chrono::Utc::now();
+    assert_eq!(prune(&p.pool, day, Some(now + chrono::Duration::hours(23))).await?, 0);
+    assert_eq!(ids(p.pool.clone()).await?, vec![ghost_id.clone(), leaver_id.clone(), busy.id.clone()]);
+    // A day and more later, both go; the runner that holds a batch stays
+    // (however silent it would be by then) until the batch is settled.
+    assert_eq!(prune(&p.pool, day, Some(now + chrono::Duration::hours(25))).await?, 2);
+    assert_eq!(ids(p.pool.clone()).await?, vec![busy.id.clone()]);
+    // The batch records of a pruned runner stay readable.
+    let (s, b) = p.call(Method::GET, &format!("/v2/batches/{ghost_batch}"), None).await?;
+    assert_eq!((s, &b["runner_id"], &b["state"]), (200, &json!(ghost_id), &json!("abandoned")), "{b}");
+    let (s, list) = p.call(Method::GET, &format!("/v2/udfs/held/batches?runner={ghost_id}"), None).await?;
+    assert!(s == 200 && list["batches"].as_array().unwrap().iter().any(|b| b["id"] == ghost_batch), "{list}");
+    Ok(())
+}

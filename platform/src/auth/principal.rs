@@ -40,6 +40,11 @@ impl Principal {
         }
     }
 
+    /// Whether the key holds the admin scope for the whole platform.
+    pub fn is_admin(&self) -> bool {
+        self.require(Scope::Admin).is_ok()
+    }
+
     /// Whether the key may see a namespace at all (any scope).
     pub fn can_see(&self, namespace: &str) -> bool {
         self.grants().any(|(_, ns)| ns.is_none_or(|list| list.iter().any(|p| pattern_matches(p, namespace))))

@@ -8,7 +8,9 @@
 //!
 //! [`Engine`] runs two background duties: discovery (on its interval, on
 //! apply, and at once after writes for Functions with the `write` trigger)
-//! and the lease reaper. Both are safe to run on every replica: sweeps of
+//! and the lease reaper, which also prunes, every ten minutes, batch
+//! records past `batch_retention` and runners lost or deregistered past
+//! `runner_retention`. Both are safe to run on every replica: sweeps of
 //! one (Function, namespace) serialise on its cursor row and the reaper
 //! takes leases with `SKIP LOCKED`.
 
@@ -39,6 +41,9 @@ pub struct EngineConfig {
     pub runner_lost_after: Duration,
     /// Finished batch records older than this are deleted.
     pub batch_retention: Duration,
+    /// Runners lost or deregistered longer than this leave the runner
+    /// list (their batch records stay).
+    pub runner_retention: Duration,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +53,7 @@ impl Default for EngineConfig {
             reap_interval: Duration::from_secs(1),
             runner_lost_after: Duration::from_secs(6),
             batch_retention: Duration::from_secs(7 * 24 * 3600),
+            runner_retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -297,6 +303,13 @@ async fn reaper_loop(pool: PgPool, config: EngineConfig, work_ready: Arc<Notify>
                 Ok(n) if n > 0 => tracing::info!(deleted = n, "pruned batch records past their retention"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "pruning batch records failed"),
+            }
+            match crate::runners::store::prune(&pool, config.runner_retention, None).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(deleted = n, "removed runners lost or deregistered past their retention")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning runners failed"),
             }
             pruned = Some(Instant::now());
         }

@@ -634,8 +634,8 @@ struct Expired {
 
 /// Returns expired leases to the queue (or to `failed`), by the database
 /// clock. A lease that expires without a report spends an attempt, unless
-/// it belongs to a batch on a runner that went silent (`runner_lost_after`)
-/// or deregistered: that is a free retry.
+/// it belongs to a batch on a runner that went silent (`runner_lost_after`),
+/// deregistered or was pruned: that is a free retry.
 ///
 /// Concurrency: `SKIP LOCKED`, so reapers on several replicas share the work.
 pub async fn reap_expired(pool: &PgPool, batch: i64, runner_lost_after: std::time::Duration) -> Result<u64> {
@@ -643,8 +643,11 @@ pub async fn reap_expired(pool: &PgPool, batch: i64, runner_lost_after: std::tim
     let expired: Vec<Expired> = sqlx::query_as(
         "SELECT w.function_id, w.namespace, w.row_id, w.attempts, w.free_retries, w.worker_id, w.lease_seconds,
                 f.spec -> 'retry' AS retry, w.batch_id,
-                coalesce(r.state = 'gone' OR r.last_heartbeat_at < now() - make_interval(secs => $2), false)
-                    AS runner_lost
+                CASE WHEN b.id IS NULL THEN false
+                     -- A runner whose record was pruned is lost too.
+                     WHEN r.id IS NULL THEN true
+                     ELSE r.state = 'gone' OR r.last_heartbeat_at < now() - make_interval(secs => $2)
+                END AS runner_lost
          FROM work_items w JOIN functions f ON f.id = w.function_id
          LEFT JOIN batches b ON b.id = w.batch_id
          LEFT JOIN runners r ON r.id = b.runner_id

@@ -9,7 +9,7 @@ use layer_protocol::namespace::StatusResponse;
 use layer_protocol::validate::{Case, Obj, Problems, check_resource_name, field};
 use serde_json::Value;
 
-use super::store::{self, FunctionInput};
+use super::store::{self, Author, FunctionInput};
 use crate::auth::Principal;
 use crate::error::{ApiError, PlatformError, Result};
 use crate::http::{ApiJson, AppState};
@@ -21,6 +21,12 @@ pub fn routes() -> Router<AppState> {
         .route("/v2/udfs/{id}/revisions", get(revisions))
         .route("/v2/udfs/{id}/pause", post(pause))
         .route("/v2/udfs/{id}/resume", post(resume))
+}
+
+/// The caller as the author of a Function change (see
+/// [`store::field_needing_admin`] for what needs the admin scope).
+pub(crate) fn author(p: &Principal) -> Author<'_> {
+    Author { key_id: Some(&p.key_id), may_run_commands: p.is_admin() }
 }
 
 /// Validates `{"id"?, "spec", "labels"?}` in snake_case.
@@ -75,7 +81,7 @@ async fn create(
     p.require(Scope::Write)?;
     let input = parse_body(&body, None)?;
     let mut tx = state.pool.begin().await.map_err(PlatformError::from)?;
-    let (udf, _) = store::upsert(&mut tx, &input, Some(&p.key_id), true).await?;
+    let (udf, _) = store::upsert(&mut tx, &input, author(&p), true).await?;
     tx.commit().await.map_err(PlatformError::from)?;
     tracing::info!(udf = %udf.id, revision = udf.revision, "function created");
     state.engine.sweep_soon(&udf.id);
@@ -91,7 +97,7 @@ async fn update(
     p.require(Scope::Write)?;
     let input = parse_body(&body, Some(&id))?;
     let mut tx = state.pool.begin().await.map_err(PlatformError::from)?;
-    let (udf, action) = store::upsert(&mut tx, &input, Some(&p.key_id), false).await?;
+    let (udf, action) = store::upsert(&mut tx, &input, author(&p), false).await?;
     tx.commit().await.map_err(PlatformError::from)?;
     tracing::info!(udf = %udf.id, revision = udf.revision, ?action, "function applied");
     state.engine.sweep_soon(&udf.id);

@@ -52,28 +52,84 @@ pub struct FunctionInput {
     pub paused: Option<bool>,
 }
 
+/// Who writes a Function, as far as the store needs to know: the key
+/// recorded on the revision, and whether it may make runners start
+/// programs on their hosts.
+#[derive(Debug, Clone, Copy)]
+pub struct Author<'a> {
+    /// Recorded on the revision; `None` for the platform's own writes.
+    pub key_id: Option<&'a str>,
+    /// The admin scope: only it may set or change `worker.command`, or the
+    /// `worker.env` of a worker that is not an image.
+    pub may_run_commands: bool,
+}
+
+impl Author<'_> {
+    /// The platform itself (tools and tests that write the store directly).
+    pub const INTERNAL: Author<'static> = Author { key_id: None, may_run_commands: true };
+}
+
+/// The trust rule for code on runner hosts: a command (`worker.command`)
+/// runs as a process on a runner's host, outside any container, so setting
+/// or changing one needs the admin scope; so does changing the environment
+/// of a worker that is not an image (it is that process's environment). An
+/// image runs in a hardened container and stays open to `write` keys.
+/// Returns the field that needs admin, if any.
+pub fn field_needing_admin(old: Option<&FunctionSpec>, new: &FunctionSpec) -> Option<&'static str> {
+    let (was, now) = (old.map(|s| &s.worker), &new.worker);
+    if now.command.is_some() && was.is_none_or(|w| w.command != now.command) {
+        return Some("spec.worker.command");
+    }
+    let on_host = now.command.is_some() || now.image.is_none();
+    let env_changed = match was {
+        Some(w) => w.env != now.env,
+        None => !now.env.is_empty(),
+    };
+    (on_host && env_changed).then_some("spec.worker.env")
+}
+
 fn not_found(id: &str) -> PlatformError {
     PlatformError::NotFound(format!("function {id} not found"))
 }
 
 /// Creates or updates a Function. A changed spec stores a new revision with
-/// the paths that changed; an identical one changes nothing. With
-/// `create_only`, an existing Function is a 409.
+/// the paths that changed and the author's key, in the same transaction;
+/// an identical one changes nothing. With `create_only`, an existing
+/// Function is a 409. A change [`field_needing_admin`] names is a 403
+/// unless the author may run commands.
 ///
 /// Concurrency: the Function row is locked (`FOR UPDATE`) for the caller's
-/// transaction, so two applies of one Function produce consecutive revisions.
+/// transaction, so two applies of one Function produce consecutive revisions
+/// and the trust check sees the spec the change replaces.
 pub async fn upsert(
     conn: &mut PgConnection,
     input: &FunctionInput,
-    key_id: Option<&str>,
+    author: Author<'_>,
     create_only: bool,
 ) -> Result<(Udf, ApplyAction)> {
+    let key_id = author.key_id;
     let new_spec = serde_json::to_value(&input.spec).map_err(|e| PlatformError::invalid("spec", e.to_string()))?;
     let current: Option<FunctionRow> =
         sqlx::query_as(&format!("SELECT {COLUMNS} FROM functions WHERE id = $1 FOR UPDATE"))
             .bind(&input.id)
             .fetch_optional(&mut *conn)
             .await?;
+    if let Some(field) = field_needing_admin(current.as_ref().map(|r| &r.spec.0), &input.spec) {
+        if !author.may_run_commands {
+            let what = if field.ends_with("command") {
+                "a command runs as a process on the runners' hosts"
+            } else {
+                "it is the environment of a process on the runners' hosts (the worker has no image)"
+            };
+            return Err(PlatformError::Forbidden(format!(
+                "{field}: key {} lacks the admin scope: {what}, so setting or changing it needs an admin key \
+                 (a worker.image does not)",
+                key_id.unwrap_or("?")
+            )));
+        }
+        // The revision written below records the key; this says it in the log.
+        tracing::info!(udf = %input.id, key_id = key_id.unwrap_or(""), field, "code for runner hosts set");
+    }
     let (action, revision) = match &current {
         None => {
             // A re-created Function continues its revision history.
@@ -248,4 +304,42 @@ pub async fn active_namespaces(pool: &PgPool, spec: &FunctionSpec) -> Result<Vec
         names.sort();
     }
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layer_protocol::function::validate_spec;
+    use layer_protocol::validate::{Case, Problems};
+
+    fn spec(worker: serde_json::Value) -> FunctionSpec {
+        let mut p = Problems::new();
+        let v = validate_spec(
+            &mut p,
+            "spec",
+            &serde_json::json!({"targetNamespaces": ["a"], "worker": worker}),
+            Case::Camel,
+        );
+        assert!(p.is_empty(), "{p:?}");
+        v.expect("valid").spec
+    }
+
+    #[test]
+    fn commands_and_the_environment_of_processes_need_admin_images_do_not() {
+        let cmd = spec(serde_json::json!({"dispatch": "push", "command": ["w"]}));
+        let other_cmd = spec(serde_json::json!({"dispatch": "push", "command": ["w", "--fast"]}));
+        let cmd_env = spec(serde_json::json!({"dispatch": "push", "command": ["w"], "env": {"A": "1"}}));
+        let mut cmd_v2 = cmd.clone();
+        cmd_v2.version = "v2".into();
+        let image = spec(serde_json::json!({"dispatch": "push", "image": "x:1", "env": {"A": "1"}}));
+        let pull_env = spec(serde_json::json!({"dispatch": "pull", "env": {"A": "1"}}));
+        assert_eq!(field_needing_admin(None, &cmd), Some("spec.worker.command"), "creating a command");
+        assert_eq!(field_needing_admin(Some(&image), &cmd), Some("spec.worker.command"), "adding one");
+        assert_eq!(field_needing_admin(Some(&cmd), &other_cmd), Some("spec.worker.command"), "changing one");
+        assert_eq!(field_needing_admin(Some(&cmd), &cmd_env), Some("spec.worker.env"), "its environment");
+        assert_eq!(field_needing_admin(None, &pull_env), Some("spec.worker.env"), "no image: a process's env");
+        assert_eq!(field_needing_admin(Some(&cmd), &cmd_v2), None, "other fields of an admin's command");
+        assert_eq!(field_needing_admin(None, &image), None, "an image, env and all");
+        assert_eq!(field_needing_admin(Some(&cmd), &image), None, "replacing a command by an image");
+    }
 }

@@ -11,6 +11,7 @@ use serde_json::json;
 use super::store;
 use crate::auth::Principal;
 use crate::error::{ApiError, PlatformError};
+use crate::functions::api::author;
 use crate::functions::store::{FunctionInput, upsert};
 use crate::http::{ApiJson, AppState};
 
@@ -57,7 +58,7 @@ async fn apply(
     }
     let mut tx = state.pool.begin().await.map_err(PlatformError::from)?;
     let mut results = Vec::with_capacity(resources.len());
-    for r in &resources {
+    for (i, r) in resources.iter().enumerate() {
         let meta = r.metadata();
         let (action, revision) = match r {
             Resource::Function { metadata, spec, paused } => {
@@ -68,7 +69,13 @@ async fn apply(
                     spec: (**spec).clone(),
                     paused: *paused,
                 };
-                let (udf, action) = upsert(&mut tx, &input, Some(&p.key_id), false).await?;
+                // A refusal names the document, as validation does.
+                let (udf, action) = upsert(&mut tx, &input, author(&p), false).await.map_err(|e| match e {
+                    PlatformError::Forbidden(m) => {
+                        PlatformError::Forbidden(format!("{}: {m}", describe(&req.documents[i], i)))
+                    }
+                    other => other,
+                })?;
                 (action, Some(udf.revision))
             }
             Resource::Index { metadata, spec } => (store::apply_index(&mut tx, metadata, spec).await?, None),

@@ -2,7 +2,9 @@
 //! a runner.
 //!
 //! Placement: a runner that is active (heartbeating, not draining), has a
-//! free slot, has the driver the Function needs, and whose labels match the
+//! free slot, has the driver the Function needs (`process` for a
+//! `worker.command`, which only runners started with `--allow-commands`
+//! advertise; `docker` for an image), and whose labels match the
 //! node selector of the Function's compute pool; among those, one with an
 //! idle warm worker for the Function's revision, then the least loaded.
 //!
@@ -200,6 +202,11 @@ impl Need {
             Need::Driver if s.driver == "http" => {
                 "no runner calls a worker.url in push mode: give the worker a command or an image".to_string()
             }
+            Need::Driver if s.driver == "process" => "no active runner allows commands (worker.command): a runner \
+                                                      runs them only when its operator starts it with \
+                                                      --allow-commands (LAYER_RUNNER_ALLOW_COMMANDS=true); or give \
+                                                      the worker an image"
+                .to_string(),
             Need::Driver => format!("no active runner has the {} driver", s.driver),
             Need::Labels => {
                 let labels: Vec<String> = s.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -697,6 +704,23 @@ pub(crate) mod tests {
         let cooldown = HashMap::from([("cool".to_string(), Instant::now() + Duration::from_secs(5))]);
         let s = scheduling(&u, &none).unwrap();
         assert!(place(&u, &s, &mut cool, &cooldown).is_none());
+    }
+
+    #[test]
+    fn commands_go_only_to_runners_that_allow_them() {
+        let none = compute_pools(Vec::new());
+        let u = push(serde_json::json!({}));
+        let mut closed = runner("closed", &[], 0, false, 0);
+        closed.drivers.0 = vec!["docker".into()];
+        assert_eq!(picked(&u, std::slice::from_mut(&mut closed), &none), None);
+        let s = scheduling(&u, &none).unwrap();
+        let why = Need::Driver.unmet(&s);
+        assert!(why.contains("no active runner allows commands") && why.contains("--allow-commands"), "{why}");
+        let mut rs = vec![closed, runner("open", &[], 1, false, 0)];
+        assert_eq!(picked(&u, &mut rs, &none).as_deref(), Some("open"));
+        // Images still go to the runner without the process driver.
+        let image = push(serde_json::json!({"worker": {"dispatch": "push", "image": "x:1"}}));
+        assert_eq!(picked(&image, &mut rs, &none).as_deref(), Some("closed"));
     }
 
     #[test]

@@ -235,6 +235,30 @@ pub async fn deregister(pool: &PgPool, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Deletes the runners not heard from for `retention`: lost ones (no
+/// heartbeat) and deregistered ones (their last heartbeat came just
+/// before they left). `now` is the database clock unless given (tests
+/// step time with it). A runner that still has a batch out is kept until
+/// that batch is reported or reaped, so its leases stay free retries.
+/// Batch records name their runner by id and are not touched: they stay
+/// readable until their own retention. Returns how many runners went.
+///
+/// Concurrency: one statement; a heartbeat racing it either lands first
+/// (the runner is no longer old and stays) or finds the row gone and gets
+/// a 401, like any runner the platform does not know.
+pub async fn prune(pool: &PgPool, retention: std::time::Duration, now: Option<DateTime<Utc>>) -> Result<u64> {
+    Ok(sqlx::query(
+        "DELETE FROM runners r
+         WHERE r.last_heartbeat_at < coalesce($1, now()) - make_interval(secs => $2)
+           AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.runner_id = r.id AND b.state = 'dispatched')",
+    )
+    .bind(now)
+    .bind(retention.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// A batch record, with its Function as it is now (`None` when the
 /// Function was deleted).
 #[derive(Debug, Clone, sqlx::FromRow)]

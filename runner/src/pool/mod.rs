@@ -25,6 +25,11 @@ use tokio::sync::Notify;
 use crate::gpu::{GpuBinding, Gpus, Unbound};
 use crate::logs::{LogBook, WorkerLog};
 
+/// Why a runner without `--allow-commands` runs no `worker.command`.
+pub const COMMANDS_NOT_ALLOWED: &str = "this runner does not run commands (worker.command): its operator did not \
+                                        allow it (start the runner with --allow-commands, or \
+                                        LAYER_RUNNER_ALLOW_COMMANDS=true)";
+
 /// Why a worker did not become ready.
 enum NotReady {
     /// It exited first; how.
@@ -183,6 +188,8 @@ pub struct PoolConfig {
     /// The container engine, when the node has one: Functions with
     /// `worker.image` run as its containers.
     pub engine: Option<container::Engine>,
+    /// Whether `worker.command` may be started as a local process.
+    pub allow_commands: bool,
     /// The node's GPUs, bound to workers whose plan asks for them.
     pub gpus: Gpus,
     /// Recent worker output, for `layer logs`.
@@ -466,6 +473,9 @@ impl Pools {
             return ContainerWorker::start(engine, plan, &env, launch, &self.http, startup)
                 .await
                 .map(Worker::Container);
+        }
+        if !self.config.allow_commands {
+            return Err(COMMANDS_NOT_ALLOWED.into());
         }
         ProcessWorker::start(plan, env, launch, &self.http, startup).await.map(Worker::Process)
     }

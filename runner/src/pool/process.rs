@@ -4,6 +4,13 @@
 //! group (so stopping it stops what it started), and is ready once
 //! `GET /healthz` answers 200. Its output goes to the runner's log, one line
 //! per event, tagged with the worker.
+//!
+//! A worker dies with its runner, however the runner ends (`kill -9`
+//! included): on Linux the child asks the kernel for SIGKILL when its
+//! parent goes (`PR_SET_PDEATHSIG`). The kernel means the parent *thread*:
+//! the signal comes when the thread that forked the child exits. Tokio's
+//! blocking threads come and go, so every worker is forked on one thread
+//! kept for the life of the process ([`spawn_tied_to_runner`]).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -64,6 +71,74 @@ pub struct ProcessWorker {
     pub gpus: GpuBinding,
 }
 
+/// Work for the spawner thread.
+type SpawnJob = Box<dyn FnOnce() + Send>;
+
+/// The thread every worker process is forked on. Its sender lives in a
+/// static, so the thread runs until the process exits, and the workers'
+/// parent-death signal fires exactly when the runner's process ends.
+fn spawner() -> &'static std::sync::mpsc::Sender<SpawnJob> {
+    static SPAWNER: std::sync::OnceLock<std::sync::mpsc::Sender<SpawnJob>> = std::sync::OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        let started = std::thread::Builder::new().name("layer-worker-spawner".into()).spawn(move || {
+            for job in rx {
+                job();
+            }
+        });
+        // Without the thread its receiver is gone: every spawn then fails
+        // with "the worker spawner thread has stopped".
+        if let Err(e) = started {
+            tracing::error!(error = %e, "cannot start the worker spawner thread: no worker process can start");
+        }
+        tx
+    })
+}
+
+/// Starts `cmd` so that it dies with the runner: `PR_SET_PDEATHSIG` with
+/// SIGKILL, set in the child between fork and exec, with the fork done on
+/// the [`spawner`] thread (see the module's documentation). A runner that
+/// died between the fork and the `prctl` would send no signal, so the
+/// child checks that its parent is still the runner and gives up if not.
+async fn spawn_tied_to_runner(mut cmd: Command) -> std::io::Result<Child> {
+    die_with_parent(&mut cmd);
+    let runtime = tokio::runtime::Handle::current();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: SpawnJob = Box::new(move || {
+        // The child's reaper belongs to the runtime the worker is used from.
+        let _entered = runtime.enter();
+        let _ = tx.send(cmd.spawn());
+    });
+    spawner().send(job).map_err(|_| std::io::Error::other("the worker spawner thread has stopped"))?;
+    rx.await.map_err(|_| std::io::Error::other("the worker spawner thread dropped the spawn"))?
+}
+
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    use nix::sys::prctl;
+    use nix::unistd::getppid;
+    let runner = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: it makes two system calls
+    // (prctl, getppid) and builds an io::Error from an errno, which does
+    // not allocate. It touches no lock and no state of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            prctl::set_pdeathsig(Signal::SIGKILL)?;
+            if getppid() != runner {
+                return Err(nix::errno::Errno::ESRCH.into());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Elsewhere there is no parent-death signal: a runner killed outright
+/// leaves its workers running.
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}
+
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
 }
@@ -108,7 +183,8 @@ impl ProcessWorker {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| format!("cannot start worker command {:?}: {e}", argv[0]))?;
+        let mut child =
+            spawn_tied_to_runner(cmd).await.map_err(|e| format!("cannot start worker command {:?}: {e}", argv[0]))?;
         let pid = child.id().unwrap_or_default();
         if let Some(err) = child.stderr.take() {
             forward_lines(name.clone(), log.clone(), err, false);
@@ -174,5 +250,60 @@ impl ProcessWorker {
             let _ = self.child.wait().await;
             drop(gpus);
         });
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// Whether the process is dead or about to be: gone, a zombie, or with
+    /// SIGKILL pending.
+    fn killed(pid: u32) -> bool {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            return true;
+        };
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("");
+        let sigkill_pending = |name: &str| u64::from_str_radix(field(name), 16).unwrap_or(0) & (1 << 8) != 0;
+        field("State:").starts_with(['Z', 'X']) || sigkill_pending("SigPnd:") || sigkill_pending("ShdPnd:")
+    }
+
+    /// The parent-death signal follows the thread that forked: a worker
+    /// asked for on a blocking thread must not die when that thread ends.
+    #[test]
+    fn a_worker_outlives_the_thread_that_asked_for_it() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_keep_alive(Duration::from_millis(1))
+            .enable_all()
+            .build()
+            .unwrap();
+        let (mut child, thread) = rt.block_on(async {
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                // "<pid>/task/<tid>": this thread, as /proc names it.
+                let thread = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+                let mut cmd = Command::new("sleep");
+                cmd.arg("60");
+                let child = handle.block_on(spawn_tied_to_runner(cmd)).expect("spawn sleep");
+                (child, std::path::Path::new("/proc").join(thread))
+            })
+            .await
+            .unwrap()
+        });
+        let pid = child.id().expect("running");
+        // Once the thread is reaped, the kernel has sent any parent-death
+        // signal it was going to.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while thread.exists() {
+            assert!(Instant::now() < deadline, "the blocking thread {} did not exit", thread.display());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!killed(pid), "the worker died with the thread that asked for it");
+        rt.block_on(async {
+            child.kill().await.unwrap();
+        });
+        assert!(killed(pid));
     }
 }

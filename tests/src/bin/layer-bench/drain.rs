@@ -235,7 +235,7 @@ fn pgqueuer(pg: &EmbeddedPostgres, postmaster: u32, rows: usize, batch: usize) -
 
 pub async fn discovery(rows: usize, new: usize, repeat: usize) -> Result<()> {
     use layer_platform::engine::discovery::sweep_function;
-    use layer_platform::functions::store::{FunctionInput, upsert};
+    use layer_platform::functions::store::{Author, FunctionInput, upsert};
     use layer_protocol::resource::{Resource, validate_document};
 
     let dir = std::env::temp_dir().join(format!("layer-bench-disc-{}", std::process::id()));
@@ -249,7 +249,7 @@ pub async fn discovery(rows: usize, new: usize, repeat: usize) -> Result<()> {
         let Ok(Resource::Function { spec, .. }) = validate_document(&doc) else { bail!("bad function") };
         let mut conn = pool.acquire().await?;
         let input = FunctionInput { id: "disc".into(), k8s_namespace: "layer".into(), labels: None, spec: *spec, paused: None };
-        let (udf, _) = upsert(&mut conn, &input, None, false).await?;
+        let (udf, _) = upsert(&mut conn, &input, Author::INTERNAL, false).await?;
         drop(conn);
 
         let t = Instant::now();

@@ -37,6 +37,7 @@ async fn start_runner(http: &reqwest::Client, platform: &Platform, slots: u32) -
 async fn start_runner_with(http: &reqwest::Client, platform: &Platform, slots: u32, extra: &[&str]) -> Result<Runner> {
     let child = Command::new(layer_binary()?)
         .args(["runner", "--platform", &platform.url, "--listen", "127.0.0.1:0", "--slots", &slots.to_string()])
+        .arg("--allow-commands")
         .args(extra)
         .env("LAYER_API_KEY", KEY)
         .env("LAYER_LOG", crate::child_log())
