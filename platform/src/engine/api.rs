@@ -292,7 +292,7 @@ async fn status(
     Path(id): Path<String>,
 ) -> Result<Json<UdfStatus>, ApiError> {
     let udf = udf_for_worker(&state, &p, &id, Scope::Read).await?;
-    Ok(Json(queue::status(&state.pool, &udf, state.settings.runners.lost_after).await?))
+    Ok(Json(crate::runners::status(&state.pool, &udf, state.settings.runners.lost_after).await?))
 }
 
 async fn reset_failed(

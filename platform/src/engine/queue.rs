@@ -741,9 +741,9 @@ struct StatusRow {
     recent: i64,
 }
 
-/// The status the client's `UdfStatus` expects, with real counts; runners
-/// silent for `runner_lost_after` do not count as able to take its work.
-pub async fn status(pool: &PgPool, udf: &Udf, runner_lost_after: std::time::Duration) -> Result<UdfStatus> {
+/// The status the client's `UdfStatus` expects, with real counts and no
+/// conditions (`crate::runners::status` adds what the fleet says).
+pub async fn status(pool: &PgPool, udf: &Udf) -> Result<UdfStatus> {
     let s: StatusRow = sqlx::query_as(
         "SELECT
              (SELECT count(*) FROM work_items WHERE function_id = $1 AND state = 'pending') AS pending,
@@ -790,6 +790,6 @@ pub async fn status(pool: &PgPool, udf: &Udf, runner_lost_after: std::time::Dura
         failed_count: s.failed,
         indexed_rate_per_min: s.recent as f64 * 60.0 / RATE_WINDOW_SECONDS as f64,
         rate_window_seconds: RATE_WINDOW_SECONDS,
-        conditions: crate::runners::dispatch::conditions(pool, udf, runner_lost_after, s.pending as u64).await?,
+        conditions: Vec::new(),
     })
 }

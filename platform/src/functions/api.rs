@@ -111,7 +111,7 @@ async fn get_one(
 ) -> Result<Json<GetUdfResponse>, ApiError> {
     p.require(Scope::Read)?;
     let udf = store::get(&state.pool, &id).await?;
-    let status = crate::engine::queue::status(&state.pool, &udf, state.settings.runners.lost_after).await?;
+    let status = crate::runners::status(&state.pool, &udf, state.settings.runners.lost_after).await?;
     Ok(Json(GetUdfResponse { udf, status }))
 }
 

@@ -257,19 +257,14 @@ fn place<'a>(
         })
 }
 
-/// What stops a Function's batches from being placed, for its status:
-/// a rejection by its pool, no active runner that can run it (push
-/// Functions, and pull Functions whose workers the runners run), or, for
-/// pull Functions, what [`super::scaling::conditions`] finds.
-pub async fn conditions(pool: &PgPool, udf: &Udf, lost_after: Duration, pending: u64) -> Result<Vec<UdfCondition>> {
+/// What stops a push Function's batches from being placed, for its
+/// status: a rejection by its pool, or no active runner that can run it.
+pub async fn conditions(pool: &PgPool, udf: &Udf, lost_after: Duration) -> Result<Vec<UdfCondition>> {
     let pools = compute_pools(crate::resources::store::list_infra_rules(pool).await?);
     let s = match scheduling(udf, &pools) {
         Ok(s) => s,
         Err(c) => return Ok(vec![c]),
     };
-    if udf.spec.worker.dispatch != Dispatch::Push {
-        return super::scaling::conditions(pool, udf, &s, lost_after, pending).await;
-    }
     let runners = store::list(pool, lost_after.as_secs_f64()).await?;
     Ok(unmet(&s, &runners).map(|why| UdfCondition::new("NoRunner", why)).into_iter().collect())
 }

@@ -18,6 +18,9 @@ pub mod api;
 pub mod dispatch;
 pub mod records;
 pub mod scaling;
+pub mod status;
+
+pub use status::status;
 pub mod store;
 
 use std::collections::HashMap;
