@@ -13,6 +13,9 @@ CREATE INDEX api_keys_workers ON api_keys (worker_runner_id, worker_function_id)
 -- The key that claimed a pull lease: its own writes to the row while the
 -- lease is live keep the lease's fence (write-through completion).
 ALTER TABLE work_items ADD COLUMN leased_key text;
+-- Every write looks up the leases of the rows it touches, by row: only
+-- leased items are indexed, so this stays small at millions queued.
+CREATE INDEX work_items_leased_rows ON work_items (namespace, row_id) WHERE state = 'leased';
 
 -- When a pull Function's queue was last claimed from, for the NoWorker
 -- condition of pull Functions whose workers run elsewhere.
