@@ -257,18 +257,6 @@ fn place<'a>(
         })
 }
 
-/// What stops a push Function's batches from being placed, for its
-/// status: a rejection by its pool, or no active runner that can run it.
-pub async fn conditions(pool: &PgPool, udf: &Udf, lost_after: Duration) -> Result<Vec<UdfCondition>> {
-    let pools = compute_pools(crate::resources::store::list_infra_rules(pool).await?);
-    let s = match scheduling(udf, &pools) {
-        Ok(s) => s,
-        Err(c) => return Ok(vec![c]),
-    };
-    let runners = store::list(pool, lost_after.as_secs_f64()).await?;
-    Ok(unmet(&s, &runners).map(|why| UdfCondition::new("NoRunner", why)).into_iter().collect())
-}
-
 /// The first [`Need`] no active or draining runner meets, in words.
 pub(crate) fn unmet(s: &Scheduling, runners: &[RunnerRow]) -> Option<String> {
     let mut runners: Vec<&RunnerRow> =

@@ -307,16 +307,16 @@ pub async fn assigned_to(pool: &PgPool, runner_id: &str) -> Result<Vec<PullWorke
     Ok(out)
 }
 
-/// Why a pull Function's workers do not run, for its status: its pool
-/// rejects it, no runner qualifies, workers in backoff (with how they
+/// Why a pull Function's workers do not run, for its status (see
+/// `super::status`): no runner qualifies, workers in backoff (with how they
 /// ended), or (no image) rows pending and no worker claiming.
-pub async fn conditions(pool: &PgPool, udf: &Udf, lost_after: Duration, pending: u64) -> Result<Vec<UdfCondition>> {
-    let pools = compute_pools(crate::resources::store::list_infra_rules(pool).await?);
-    let s = match scheduling(udf, &pools) {
-        Ok(s) => s,
-        Err(c) => return Ok(vec![c]),
-    };
-    let s = &s;
+pub async fn conditions(
+    pool: &PgPool,
+    udf: &Udf,
+    s: &Scheduling,
+    runners: &[RunnerRow],
+    pending: u64,
+) -> Result<Vec<UdfCondition>> {
     let mut out = Vec::new();
     if !runs_pull_workers(udf) {
         let last: Option<DateTime<Utc>> =
@@ -344,11 +344,10 @@ pub async fn conditions(pool: &PgPool, udf: &Udf, lost_after: Duration, pending:
         }
         return Ok(out);
     }
-    let runners: Vec<RunnerRow> = store::list(pool, lost_after.as_secs_f64()).await?;
-    if let Some(why) = dispatch::unmet(s, &runners) {
+    if let Some(why) = dispatch::unmet(s, runners) {
         out.push(UdfCondition::new("NoRunner", why));
     }
-    for r in &runners {
+    for r in runners {
         if r.state() != RunnerState::Active {
             continue;
         }
