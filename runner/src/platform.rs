@@ -173,39 +173,37 @@ impl PlatformClient {
     /// Asks the platform whether this runner may start one more push
     /// worker of a Function (`replicas.max` across the fleet).
     pub async fn worker_slot(&self, udf_id: &str) -> Result<WorkerSlotResponse, String> {
-        let (id, token) = self.session();
-        let r = self
-            .http
-            .post(format!("{}/v2/runners/{id}/worker-slots", self.base))
-            .bearer_auth(token)
-            .timeout(Duration::from_secs(10))
-            .json(&WorkerSlotRequest { udf_id: udf_id.to_string() })
-            .send()
-            .await
-            .map_err(|e| format!("cannot reach the platform for a worker slot: {e}"))?;
-        if !r.status().is_success() {
-            return Err(format!("the platform granted no worker slot for {udf_id}: {}", error_text(r).await));
-        }
-        r.json().await.map_err(|e| format!("the platform's worker slot answer is not valid: {e}"))
+        let req = WorkerSlotRequest { udf_id: udf_id.to_string() };
+        self.session_call("worker-slots", &req).await.map_err(|e| format!("no worker slot for {udf_id}: {e}"))
     }
 
     /// Asks the platform for a key for one Function's workers on this
     /// runner (it replaces the one minted before).
     pub async fn worker_key(&self, udf_id: &str) -> Result<WorkerKeyResponse, String> {
+        let req = WorkerKeyRequest { udf_id: udf_id.to_string() };
+        self.session_call("worker-keys", &req).await.map_err(|e| format!("no worker key for {udf_id}: {e}"))
+    }
+
+    /// `POST /v2/runners/{id}/{path}` with the session token.
+    async fn session_call<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        req: &Req,
+    ) -> Result<Resp, String> {
         let (id, token) = self.session();
         let r = self
             .http
-            .post(format!("{}/v2/runners/{id}/worker-keys", self.base))
+            .post(format!("{}/v2/runners/{id}/{path}", self.base))
             .bearer_auth(token)
             .timeout(Duration::from_secs(10))
-            .json(&WorkerKeyRequest { udf_id: udf_id.to_string() })
+            .json(req)
             .send()
             .await
-            .map_err(|e| format!("cannot reach the platform for a worker key: {e}"))?;
+            .map_err(|e| format!("cannot reach the platform: {e}"))?;
         if !r.status().is_success() {
-            return Err(format!("the platform minted no worker key for {udf_id}: {}", error_text(r).await));
+            return Err(error_text(r).await);
         }
-        r.json().await.map_err(|e| format!("the platform's worker key answer is not valid: {e}"))
+        r.json().await.map_err(|e| format!("the platform's answer is not valid: {e}"))
     }
 
     pub async fn deregister(&self) -> Result<(), String> {

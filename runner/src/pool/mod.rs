@@ -383,6 +383,8 @@ impl Pools {
                     if let Some(pool) = inner.pools.get_mut(&key) {
                         pool.count -= 1;
                         pool.starting -= 1;
+                        // Ask again in a second, not on every wake-up.
+                        pool.next_start = Instant::now() + Duration::from_secs(1);
                     }
                     drop(inner);
                     start_as = None;
