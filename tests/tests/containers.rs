@@ -377,6 +377,21 @@ async fn apply_file(p: &TestPlatform, path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits for a condition of `udf`'s status with `reason` whose message
+/// contains `needle`; returns it.
+async fn condition(p: &TestPlatform, udf: &str, reason: &str, needle: &str) -> anyhow::Result<Value> {
+    wait_for(&format!("condition {reason} with {needle:?}"), Duration::from_secs(40), async || {
+        let (_, st) = p.call(Method::GET, &format!("/v2/udfs/{udf}/status"), None).await?;
+        let hit = st["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["reason"] == reason && c["message"].as_str().is_some_and(|m| m.contains(needle)));
+        Ok(hit.cloned())
+    })
+    .await
+}
+
 /// The pull workers of a Function running in the runner's containers.
 fn pull_containers(runner: &str, udf: &str) -> anyhow::Result<usize> {
     let out = Command::new("docker")
@@ -492,6 +507,10 @@ async fn seed_tag_products_runs_unchanged_in_runner_containers_from_zero_to_max_
     .await?
     .flatten();
     assert_eq!(owner.as_deref(), Some("tag-products"));
+    // Their calls went through the runner's gateway, and were counted.
+    let (_, m) = layer_tests::scrape(&format!("http://{}", runner.addr)).await?;
+    let through = m.get("layer_runner_gateway_requests_total{area=\"/v2/udfs\"}").copied().unwrap_or(0.0);
+    assert!(through >= 1.0, "claims through the gateway: {through}");
     // The workers' output is in `layer logs`.
     let (_, logs) = p.call(Method::GET, "/v2/udfs/tag-products/logs", None).await?;
     assert!(logs.to_string().contains("pull worker for tag-products starting"), "{logs}");
@@ -533,25 +552,13 @@ async fn a_pull_worker_that_exits_backs_off_and_its_status_says_why() -> anyhow:
     // The entrypoint's LAYER_UDF_FUNCTION names a function worker.py lacks.
     let broken = json!({"LAYER_UDF_FUNCTION": "no_such_function"});
     p.apply_function("crashy", spec("ghcr.io/hev/tag-products:latest", broken)).await?;
-    let condition = async |reason: &str, needle: &str| {
-        wait_for(&format!("condition {reason} with {needle:?}"), Duration::from_secs(40), async || {
-            let (_, st) = p.call(Method::GET, "/v2/udfs/crashy/status", None).await?;
-            let hit = st["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|c| c["reason"] == reason && c["message"].as_str().is_some_and(|m| m.contains(needle)));
-            Ok(hit.cloned())
-        })
-        .await
-    };
-    condition("NoRunner", "docker driver").await?;
+    condition(&p, "crashy", "NoRunner", "docker driver").await?;
     no_docker.stop().await?;
 
     // The image's worker exits at once: restarted with a growing pause,
     // and the status carries its last lines.
     let runner = TestRunner::start(&p, |c| c.name = name.clone()).await?;
-    let c = condition("WorkerFailing", "has no attribute 'no_such_function'").await?;
+    let c = condition(&p, "crashy", "WorkerFailing", "has no attribute 'no_such_function'").await?;
     assert!(c["message"].as_str().unwrap_or("").contains("exit code"), "{c}");
     let restarts = Instant::now();
     let mut seen: std::collections::BTreeSet<String> = Default::default();
@@ -564,7 +571,7 @@ async fn a_pull_worker_that_exits_backs_off_and_its_status_says_why() -> anyhow:
 
     // An image that does not exist says so.
     p.apply_function("crashy", spec("layer/no-such-image:dev", json!({}))).await?;
-    condition("WorkerFailing", "No such image").await?;
+    condition(&p, "crashy", "WorkerFailing", "No such image").await?;
     let (_, st) = p.call(Method::GET, "/v2/udfs/crashy/status", None).await?;
     assert_eq!(st["pending_count"], 2, "nothing is lost meanwhile: {st}");
     runner.stop().await?;
@@ -598,15 +605,7 @@ async fn seed_product_color_places_a_gpu_container_and_the_engines_refusal_shows
     assert_eq!(placed, (runner.id.clone(), 1));
     // The device request for the bound GPU reached the engine, which has no
     // NVIDIA runtime here and refused it.
-    let refusal = wait_for("the engine's refusal in the status", Duration::from_secs(40), async || {
-        let (_, st) = p.call(Method::GET, "/v2/udfs/product-color/status", None).await?;
-        let hit =
-            st["conditions"].as_array().into_iter().flatten().find(|c| {
-                c["reason"] == "WorkerFailing" && c["message"].as_str().is_some_and(|m| m.contains("nvidia"))
-            });
-        Ok(hit.cloned())
-    })
-    .await?;
+    let refusal = condition(&p, "product-color", "WorkerFailing", "nvidia").await?;
     assert!(refusal["message"].as_str().unwrap_or("").contains(image), "{refusal}");
     assert!(containers_of(&name)?.is_empty(), "a refused container is removed");
     runner.stop().await?;
