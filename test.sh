@@ -8,17 +8,28 @@
 #   target/pyenv                     a venv with the public client, hevlayer==0.7.3
 #   the example worker images        deploy/images/build.sh (needs Docker)
 #
+# First it prints the free disk space and refuses to start with less than
+# LAYER_MIN_FREE_GIB (default 8) GiB free: a full disk fails builds,
+# PostgreSQL and Docker in ways that look like test failures.
+#
 # Then it starts a throwaway PostgreSQL (unless DATABASE_URL names one),
 # runs `cargo nextest run --workspace` with any arguments given here, and
-# stops that PostgreSQL again. On a machine with no Docker at all (no
-# `docker` client) the container tests are skipped with nextest's
-# `no-docker` profile (.config/nextest.toml), and this says so loudly;
-# where Docker exists they all run, and an engine that does not answer
-# fails them.
+# stops that PostgreSQL again. Everything the run writes to a temporary
+# directory (that PostgreSQL, the tests' scratch directories: TMPDIR points
+# into it) lives under one /tmp/layer-test.XXXXXX, removed on exit, whether
+# the tests pass, fail or are interrupted.
+#
+# The nextest profile (.config/nextest.toml): `default`, or `ci` when the
+# CI variable is set (every failure reported, a JUnit report under
+# target/nextest/ci/). On a machine with no Docker at all (no `docker`
+# client) the container tests are skipped with the `no-docker` (or
+# `ci-no-docker`) profile, and this says so loudly; where Docker exists
+# they all run, and an engine that does not answer fails them.
 set -euo pipefail
 cd "$(dirname "$0")"
 . deploy/prereqs.sh
 
+check_free_disk "${LAYER_MIN_FREE_GIB:-8}" .
 need_cargo
 command -v python3 >/dev/null 2>&1 || install_packages python3 python3-venv
 missing=()
@@ -45,7 +56,24 @@ if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c 'import hevl
   target/pyenv/bin/pip install --quiet --disable-pip-version-check hevlayer==0.7.3
 fi
 
-profile=()
+# One temporary directory for everything this run writes there, removed on
+# exit however the run ends.
+RUN_TMP=$(mktemp -d /tmp/layer-test.XXXXXX)
+# Traversable by the unprivileged users PostgreSQL and some tests run as.
+chmod 755 "$RUN_TMP"
+mkdir -m 1777 "$RUN_TMP/tmp"
+PG_STOP=()
+cleanup() {
+  [ ${#PG_STOP[@]} -gt 0 ] && "${PG_STOP[@]}" >/dev/null 2>&1
+  rm -rf "$RUN_TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+export TMPDIR=$RUN_TMP/tmp
+
+profile=default
+case "${CI:-}" in "" | 0 | false) ;; *) profile=ci ;; esac
 if [ "$docker" = yes ]; then
   say "building the example worker images (deploy/images/build.sh; the first time takes a few minutes)"
   flock /tmp/layer-images.lock deploy/images/build.sh
@@ -53,20 +81,20 @@ else
   cat >&2 <<'MSG'
 
   ***************************************************************************
-  *  SKIPPING the container tests (tests/tests/containers.rs): this machine *
-  *  has no Docker at all (no `docker` client on PATH). nextest counts them *
-  *  as skipped below. Install Docker to run them.                          *
+  *  SKIPPING the container tests (tests/tests/it/containers.rs): this      *
+  *  machine has no Docker at all (no `docker` client on PATH). nextest     *
+  *  counts them as skipped below. Install Docker to run them.              *
   ***************************************************************************
 
 MSG
-  profile=(--profile no-docker)
+  if [ "$profile" = ci ]; then profile=ci-no-docker; else profile=no-docker; fi
 fi
 
 # A throwaway PostgreSQL for this run, unless DATABASE_URL names a server.
 if [ -z "${DATABASE_URL:-}" ]; then
   PG_BIN=$(pg_bindir)
-  PG_DIR=$(mktemp -d /tmp/layer-test-run.XXXXXX)
-  chmod 755 "$PG_DIR"
+  PG_DIR=$RUN_TMP/pg
+  mkdir -m 755 "$PG_DIR"
   RUN_AS=()
   if [ "$(id -u)" = 0 ]; then
     PG_USER=${LAYER_PG_USER:-postgres}
@@ -75,15 +103,10 @@ if [ -z "${DATABASE_URL:-}" ]; then
     RUN_AS=(runuser -u "$PG_USER" --)
   fi
   "${RUN_AS[@]}" "$PG_BIN/initdb" -D "$PG_DIR/data" -U layer --auth=trust -E UTF8 --locale=C >/dev/null
+  PG_STOP=("${RUN_AS[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop)
   "${RUN_AS[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w start -o \
     "-k $PG_DIR -c listen_addresses= -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" >/dev/null
-  stop_pg() {
-    "${RUN_AS[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
-    rm -rf "$PG_DIR"
-  }
-  trap stop_pg EXIT
   export DATABASE_URL="postgres://layer@localhost/postgres?host=$PG_DIR"
 fi
-
-say "running the tests: cargo nextest run --workspace ${profile[*]} $*"
-cargo nextest run --workspace "${profile[@]}" "$@"
+say "running the tests: cargo nextest run --workspace --profile $profile $*"
+cargo nextest run --workspace --profile "$profile" "$@"

@@ -39,6 +39,22 @@ install_packages() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# check_free_disk MIN_GIB DIR: prints the free space on DIR's filesystem and
+# on /tmp's, and stops when either has less than MIN_GIB GiB free.
+check_free_disk() {
+  local min=$1 dir=$2 d free
+  for d in "$dir" /tmp; do
+    free=$(df -Pk "$d" | awk 'NR == 2 { print int($4 / 1048576) }')
+    say "free disk: ${free} GiB on $(df -P "$d" | awk 'NR == 2 { print $6 }') (for $(cd "$d" && pwd))"
+    if [ "$free" -lt "$min" ]; then
+      printf '\nerror: only %s GiB free for %s; this needs at least %s GiB (LAYER_MIN_FREE_GIB).\n' "$free" "$(cd "$d" && pwd)" "$min" >&2
+      printf 'See what uses it, largest last:\n\n  du -xhd1 %s 2>/dev/null | sort -h | tail\n\n' "$(df -P "$d" | awk 'NR == 2 { print $6 }')" >&2
+      printf 'An old target/ of a clone is many GB: cargo clean there, or delete the clone.\n' >&2
+      exit 1
+    fi
+  done
+}
+
 need_cargo() {
   command -v cargo >/dev/null 2>&1 ||
     die "cargo is missing: install Rust (1.89 or newer) with rustup, then run this again"

@@ -39,9 +39,16 @@ ROOT=$(pwd)
 WANT=("$@")
 [ ${#WANT[@]} -eq 0 ] && WANT=(echo python test pull)
 MIRROR=${LAYER_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+target_dir=${CARGO_TARGET_DIR:-target}
 
 have() { [ "${LAYER_REBUILD:-0}" != 1 ] && docker image inspect "$1" >/dev/null 2>&1; }
-ctx() { mktemp -d /tmp/layer-image.XXXXXX; }
+# Scratch directories (build contexts, the debootstrap root) live under
+# TMPDIR and are removed on exit, a failed or interrupted build included.
+SCRATCH=()
+trap 'rm -rf "${SCRATCH[@]}"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+scratch() { SCRATCH+=("$(mktemp -d "${TMPDIR:-/tmp}/layer-$1.XXXXXX")"); }
 
 build_echo() {
   if have layer/echo-rust:dev; then echo "layer/echo-rust:dev: present"; return; fi
@@ -51,8 +58,8 @@ build_echo() {
   # explicit --target the flag reaches only the worker, not build scripts.
   RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --release --quiet -p layer-echo-worker --target "$host"
-  dir=$(ctx)
-  cp "target/$host/release/layer-echo-worker" "$dir/"
+  scratch image; dir=${SCRATCH[-1]}
+  cp "$target_dir/$host/release/layer-echo-worker" "$dir/"
   strip "$dir/layer-echo-worker" 2>/dev/null || true
   cat > "$dir/Dockerfile" <<'DOCKERFILE'
 FROM scratch
@@ -72,7 +79,7 @@ build_python_base() {
   if have layer/python-base:bookworm; then echo "layer/python-base:bookworm: present"; return; fi
   command -v debootstrap >/dev/null || { echo "debootstrap is missing: apt-get install debootstrap" >&2; exit 1; }
   local root
-  root=$(mktemp -d /tmp/layer-rootfs.XXXXXX)
+  scratch rootfs; root=${SCRATCH[-1]}
   debootstrap --variant=minbase --include=python3 bookworm "$root" "$MIRROR" >/dev/null
   # What a worker never needs.
   rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* \
@@ -88,7 +95,7 @@ build_python_base() {
 on_python_base() {
   local image=$1 script=$2 extra=${3:-} dir name
   if have "$image"; then echo "$image: present"; return; fi
-  dir=$(ctx)
+  scratch image; dir=${SCRATCH[-1]}
   name=$(basename "$script")
   cp "$script" "$dir/"
   cat > "$dir/Dockerfile" <<DOCKERFILE
@@ -116,7 +123,7 @@ pull_image() {
     target/pyenv/bin/pip install --quiet --disable-pip-version-check hevlayer==0.7.3
   fi
   site=$(target/pyenv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  dir=$(ctx)
+  scratch image; dir=${SCRATCH[-1]}
   mkdir "$dir/site-packages"
   # The client and what it imports; not pip's own tools.
   (cd "$site" && tar -c --exclude='__pycache__' --exclude='pip*' --exclude='setuptools*' \

@@ -34,7 +34,7 @@ fn without_docker_test_sh_counts_the_container_tests_as_skipped_and_says_why() -
     let mut cmd = Command::new(workspace_dir().join("test.sh"));
     // The container tests and one quick test, in a clean environment (none
     // of the outer nextest's variables).
-    cmd.args(["-E", "binary(containers) | test(=missing_postgres_binaries_say_what_to_install)"])
+    cmd.args(["-E", "test(/^containers::/) | test(=dev::missing_postgres_binaries_say_what_to_install)"])
         .env_clear()
         .env("PATH", &bin)
         .env("CARGO_TERM_COLOR", "never");

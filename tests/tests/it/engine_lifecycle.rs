@@ -284,7 +284,7 @@ async fn a_row_rewritten_while_leased_keeps_the_new_write_and_runs_again() -> an
     let items = claim_n(&p, "rw", "w", 1).await?;
     assert_eq!(items[0]["input"]["title"], "old");
     // Another key writes it (the claiming key's own writes keep the lease:
-    // see tests/tests/writethrough.rs).
+    // see tests/tests/it/writethrough.rs).
     let other = p.mint_key(json!({"o": {"scopes": ["write"]}})).await?;
     let (s, r) = p
         .call_as(
