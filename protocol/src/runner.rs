@@ -222,6 +222,13 @@ pub struct PullWorkers {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerSlotRequest {
     pub udf_id: String,
+    /// The push workers of the Function this runner has besides the one it
+    /// asks for (running, stopping or starting). The platform brings the
+    /// runner's slots down to it before counting, so the slot of a worker
+    /// that crashed or was killed is free at once rather than at the next
+    /// heartbeat. Absent: the runner's slots are left as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub others: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

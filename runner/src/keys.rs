@@ -24,6 +24,9 @@ pub struct WorkerKeys {
     platform: Option<PlatformClient>,
     configured: Option<String>,
     minted: Arc<Mutex<HashMap<(String, i32), String>>>,
+    /// One slot request at a time, so each one's count of the runner's
+    /// other workers includes every earlier grant.
+    slot_turn: Arc<Mutex<()>>,
 }
 
 impl std::fmt::Debug for WorkerKeys {
@@ -35,20 +38,25 @@ impl std::fmt::Debug for WorkerKeys {
 
 impl WorkerKeys {
     pub fn new(platform: PlatformClient, configured: Option<String>) -> Self {
-        WorkerKeys { platform: Some(platform), configured, minted: Arc::default() }
+        WorkerKeys { platform: Some(platform), configured, minted: Arc::default(), slot_turn: Arc::default() }
     }
 
     /// No platform to ask: workers get `configured`, or no key.
     pub fn fixed(configured: Option<String>) -> Self {
-        WorkerKeys { platform: None, configured, minted: Arc::default() }
+        WorkerKeys { platform: None, configured, minted: Arc::default(), slot_turn: Arc::default() }
     }
 
     /// Whether this runner may start one more push worker of `udf_id`: the
     /// platform counts them across the fleet against `replicas.max`. With
     /// no platform to ask, yes.
-    pub async fn slot(&self, udf_id: &str) -> Result<bool, String> {
+    /// `others` counts the workers of `udf_id` this runner has besides the
+    /// one it asks for; it is read in turn, after every earlier grant.
+    pub async fn slot(&self, udf_id: &str, others: impl FnOnce() -> u32) -> Result<bool, String> {
         match &self.platform {
-            Some(p) => p.worker_slot(udf_id).await.map(|r| r.granted),
+            Some(p) => {
+                let _turn = self.slot_turn.lock().await;
+                p.worker_slot(udf_id, others()).await.map(|r| r.granted)
+            }
             None => Ok(true),
         }
     }

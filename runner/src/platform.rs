@@ -172,8 +172,8 @@ impl PlatformClient {
 
     /// Asks the platform whether this runner may start one more push
     /// worker of a Function (`replicas.max` across the fleet).
-    pub async fn worker_slot(&self, udf_id: &str) -> Result<WorkerSlotResponse, String> {
-        let req = WorkerSlotRequest { udf_id: udf_id.to_string() };
+    pub async fn worker_slot(&self, udf_id: &str, others: u32) -> Result<WorkerSlotResponse, String> {
+        let req = WorkerSlotRequest { udf_id: udf_id.to_string(), others: Some(others) };
         self.session_call("worker-slots", &req).await.map_err(|e| format!("no worker slot for {udf_id}: {e}"))
     }
 

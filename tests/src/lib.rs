@@ -400,7 +400,8 @@ impl Drop for TestRunner {
     }
 }
 
-/// The Rust echo worker of `examples/echo-rust`, built (debug) if needed.
+/// The Rust echo worker of `examples/echo-rust`, as the test build makes it
+/// (`layer-test-echo-worker`), built (debug) if a narrower build left it out.
 pub fn echo_worker_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<test> or target/<profile>/<bin>
@@ -408,14 +409,14 @@ pub fn echo_worker_binary() -> Result<PathBuf> {
     if dir.ends_with("deps") {
         dir.pop();
     }
-    let bin = dir.join("layer-echo-worker");
+    let bin = dir.join("layer-test-echo-worker");
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = std::process::Command::new(cargo)
-            .args(["build", "-p", "layer-echo-worker"])
+            .args(["build", "-p", "layer-tests", "--bin", "layer-test-echo-worker"])
             .current_dir(workspace_dir())
             .status()?;
-        anyhow::ensure!(status.success() && bin.exists(), "building layer-echo-worker failed");
+        anyhow::ensure!(status.success() && bin.exists(), "building layer-test-echo-worker failed");
     }
     Ok(bin)
 }

@@ -224,7 +224,9 @@ async fn worker_slot(
     let udf = crate::functions::store::get(&state.pool, &req.udf_id).await?;
     let max = super::dispatch::worker_plan(&udf, None).replicas_max;
     let lost_after = state.settings.runners.lost_after.as_secs_f64();
-    let (granted, held) = store::grant_slot(&state.pool, &id, &udf.id, max, lost_after).await?;
+    let slot =
+        store::SlotRequest { runner_id: &id, udf_id: &udf.id, max, others: req.others, lost_after_seconds: lost_after };
+    let (granted, held) = store::grant_slot(&state.pool, slot).await?;
     if !granted {
         tracing::debug!(runner_id = %id, udf = %udf.id, max, "no worker slot: replicas.max workers run in the fleet");
     }

@@ -71,20 +71,38 @@ const SELECT_RUNNERS: &str = "SELECT r.id, r.name, r.address, r.labels, r.capaci
 /// the worker it was granted for may not show in a heartbeat yet.
 const SLOT_GRACE_SECONDS: f64 = 10.0;
 
+/// A runner's request for one more push worker slot of a Function.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotRequest<'a> {
+    pub runner_id: &'a str,
+    pub udf_id: &'a str,
+    /// The Function's `replicas.max`.
+    pub max: u32,
+    /// The workers the runner has besides the one it asks for, when it says.
+    pub others: Option<u32>,
+    pub lost_after_seconds: f64,
+}
+
 /// Grants one more push worker slot of `udf_id` to a runner when the
 /// fleet holds fewer than `max` (counting only runners that are not lost
 /// or gone). Slots are counted under an advisory lock of the Function, so
-/// grants on every replica add up. Returns whether it was granted, and
-/// the slots held across the fleet after it.
-pub async fn grant_slot(
-    pool: &PgPool,
-    runner_id: &str,
-    udf_id: &str,
-    max: u32,
-    lost_after_seconds: f64,
-) -> Result<(bool, u32)> {
+/// grants on every replica add up. A runner that says how many workers it
+/// has besides the new one first has its slots brought down to that (it
+/// asks one slot at a time, so the count includes every earlier grant).
+/// Returns whether it was granted, and the slots held across the fleet
+/// after it.
+pub async fn grant_slot(pool: &PgPool, req: SlotRequest<'_>) -> Result<(bool, u32)> {
+    let SlotRequest { runner_id, udf_id, max, others, lost_after_seconds } = req;
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7318))").bind(udf_id).execute(&mut *tx).await?;
+    if let Some(others) = others {
+        sqlx::query("UPDATE worker_slots SET slots = $3 WHERE function_id = $1 AND runner_id = $2 AND slots > $3")
+            .bind(udf_id)
+            .bind(runner_id)
+            .bind(i32::try_from(others).unwrap_or(i32::MAX))
+            .execute(&mut *tx)
+            .await?;
+    }
     let held: i64 = sqlx::query_scalar(
         "SELECT coalesce(sum(s.slots), 0)::bigint FROM worker_slots s JOIN runners r ON r.id = s.runner_id
          WHERE s.function_id = $1 AND r.state <> 'gone'

@@ -283,6 +283,12 @@ impl Pools {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The push workers of `udf_id` on this runner, every revision's:
+    /// idle, busy, starting and retiring.
+    fn workers_of(&self, udf_id: &str) -> usize {
+        self.lock().pools.iter().filter(|((id, _), _)| id == udf_id).map(|(_, p)| p.count).sum()
+    }
+
     /// A worker for one batch of `udf_id` at `revision`, waiting at most
     /// `wait` for one to come free.
     pub async fn acquire(
@@ -377,7 +383,9 @@ impl Pools {
             if start_as.is_some() {
                 // replicas.max holds across the fleet: the platform grants
                 // each start. Without a slot, wait for a worker to come free.
-                let granted = self.config.keys.slot(udf_id).await;
+                // Counted with this start, which is not its own other.
+                let others = || u32::try_from(self.workers_of(udf_id).saturating_sub(1)).unwrap_or(u32::MAX);
+                let granted = self.config.keys.slot(udf_id, others).await;
                 if !matches!(granted, Ok(true)) {
                     let mut inner = self.lock();
                     if let Some(pool) = inner.pools.get_mut(&key) {

@@ -453,6 +453,50 @@ async fn replicas_max_holds_across_the_fleet_in_a_burst() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A slot request names the runner's other workers of the Function, so the
+/// slot of a worker that crashed or was killed is free for its replacement
+/// at once, not at the runner's next heartbeat; a request that names none
+/// leaves the runner's slots as they are.
+#[tokio::test]
+async fn a_slot_request_naming_the_runners_other_workers_frees_the_slots_of_dead_ones() -> anyhow::Result<()> {
+    use layer_protocol::runner::tokens::{Purpose, sign};
+    let p = TestPlatform::start().await?;
+    let a = TestRunner::start(&p, |_| {}).await?;
+    apply(
+        &p,
+        "slots",
+        worker_spec(json!({"targetNamespaces": ["none"], "scaling": {"replicas": {"min": 0, "max": 1}}})),
+    )
+    .await?;
+    let key: Vec<u8> =
+        sqlx::query_scalar("SELECT signing_key FROM runners WHERE id = $1").bind(&a.id).fetch_one(&p.pool).await?;
+    let token = sign(&key, &a.id, Purpose::Session, 60);
+    let http = reqwest::Client::new();
+    let ask = |body: Value| {
+        let r = http.post(format!("{}/v2/runners/{}/worker-slots", p.url, a.id)).bearer_auth(&token).json(&body);
+        async move {
+            let r = r.send().await?;
+            anyhow::ensure!(r.status() == 200, "{}", r.status());
+            let v: Value = r.json().await?;
+            anyhow::Ok((v["granted"].as_bool().unwrap_or_default(), v["held"].as_u64().unwrap_or(99)))
+        }
+    };
+    assert_eq!(ask(json!({"udf_id": "slots"})).await?, (true, 1), "the first worker");
+    // Its worker died; a runner that does not say so waits for a heartbeat.
+    assert_eq!(ask(json!({"udf_id": "slots"})).await?, (false, 1), "replicas.max 1 is held");
+    assert_eq!(ask(json!({"udf_id": "slots", "others": 1})).await?, (false, 1), "the first worker still runs");
+    assert_eq!(ask(json!({"udf_id": "slots", "others": 0})).await?, (true, 1), "the replacement");
+    let held: Vec<(String, i32)> =
+        sqlx::query_as("SELECT runner_id, slots FROM worker_slots WHERE function_id = 'slots'")
+            .fetch_all(&p.pool)
+            .await?;
+    assert_eq!(held, vec![(a.id.clone(), 1)]);
+    let (s, e) =
+        p.call(Method::POST, &format!("/v2/runners/{}/worker-slots", a.id), Some(json!({"udf_id": "slots"}))).await?;
+    assert_eq!(s, 401, "only the runner asks: {e}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_functions_go_only_to_runners_that_allow_commands() -> anyhow::Result<()> {
     use layer_protocol::runner::tokens::{Purpose, sign};
