@@ -607,7 +607,12 @@ async fn seed_product_color_places_a_gpu_container_and_the_engines_refusal_shows
     // NVIDIA runtime here and refused it.
     let refusal = condition(&p, "product-color", "WorkerFailing", "nvidia").await?;
     assert!(refusal["message"].as_str().unwrap_or("").contains(image), "{refusal}");
-    assert!(containers_of(&name)?.is_empty(), "a refused container is removed");
+    // A refused container is removed (in the background, while the runner
+    // backs off before its next try): none lingers.
+    wait_for("the refused containers removed", Duration::from_secs(20), async || {
+        Ok(containers_of(&name)?.is_empty().then_some(()))
+    })
+    .await?;
     runner.stop().await?;
     Ok(())
 }

@@ -33,12 +33,23 @@ fn without_docker_test_sh_counts_the_container_tests_as_skipped_and_says_why() -
     let bin = path_without_docker(&scratch)?;
     let mut cmd = Command::new(workspace_dir().join("test.sh"));
     // The container tests and one quick test, in a clean environment (none
-    // of the outer nextest's variables).
+    // of the outer nextest's variables), but for what picks the build: with
+    // another CARGO_INCREMENTAL, say, it would build the workspace again.
     cmd.args(["-E", "test(/^containers::/) | test(=dev::missing_postgres_binaries_say_what_to_install)"])
         .env_clear()
         .env("PATH", &bin)
         .env("CARGO_TERM_COLOR", "never");
-    for var in ["HOME", "CARGO_HOME", "RUSTUP_HOME", "TMPDIR", "DATABASE_URL", "RUSTUP_TOOLCHAIN"] {
+    for var in [
+        "HOME",
+        "CARGO_HOME",
+        "RUSTUP_HOME",
+        "TMPDIR",
+        "DATABASE_URL",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_INCREMENTAL",
+        "CARGO_TARGET_DIR",
+        "RUSTFLAGS",
+    ] {
         if let Some(v) = std::env::var_os(var) {
             cmd.env(var, v);
         }
