@@ -71,6 +71,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 export TMPDIR=$RUN_TMP/tmp
+say "this run's temporary files: $RUN_TMP (removed on exit)"
 
 profile=default
 case "${CI:-}" in "" | 0 | false) ;; *) profile=ci ;; esac

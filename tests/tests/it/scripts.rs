@@ -1,10 +1,12 @@
-//! `./test.sh` as a newcomer runs it, on a machine with no Docker at all:
-//! the container tests are counted as skipped, and it says why, loudly.
-//! (Where Docker exists, the suite this runs in is the proof that they
-//! run: `./test.sh` runs them all.)
+//! `./test.sh` as a newcomer runs it: on a machine with no Docker at all
+//! the container tests are counted as skipped, and it says why, loudly
+//! (where Docker exists, the suite this runs in is the proof that they run:
+//! `./test.sh` runs them all); on a full disk it refuses to start; stopped
+//! with Ctrl-C, it leaves nothing behind. And `./dev.sh` as a non-root user.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use layer_tests::workspace_dir;
 
@@ -26,35 +28,35 @@ fn path_without_docker(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// `./test.sh` with `args` on a PATH without Docker (so it builds no
+/// images), in a clean environment: none of the outer nextest's variables
+/// but `pass` and what picks the build (with another CARGO_INCREMENTAL, say,
+/// it would build the workspace again).
+fn test_sh(bin: &Path, args: &[&str], pass: &[&str]) -> Command {
+    let mut cmd = Command::new(workspace_dir().join("test.sh"));
+    cmd.args(args).env_clear().env("PATH", bin).env("CARGO_TERM_COLOR", "never").current_dir(workspace_dir());
+    let build =
+        ["HOME", "CARGO_HOME", "RUSTUP_HOME", "RUSTUP_TOOLCHAIN", "CARGO_INCREMENTAL", "CARGO_TARGET_DIR", "RUSTFLAGS"];
+    for var in build.iter().chain(pass) {
+        if let Some(v) = std::env::var_os(var) {
+            cmd.env(var, v);
+        }
+    }
+    cmd
+}
+
 #[test]
 fn without_docker_test_sh_counts_the_container_tests_as_skipped_and_says_why() -> anyhow::Result<()> {
     let scratch = std::env::temp_dir().join(format!("layer-no-docker-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     let bin = path_without_docker(&scratch)?;
-    let mut cmd = Command::new(workspace_dir().join("test.sh"));
-    // The container tests and one quick test, in a clean environment (none
-    // of the outer nextest's variables), but for what picks the build: with
-    // another CARGO_INCREMENTAL, say, it would build the workspace again.
-    cmd.args(["-E", "test(/^containers::/) | test(=dev::missing_postgres_binaries_say_what_to_install)"])
-        .env_clear()
-        .env("PATH", &bin)
-        .env("CARGO_TERM_COLOR", "never");
-    for var in [
-        "HOME",
-        "CARGO_HOME",
-        "RUSTUP_HOME",
-        "TMPDIR",
-        "DATABASE_URL",
-        "RUSTUP_TOOLCHAIN",
-        "CARGO_INCREMENTAL",
-        "CARGO_TARGET_DIR",
-        "RUSTFLAGS",
-    ] {
-        if let Some(v) = std::env::var_os(var) {
-            cmd.env(var, v);
-        }
-    }
-    let out = cmd.current_dir(workspace_dir()).output()?;
+    // The container tests and one quick test.
+    let mut cmd = test_sh(
+        &bin,
+        &["-E", "test(/^containers::/) | test(=dev::missing_postgres_binaries_say_what_to_install)"],
+        &["TMPDIR", "DATABASE_URL"],
+    );
+    let out = cmd.output()?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&scratch);
     anyhow::ensure!(out.status.success(), "./test.sh without Docker failed ({}):\n{text}", out.status);
@@ -103,4 +105,128 @@ fn dev_sh_without_root_prints_the_one_install_command_and_stops() -> anyhow::Res
     anyhow::ensure!(text.contains("\n  sudo apt-get install -y --no-install-recommends postgresql\n"), "{text}");
     anyhow::ensure!(!text.contains("building"), "it went on past the missing server: {text}");
     Ok(())
+}
+
+/// Too little free disk: `./test.sh` stops before anything else, says how
+/// much is free and needed, and how to see what uses it.
+#[test]
+fn test_sh_refuses_to_start_on_a_full_disk_and_says_what_uses_it() -> anyhow::Result<()> {
+    let out = Command::new(workspace_dir().join("test.sh")).env("LAYER_MIN_FREE_GIB", "1000000").output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(out.status.code() == Some(1), "{}: {text}", out.status);
+    anyhow::ensure!(text.contains("==> free disk: ") && text.contains("needs at least 1000000 GiB"), "{text}");
+    anyhow::ensure!(text.contains("du -xhd1 "), "no command shows what uses the disk: {text}");
+    anyhow::ensure!(!text.contains("running the tests") && !text.contains("installing"), "it went on: {text}");
+    Ok(())
+}
+
+/// Ctrl-C in the middle of the tests: `./test.sh` stops its PostgreSQL and
+/// removes its temporary directory (the tests' TMPDIR with it), as it does
+/// when the tests pass or fail.
+#[test]
+fn an_interrupted_test_sh_stops_its_postgres_and_removes_its_temporary_files() -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    use std::os::unix::process::CommandExt as _;
+    let scratch = std::env::temp_dir().join(format!("layer-interrupted-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let bin = path_without_docker(&scratch)?;
+    // A test that runs for seconds and makes a data directory under TMPDIR
+    // as it starts; its own PostgreSQL (no DATABASE_URL).
+    let mut cmd = test_sh(&bin, &["-E", "test(=dev::dev_starts_keeps_data_across_restarts_and_stops_cleanly)"], &[]);
+    // Its own process group, as a terminal's foreground job: Ctrl-C signals them all.
+    cmd.process_group(0).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    let run_tmp = loop {
+        let line = lines.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        let Ok(line) = line else {
+            let _ = child.kill();
+            anyhow::bail!("./test.sh never named its temporary directory:\n{}", seen.join("\n"));
+        };
+        if let Some(rest) = line.split("this run's temporary files: ").nth(1) {
+            break PathBuf::from(rest.split(' ').next().unwrap_or_default());
+        }
+        seen.push(line);
+    };
+    // Interrupt once the test runs: its data directory exists, and so does
+    // the run's PostgreSQL.
+    let postmaster = run_tmp.join("pg/data/postmaster.pid");
+    loop {
+        let started = std::fs::read_dir(run_tmp.join("tmp"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("layer-dev-test-restart-"));
+        if started && postmaster.exists() {
+            break;
+        }
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            anyhow::bail!("the test never started under {}", run_tmp.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pg_pid: i32 = std::fs::read_to_string(&postmaster)?.lines().next().unwrap_or_default().trim().parse()?;
+    let group = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+    nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT)?;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            anyhow::bail!("./test.sh did not stop on Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = reader.join();
+    let _ = std::fs::remove_dir_all(&scratch);
+    anyhow::ensure!(!status.success(), "an interrupted run reported success");
+    anyhow::ensure!(!run_tmp.exists(), "{} is left after Ctrl-C", run_tmp.display());
+    // `pg_ctl stop -w` returns once PostgreSQL removed its pid file, the
+    // last thing it does; nothing the interrupted test started goes on
+    // running from there either (its `layer dev` stops its own PostgreSQL).
+    let stopped_by = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = processes_mentioning(&run_tmp);
+        let pg_alive = running(pg_pid);
+        if left.is_empty() && !pg_alive {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < stopped_by,
+            "still running after Ctrl-C: the run's PostgreSQL (pid {pg_pid}): {pg_alive}; from {}: {left:?}",
+            run_tmp.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Whether a process runs (a zombie waiting for its parent does not).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}
+
+/// The command lines of live processes that name `path`.
+fn processes_mentioning(path: &Path) -> Vec<String> {
+    let needle = path.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<i32>().is_ok_and(running))
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect()
 }
