@@ -1,6 +1,7 @@
 """A push worker that misbehaves on request, for the runner tests. Each
 row's input `mode` says what to do: ok, slow, hang (the whole call),
-garbage (answers non-JSON), crash (exits mid-batch), fail500, missing (the
+garbage (answers non-JSON), crash (exits mid-batch), sigkill (kills itself
+with SIGKILL mid-batch), fail500, missing (the
 row is left out), dup (the row is answered twice), permanent, hog (takes
 HOG_MB megabytes of memory, 512 by default), tmpwrite (writes a file under
 /tmp, reads it back and answers with what it saw, or fails permanently
@@ -47,6 +48,8 @@ class Handler(BaseHTTPRequestHandler):
         modes = [i["input"].get("mode") or "ok" for i in batch["items"]]
         if "crash" in modes:
             os._exit(3)
+        if "sigkill" in modes:
+            os.kill(os.getpid(), 9)
         if "hog" in modes:
             hog = b"x" * (int(os.environ.get("HOG_MB", "512")) << 20)
             del hog

@@ -6,6 +6,8 @@
 //! - `client_compat`: the public `hevlayer` client, unchanged
 //! - `containers`: push and pull workers in real Docker containers
 //!   (skipped by the `no-docker` profile)
+//! - `crashes`: workers that die, crash or hang mid-batch cost their
+//!   neighbours nothing
 //! - `engine_lifecycle`, `engine_python`, `engine_seed`: discovery, leases,
 //!   retries and writeback through pull workers, seed 000 as written
 //! - `filters`: the filter compiler against PostgreSQL
@@ -21,6 +23,7 @@
 mod auth;
 mod client_compat;
 mod containers;
+mod crashes;
 mod engine_lifecycle;
 mod engine_python;
 mod engine_seed;

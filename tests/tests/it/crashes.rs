@@ -1,0 +1,88 @@
+//! Workers that die, crash or hang mid-batch, through a real runner and
+//! real worker processes: the batch is split so the bad row is isolated,
+//! its good neighbours complete in that same batch within seconds (the dead
+//! worker's slot is free for its replacement at once), and no row is
+//! charged an attempt, nor failed, for another row's fault.
+
+use std::time::Duration;
+
+use layer_tests::{TestPlatform, TestRunner, workspace_dir};
+use serde_json::{Value, json};
+
+/// A push Function over `jobs` served by `tests/python/push_worker.py`,
+/// one worker across the fleet, whole batches of `batch`.
+fn spec(batch: u32, timeout_seconds: u32) -> Value {
+    let script = workspace_dir().join("tests/python/push_worker.py");
+    json!({
+        "targetNamespaces": ["jobs"],
+        "inputs": ["id", "mode"],
+        "worker": {"dispatch": "push", "command": ["python3", script], "batchSize": batch,
+                   "timeoutSeconds": timeout_seconds},
+        "retry": {"maxAttempts": 1, "initialBackoffSeconds": 0, "maxBackoffSeconds": 0},
+        "schedule": {"leaseSeconds": 60},
+        "scaling": {"replicas": {"min": 0, "max": 1}},
+    })
+}
+
+/// Rows `g00..` in `ok` mode and the given bad ones, in one namespace.
+async fn rows(p: &TestPlatform, good: usize, bad: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut rows: Vec<Value> = (0..good).map(|i| json!({"id": format!("g{i:02}"), "mode": "ok"})).collect();
+    rows.extend(bad.iter().map(|(id, mode)| json!({"id": id, "mode": mode})));
+    p.upsert_rows("jobs", json!(rows)).await
+}
+
+/// The Function's batch records: (items, written, failed).
+async fn batches(p: &TestPlatform, udf: &str) -> anyhow::Result<Vec<(i32, i32, i32)>> {
+    Ok(sqlx::query_as("SELECT items, written, failed FROM batches WHERE function_id = $1 ORDER BY id")
+        .bind(udf)
+        .fetch_all(&p.pool)
+        .await?)
+}
+
+/// Drives one Function whose first and only batch holds `good` healthy
+/// rows and `bad`; checks the healthy rows all completed in that batch and
+/// only the bad ones failed, each with `kind` and a message containing
+/// `says`.
+async fn isolates(
+    udf: &str,
+    good: usize,
+    bad: &[(&str, &str)],
+    timeout: u32,
+    kind: &str,
+    says: &str,
+) -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let _runner = TestRunner::start(&p, |_| {}).await?;
+    rows(&p, good, bad).await?;
+    let batch = u32::try_from(good + bad.len())?;
+    p.apply_function(udf, spec(batch, timeout)).await?;
+    // Within seconds of the failures, not after a heartbeat or a lease.
+    let st = p.drained(udf, Duration::from_secs(30)).await?;
+    assert_eq!(st["counts"]["completed"], good, "{st}");
+    let failed = p.failed_rows(udf).await?;
+    let bad_ids: Vec<&str> = bad.iter().map(|(id, _)| *id).collect();
+    assert_eq!(failed.keys().map(String::as_str).collect::<Vec<_>>(), bad_ids, "only the bad rows fail: {failed:?}");
+    for (id, (k, message, attempts)) in &failed {
+        assert_eq!((k.as_str(), *attempts), (kind, 1), "{id}: {message}");
+        assert!(message.contains(says), "{id}: {message}");
+    }
+    // One batch: the good rows completed in it, charged nothing.
+    assert_eq!(batches(&p, udf).await?, vec![(batch as i32, good as i32, bad.len() as i32)]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_sigkills_itself_mid_batch_costs_its_neighbours_nothing() -> anyhow::Result<()> {
+    isolates("sigkilled", 7, &[("bad", "sigkill")], 10, "transient", "crashed mid-batch").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_crashes_on_one_poison_row_in_sixteen_costs_the_other_fifteen_nothing() -> anyhow::Result<()> {
+    isolates("poisoned", 15, &[("bad", "crash")], 10, "transient", "exit status: 3").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_that_hang_past_the_timeout_are_replaced_and_a_healthy_row_in_their_batch_completes()
+-> anyhow::Result<()> {
+    isolates("hung", 2, &[("h1", "hang"), ("h2", "hang")], 2, "timeout", "timeoutSeconds (2 s)").await
+}
