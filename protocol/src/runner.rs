@@ -339,9 +339,14 @@ pub enum FailureKind {
     Timeout,
     /// The worker ran out of memory.
     Oom,
-    /// The runner could not run the batch for reasons of its own (no worker
-    /// could start, it is shutting down): a free retry.
+    /// The runner could not run the batch for reasons of its own (it is
+    /// shutting down, a GPU was cordoned, the platform did not answer): a
+    /// free retry, bounded separately.
     RunnerLost,
+    /// No worker came free on the runner in time (every one busy, no slot
+    /// in the fleet, no GPU free): the rows go back to the queue charged
+    /// nothing, not even a free retry. Waiting for capacity never fails a row.
+    NoWorker,
 }
 
 impl FailureKind {
@@ -352,6 +357,7 @@ impl FailureKind {
             FailureKind::Timeout => "timeout",
             FailureKind::Oom => "oom",
             FailureKind::RunnerLost => "runner_lost",
+            FailureKind::NoWorker => "no_worker",
         }
     }
 }

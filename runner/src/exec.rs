@@ -122,6 +122,10 @@ impl Exec {
                 }
                 Err(AcquireError::Busy(m)) => {
                     acquiring.error(m.clone());
+                    return failed(items, &RowError { kind: FailureKind::NoWorker, message: m });
+                }
+                Err(AcquireError::Unavailable(m)) => {
+                    acquiring.error(m.clone());
                     return failed(items, &RowError { kind: FailureKind::RunnerLost, message: m });
                 }
             };

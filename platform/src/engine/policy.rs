@@ -20,8 +20,11 @@ pub enum FailureClass {
     OutOfMemory,
     /// The lease expired without any report.
     LeaseExpired,
-    /// The runner holding the batch disappeared.
+    /// The runner holding the batch disappeared, or could not run it.
     RunnerLost,
+    /// The runner had no worker free in time: capacity, not a fault. The
+    /// row is tried again after [`NO_WORKER_DELAY`], charged nothing.
+    NoWorker,
     /// The platform restarted mid-batch.
     PlatformRestart,
 }
@@ -29,7 +32,7 @@ pub enum FailureClass {
 impl FailureClass {
     /// Whether the failure spends one of the row's `maxAttempts`.
     pub fn counts_against_attempts(self) -> bool {
-        !matches!(self, FailureClass::RunnerLost | FailureClass::PlatformRestart)
+        !matches!(self, FailureClass::RunnerLost | FailureClass::PlatformRestart | FailureClass::NoWorker)
     }
 
     /// Whether the row is tried again at all.
@@ -46,6 +49,7 @@ impl FailureClass {
             FailureClass::OutOfMemory => "oom",
             FailureClass::LeaseExpired => "lease_expired",
             FailureClass::RunnerLost => "runner_lost",
+            FailureClass::NoWorker => "no_worker",
             FailureClass::PlatformRestart => "platform_restart",
         }
     }
@@ -54,6 +58,11 @@ impl FailureClass {
 /// Free retries for infrastructure faults are bounded separately, so a
 /// runner that keeps dying cannot hold a row forever.
 pub const MAX_FREE_RETRIES: u32 = 20;
+
+/// How long a row that found no free worker waits before it is claimable
+/// again: the runner already waited, and a runner that answers at once
+/// must not spin the queue.
+pub const NO_WORKER_DELAY: Duration = Duration::from_secs(1);
 
 /// Where an item goes after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -78,6 +87,9 @@ pub fn backoff(attempts: u32, policy: &RetrySpec, jitter: f64) -> Duration {
 pub fn next_state(attempts: u32, free_retries: u32, class: FailureClass, policy: &RetrySpec, jitter: f64) -> Next {
     if !class.is_retriable() {
         return Next::Failed { attempts: attempts + 1, free_retries };
+    }
+    if class == FailureClass::NoWorker {
+        return Next::Retry { attempts, free_retries, delay: NO_WORKER_DELAY };
     }
     if !class.counts_against_attempts() {
         if free_retries + 1 > MAX_FREE_RETRIES {
@@ -148,5 +160,16 @@ mod tests {
         );
         assert!(matches!(next_state(1, MAX_FREE_RETRIES, FailureClass::PlatformRestart, &p, 1.0), Next::Failed { .. }));
         assert!(FailureClass::OutOfMemory.counts_against_attempts());
+    }
+
+    #[test]
+    fn waiting_for_a_worker_is_never_charged() {
+        let p = policy(1);
+        for _ in 0..(MAX_FREE_RETRIES * 3) {
+            assert_eq!(
+                next_state(0, MAX_FREE_RETRIES, FailureClass::NoWorker, &p, 1.0),
+                Next::Retry { attempts: 0, free_retries: MAX_FREE_RETRIES, delay: NO_WORKER_DELAY }
+            );
+        }
     }
 }

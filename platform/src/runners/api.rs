@@ -268,6 +268,7 @@ fn failure_class(kind: FailureKind) -> FailureClass {
         FailureKind::Timeout => FailureClass::Timeout,
         FailureKind::Oom => FailureClass::OutOfMemory,
         FailureKind::RunnerLost => FailureClass::RunnerLost,
+        FailureKind::NoWorker => FailureClass::NoWorker,
     }
 }
 

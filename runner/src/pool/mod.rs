@@ -270,8 +270,12 @@ impl Drop for WorkerLease {
 pub enum AcquireError {
     /// The worker would not start: the Function's fault, spends an attempt.
     StartFailed(String),
-    /// None came free in time: the runner's fault, a free retry.
+    /// None came free in time: capacity, not a fault; the rows go back to
+    /// the queue charged nothing.
     Busy(String),
+    /// This runner cannot run the batch (a GPU it can never bind, no key
+    /// from the platform, the pool went away): a free retry, bounded.
+    Unavailable(String),
 }
 
 impl Pools {
@@ -365,7 +369,7 @@ impl Pools {
                             pool.starting += 1;
                             (pool.freed.clone(), Some((name, gpus)))
                         }
-                        Err(Unbound::Never(e)) => return Err(AcquireError::Busy(e)),
+                        Err(Unbound::Never(e)) => return Err(AcquireError::Unavailable(e)),
                         Err(Unbound::NotNow(e)) => {
                             let freed = pool.freed.clone();
                             if evict {
@@ -413,7 +417,7 @@ impl Pools {
                             pool.starting -= 1;
                             pool.freed.notify_waiters();
                         }
-                        return Err(AcquireError::Busy(e));
+                        return Err(AcquireError::Unavailable(e));
                     }
                 };
                 let env =
@@ -425,7 +429,7 @@ impl Pools {
                     if let Ok(w) = started {
                         w.stop();
                     }
-                    return Err(AcquireError::Busy("the pool was removed while its worker started".into()));
+                    return Err(AcquireError::Unavailable("the pool was removed while its worker started".into()));
                 };
                 pool.starting -= 1;
                 match started {

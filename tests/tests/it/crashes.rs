@@ -2,7 +2,8 @@
 //! real worker processes: the batch is split so the bad row is isolated,
 //! its good neighbours complete in that same batch within seconds (the dead
 //! worker's slot is free for its replacement at once), and no row is
-//! charged an attempt, nor failed, for another row's fault.
+//! charged an attempt, nor failed, for another row's fault. A row whose
+//! runner has no worker free in time waits for one, charged nothing.
 
 use std::time::Duration;
 
@@ -85,4 +86,36 @@ async fn a_worker_that_crashes_on_one_poison_row_in_sixteen_costs_the_other_fift
 async fn workers_that_hang_past_the_timeout_are_replaced_and_a_healthy_row_in_their_batch_completes()
 -> anyhow::Result<()> {
     isolates("hung", 2, &[("h1", "hang"), ("h2", "hang")], 2, "timeout", "timeoutSeconds (2 s)").await
+}
+
+/// Three batches of one slow row for one worker: the runner waits half the
+/// lease for a worker, then hands the rest back (`no_worker`), charged
+/// neither an attempt (`maxAttempts` is 1) nor a free retry; all complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_that_wait_for_a_busy_worker_are_charged_nothing() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let _runner = TestRunner::start(&p, |_| {}).await?;
+    rows(&p, 0, &[("s1", "slow"), ("s2", "slow"), ("s3", "slow")]).await?;
+    let mut spec = spec(1, 4);
+    spec["worker"]["env"] = json!({"SLOW_SECONDS": "3"});
+    spec["schedule"] = json!({"leaseSeconds": 4, "maxInFlightBatches": 3});
+    p.apply_function("busy", spec).await?;
+    let start = std::time::Instant::now();
+    let waited = loop {
+        let w: Option<(String, i32, i32)> = sqlx::query_as(
+            "SELECT state, attempts, free_retries FROM work_items
+             WHERE function_id = 'busy' AND last_error_kind = 'no_worker' LIMIT 1",
+        )
+        .fetch_optional(&p.pool)
+        .await?;
+        if let Some(w) = w {
+            break w;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "no row ever waited for a worker");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((waited.1, waited.2), (0, 0), "waiting was charged: {waited:?}");
+    let st = p.drained("busy", Duration::from_secs(60)).await?;
+    assert_eq!((st["counts"]["completed"].as_i64(), st["failed_count"].as_i64()), (Some(3), Some(0)), "{st}");
+    Ok(())
 }
