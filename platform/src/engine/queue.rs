@@ -30,19 +30,30 @@ pub async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>
     Ok(pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?)
 }
 
-/// Begins a writeback transaction: as [`begin`], and its statements use
-/// the plans PostgreSQL cached for them (`force_generic_plan`).
+/// The planner settings of a writeback transaction (see
+/// [`begin_writeback`]); public so the plan tests EXPLAIN under them.
 ///
-/// Why: the writeback statements are long and the rows they touch are
-/// found by primary key (`LATERAL`), so their generic plan is the right one
+/// Every statement in such a transaction touches at most a batch of items
+/// and rows, each by its primary key, so a sequential scan, a hash join or
+/// a merge join over `work_items` or `rows` is never the right plan; yet at
+/// a batch of 1,000 in a table of 100,000 the cost model prefers one, and
+/// stale statistics (a table analysed while small) make any plan look cheap.
+/// Turned off, each lookup is a nested loop over the batch with a key probe.
+pub const KEYED_SETTINGS: &str = "SET LOCAL plan_cache_mode = force_generic_plan; \
+     SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+
+/// Begins a writeback transaction: as [`begin`], its statements use the
+/// plans PostgreSQL cached for them (`force_generic_plan`), and the
+/// planner looks rows up by key ([`KEYED_SETTINGS`]).
+///
+/// Why generic plans: the writeback statements are long and the rows they
+/// touch are found by primary key, so their generic plan is the right one
 /// for any batch size, while planning them anew cost a single-row report
 /// about half a millisecond. PostgreSQL's own choice (`auto`) keeps
 /// re-planning them, because a one-row array makes a custom plan look
 /// cheaper than the generic one.
 pub async fn begin_writeback(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>> {
-    Ok(pool
-        .begin_with("BEGIN; SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_generic_plan")
-        .await?)
+    Ok(pool.begin_with(format!("BEGIN; SET LOCAL synchronous_commit = off; {KEYED_SETTINGS}")).await?)
 }
 
 /// The window the completion rate is measured over.
@@ -140,7 +151,7 @@ fn push_in_flight(qb: &mut QueryBuilder<'_, Postgres>, udf_id: &str, cap: i64) {
          SELECT (SELECT w.batch_id FROM work_items w WHERE w.function_id = ",
     );
     qb.push_bind(udf_id.to_string());
-    qb.push(" AND w.state = 'leased' AND w.batch_id > b.id ORDER BY w.batch_id LIMIT 1), b.n + 1 FROM b WHERE b.id IS NOT NULL AND b.n < ");
+    qb.push(" AND w.state = 'leased' AND w.batch_id IS NOT NULL AND w.batch_id > b.id ORDER BY w.batch_id LIMIT 1), b.n + 1 FROM b WHERE b.id IS NOT NULL AND b.n < ");
     qb.push_bind(cap);
     qb.push(")");
 }
@@ -163,14 +174,17 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
     let needs = Needs::of(udf)?;
     let mut tx = pool.begin().await?;
     // One round trip: the turn, a batch id, asynchronous commit (see
-    // `begin`), and the Function as it is now, so a caller working from a
-    // cached copy never claims for a paused, deleted or changed Function.
+    // `begin`), key lookups (see `KEYED_SETTINGS`: the claim touches the
+    // rows it picks by key), and the Function as it is now, so a caller
+    // working from a cached copy never claims for a paused, deleted or
+    // changed Function.
     // Its row is locked (`FOR KEY SHARE`) before any item is, the order a
     // deletion of the Function takes them in, so the two never deadlock.
     let current: Option<(i64, bool, i32)> = sqlx::query_as(
         "SELECT nextval('work_batch_ids'), f.paused, f.revision
          FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 7317)),
-                      set_config('synchronous_commit', 'off', true)) l
+                      set_config('synchronous_commit', 'off', true), set_config('enable_seqscan', 'off', true),
+                      set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)) l
          LEFT JOIN LATERAL (SELECT paused, revision FROM functions WHERE id = $1 FOR KEY SHARE) f ON true",
     )
     .bind(&udf.id)
@@ -332,50 +346,25 @@ pub struct CompleteCounts {
     pub not_leased: u64,
 }
 
-/// Writes results and markers back and retires their items, in one
-/// statement per batch.
-///
-/// Fencing: an item is written only while it is leased to `worker_id`, the
-/// lease has not expired, and the row's `write_seq` is the one it was
-/// claimed at. The row gets the returned attributes and the marker
-/// `_hevlayer_udf_<fn>_v = <version it was claimed for>` in the same UPDATE.
-/// A result for a row written since its claim is dropped and the item goes
-/// back to the queue; one for a lost lease is dropped. Both are counted.
-pub async fn complete(
-    conn: &mut sqlx::PgConnection,
-    udf: &Udf,
-    worker_id: &str,
-    items: Vec<Completion>,
-) -> Result<CompleteCounts> {
-    if items.is_empty() {
-        return Ok(CompleteCounts::default());
-    }
-    let marker = FunctionSpec::marker_attribute(&udf.id);
-    let stale_marker = FunctionSpec::stale_after_attribute(&udf.id);
-    let stale_after = udf.spec.stale_after_seconds.map(f64::from);
-    let n = items.len();
-    let mut ns = Vec::with_capacity(n);
-    let mut ids = Vec::with_capacity(n);
-    let mut attrs = Vec::with_capacity(n);
-    let mut vecs: Vec<Option<String>> = Vec::with_capacity(n);
-    for c in items {
-        ns.push(c.namespace);
-        ids.push(c.id);
-        attrs.push(Value::Object(c.attributes).to_string());
-        vecs.push(c.vector);
-    }
-    let (written, stale, fenced): (i64, i64, i64) = sqlx::query_as(
-        "WITH input AS (
+/// The writeback of [`complete`]: `$1` Function, `$2` lease holder, `$3..$6`
+/// namespaces, ids, attributes (JSON text) and vectors of the results, `$7`
+/// the marker attribute, `$8` the stale-after attribute, `$9` staleAfter
+/// seconds. Public so the plan tests can EXPLAIN it.
+pub const COMPLETE_SQL: &str = "WITH input AS (
              SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) AS i(ns, id, attrs, vec)
          ),
          cand AS (
              -- One primary-key lookup per reported row (LATERAL), never a
-             -- scan of the Function's leases.
+             -- scan of the Function's leases: the lookup names the key
+             -- alone (OFFSET 0 keeps the lease conditions out of it), so no
+             -- partial index of the leases can half-match it.
              SELECT w.namespace, w.row_id, w.leased_seq, w.leased_version, w.version, i.attrs, i.vec
              FROM input i CROSS JOIN LATERAL (
-                 SELECT * FROM work_items w
-                 WHERE w.function_id = $1 AND w.namespace = i.ns AND w.row_id = i.id
-                   AND w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()
+                 SELECT * FROM (
+                     SELECT * FROM work_items k
+                     WHERE k.function_id = $1 AND k.namespace = i.ns AND k.row_id = i.id OFFSET 0
+                 ) w
+                 WHERE w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()
                  FOR UPDATE
              ) w
          ),
@@ -386,7 +375,10 @@ pub async fn complete(
                              ELSE jsonb_build_object($8::text, floor(extract(epoch FROM now()) + $9::float8)) END,
                  vector = coalesce(c.vec::real[], r.vector)
              FROM cand c
-             WHERE r.namespace = c.namespace AND r.id = c.row_id AND r.write_seq = c.leased_seq
+             -- The fence: the row as it was leased. IS NOT DISTINCT FROM
+             -- (write_seq is never null) is no index condition, so the
+             -- row is found by its key, not among the rows of its write.
+             WHERE r.namespace = c.namespace AND r.id = c.row_id AND r.write_seq IS NOT DISTINCT FROM c.leased_seq
              RETURNING r.namespace, r.id
          ),
          done AS (
@@ -428,19 +420,52 @@ pub async fn complete(
              SELECT $1, date_trunc('second', now()), c.written FROM counts c WHERE c.written > 0
              ON CONFLICT (function_id, second) DO UPDATE SET completed = completion_buckets.completed + EXCLUDED.completed
          )
-         SELECT written, stale, not_leased FROM counts",
-    )
-    .bind(&udf.id)
-    .bind(worker_id)
-    .bind(&ns)
-    .bind(&ids)
-    .bind(&attrs)
-    .bind(&vecs)
-    .bind(&marker)
-    .bind(&stale_marker)
-    .bind(stale_after)
-    .fetch_one(&mut *conn)
-    .await?;
+         SELECT written, stale, not_leased FROM counts";
+
+/// Writes results and markers back and retires their items, in one
+/// statement per batch.
+///
+/// Fencing: an item is written only while it is leased to `worker_id`, the
+/// lease has not expired, and the row's `write_seq` is the one it was
+/// claimed at. The row gets the returned attributes and the marker
+/// `_hevlayer_udf_<fn>_v = <version it was claimed for>` in the same UPDATE.
+/// A result for a row written since its claim is dropped and the item goes
+/// back to the queue; one for a lost lease is dropped. Both are counted.
+pub async fn complete(
+    conn: &mut sqlx::PgConnection,
+    udf: &Udf,
+    worker_id: &str,
+    items: Vec<Completion>,
+) -> Result<CompleteCounts> {
+    if items.is_empty() {
+        return Ok(CompleteCounts::default());
+    }
+    let marker = FunctionSpec::marker_attribute(&udf.id);
+    let stale_marker = FunctionSpec::stale_after_attribute(&udf.id);
+    let stale_after = udf.spec.stale_after_seconds.map(f64::from);
+    let n = items.len();
+    let mut ns = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
+    let mut attrs = Vec::with_capacity(n);
+    let mut vecs: Vec<Option<String>> = Vec::with_capacity(n);
+    for c in items {
+        ns.push(c.namespace);
+        ids.push(c.id);
+        attrs.push(Value::Object(c.attributes).to_string());
+        vecs.push(c.vector);
+    }
+    let (written, stale, fenced): (i64, i64, i64) = sqlx::query_as(COMPLETE_SQL)
+        .bind(&udf.id)
+        .bind(worker_id)
+        .bind(&ns)
+        .bind(&ids)
+        .bind(&attrs)
+        .bind(&vecs)
+        .bind(&marker)
+        .bind(&stale_marker)
+        .bind(stale_after)
+        .fetch_one(&mut *conn)
+        .await?;
     let counts = CompleteCounts { written: written as u64, stale: stale as u64, not_leased: fenced as u64 };
     let m = &crate::metrics::METRICS;
     m.rows_completed.with_label_values(&[&udf.id]).inc_by(counts.written);
@@ -479,6 +504,16 @@ struct Move {
     message: String,
 }
 
+/// The move of items to their next states in [`transition`]: `$1` Function,
+/// then one array per field of the moves. Public for the plan tests.
+pub const TRANSITION_SQL: &str =
+    "UPDATE work_items w SET state = u.state, attempts = u.attempts, free_retries = u.free,
+             available_at = now() + make_interval(secs => u.delay), worker_id = NULL, lease_expires_at = NULL,
+             last_error = u.message, last_error_kind = u.kind, updated_at = now()
+         FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::int[], $7::float8[], $8::text[], $9::text[])
+             AS u(ns, id, state, attempts, free, delay, kind, message)
+         WHERE w.function_id = $1 AND w.namespace = u.ns AND w.row_id = u.id";
+
 /// Applies moves to items, in one statement.
 async fn transition(conn: &mut sqlx::PgConnection, udf_id: &str, moves: Vec<Move>) -> Result<u64> {
     if moves.is_empty() {
@@ -511,26 +546,19 @@ async fn transition(conn: &mut sqlx::PgConnection, udf_id: &str, moves: Vec<Move
         kinds.push(kind);
         messages.push(message);
     }
-    let n = sqlx::query(
-        "UPDATE work_items w SET state = u.state, attempts = u.attempts, free_retries = u.free,
-             available_at = now() + make_interval(secs => u.delay), worker_id = NULL, lease_expires_at = NULL,
-             last_error = u.message, last_error_kind = u.kind, updated_at = now()
-         FROM unnest($2::text[], $3::text[], $4::text[], $5::int[], $6::int[], $7::float8[], $8::text[], $9::text[])
-             AS u(ns, id, state, attempts, free, delay, kind, message)
-         WHERE w.function_id = $1 AND w.namespace = u.ns AND w.row_id = u.id",
-    )
-    .bind(udf_id)
-    .bind(&ns)
-    .bind(&ids)
-    .bind(&states)
-    .bind(&attempts)
-    .bind(&free)
-    .bind(&delays)
-    .bind(&kinds)
-    .bind(&messages)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let n = sqlx::query(TRANSITION_SQL)
+        .bind(udf_id)
+        .bind(&ns)
+        .bind(&ids)
+        .bind(&states)
+        .bind(&attempts)
+        .bind(&free)
+        .bind(&delays)
+        .bind(&kinds)
+        .bind(&messages)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     let m = &crate::metrics::METRICS;
     m.rows_retried.with_label_values(&[udf_id]).inc_by(retried);
     m.rows_failed.with_label_values(&[udf_id]).inc_by(failed);
@@ -541,6 +569,20 @@ fn jitter() -> f64 {
     rand::rng().random_range(0.5..=1.0)
 }
 
+/// The leases a failure report names that its sender holds, locked, in
+/// [`fail`]: `$1` Function, `$2` holder, `$3`/`$4` namespaces and ids.
+/// Public for the plan tests.
+pub const FAIL_HELD_SQL: &str = "SELECT w.namespace, w.row_id, w.attempts, w.free_retries
+         FROM unnest($3::text[], $4::text[]) AS i(ns, id) CROSS JOIN LATERAL (
+             -- By key alone, as in the writeback (see `COMPLETE_SQL`).
+             SELECT * FROM (
+                 SELECT * FROM work_items k
+                 WHERE k.function_id = $1 AND k.namespace = i.ns AND k.row_id = i.id OFFSET 0
+             ) w
+             WHERE w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()
+             FOR UPDATE
+         ) w";
+
 /// Records failures reported by the worker holding the leases; reports for
 /// leases it does not hold are ignored. Returns the items moved.
 pub async fn fail(conn: &mut sqlx::PgConnection, udf: &Udf, worker_id: &str, failures: Vec<Failure>) -> Result<u64> {
@@ -549,18 +591,8 @@ pub async fn fail(conn: &mut sqlx::PgConnection, udf: &Udf, worker_id: &str, fai
     }
     let ns: Vec<&str> = failures.iter().map(|f| f.namespace.as_str()).collect();
     let ids: Vec<&str> = failures.iter().map(|f| f.id.as_str()).collect();
-    let held: Vec<Held> = sqlx::query_as(
-        "SELECT w.namespace, w.row_id, w.attempts, w.free_retries FROM work_items w
-         JOIN unnest($3::text[], $4::text[]) AS i(ns, id) ON w.namespace = i.ns AND w.row_id = i.id
-         WHERE w.function_id = $1 AND w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()
-         FOR UPDATE OF w",
-    )
-    .bind(&udf.id)
-    .bind(worker_id)
-    .bind(&ns)
-    .bind(&ids)
-    .fetch_all(&mut *conn)
-    .await?;
+    let held: Vec<Held> =
+        sqlx::query_as(FAIL_HELD_SQL).bind(&udf.id).bind(worker_id).bind(&ns).bind(&ids).fetch_all(&mut *conn).await?;
     let held: BTreeMap<(String, String), Held> =
         held.into_iter().map(|h| ((h.namespace.clone(), h.row_id.clone()), h)).collect();
     let mut moves = Vec::new();
@@ -573,18 +605,17 @@ pub async fn fail(conn: &mut sqlx::PgConnection, udf: &Udf, worker_id: &str, fai
     transition(conn, &udf.id, moves).await
 }
 
+/// The items of a batch still leased to its holder after the report, in
+/// [`fail_unreported`]: `$1` Function, `$2` batch, `$3` holder. Public for
+/// the plan tests.
+pub const UNREPORTED_SQL: &str = "SELECT namespace, row_id FROM work_items
+         WHERE function_id = $1 AND batch_id = $2 AND state = 'leased' AND worker_id = $3";
+
 /// Fails, as transient, the items of a reported batch that the report left
 /// out; returns how many.
 pub async fn fail_unreported(conn: &mut sqlx::PgConnection, udf: &Udf, holder: &str, batch_id: i64) -> Result<u64> {
-    let left: Vec<(String, String)> = sqlx::query_as(
-        "SELECT namespace, row_id FROM work_items
-         WHERE function_id = $1 AND batch_id = $2 AND state = 'leased' AND worker_id = $3",
-    )
-    .bind(&udf.id)
-    .bind(batch_id)
-    .bind(holder)
-    .fetch_all(&mut *conn)
-    .await?;
+    let left: Vec<(String, String)> =
+        sqlx::query_as(UNREPORTED_SQL).bind(&udf.id).bind(batch_id).bind(holder).fetch_all(&mut *conn).await?;
     let failures = left
         .into_iter()
         .map(|(namespace, id)| Failure {
@@ -597,23 +628,32 @@ pub async fn fail_unreported(conn: &mut sqlx::PgConnection, udf: &Udf, holder: &
     fail(conn, udf, holder, failures).await
 }
 
+/// A pull worker's heartbeat in [`heartbeat`]: `$1` Function, `$2` holder,
+/// `$3`/`$4` namespaces and ids. Public for the plan tests.
+pub const HEARTBEAT_SQL: &str = "WITH held AS (
+             -- By key alone, as in the writeback (see `COMPLETE_SQL`).
+             SELECT w.namespace, w.row_id
+             FROM unnest($3::text[], $4::text[]) AS i(ns, id) CROSS JOIN LATERAL (
+                 SELECT * FROM (
+                     SELECT * FROM work_items k
+                     WHERE k.function_id = $1 AND k.namespace = i.ns AND k.row_id = i.id OFFSET 0
+                 ) w
+                 WHERE w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()
+                 FOR UPDATE
+             ) w
+         )
+         UPDATE work_items w SET lease_expires_at = now() + make_interval(secs => w.lease_seconds), updated_at = now()
+         FROM held h
+         WHERE w.function_id = $1 AND w.namespace = h.namespace AND w.row_id = h.row_id";
+
 /// Extends the leases `worker_id` holds on these rows by their lease length.
 pub async fn heartbeat(pool: &PgPool, udf: &Udf, worker_id: &str, items: &[(String, String)]) -> Result<u64> {
     let ns: Vec<&str> = items.iter().map(|i| i.0.as_str()).collect();
     let ids: Vec<&str> = items.iter().map(|i| i.1.as_str()).collect();
-    Ok(sqlx::query(
-        "UPDATE work_items w SET lease_expires_at = now() + make_interval(secs => w.lease_seconds), updated_at = now()
-         FROM unnest($3::text[], $4::text[]) AS i(ns, id)
-         WHERE w.function_id = $1 AND w.namespace = i.ns AND w.row_id = i.id
-           AND w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()",
-    )
-    .bind(&udf.id)
-    .bind(worker_id)
-    .bind(&ns)
-    .bind(&ids)
-    .execute(pool)
-    .await?
-    .rows_affected())
+    let mut tx = begin_writeback(pool).await?;
+    let n = sqlx::query(HEARTBEAT_SQL).bind(&udf.id).bind(worker_id).bind(&ns).bind(&ids).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(n.rows_affected())
 }
 
 #[derive(sqlx::FromRow)]

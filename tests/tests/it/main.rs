@@ -14,6 +14,7 @@
 //! - `gpus`: GPU binding through the simulated inventory
 //! - `observability`: metrics, traces, promtool
 //! - `openapi`: the served OpenAPI document against the routes
+//! - `plans`: the hot statements' plans on 100,000 queued rows
 //! - `push`: push dispatch to runners and their process workers
 //! - `replicas`: several platform replicas over one database
 //! - `resources`, `rows`, `scans`: the `/v2` resource, row and scan APIs
@@ -31,6 +32,7 @@ mod filters;
 mod gpus;
 mod observability;
 mod openapi;
+mod plans;
 mod push;
 mod replicas;
 mod resources;

@@ -1,0 +1,267 @@
+//! The shape of the hot statements' work, not their speed. On 100,000
+//! queued rows with 2,000 of them leased (two batches of 1,000), each
+//! writeback statement is EXPLAINed (ANALYZE, BUFFERS) with a batch of
+//! 1,000 rows: under stale statistics (the tables analysed while they held
+//! ten rows, autovacuum off, as after a fresh start) and fresh ones, with
+//! custom and generic plans. None may scan `work_items` or `rows`
+//! sequentially, no index lookup may filter through other rows (the
+//! signature of a lookup that half-matched a partial index), and each stays
+//! under a bound of buffers per 1,000 rows.
+
+use std::time::{Duration, Instant};
+
+use layer_platform::engine::queue;
+use layer_protocol::function::FunctionSpec;
+use layer_tests::TestPlatform;
+use reqwest::Method;
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
+
+/// A statement to EXPLAIN: its SQL and its arguments as SQL literals.
+struct Probe {
+    name: &'static str,
+    sql: &'static str,
+    args: Vec<String>,
+    /// Shared buffers (hit and read) it may touch for its 1,000 rows.
+    max_buffers: u64,
+}
+
+fn text(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn text_array(items: &[String]) -> String {
+    format!("ARRAY[{}]::text[]", items.iter().map(|s| text(s)).collect::<Vec<_>>().join(","))
+}
+
+fn repeat(literal: &str, n: usize, ty: &str) -> String {
+    format!("array_fill({literal}::{ty}, ARRAY[{n}])")
+}
+
+/// `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)` of the statement, prepared
+/// and executed with its arguments under `plan_cache_mode`, rolled back.
+async fn explain(conn: &mut PgConnection, probe: &Probe, mode: &str) -> anyhow::Result<Value> {
+    sqlx::query("BEGIN").execute(&mut *conn).await?;
+    // The writeback's own settings, then the plan cache mode under test.
+    sqlx::raw_sql(queue::KEYED_SETTINGS).execute(&mut *conn).await?;
+    sqlx::query(&format!("SET LOCAL plan_cache_mode = {mode}")).execute(&mut *conn).await?;
+    sqlx::query(&format!("PREPARE plan_probe AS {}", probe.sql)).execute(&mut *conn).await?;
+    let explained: Result<(sqlx::types::Json<Value>,), sqlx::Error> = sqlx::query_as(&format!(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE plan_probe({})",
+        probe.args.join(", ")
+    ))
+    .fetch_one(&mut *conn)
+    .await;
+    sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+    sqlx::query("DEALLOCATE plan_probe").execute(&mut *conn).await?;
+    Ok(explained?.0.0[0].clone())
+}
+
+/// Every node of a plan tree.
+fn nodes(plan: &Value, out: &mut Vec<Value>) {
+    out.push(plan.clone());
+    for child in plan["Plans"].as_array().into_iter().flatten() {
+        nodes(child, out);
+    }
+}
+
+/// What is wrong with the shape of one EXPLAINed statement, if anything.
+fn shape_problems(explained: &Value, max_buffers: u64) -> Vec<String> {
+    let top = &explained["Plan"];
+    let mut all = Vec::new();
+    nodes(top, &mut all);
+    let mut problems = Vec::new();
+    for n in &all {
+        let relation = n["Relation Name"].as_str().unwrap_or_default();
+        if !["work_items", "rows"].contains(&relation) {
+            continue;
+        }
+        let kind = n["Node Type"].as_str().unwrap_or_default();
+        let index = n["Index Name"].as_str().unwrap_or("-");
+        if kind == "Seq Scan" {
+            problems.push(format!("a sequential scan of {relation}"));
+        }
+        // EXPLAIN gives these per loop already.
+        let loops = n["Actual Loops"].as_f64().unwrap_or(1.0);
+        let removed = n["Rows Removed by Filter"].as_f64().unwrap_or(0.0)
+            + n["Rows Removed by Index Recheck"].as_f64().unwrap_or(0.0);
+        if removed > 1.0 {
+            problems.push(format!(
+                "{kind} of {relation} using {index} filters {removed:.0} rows per lookup ({loops} loops)"
+            ));
+        }
+    }
+    let buffers = top["Shared Hit Blocks"].as_u64().unwrap_or(0) + top["Shared Read Blocks"].as_u64().unwrap_or(0);
+    if buffers > max_buffers {
+        problems.push(format!("{buffers} shared buffers, over {max_buffers}"));
+    }
+    problems
+}
+
+async fn upsert(p: &TestPlatform, namespace: &str, from: usize, n: usize) -> anyhow::Result<()> {
+    let rows: Vec<Value> = (from..from + n)
+        .map(|i| json!({"id": format!("r{i:06}"), "title": format!("Wireless thing {i}"), "size": i % 7}))
+        .collect();
+    p.upsert_rows(namespace, json!(rows)).await
+}
+
+/// Rows `from..to` written straight into the store (the set-up, not the
+/// subject): each run of `per_write` rows shares a write sequence, as one
+/// upsert of that many would, and the namespace's counters move with them.
+async fn bulk_rows(
+    conn: &mut PgConnection,
+    namespace: &str,
+    from: usize,
+    to: usize,
+    per_write: usize,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "WITH ns AS (SELECT write_seq FROM namespaces WHERE name = $1),
+         ins AS (
+             INSERT INTO rows (namespace, id, attributes, write_seq)
+             SELECT $1, 'r' || lpad(i::text, 6, '0'),
+                    jsonb_build_object('title', 'Wireless thing ' || i, 'size', i % 7),
+                    ns.write_seq + 1 + (i - $2) / $4
+             FROM ns, generate_series($2::int, $3::int - 1) i
+             RETURNING write_seq
+         )
+         UPDATE namespaces SET write_seq = (SELECT max(write_seq) FROM ins),
+                               row_count = row_count + (SELECT count(*) FROM ins), last_write_at = now()
+         WHERE name = $1",
+    )
+    .bind(namespace)
+    .bind(i32::try_from(from)?)
+    .bind(i32::try_from(to)?)
+    .bind(i32::try_from(per_write)?)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn wait_pending(p: &TestPlatform, udf: &str, n: u64, within: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let (_, st) = p.call(Method::GET, &format!("/v2/udfs/{udf}/status"), None).await?;
+        if st["pending_count"].as_u64() == Some(n) {
+            return Ok(());
+        }
+        anyhow::ensure!(start.elapsed() < within, "never {n} pending: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Leases `n` items to `worker`; returns their ids.
+async fn claim(p: &TestPlatform, udf: &str, worker: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    let body = json!({"worker_id": worker, "limit": n, "lease_seconds": 600});
+    let (s, r) = p.call(Method::POST, &format!("/v2/udfs/{udf}/claim"), Some(body)).await?;
+    anyhow::ensure!(s == 200, "claim: {r}");
+    let ids: Vec<String> =
+        r["items"].as_array().into_iter().flatten().filter_map(|i| i["id"].as_str().map(str::to_string)).collect();
+    anyhow::ensure!(ids.len() == n, "claimed {} of {n}", ids.len());
+    Ok(ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writeback_statements_look_rows_up_by_key_whatever_the_statistics() -> anyhow::Result<()> {
+    const N: usize = 100_000;
+    const BATCH: usize = 1_000;
+    let p = TestPlatform::start().await?;
+    let mut conn = PgConnection::connect_with(&p.db.options).await?;
+    let spec = json!({"targetNamespaces": ["big"], "inputs": ["id", "title"], "worker": {"dispatch": "pull"},
+                      "schedule": {"leaseSeconds": 600}});
+    p.apply_function("plans", spec).await?;
+    // Statistics taken while the tables are tiny, then never again.
+    upsert(&p, "big", 0, 10).await?;
+    wait_pending(&p, "plans", 10, Duration::from_secs(30)).await?;
+    for table in ["rows", "work_items"] {
+        sqlx::query(&format!("ANALYZE {table}")).execute(&mut conn).await?;
+        sqlx::query(&format!("ALTER TABLE {table} SET (autovacuum_enabled = false)")).execute(&mut conn).await?;
+    }
+    bulk_rows(&mut conn, "big", 10, N, BATCH).await?;
+    let (s, r) = p.call(Method::POST, "/v2/udfs/plans/discover", None).await?;
+    anyhow::ensure!(s == 200, "discover: {r}");
+    wait_pending(&p, "plans", N as u64, Duration::from_secs(120)).await?;
+    let mine = claim(&p, "plans", "w1", BATCH).await?;
+    claim(&p, "plans", "w2", BATCH).await?;
+    let batch: i64 = sqlx::query_scalar("SELECT batch_id FROM work_items WHERE worker_id = 'w1' LIMIT 1")
+        .fetch_one(&mut conn)
+        .await?;
+
+    let ns = repeat("'big'", BATCH, "text");
+    let ids = text_array(&mine);
+    let (udf, holder) = (text("plans"), text("w1"));
+    let probes = [
+        Probe {
+            name: "complete (pull completion, push report)",
+            sql: queue::COMPLETE_SQL,
+            args: vec![
+                udf.clone(),
+                holder.clone(),
+                ns.clone(),
+                ids.clone(),
+                repeat(r#"'{"tags": ["wireless"]}'"#, BATCH, "text"),
+                repeat("NULL", BATCH, "text"),
+                text(&FunctionSpec::marker_attribute("plans")),
+                text(&FunctionSpec::stale_after_attribute("plans")),
+                "NULL::float8".into(),
+            ],
+            // 21,100-21,700 measured; 62,500-71,800 before the lookups were by key.
+            max_buffers: 30_000,
+        },
+        Probe {
+            name: "fail: the leases held",
+            sql: queue::FAIL_HELD_SQL,
+            args: vec![udf.clone(), holder.clone(), ns.clone(), ids.clone()],
+            // 5,000-5,500 measured.
+            max_buffers: 7_500,
+        },
+        Probe {
+            name: "fail: the moves",
+            sql: queue::TRANSITION_SQL,
+            args: vec![
+                udf.clone(),
+                ns.clone(),
+                ids.clone(),
+                repeat("'pending'", BATCH, "text"),
+                repeat("1", BATCH, "int"),
+                repeat("0", BATCH, "int"),
+                repeat("1.5", BATCH, "float8"),
+                repeat("'transient'", BATCH, "text"),
+                repeat("'trouble'", BATCH, "text"),
+            ],
+            // 14,100-14,800 measured.
+            max_buffers: 20_000,
+        },
+        Probe {
+            name: "report: the rows it left out",
+            sql: queue::UNREPORTED_SQL,
+            args: vec![udf.clone(), batch.to_string(), holder.clone()],
+            // 25-55 measured: the batch's entries of the in-flight index.
+            max_buffers: 500,
+        },
+        Probe {
+            name: "pull heartbeat",
+            sql: queue::HEARTBEAT_SQL,
+            args: vec![udf.clone(), holder.clone(), ns.clone(), ids.clone()],
+            // 24,700-24,800 measured: each moved lease is a new entry in
+            // every index of the leased items.
+            max_buffers: 32_000,
+        },
+    ];
+    let mut problems = Vec::new();
+    for stats in ["stale statistics", "fresh statistics"] {
+        if stats.starts_with("fresh") {
+            sqlx::query("ANALYZE rows, work_items").execute(&mut conn).await?;
+        }
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            for probe in &probes {
+                let explained = explain(&mut conn, probe, mode).await?;
+                for problem in shape_problems(&explained, probe.max_buffers) {
+                    problems.push(format!("{}, {stats}, {mode}: {problem}\n{:#}", probe.name, explained["Plan"]));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+    Ok(())
+}
