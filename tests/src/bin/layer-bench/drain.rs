@@ -144,7 +144,7 @@ pub async fn run(rows: usize, batches: &[usize], workers: usize) -> Result<()> {
         for &batch in batches {
             pull_once(&http, &platform, postmaster, rows, batch, workers).await?;
             let per_k = |cpu: f64| cpu / (rows as f64 / 1000.0);
-            match pgqueuer(&pg, postmaster, rows, batch) {
+            match pgqueuer(&pg.url("layer"), postmaster, rows, batch) {
                 Ok((secs, worker_cpu, pg_cpu)) => println!(
                     "PgQueuer batch {batch:>5}, 1 worker:  {rows} jobs in {secs:.2} s = {:.0} jobs/s; CPU-s per 1,000 jobs: worker {:.4}, PostgreSQL {:.4}",
                     rows as f64 / secs,
@@ -209,7 +209,7 @@ pub(crate) async fn pull_once(
 
 /// Runs the PgQueuer reference on the same server: enqueue, then drain.
 /// Returns (seconds, worker CPU-s, PostgreSQL CPU-s) of the drain.
-fn pgqueuer(pg: &EmbeddedPostgres, postmaster: u32, rows: usize, batch: usize) -> Result<(f64, f64, f64)> {
+pub(crate) fn pgqueuer(db_url: &str, postmaster: u32, rows: usize, batch: usize) -> Result<(f64, f64, f64)> {
     let python = layer_tests::python_with_hevlayer()?;
     let ok = Command::new(&python).args(["-c", "import pgqueuer, asyncpg"]).output()?.status.success();
     if !ok {
@@ -217,8 +217,7 @@ fn pgqueuer(pg: &EmbeddedPostgres, postmaster: u32, rows: usize, batch: usize) -
     }
     let script = layer_tests::workspace_dir().join("tests/bench/pgqueuer_drain.py");
     // asyncpg's DSN for a Unix socket: host= names the socket directory.
-    let full = pg.url("layer");
-    let socket_dir = full.split_once("?host=").map(|(_, d)| d.to_string()).context("socket dir")?;
+    let socket_dir = db_url.split_once("?host=").map(|(_, d)| d.to_string()).context("socket dir")?;
     let url = format!("postgresql://layer@/layer?host={socket_dir}&port=5432");
     let out = Command::new(&python).arg(&script).args(["enqueue", &url, &rows.to_string()]).output()?;
     ensure!(out.status.success(), "enqueue failed: {}", String::from_utf8_lossy(&out.stderr));

@@ -13,7 +13,10 @@
 //!
 //! `push` (W1-push): the same drain through platform → `layer runner` →
 //! the Rust echo worker, after the pull drain of the same size in the same
-//! run, with CPU-seconds per process. `latency` (W2): write-to-marker
+//! run, with CPU-seconds per process; before them the ceiling (the
+//! writeback statement alone, one and two backends) and after them
+//! PgQueuer, all on the same PostgreSQL, then each figure's ratio to the
+//! two-backend ceiling and to PgQueuer. `latency` (W2): write-to-marker
 //! latency of single rows with the `write` trigger and a warm worker.
 //!
 //! `containers` (W6): write-to-marker with a cold and a warm worker
@@ -27,6 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
 
+mod ceiling;
 mod drain;
 mod push;
 use layer_platform::embedded::{EmbeddedOptions, EmbeddedPostgres};

@@ -110,12 +110,28 @@ fn push_function(name: &str, ns: &str, batch: usize, echo: &PathBuf, min: u32, t
                  "scaling": {"replicas": {"min": min, "max": 4}}}})
 }
 
-/// W1-push: for each batch size, the pull drain and then the push drain of
-/// `rows`, on the same platform and PostgreSQL.
+/// W1-push: for each batch size, the ceiling (the writeback statement
+/// alone, one and two backends), the pull drain, the push drain and
+/// PgQueuer's drain of `rows`, on the same platform and PostgreSQL, then
+/// each one's ratio to the two-backend ceiling and to PgQueuer.
 pub async fn w1_push(rows: usize, batches: &[usize], workers: usize, slots: u32) -> Result<()> {
     let echo = echo_binary()?;
-    with_platform("push", |http, platform, postmaster, _| async move {
+    with_platform("push", |http, platform, postmaster, db_url| async move {
         for &batch in batches {
+            // Each run writes rows as freshly filled as W1's, in a namespace of its own.
+            let mut ceilings = Vec::new();
+            for backends in [1, 2] {
+                let ns = format!("ceiling-{batch}-{backends}");
+                fill(&http, &platform.url, &ns, rows).await?;
+                let c = crate::ceiling::writeback_alone(&db_url, postmaster, &ns, batch, backends).await?;
+                println!(
+                    "ceiling batch {batch:>5}, {backends} backend{}: the writeback statement alone, {rows} rows = {:.0} rows/s; CPU-s per 1,000 rows: PostgreSQL {:.4}",
+                    if backends == 1 { "" } else { "s" },
+                    c.rate,
+                    c.pg_cpu_per_k
+                );
+                ceilings.push(c.rate);
+            }
             let pull = crate::drain::pull_once(&http, &platform, postmaster, rows, batch, workers).await?;
             // Enqueue everything with no runner up, then start one and time
             // the drain from there.
@@ -157,6 +173,33 @@ pub async fn w1_push(rows: usize, batches: &[usize], workers: usize, slots: u32)
                 per_k(g1 - g0),
             );
             stop_runner(&http, &platform, runner).await?;
+            let per_k = |cpu: f64| cpu / (rows as f64 / 1000.0);
+            let pgq = match crate::drain::pgqueuer(&db_url, postmaster, rows, batch) {
+                Ok((secs, worker_cpu, pg_cpu)) => {
+                    println!(
+                        "PgQueuer batch {batch:>5}, 1 worker:  {rows} jobs in {secs:.2} s = {:.0} jobs/s; CPU-s per 1,000 jobs: worker {:.4}, PostgreSQL {:.4}",
+                        rows as f64 / secs,
+                        per_k(worker_cpu),
+                        per_k(pg_cpu)
+                    );
+                    Some(rows as f64 / secs)
+                }
+                Err(e) => {
+                    println!("PgQueuer batch {batch:>5}: not measured: {e:#}");
+                    None
+                }
+            };
+            let ceiling = ceilings[1];
+            let vs = |r: f64| match pgq {
+                Some(q) => format!("{:.2}x of the ceiling, {:.2}x PgQueuer", r / ceiling, r / q),
+                None => format!("{:.2}x of the ceiling", r / ceiling),
+            };
+            println!(
+                "ratios batch {batch:>5}: W1-pull {}; W1-push {}{}",
+                vs(pull),
+                vs(rate),
+                pgq.map(|q| format!("; PgQueuer {:.2}x of the ceiling", q / ceiling)).unwrap_or_default()
+            );
         }
         Ok(())
     })
