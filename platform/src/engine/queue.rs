@@ -30,6 +30,12 @@ pub async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>
     Ok(pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?)
 }
 
+macro_rules! keyed_joins {
+    () => {
+        "SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+    };
+}
+
 /// The planner settings of a writeback transaction (see
 /// [`begin_writeback`]); public so the plan tests EXPLAIN under them.
 ///
@@ -39,8 +45,11 @@ pub async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>
 /// a batch of 1,000 in a table of 100,000 the cost model prefers one, and
 /// stale statistics (a table analysed while small) make any plan look cheap.
 /// Turned off, each lookup is a nested loop over the batch with a key probe.
-pub const KEYED_SETTINGS: &str = "SET LOCAL plan_cache_mode = force_generic_plan; \
-     SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+pub const KEYED_SETTINGS: &str = concat!("SET LOCAL plan_cache_mode = force_generic_plan; ", keyed_joins!());
+
+/// The join settings of [`KEYED_SETTINGS`] alone, which claims use too
+/// (they keep PostgreSQL's plan cache mode).
+pub const KEYED_JOINS: &str = keyed_joins!();
 
 /// Begins a writeback transaction: as [`begin`], its statements use the
 /// plans PostgreSQL cached for them (`force_generic_plan`), and the
@@ -156,6 +165,121 @@ fn push_in_flight(qb: &mut QueryBuilder<'_, Postgres>, udf_id: &str, cap: i64) {
     qb.push(")");
 }
 
+/// Begins a claim's transaction: key lookups ([`KEYED_JOINS`]), since a
+/// claim touches the rows it picks by key; PostgreSQL's plan cache mode.
+pub async fn begin_claim(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>> {
+    Ok(pool.begin_with(format!("BEGIN; {KEYED_JOINS}")).await?)
+}
+
+/// One round of a claim: what its picking statement needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRound<'a> {
+    pub udf: &'a Udf,
+    pub needs: &'a Needs,
+    pub claimer: Claimer<'a>,
+    pub batch_id: i64,
+    /// The lease holder reports must name.
+    pub holder: &'a str,
+    /// `maxInFlightBatches`.
+    pub cap: i64,
+    /// Rows still wanted.
+    pub want: i64,
+    pub lease_seconds: i64,
+    /// The first round also counts the batches in flight, after the turn
+    /// was taken, and picks nothing at `maxInFlightBatches`.
+    pub first: bool,
+}
+
+/// The picking statement of one claim round, after `prefix` (empty, or an
+/// `EXPLAIN` for the plan tests): picks pending items by the claimable
+/// index, drops those whose row no longer needs work, leases the rest by
+/// key, and records a runner's batch, in one statement.
+pub fn claim_statement<'a>(prefix: &str, r: ClaimRound<'a>) -> QueryBuilder<'a, Postgres> {
+    let mut qb = QueryBuilder::<Postgres>::new(prefix.to_string());
+    if r.first {
+        push_in_flight(&mut qb, &r.udf.id, r.cap);
+        qb.push(", gate AS MATERIALIZED (SELECT count(id) AS n FROM b), ");
+    } else {
+        qb.push("WITH gate AS (SELECT 0::bigint AS n), ");
+    }
+    // Pick first (an index scan on the pending items), then touch only
+    // the picked rows, each by primary key.
+    qb.push(
+        "picked AS MATERIALIZED (
+             SELECT w.namespace, w.row_id, w.available_at FROM work_items w
+             WHERE w.function_id = ",
+    );
+    qb.push_bind(&r.udf.id);
+    qb.push(" AND w.state = 'pending' AND w.available_at <= now() AND (SELECT n FROM gate) < ");
+    qb.push_bind(r.cap);
+    qb.push(" ORDER BY w.available_at LIMIT ");
+    qb.push_bind(r.want);
+    qb.push(
+        " FOR UPDATE SKIP LOCKED),
+         probe AS MATERIALIZED (
+             SELECT p.namespace, p.row_id, p.available_at, r.attributes, r.write_seq, coalesce(r.id IS NOT NULL AND ",
+    );
+    r.needs.push(&mut qb);
+    qb.push(
+        ", false) AS needed
+             FROM picked p LEFT JOIN rows r ON r.namespace = p.namespace AND r.id = p.row_id),
+         dropped AS (
+             DELETE FROM work_items w USING probe x
+             WHERE w.function_id = ",
+    );
+    qb.push_bind(&r.udf.id);
+    qb.push(
+        " AND w.namespace = x.namespace AND w.row_id = x.row_id AND NOT x.needed),
+         leased AS (
+             UPDATE work_items w SET state = 'leased', worker_id = ",
+    );
+    qb.push_bind(r.holder);
+    qb.push(", leased_key = ");
+    qb.push_bind(match r.claimer {
+        Claimer::Worker { key, .. } => Some(key),
+        Claimer::Runner { .. } => None,
+    });
+    qb.push(", batch_id = ");
+    qb.push_bind(r.batch_id);
+    qb.push(", lease_epoch = w.lease_epoch + 1, lease_seconds = ");
+    qb.push_bind(r.lease_seconds as i32);
+    qb.push(", lease_expires_at = now() + make_interval(secs => ");
+    qb.push_bind(r.lease_seconds as f64);
+    qb.push(
+        "), leased_seq = x.write_seq, leased_version = w.version, updated_at = now()
+             FROM probe x
+             WHERE w.function_id = ",
+    );
+    qb.push_bind(&r.udf.id);
+    qb.push(" AND w.namespace = x.namespace AND w.row_id = x.row_id AND x.needed)");
+    if let Claimer::Runner { id: runner_id, trace_id } = r.claimer {
+        // The batch record commits with its leases.
+        qb.push(
+            ", record AS (
+                 INSERT INTO batches (id, function_id, revision, runner_id, trace_id, queued_at, items) SELECT ",
+        );
+        qb.push_bind(r.batch_id);
+        qb.push(", ");
+        qb.push_bind(&r.udf.id);
+        qb.push(", ");
+        qb.push_bind(r.udf.revision);
+        qb.push(", ");
+        qb.push_bind(runner_id);
+        qb.push(", ");
+        qb.push_bind(trace_id);
+        qb.push(
+            ", min(available_at), count(*) FROM probe WHERE needed HAVING count(*) > 0
+                 ON CONFLICT (id) DO UPDATE SET items = batches.items + EXCLUDED.items,
+                     queued_at = least(batches.queued_at, EXCLUDED.queued_at))",
+        );
+    }
+    qb.push(
+        " SELECT g.n AS in_flight, x.namespace, x.row_id, x.attributes, x.needed, x.available_at
+         FROM gate g LEFT JOIN probe x ON true",
+    );
+    qb
+}
+
 /// Leases up to `limit` claimable rows to `worker_id` for `lease_seconds`
 /// as one batch, unless the Function already has `maxInFlightBatches`
 /// batches leased.
@@ -172,19 +296,16 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
         return Ok(Claim::default());
     }
     let needs = Needs::of(udf)?;
-    let mut tx = pool.begin().await?;
+    let mut tx = begin_claim(pool).await?;
     // One round trip: the turn, a batch id, asynchronous commit (see
-    // `begin`), key lookups (see `KEYED_SETTINGS`: the claim touches the
-    // rows it picks by key), and the Function as it is now, so a caller
-    // working from a cached copy never claims for a paused, deleted or
-    // changed Function.
+    // `begin`), and the Function as it is now, so a caller working from a
+    // cached copy never claims for a paused, deleted or changed Function.
     // Its row is locked (`FOR KEY SHARE`) before any item is, the order a
     // deletion of the Function takes them in, so the two never deadlock.
     let current: Option<(i64, bool, i32)> = sqlx::query_as(
         "SELECT nextval('work_batch_ids'), f.paused, f.revision
          FROM (SELECT pg_advisory_xact_lock(hashtextextended($1, 7317)),
-                      set_config('synchronous_commit', 'off', true), set_config('enable_seqscan', 'off', true),
-                      set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)) l
+                      set_config('synchronous_commit', 'off', true)) l
          LEFT JOIN LATERAL (SELECT paused, revision FROM functions WHERE id = $1 FOR KEY SHARE) f ON true",
     )
     .bind(&udf.id)
@@ -210,89 +331,19 @@ pub async fn claim(pool: &PgPool, udf: &Udf, claimer: Claimer<'_>, limit: i64, l
         if want <= 0 {
             break;
         }
-        // The first round also counts the batches in flight, after the turn
-        // was taken, and picks nothing at `maxInFlightBatches`.
-        let mut qb = QueryBuilder::<Postgres>::new("");
-        if round == 0 {
-            push_in_flight(&mut qb, &udf.id, cap);
-            qb.push(", gate AS MATERIALIZED (SELECT count(id) AS n FROM b), ");
-        } else {
-            qb.push("WITH gate AS (SELECT 0::bigint AS n), ");
-        }
-        // Pick first (an index scan on the pending items), then touch only
-        // the picked rows, each by primary key.
-        qb.push(
-            "picked AS MATERIALIZED (
-                 SELECT w.namespace, w.row_id, w.available_at FROM work_items w
-                 WHERE w.function_id = ",
-        );
-        qb.push_bind(&udf.id);
-        qb.push(" AND w.state = 'pending' AND w.available_at <= now() AND (SELECT n FROM gate) < ");
-        qb.push_bind(cap);
-        qb.push(" ORDER BY w.available_at LIMIT ");
-        qb.push_bind(want);
-        qb.push(
-            " FOR UPDATE SKIP LOCKED),
-             probe AS MATERIALIZED (
-                 SELECT p.namespace, p.row_id, p.available_at, r.attributes, r.write_seq, coalesce(r.id IS NOT NULL AND ",
-        );
-        needs.push(&mut qb);
-        qb.push(
-            ", false) AS needed
-                 FROM picked p LEFT JOIN rows r ON r.namespace = p.namespace AND r.id = p.row_id),
-             dropped AS (
-                 DELETE FROM work_items w USING probe x
-                 WHERE w.function_id = ",
-        );
-        qb.push_bind(&udf.id);
-        qb.push(
-            " AND w.namespace = x.namespace AND w.row_id = x.row_id AND NOT x.needed),
-             leased AS (
-                 UPDATE work_items w SET state = 'leased', worker_id = ",
-        );
-        qb.push_bind(&worker_id);
-        qb.push(", leased_key = ");
-        qb.push_bind(match claimer {
-            Claimer::Worker { key, .. } => Some(key),
-            Claimer::Runner { .. } => None,
-        });
-        qb.push(", batch_id = ");
-        qb.push_bind(batch_id);
-        qb.push(", lease_epoch = w.lease_epoch + 1, lease_seconds = ");
-        qb.push_bind(lease_seconds as i32);
-        qb.push(", lease_expires_at = now() + make_interval(secs => ");
-        qb.push_bind(lease_seconds as f64);
-        qb.push(
-            "), leased_seq = x.write_seq, leased_version = w.version, updated_at = now()
-                 FROM probe x
-                 WHERE w.function_id = ",
-        );
-        qb.push_bind(&udf.id);
-        qb.push(" AND w.namespace = x.namespace AND w.row_id = x.row_id AND x.needed)");
-        if let Claimer::Runner { id: runner_id, trace_id } = claimer {
-            // The batch record commits with its leases.
-            qb.push(
-                ", record AS (
-                     INSERT INTO batches (id, function_id, revision, runner_id, trace_id, queued_at, items) SELECT ",
-            );
-            qb.push_bind(batch_id);
-            qb.push(", ");
-            qb.push_bind(&udf.id);
-            qb.push(", ");
-            qb.push_bind(udf.revision);
-            qb.push(", ");
-            qb.push_bind(runner_id);
-            qb.push(", ");
-            qb.push_bind(trace_id);
-            qb.push(
-                ", min(available_at), count(*) FROM probe WHERE needed HAVING count(*) > 0
-                     ON CONFLICT (id) DO UPDATE SET items = batches.items + EXCLUDED.items,
-                         queued_at = least(batches.queued_at, EXCLUDED.queued_at))",
-            );
-        }
-        qb.push(
-            " SELECT g.n AS in_flight, x.namespace, x.row_id, x.attributes, x.needed, x.available_at
-             FROM gate g LEFT JOIN probe x ON true",
+        let mut qb = claim_statement(
+            "",
+            ClaimRound {
+                udf,
+                needs: &needs,
+                claimer,
+                batch_id,
+                holder: &worker_id,
+                cap,
+                want,
+                lease_seconds,
+                first: round == 0,
+            },
         );
         let picked: Vec<Picked> = qb.build_query_as().fetch_all(&mut *tx).await?;
         if round == 0 && picked.first().is_some_and(|p| p.in_flight >= cap) {
