@@ -139,7 +139,36 @@ fn die_with_parent(cmd: &mut Command) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_parent(_cmd: &mut Command) {}
 
+/// The lowest port the kernel hands out for outbound connections (and for
+/// listeners bound to port 0): Linux's `ip_local_port_range`, else its
+/// default.
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+/// A port for a worker to listen on, checked free by binding it.
+///
+/// Why not port 0: between this check and the worker's own bind the port
+/// is free, and a port from the kernel's ephemeral range can be taken in
+/// that moment by any outbound connection on the host (the runner's own
+/// calls among them); the worker then dies with "address in use" and its
+/// start is charged to the Function. A port drawn at random from the half
+/// range below the ephemeral one is only taken by another listener that
+/// asks for it by number.
 fn free_port() -> std::io::Result<u16> {
+    let high = ephemeral_low();
+    let low = high / 2;
+    if low >= 1024 {
+        for _ in 0..64 {
+            let port = rand::random_range(low..high);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
 }
 
@@ -255,6 +284,16 @@ impl ProcessWorker {
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
+    #[test]
+    fn worker_ports_are_free_and_below_the_ephemeral_range() {
+        let high = super::ephemeral_low();
+        for _ in 0..20 {
+            let port = super::free_port().unwrap();
+            assert!((high / 2..high).contains(&port), "{port} is not in {}..{high}", high / 2);
+            std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+        }
+    }
+
     use super::*;
     use std::time::Instant;
 
