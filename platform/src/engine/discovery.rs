@@ -88,6 +88,77 @@ fn push_enqueue_select(qb: &mut QueryBuilder<'_, Postgres>, udf: &Udf) {
     qb.push_bind(udf.spec.version.clone());
 }
 
+/// What one sweep of a namespace reads: the rows written after `from` up
+/// to `to` (the namespace's committed sequence), and the rows whose result
+/// went stale.
+#[derive(Debug, Clone, Copy)]
+pub struct SweepRange<'a> {
+    pub udf: &'a Udf,
+    pub needs: &'a Needs,
+    pub namespace: &'a str,
+    /// The spec key the cursor moves to.
+    pub key: &'a str,
+    /// Whether the cursor's spec key is `key` (else this is a rescan).
+    pub same_key: bool,
+    pub from: i64,
+    pub to: i64,
+}
+
+/// The sweep's statement, after `prefix` (empty, or an `EXPLAIN` for the
+/// plan tests): the cursor moves, deadlines that came due are taken, and
+/// the rows written since the cursor plus the rows whose result went stale
+/// are enqueued, in one statement. The cursor never moves back: a sweep
+/// that waited on the lock may have read an older sequence than the one
+/// before it.
+pub fn sweep_statement<'a>(prefix: &str, r: SweepRange<'a>) -> QueryBuilder<'a, Postgres> {
+    let mut qb =
+        QueryBuilder::<Postgres>::new(format!("{prefix}WITH moved AS (UPDATE discovery_cursors SET last_seq = "));
+    if r.same_key {
+        qb.push("greatest(last_seq, ");
+        qb.push_bind(r.to);
+        qb.push(")");
+    } else {
+        qb.push_bind(r.to);
+    }
+    qb.push(", spec_key = ");
+    qb.push_bind(r.key);
+    qb.push(", swept_at = now() WHERE function_id = ");
+    qb.push_bind(&r.udf.id);
+    qb.push(" AND namespace = ");
+    qb.push_bind(r.namespace);
+    qb.push("), due AS (DELETE FROM stale_deadlines d WHERE d.function_id = ");
+    qb.push_bind(&r.udf.id);
+    qb.push(" AND d.namespace = ");
+    qb.push_bind(r.namespace);
+    qb.push(" AND d.due_at <= now() RETURNING d.row_id) ");
+    push_enqueue_select(&mut qb, r.udf);
+    qb.push(" FROM due JOIN rows r ON r.namespace = ");
+    qb.push_bind(r.namespace);
+    qb.push(" AND r.id = due.row_id WHERE ");
+    r.needs.push(&mut qb);
+    if r.to > r.from {
+        // A row both due and written since is enqueued once, by the second part.
+        qb.push(" AND NOT (r.write_seq > ");
+        qb.push_bind(r.from);
+        qb.push(" AND r.write_seq <= ");
+        qb.push_bind(r.to);
+        qb.push(") UNION ALL SELECT ");
+        qb.push_bind(&r.udf.id);
+        qb.push(", r.namespace, r.id, ");
+        qb.push_bind(&r.udf.spec.version);
+        qb.push(" FROM rows r WHERE r.namespace = ");
+        qb.push_bind(r.namespace);
+        qb.push(" AND r.write_seq > ");
+        qb.push_bind(r.from);
+        qb.push(" AND r.write_seq <= ");
+        qb.push_bind(r.to);
+        qb.push(" AND ");
+        r.needs.push(&mut qb);
+    }
+    push_enqueue_conflict(&mut qb);
+    qb
+}
+
 /// Sweeps one namespace for one Function; returns the rows enqueued.
 ///
 /// Concurrency: the cursor row is locked for the sweep's transaction, so two
@@ -117,54 +188,11 @@ pub async fn sweep(conn: &mut PgConnection, udf: &Udf, namespace: &str) -> Resul
     };
     let from = if stored_key == key { last_seq } else { 0 };
 
-    // One statement: the cursor moves, deadlines that came due are taken,
-    // and the rows written since the cursor plus the rows whose result went
-    // stale are enqueued. The cursor never moves back: a sweep that waited
-    // on the lock may have read an older sequence than the one before it.
-    let mut qb = QueryBuilder::<Postgres>::new("WITH moved AS (UPDATE discovery_cursors SET last_seq = ");
-    if stored_key == key {
-        qb.push("greatest(last_seq, ");
-        qb.push_bind(now_seq);
-        qb.push(")");
-    } else {
-        qb.push_bind(now_seq);
-    }
-    qb.push(", spec_key = ");
-    qb.push_bind(&key);
-    qb.push(", swept_at = now() WHERE function_id = ");
-    qb.push_bind(&udf.id);
-    qb.push(" AND namespace = ");
-    qb.push_bind(namespace);
-    qb.push("), due AS (DELETE FROM stale_deadlines d WHERE d.function_id = ");
-    qb.push_bind(&udf.id);
-    qb.push(" AND d.namespace = ");
-    qb.push_bind(namespace);
-    qb.push(" AND d.due_at <= now() RETURNING d.row_id) ");
-    push_enqueue_select(&mut qb, udf);
-    qb.push(" FROM due JOIN rows r ON r.namespace = ");
-    qb.push_bind(namespace);
-    qb.push(" AND r.id = due.row_id WHERE ");
-    needs.push(&mut qb);
-    if now_seq > from {
-        // A row both due and written since is enqueued once, by the second part.
-        qb.push(" AND NOT (r.write_seq > ");
-        qb.push_bind(from);
-        qb.push(" AND r.write_seq <= ");
-        qb.push_bind(now_seq);
-        qb.push(") UNION ALL SELECT ");
-        qb.push_bind(&udf.id);
-        qb.push(", r.namespace, r.id, ");
-        qb.push_bind(&udf.spec.version);
-        qb.push(" FROM rows r WHERE r.namespace = ");
-        qb.push_bind(namespace);
-        qb.push(" AND r.write_seq > ");
-        qb.push_bind(from);
-        qb.push(" AND r.write_seq <= ");
-        qb.push_bind(now_seq);
-        qb.push(" AND ");
-        needs.push(&mut qb);
-    }
-    push_enqueue_conflict(&mut qb);
+    // One statement (see `sweep_statement`).
+    let mut qb = sweep_statement(
+        "",
+        SweepRange { udf, needs: &needs, namespace, key: &key, same_key: stored_key == key, from, to: now_seq },
+    );
     Ok(qb.build().execute(&mut *conn).await?.rows_affected())
 }
 

@@ -569,13 +569,18 @@ async fn a_pull_worker_that_exits_backs_off_and_its_status_says_why() -> anyhow:
 
     // The image's worker exits at once: restarted with a growing pause,
     // and the status carries its last lines.
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
     let runner = TestRunner::start(&p, |c| c.name = name.clone()).await?;
     let c = condition(&p, "crashy", "WorkerFailing", "has no attribute 'no_such_function'").await?;
     assert!(c["message"].as_str().unwrap_or("").contains("exit code"), "{c}");
-    // Counted from the engine's own record of the containers created in a
-    // 12 s window (each lives too briefly for a poll to see them all).
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    // Counted from the engine's own record of the containers created in the
+    // 12 s from the runner's start (each lives too briefly for a poll to
+    // see them all; and the window must not start wherever the status
+    // happened to show the failure, by when the pause may have grown).
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    if now < since + 12.0 {
+        tokio::time::sleep(Duration::from_secs_f64(since + 12.0 - now)).await;
+    }
     let created = containers_created(&name, since, since + 12.0)?;
     // 1 s, 2 s, 4 s, 8 s between starts: a handful, not one per tick.
     assert!((2..=6).contains(&created), "{created} containers created in 12 s");

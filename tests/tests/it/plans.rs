@@ -4,15 +4,15 @@
 //! 1,000 rows: under stale statistics (the tables analysed while they held
 //! ten rows, autovacuum off, as after a fresh start) and fresh ones, with
 //! custom and generic plans; the claim of 1,000 rows (for a pull worker and
-//! for a runner) under both statistics, with the plan PostgreSQL makes for
-//! its arguments. None may scan `work_items` or `rows`
+//! for a runner) and the incremental sweep of 1,000 new rows under both
+//! statistics, with the plan PostgreSQL makes for their arguments. None may scan `work_items` or `rows`
 //! sequentially, no index lookup may filter through other rows (the
 //! signature of a lookup that half-matched a partial index), and each stays
 //! under a bound of buffers per 1,000 rows.
 
 use std::time::{Duration, Instant};
 
-use layer_platform::engine::discovery::Needs;
+use layer_platform::engine::discovery::{Needs, SweepRange, spec_key, sweep_statement};
 use layer_platform::engine::queue::{self, Claimer};
 use layer_protocol::function::FunctionSpec;
 use layer_tests::TestPlatform;
@@ -304,8 +304,7 @@ async fn explain_claim(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_claim_picks_by_the_claimable_index_and_touches_rows_by_key_whatever_the_statistics() -> anyhow::Result<()>
-{
+async fn the_claim_and_the_incremental_sweep_use_their_indexes_whatever_the_statistics() -> anyhow::Result<()> {
     const N: usize = 100_000;
     let p = TestPlatform::start().await?;
     let mut conn = PgConnection::connect_with(&p.db.options).await?;
@@ -327,6 +326,18 @@ async fn the_claim_picks_by_the_claimable_index_and_touches_rows_by_key_whatever
     // Two batches already out, as in the writeback test.
     claim(&p, "claims", "w1", 1_000).await?;
     claim(&p, "claims", "w2", 1_000).await?;
+    // 1,000 rows written since the last sweep, for the incremental sweep's
+    // plan; paused, so no sweep of the platform's takes them first.
+    let (s, r) = p.call(Method::POST, "/v2/udfs/claims/pause", None).await?;
+    anyhow::ensure!(s == 200, "pause: {r}");
+    let (from, _): (i64, String) = sqlx::query_as(
+        "SELECT last_seq, spec_key FROM discovery_cursors WHERE function_id = 'claims' AND namespace = 'big'",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    bulk_rows(&mut conn, "big", N, N + 1_000, 1_000).await?;
+    let to: i64 =
+        sqlx::query_scalar("SELECT write_seq FROM namespaces WHERE name = 'big'").fetch_one(&mut conn).await?;
     let udf = layer_platform::functions::store::get(&p.pool, "claims").await?;
     let mut problems = Vec::new();
     for stats in ["stale statistics", "fresh statistics"] {
@@ -352,6 +363,29 @@ async fn the_claim_picks_by_the_claimable_index_and_touches_rows_by_key_whatever
             for problem in shape_problems(&explained, 10_000) {
                 problems.push(format!("{name}, {stats}: {problem}\n{:#}", explained["Plan"]));
             }
+        }
+        // The incremental sweep reads the 1,000 new rows by their write
+        // sequence and enqueues them by key.
+        let needs = Needs::of(&udf)?;
+        let key = spec_key(&udf.spec);
+        let range = SweepRange { udf: &udf, needs: &needs, namespace: "big", key: &key, same_key: true, from, to };
+        let mut tx = p.pool.begin().await?;
+        let mut qb = sweep_statement("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ", range);
+        let explained: (sqlx::types::Json<Value>,) = qb.build_query_as().fetch_one(&mut *tx).await?;
+        tx.rollback().await?;
+        let explained = explained.0.0[0].clone();
+        let mut all = Vec::new();
+        nodes(&explained["Plan"], &mut all);
+        let read = all.iter().any(|n| n["Index Name"] == "rows_namespace_write_seq" && n["Actual Rows"] == 1_000);
+        if !read {
+            problems.push(format!(
+                "the sweep, {stats}: the new rows were not read by write sequence\n{:#}",
+                explained["Plan"]
+            ));
+        }
+        // 8,200-10,500 measured.
+        for problem in shape_problems(&explained, 16_000) {
+            problems.push(format!("the sweep, {stats}: {problem}\n{:#}", explained["Plan"]));
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n\n"));
