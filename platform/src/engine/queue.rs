@@ -397,27 +397,39 @@ pub struct CompleteCounts {
     pub not_leased: u64,
 }
 
+/// `CROSS JOIN LATERAL (...) w`: the item of each reported row `i(ns, id)`
+/// that `$2` holds a live lease on, locked, for Function `$1`.
+///
+/// One primary-key lookup per reported row, never a scan of the Function's
+/// leases: the lookup names the key alone (`OFFSET 0` keeps the lease
+/// conditions out of it), so no partial index of the leases can half-match
+/// it whatever the statistics say. Rows that match the key but not the
+/// lease are locked too, briefly; they are the reporter's own rows.
+macro_rules! held_lease {
+    () => {
+        "CROSS JOIN LATERAL (
+             SELECT * FROM (
+                 SELECT * FROM work_items k
+                 WHERE k.function_id = $1 AND k.namespace = i.ns AND k.row_id = i.id OFFSET 0
+             ) w
+             WHERE w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()
+             FOR UPDATE
+         ) w"
+    };
+}
+
 /// The writeback of [`complete`]: `$1` Function, `$2` lease holder, `$3..$6`
 /// namespaces, ids, attributes (JSON text) and vectors of the results, `$7`
 /// the marker attribute, `$8` the stale-after attribute, `$9` staleAfter
 /// seconds. Public so the plan tests can EXPLAIN it.
-pub const COMPLETE_SQL: &str = "WITH input AS (
+pub const COMPLETE_SQL: &str = concat!("WITH input AS (
              SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) AS i(ns, id, attrs, vec)
          ),
          cand AS (
-             -- One primary-key lookup per reported row (LATERAL), never a
-             -- scan of the Function's leases: the lookup names the key
-             -- alone (OFFSET 0 keeps the lease conditions out of it), so no
-             -- partial index of the leases can half-match it.
              SELECT w.namespace, w.row_id, w.leased_seq, w.leased_version, w.version, i.attrs, i.vec
-             FROM input i CROSS JOIN LATERAL (
-                 SELECT * FROM (
-                     SELECT * FROM work_items k
-                     WHERE k.function_id = $1 AND k.namespace = i.ns AND k.row_id = i.id OFFSET 0
-                 ) w
-                 WHERE w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()
-                 FOR UPDATE
-             ) w
+             FROM input i ",
+    held_lease!(),
+    "
          ),
          written AS (
              UPDATE rows r
@@ -471,7 +483,8 @@ pub const COMPLETE_SQL: &str = "WITH input AS (
              SELECT $1, date_trunc('second', now()), c.written FROM counts c WHERE c.written > 0
              ON CONFLICT (function_id, second) DO UPDATE SET completed = completion_buckets.completed + EXCLUDED.completed
          )
-         SELECT written, stale, not_leased FROM counts";
+         SELECT written, stale, not_leased FROM counts"
+);
 
 /// Writes results and markers back and retires their items, in one
 /// statement per batch.
@@ -623,16 +636,10 @@ fn jitter() -> f64 {
 /// The leases a failure report names that its sender holds, locked, in
 /// [`fail`]: `$1` Function, `$2` holder, `$3`/`$4` namespaces and ids.
 /// Public for the plan tests.
-pub const FAIL_HELD_SQL: &str = "SELECT w.namespace, w.row_id, w.attempts, w.free_retries
-         FROM unnest($3::text[], $4::text[]) AS i(ns, id) CROSS JOIN LATERAL (
-             -- By key alone, as in the writeback (see `COMPLETE_SQL`).
-             SELECT * FROM (
-                 SELECT * FROM work_items k
-                 WHERE k.function_id = $1 AND k.namespace = i.ns AND k.row_id = i.id OFFSET 0
-             ) w
-             WHERE w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()
-             FOR UPDATE
-         ) w";
+pub const FAIL_HELD_SQL: &str = concat!(
+    "SELECT w.namespace, w.row_id, w.attempts, w.free_retries FROM unnest($3::text[], $4::text[]) AS i(ns, id) ",
+    held_lease!()
+);
 
 /// Records failures reported by the worker holding the leases; reports for
 /// leases it does not hold are ignored. Returns the items moved.
@@ -681,21 +688,14 @@ pub async fn fail_unreported(conn: &mut sqlx::PgConnection, udf: &Udf, holder: &
 
 /// A pull worker's heartbeat in [`heartbeat`]: `$1` Function, `$2` holder,
 /// `$3`/`$4` namespaces and ids. Public for the plan tests.
-pub const HEARTBEAT_SQL: &str = "WITH held AS (
-             -- By key alone, as in the writeback (see `COMPLETE_SQL`).
-             SELECT w.namespace, w.row_id
-             FROM unnest($3::text[], $4::text[]) AS i(ns, id) CROSS JOIN LATERAL (
-                 SELECT * FROM (
-                     SELECT * FROM work_items k
-                     WHERE k.function_id = $1 AND k.namespace = i.ns AND k.row_id = i.id OFFSET 0
-                 ) w
-                 WHERE w.state = 'leased' AND w.worker_id = $2 AND w.lease_expires_at > now()
-                 FOR UPDATE
-             ) w
-         )
+pub const HEARTBEAT_SQL: &str = concat!(
+    "WITH held AS (SELECT w.namespace, w.row_id FROM unnest($3::text[], $4::text[]) AS i(ns, id) ",
+    held_lease!(),
+    ")
          UPDATE work_items w SET lease_expires_at = now() + make_interval(secs => w.lease_seconds), updated_at = now()
          FROM held h
-         WHERE w.function_id = $1 AND w.namespace = h.namespace AND w.row_id = h.row_id";
+         WHERE w.function_id = $1 AND w.namespace = h.namespace AND w.row_id = h.row_id"
+);
 
 /// Extends the leases `worker_id` holds on these rows by their lease length.
 pub async fn heartbeat(pool: &PgPool, udf: &Udf, worker_id: &str, items: &[(String, String)]) -> Result<u64> {
