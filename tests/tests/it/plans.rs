@@ -10,12 +10,14 @@
 //! signature of a lookup that half-matched a partial index), and each stays
 //! under a bound of buffers per 1,000 rows.
 
-use std::time::{Duration, Instant};
-
 use layer_platform::engine::discovery::{Needs, SweepRange, spec_key, sweep_statement};
 use layer_platform::engine::queue::{self, Claimer};
 use layer_protocol::function::FunctionSpec;
 use layer_tests::TestPlatform;
+
+/// Rows queued for the plan tests, and the batch each statement handles.
+const QUEUED: usize = 100_000;
+const BATCH: usize = 1_000;
 use reqwest::Method;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
@@ -109,22 +111,16 @@ async fn upsert(p: &TestPlatform, namespace: &str, from: usize, n: usize) -> any
 }
 
 /// Rows `from..to` written straight into the store (the set-up, not the
-/// subject): each run of `per_write` rows shares a write sequence, as one
-/// upsert of that many would, and the namespace's counters move with them.
-async fn bulk_rows(
-    conn: &mut PgConnection,
-    namespace: &str,
-    from: usize,
-    to: usize,
-    per_write: usize,
-) -> anyhow::Result<()> {
+/// subject): each run of 1,000 rows shares a write sequence, as one upsert
+/// of 1,000 would, and the namespace's counters move with them.
+async fn bulk_rows(conn: &mut PgConnection, namespace: &str, from: usize, to: usize) -> anyhow::Result<()> {
     sqlx::query(
         "WITH ns AS (SELECT write_seq FROM namespaces WHERE name = $1),
          ins AS (
              INSERT INTO rows (namespace, id, attributes, write_seq)
              SELECT $1, 'r' || lpad(i::text, 6, '0'),
                     jsonb_build_object('title', 'Wireless thing ' || i, 'size', i % 7),
-                    ns.write_seq + 1 + (i - $2) / $4
+                    ns.write_seq + 1 + (i - $2) / 1000
              FROM ns, generate_series($2::int, $3::int - 1) i
              RETURNING write_seq
          )
@@ -135,22 +131,35 @@ async fn bulk_rows(
     .bind(namespace)
     .bind(i32::try_from(from)?)
     .bind(i32::try_from(to)?)
-    .bind(i32::try_from(per_write)?)
     .execute(conn)
     .await?;
     Ok(())
 }
 
-async fn wait_pending(p: &TestPlatform, udf: &str, n: u64, within: Duration) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        let (_, st) = p.call(Method::GET, &format!("/v2/udfs/{udf}/status"), None).await?;
-        if st["pending_count"].as_u64() == Some(n) {
-            return Ok(());
-        }
-        anyhow::ensure!(start.elapsed() < within, "never {n} pending: {st}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+/// The Function `udf` over 100,000 queued rows of `big` (with `spec`), two
+/// batches of 1,000 of them leased to `w1` and `w2`, and the statistics of
+/// `rows` and `work_items` taken while they held ten rows, never again
+/// (autovacuum off), as after a fresh start. Returns the ids `w1` holds.
+async fn queued_on_stale_statistics(
+    p: &TestPlatform,
+    conn: &mut PgConnection,
+    udf: &str,
+    spec: Value,
+) -> anyhow::Result<Vec<String>> {
+    p.apply_function(udf, spec).await?;
+    upsert(p, "big", 0, 10).await?;
+    p.wait_for_pending(udf, 10).await?;
+    for table in ["rows", "work_items"] {
+        sqlx::query(&format!("ANALYZE {table}")).execute(&mut *conn).await?;
+        sqlx::query(&format!("ALTER TABLE {table} SET (autovacuum_enabled = false)")).execute(&mut *conn).await?;
     }
+    bulk_rows(conn, "big", 10, QUEUED).await?;
+    let (s, r) = p.call(Method::POST, &format!("/v2/udfs/{udf}/discover"), None).await?;
+    anyhow::ensure!(s == 200, "discover: {r}");
+    p.wait_for_pending(udf, QUEUED as u64).await?;
+    let mine = claim(p, udf, "w1", BATCH).await?;
+    claim(p, udf, "w2", BATCH).await?;
+    Ok(mine)
 }
 
 /// Leases `n` items to `worker`; returns their ids.
@@ -166,26 +175,11 @@ async fn claim(p: &TestPlatform, udf: &str, worker: &str, n: usize) -> anyhow::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_writeback_statements_look_rows_up_by_key_whatever_the_statistics() -> anyhow::Result<()> {
-    const N: usize = 100_000;
-    const BATCH: usize = 1_000;
     let p = TestPlatform::start().await?;
     let mut conn = PgConnection::connect_with(&p.db.options).await?;
     let spec = json!({"targetNamespaces": ["big"], "inputs": ["id", "title"], "worker": {"dispatch": "pull"},
                       "schedule": {"leaseSeconds": 600}});
-    p.apply_function("plans", spec).await?;
-    // Statistics taken while the tables are tiny, then never again.
-    upsert(&p, "big", 0, 10).await?;
-    wait_pending(&p, "plans", 10, Duration::from_secs(30)).await?;
-    for table in ["rows", "work_items"] {
-        sqlx::query(&format!("ANALYZE {table}")).execute(&mut conn).await?;
-        sqlx::query(&format!("ALTER TABLE {table} SET (autovacuum_enabled = false)")).execute(&mut conn).await?;
-    }
-    bulk_rows(&mut conn, "big", 10, N, BATCH).await?;
-    let (s, r) = p.call(Method::POST, "/v2/udfs/plans/discover", None).await?;
-    anyhow::ensure!(s == 200, "discover: {r}");
-    wait_pending(&p, "plans", N as u64, Duration::from_secs(120)).await?;
-    let mine = claim(&p, "plans", "w1", BATCH).await?;
-    claim(&p, "plans", "w2", BATCH).await?;
+    let mine = queued_on_stale_statistics(&p, &mut conn, "plans", spec).await?;
     let batch: i64 = sqlx::query_scalar("SELECT batch_id FROM work_items WHERE worker_id = 'w1' LIMIT 1")
         .fetch_one(&mut conn)
         .await?;
@@ -305,27 +299,13 @@ async fn explain_claim(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claim_and_the_incremental_sweep_use_their_indexes_whatever_the_statistics() -> anyhow::Result<()> {
-    const N: usize = 100_000;
     let p = TestPlatform::start().await?;
     let mut conn = PgConnection::connect_with(&p.db.options).await?;
     // A filter and an input, so the claim's check of each row is the
     // one real Functions make.
     let spec = json!({"targetNamespaces": ["big"], "inputs": ["id", "title"], "worker": {"dispatch": "pull"},
                       "filter": ["size", "Lt", 100], "schedule": {"leaseSeconds": 600}});
-    p.apply_function("claims", spec).await?;
-    upsert(&p, "big", 0, 10).await?;
-    wait_pending(&p, "claims", 10, Duration::from_secs(30)).await?;
-    for table in ["rows", "work_items"] {
-        sqlx::query(&format!("ANALYZE {table}")).execute(&mut conn).await?;
-        sqlx::query(&format!("ALTER TABLE {table} SET (autovacuum_enabled = false)")).execute(&mut conn).await?;
-    }
-    bulk_rows(&mut conn, "big", 10, N, 1_000).await?;
-    let (s, r) = p.call(Method::POST, "/v2/udfs/claims/discover", None).await?;
-    anyhow::ensure!(s == 200, "discover: {r}");
-    wait_pending(&p, "claims", N as u64, Duration::from_secs(120)).await?;
-    // Two batches already out, as in the writeback test.
-    claim(&p, "claims", "w1", 1_000).await?;
-    claim(&p, "claims", "w2", 1_000).await?;
+    queued_on_stale_statistics(&p, &mut conn, "claims", spec).await?;
     // 1,000 rows written since the last sweep, for the incremental sweep's
     // plan; paused, so no sweep of the platform's takes them first.
     let (s, r) = p.call(Method::POST, "/v2/udfs/claims/pause", None).await?;
@@ -335,7 +315,7 @@ async fn the_claim_and_the_incremental_sweep_use_their_indexes_whatever_the_stat
     )
     .fetch_one(&mut conn)
     .await?;
-    bulk_rows(&mut conn, "big", N, N + 1_000, 1_000).await?;
+    bulk_rows(&mut conn, "big", QUEUED, QUEUED + BATCH).await?;
     let to: i64 =
         sqlx::query_scalar("SELECT write_seq FROM namespaces WHERE name = 'big'").fetch_one(&mut conn).await?;
     let udf = layer_platform::functions::store::get(&p.pool, "claims").await?;
@@ -349,7 +329,7 @@ async fn the_claim_and_the_incremental_sweep_use_their_indexes_whatever_the_stat
             ("a runner's batch", Claimer::Runner { id: "rn_plans", trace_id: "00000000000000000000000000000000" }),
         ];
         for (name, claimer) in claimers {
-            let explained = explain_claim(&p.pool, &udf, claimer, 1_000).await?;
+            let explained = explain_claim(&p.pool, &udf, claimer, BATCH as i64).await?;
             // It picked its 1,000 rows from the claimable index.
             let mut all = Vec::new();
             nodes(&explained["Plan"], &mut all);
