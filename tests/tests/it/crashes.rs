@@ -40,18 +40,23 @@ async fn batches(p: &TestPlatform, udf: &str) -> anyhow::Result<Vec<(i32, i32, i
         .await?)
 }
 
-/// Drives one Function whose first and only batch holds `good` healthy
-/// rows and `bad`; checks the healthy rows all completed in that batch and
-/// only the bad ones failed, each with `kind` and a message containing
-/// `says`.
-async fn isolates(
-    udf: &str,
+/// One Function whose first and only batch holds `good` healthy rows and
+/// the `bad` ones (id, mode), and how the bad ones must fail.
+struct Case<'a> {
+    udf: &'a str,
     good: usize,
-    bad: &[(&str, &str)],
+    bad: &'a [(&'a str, &'a str)],
     timeout: u32,
-    kind: &str,
-    says: &str,
-) -> anyhow::Result<()> {
+    /// The failure kind of each bad row...
+    kind: &'a str,
+    /// ...and what its message says.
+    says: &'a str,
+}
+
+/// Drives the case; checks the healthy rows all completed in that batch and
+/// only the bad ones failed, as the case says.
+async fn isolates(case: Case<'_>) -> anyhow::Result<()> {
+    let Case { udf, good, bad, timeout, kind, says } = case;
     let p = TestPlatform::start().await?;
     let _runner = TestRunner::start(&p, |_| {}).await?;
     rows(&p, good, bad).await?;
@@ -74,18 +79,23 @@ async fn isolates(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_sigkills_itself_mid_batch_costs_its_neighbours_nothing() -> anyhow::Result<()> {
-    isolates("sigkilled", 7, &[("bad", "sigkill")], 10, "transient", "crashed mid-batch").await
+    let bad = [("bad", "sigkill")];
+    isolates(Case { udf: "sigkilled", good: 7, bad: &bad, timeout: 10, kind: "transient", says: "crashed mid-batch" })
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_crashes_on_one_poison_row_in_sixteen_costs_the_other_fifteen_nothing() -> anyhow::Result<()> {
-    isolates("poisoned", 15, &[("bad", "crash")], 10, "transient", "exit status: 3").await
+    let bad = [("bad", "crash")];
+    isolates(Case { udf: "poisoned", good: 15, bad: &bad, timeout: 10, kind: "transient", says: "exit status: 3" })
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_that_hang_past_the_timeout_are_replaced_and_a_healthy_row_in_their_batch_completes()
 -> anyhow::Result<()> {
-    isolates("hung", 2, &[("h1", "hang"), ("h2", "hang")], 2, "timeout", "timeoutSeconds (2 s)").await
+    let bad = [("h1", "hang"), ("h2", "hang")];
+    isolates(Case { udf: "hung", good: 2, bad: &bad, timeout: 2, kind: "timeout", says: "timeoutSeconds (2 s)" }).await
 }
 
 /// Three batches of one slow row for one worker: the runner waits half the
