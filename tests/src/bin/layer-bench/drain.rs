@@ -143,16 +143,7 @@ pub async fn run(rows: usize, batches: &[usize], workers: usize) -> Result<()> {
         let postmaster = postmaster_pid(&dir)?;
         for &batch in batches {
             pull_once(&http, &platform, postmaster, rows, batch, workers).await?;
-            let per_k = |cpu: f64| cpu / (rows as f64 / 1000.0);
-            match pgqueuer(&pg.url("layer"), postmaster, rows, batch) {
-                Ok((secs, worker_cpu, pg_cpu)) => println!(
-                    "PgQueuer batch {batch:>5}, 1 worker:  {rows} jobs in {secs:.2} s = {:.0} jobs/s; CPU-s per 1,000 jobs: worker {:.4}, PostgreSQL {:.4}",
-                    rows as f64 / secs,
-                    per_k(worker_cpu),
-                    per_k(pg_cpu)
-                ),
-                Err(e) => println!("PgQueuer batch {batch:>5}: not measured: {e:#}"),
-            }
+            pgqueuer_line(&pg.url("layer"), postmaster, rows, batch);
         }
         anyhow::Ok(())
     }
@@ -207,9 +198,30 @@ pub(crate) async fn pull_once(
     Ok(rows as f64 / elapsed)
 }
 
+/// Runs the PgQueuer reference and prints its line (or why it was not
+/// measured); returns its rate in jobs/s when it ran.
+pub(crate) fn pgqueuer_line(db_url: &str, postmaster: u32, rows: usize, batch: usize) -> Option<f64> {
+    let per_k = |cpu: f64| cpu / (rows as f64 / 1000.0);
+    match pgqueuer(db_url, postmaster, rows, batch) {
+        Ok((secs, worker_cpu, pg_cpu)) => {
+            println!(
+                "PgQueuer batch {batch:>5}, 1 worker:  {rows} jobs in {secs:.2} s = {:.0} jobs/s; CPU-s per 1,000 jobs: worker {:.4}, PostgreSQL {:.4}",
+                rows as f64 / secs,
+                per_k(worker_cpu),
+                per_k(pg_cpu)
+            );
+            Some(rows as f64 / secs)
+        }
+        Err(e) => {
+            println!("PgQueuer batch {batch:>5}: not measured: {e:#}");
+            None
+        }
+    }
+}
+
 /// Runs the PgQueuer reference on the same server: enqueue, then drain.
 /// Returns (seconds, worker CPU-s, PostgreSQL CPU-s) of the drain.
-pub(crate) fn pgqueuer(db_url: &str, postmaster: u32, rows: usize, batch: usize) -> Result<(f64, f64, f64)> {
+fn pgqueuer(db_url: &str, postmaster: u32, rows: usize, batch: usize) -> Result<(f64, f64, f64)> {
     let python = layer_tests::python_with_hevlayer()?;
     let ok = Command::new(&python).args(["-c", "import pgqueuer, asyncpg"]).output()?.status.success();
     if !ok {

@@ -173,22 +173,7 @@ pub async fn w1_push(rows: usize, batches: &[usize], workers: usize, slots: u32)
                 per_k(g1 - g0),
             );
             stop_runner(&http, &platform, runner).await?;
-            let per_k = |cpu: f64| cpu / (rows as f64 / 1000.0);
-            let pgq = match crate::drain::pgqueuer(&db_url, postmaster, rows, batch) {
-                Ok((secs, worker_cpu, pg_cpu)) => {
-                    println!(
-                        "PgQueuer batch {batch:>5}, 1 worker:  {rows} jobs in {secs:.2} s = {:.0} jobs/s; CPU-s per 1,000 jobs: worker {:.4}, PostgreSQL {:.4}",
-                        rows as f64 / secs,
-                        per_k(worker_cpu),
-                        per_k(pg_cpu)
-                    );
-                    Some(rows as f64 / secs)
-                }
-                Err(e) => {
-                    println!("PgQueuer batch {batch:>5}: not measured: {e:#}");
-                    None
-                }
-            };
+            let pgq = crate::drain::pgqueuer_line(&db_url, postmaster, rows, batch);
             let ceiling = ceilings[1];
             let vs = |r: f64| match pgq {
                 Some(q) => format!("{:.2}x of the ceiling, {:.2}x PgQueuer", r / ceiling, r / q),
