@@ -148,23 +148,6 @@ pub struct Claim {
     pub stale: bool,
 }
 
-/// Appends `WITH RECURSIVE b(id, n) AS (...)`: the Function's leased
-/// batches, up to `cap`, by a loose index scan over `work_items_in_flight`,
-/// one probe per batch. `count(id) FROM b` is the number in flight.
-fn push_in_flight(qb: &mut QueryBuilder<'_, Postgres>, udf_id: &str, cap: i64) {
-    qb.push("WITH RECURSIVE b(id, n) AS (SELECT (SELECT w.batch_id FROM work_items w WHERE w.function_id = ");
-    qb.push_bind(udf_id.to_string());
-    qb.push(
-        " AND w.state = 'leased' AND w.batch_id IS NOT NULL ORDER BY w.batch_id LIMIT 1), 1
-         UNION ALL
-         SELECT (SELECT w.batch_id FROM work_items w WHERE w.function_id = ",
-    );
-    qb.push_bind(udf_id.to_string());
-    qb.push(" AND w.state = 'leased' AND w.batch_id IS NOT NULL AND w.batch_id > b.id ORDER BY w.batch_id LIMIT 1), b.n + 1 FROM b WHERE b.id IS NOT NULL AND b.n < ");
-    qb.push_bind(cap);
-    qb.push(")");
-}
-
 /// Begins a claim's transaction: key lookups ([`KEYED_JOINS`]), since a
 /// claim touches the rows it picks by key; PostgreSQL's plan cache mode.
 pub async fn begin_claim(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>> {
@@ -190,93 +173,113 @@ pub struct ClaimRound<'a> {
     pub first: bool,
 }
 
-/// The picking statement of one claim round, after `prefix` (empty, or an
-/// `EXPLAIN` for the plan tests): picks pending items by the claimable
-/// index, drops those whose row no longer needs work, leases the rest by
-/// key, and records a runner's batch, in one statement.
+/// The claim: one round of [`claim`] picks up to `:want` claimable items of
+/// Function `:udf`, drops those whose row no longer needs work, leases the
+/// rest to `:holder` under batch `:batch`, and records a runner's batch, in
+/// one statement. `:needed` is the Function's predicate over `rows r`
+/// ([`Needs`]); every other `:name` is a parameter (see [`claim_statement`]).
+///
+/// Concurrency contract: the caller holds the Function's claim turn (an
+/// advisory lock taken in the same transaction, see [`claim`]), so `gate`
+/// counts the batches in flight with no other claim of the Function
+/// between the count and the leases: `maxInFlightBatches` holds across
+/// workers and replicas. The items are picked `FOR UPDATE SKIP LOCKED`, so
+/// a writeback or reaper holding one is passed over, never waited on; each
+/// picked item is then touched by its primary key only. A lease is the
+/// holder, its expiry and the row's `write_seq` at the claim
+/// (`leased_seq`): the writeback is fenced on all three.
+///
+/// The plan: `gate` by a loose index scan over `work_items_in_flight` (one
+/// probe per batch, first round only), `picked` by `work_items_claimable`,
+/// then a key probe of `rows` and of `work_items` per picked item.
+pub const CLAIM_SQL: &str = "WITH RECURSIVE b(id, n) AS (
+         SELECT (SELECT w.batch_id FROM work_items w
+                 WHERE w.function_id = :udf AND w.state = 'leased' AND w.batch_id IS NOT NULL
+                 ORDER BY w.batch_id LIMIT 1), 1
+         UNION ALL
+         SELECT (SELECT w.batch_id FROM work_items w
+                 WHERE w.function_id = :udf AND w.state = 'leased' AND w.batch_id IS NOT NULL AND w.batch_id > b.id
+                 ORDER BY w.batch_id LIMIT 1), b.n + 1
+         FROM b WHERE b.id IS NOT NULL AND b.n < :cap
+     ),
+     gate AS MATERIALIZED (
+         SELECT CASE WHEN :first THEN (SELECT count(id) FROM b) ELSE 0 END AS n
+     ),
+     picked AS MATERIALIZED (
+         SELECT w.namespace, w.row_id, w.available_at FROM work_items w
+         WHERE w.function_id = :udf AND w.state = 'pending' AND w.available_at <= now()
+           AND (SELECT n FROM gate) < :cap
+         ORDER BY w.available_at LIMIT :want
+         FOR UPDATE SKIP LOCKED
+     ),
+     probe AS MATERIALIZED (
+         SELECT p.namespace, p.row_id, p.available_at, r.attributes, r.write_seq,
+                coalesce(r.id IS NOT NULL AND :needed, false) AS needed
+         FROM picked p LEFT JOIN rows r ON r.namespace = p.namespace AND r.id = p.row_id
+     ),
+     dropped AS (
+         DELETE FROM work_items w USING probe x
+         WHERE w.function_id = :udf AND w.namespace = x.namespace AND w.row_id = x.row_id AND NOT x.needed
+     ),
+     leased AS (
+         UPDATE work_items w
+         SET state = 'leased', worker_id = :holder, leased_key = :key, batch_id = :batch,
+             lease_seconds = :lease_seconds, lease_expires_at = now() + make_interval(secs => :lease_seconds),
+             leased_seq = x.write_seq, leased_version = w.version, updated_at = now()
+         FROM probe x
+         WHERE w.function_id = :udf AND w.namespace = x.namespace AND w.row_id = x.row_id AND x.needed
+     ),
+     -- A runner's batch record commits with its leases.
+     record AS (
+         INSERT INTO batches (id, function_id, revision, runner_id, trace_id, queued_at, items)
+         SELECT :batch, :udf, :revision, :runner, :trace, min(available_at), count(*) FROM probe
+         WHERE needed AND :runner::text IS NOT NULL HAVING count(*) > 0
+         ON CONFLICT (id) DO UPDATE SET items = batches.items + EXCLUDED.items,
+             queued_at = least(batches.queued_at, EXCLUDED.queued_at)
+     )
+     SELECT g.n AS in_flight, x.namespace, x.row_id, x.attributes, x.needed, x.available_at
+     FROM gate g LEFT JOIN probe x ON true";
+
+/// [`CLAIM_SQL`] for one round, after `prefix` (empty, or an `EXPLAIN` for
+/// the plan tests), with its parameters bound.
 pub fn claim_statement<'a>(prefix: &str, r: ClaimRound<'a>) -> QueryBuilder<'a, Postgres> {
+    let (runner, trace, key) = match r.claimer {
+        Claimer::Runner { id, trace_id } => (Some(id), Some(trace_id), None),
+        Claimer::Worker { key, .. } => (None, None, Some(key)),
+    };
     let mut qb = QueryBuilder::<Postgres>::new(prefix.to_string());
-    if r.first {
-        push_in_flight(&mut qb, &r.udf.id, r.cap);
-        qb.push(", gate AS MATERIALIZED (SELECT count(id) AS n FROM b), ");
-    } else {
-        qb.push("WITH gate AS (SELECT 0::bigint AS n), ");
+    let mut rest = CLAIM_SQL;
+    while let Some(at) = rest.find(':') {
+        qb.push(&rest[..at]);
+        rest = &rest[at + 1..];
+        if let Some(after) = rest.strip_prefix(':') {
+            // A cast.
+            qb.push("::");
+            rest = after;
+            continue;
+        }
+        let end = rest.find(|c: char| !(c.is_ascii_lowercase() || c == '_')).unwrap_or(rest.len());
+        match &rest[..end] {
+            "udf" => qb.push_bind(&r.udf.id),
+            "revision" => qb.push_bind(r.udf.revision),
+            "cap" => qb.push_bind(r.cap),
+            "first" => qb.push_bind(r.first),
+            "want" => qb.push_bind(r.want),
+            "holder" => qb.push_bind(r.holder),
+            "key" => qb.push_bind(key),
+            "batch" => qb.push_bind(r.batch_id),
+            "lease_seconds" => qb.push_bind(r.lease_seconds as i32),
+            "runner" => qb.push_bind(runner),
+            "trace" => qb.push_bind(trace),
+            "needed" => {
+                r.needs.push(&mut qb);
+                &mut qb
+            }
+            other => unreachable!("CLAIM_SQL names an unknown parameter :{other}"),
+        };
+        rest = &rest[end..];
     }
-    // Pick first (an index scan on the pending items), then touch only
-    // the picked rows, each by primary key.
-    qb.push(
-        "picked AS MATERIALIZED (
-             SELECT w.namespace, w.row_id, w.available_at FROM work_items w
-             WHERE w.function_id = ",
-    );
-    qb.push_bind(&r.udf.id);
-    qb.push(" AND w.state = 'pending' AND w.available_at <= now() AND (SELECT n FROM gate) < ");
-    qb.push_bind(r.cap);
-    qb.push(" ORDER BY w.available_at LIMIT ");
-    qb.push_bind(r.want);
-    qb.push(
-        " FOR UPDATE SKIP LOCKED),
-         probe AS MATERIALIZED (
-             SELECT p.namespace, p.row_id, p.available_at, r.attributes, r.write_seq, coalesce(r.id IS NOT NULL AND ",
-    );
-    r.needs.push(&mut qb);
-    qb.push(
-        ", false) AS needed
-             FROM picked p LEFT JOIN rows r ON r.namespace = p.namespace AND r.id = p.row_id),
-         dropped AS (
-             DELETE FROM work_items w USING probe x
-             WHERE w.function_id = ",
-    );
-    qb.push_bind(&r.udf.id);
-    qb.push(
-        " AND w.namespace = x.namespace AND w.row_id = x.row_id AND NOT x.needed),
-         leased AS (
-             UPDATE work_items w SET state = 'leased', worker_id = ",
-    );
-    qb.push_bind(r.holder);
-    qb.push(", leased_key = ");
-    qb.push_bind(match r.claimer {
-        Claimer::Worker { key, .. } => Some(key),
-        Claimer::Runner { .. } => None,
-    });
-    qb.push(", batch_id = ");
-    qb.push_bind(r.batch_id);
-    qb.push(", lease_epoch = w.lease_epoch + 1, lease_seconds = ");
-    qb.push_bind(r.lease_seconds as i32);
-    qb.push(", lease_expires_at = now() + make_interval(secs => ");
-    qb.push_bind(r.lease_seconds as f64);
-    qb.push(
-        "), leased_seq = x.write_seq, leased_version = w.version, updated_at = now()
-             FROM probe x
-             WHERE w.function_id = ",
-    );
-    qb.push_bind(&r.udf.id);
-    qb.push(" AND w.namespace = x.namespace AND w.row_id = x.row_id AND x.needed)");
-    if let Claimer::Runner { id: runner_id, trace_id } = r.claimer {
-        // The batch record commits with its leases.
-        qb.push(
-            ", record AS (
-                 INSERT INTO batches (id, function_id, revision, runner_id, trace_id, queued_at, items) SELECT ",
-        );
-        qb.push_bind(r.batch_id);
-        qb.push(", ");
-        qb.push_bind(&r.udf.id);
-        qb.push(", ");
-        qb.push_bind(r.udf.revision);
-        qb.push(", ");
-        qb.push_bind(runner_id);
-        qb.push(", ");
-        qb.push_bind(trace_id);
-        qb.push(
-            ", min(available_at), count(*) FROM probe WHERE needed HAVING count(*) > 0
-                 ON CONFLICT (id) DO UPDATE SET items = batches.items + EXCLUDED.items,
-                     queued_at = least(batches.queued_at, EXCLUDED.queued_at))",
-        );
-    }
-    qb.push(
-        " SELECT g.n AS in_flight, x.namespace, x.row_id, x.attributes, x.needed, x.available_at
-         FROM gate g LEFT JOIN probe x ON true",
-    );
+    qb.push(rest);
     qb
 }
 
