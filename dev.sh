@@ -8,6 +8,7 @@ cd "$(dirname "$0")"
 . deploy/prereqs.sh
 
 install_packages $(postgres_package)
+check_data_dir_reachable "$(data_dir_arg "$@")"
 need_cargo
 say "building the layer binary (release; the first build takes a few minutes)"
 cargo build --release --bin layer

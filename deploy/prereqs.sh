@@ -67,3 +67,67 @@ postgres_package() { pg_bindir >/dev/null || echo postgresql; }
 # (images, inspect). A client whose engine does not answer is a broken
 # machine, not a Docker-less one: those tests then run and fail.
 no_docker_at_all() { ! command -v docker >/dev/null 2>&1; }
+
+# The user PostgreSQL runs as under root, as `layer dev` picks it.
+pg_user() {
+  if [ -n "${LAYER_PG_USER:-}" ]; then echo "$LAYER_PG_USER"; return; fi
+  local u
+  for u in postgres nobody; do
+    id "$u" >/dev/null 2>&1 && { echo "$u"; return; }
+  done
+  return 1
+}
+
+# The --data-dir among `layer dev` arguments, else its default.
+data_dir_arg() {
+  local dir=.layer
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --data-dir) [ $# -gt 1 ] && dir=$2 && shift ;;
+      --data-dir=*) dir=${1#--data-dir=} ;;
+    esac
+    shift
+  done
+  echo "$dir"
+}
+
+# check_data_dir_reachable DIR: as root, `layer dev` runs PostgreSQL as an
+# unprivileged user (initdb refuses root), which must be able to enter every
+# directory on the way to DIR. If it cannot, say which and what to run, and
+# stop before anything is built or initialised.
+check_data_dir_reachable() {
+  [ "$(id -u)" = 0 ] || return 0
+  local user uid groups dir path part owner group mode bit class
+  user=$(pg_user) || return 0 # layer dev itself says there is none
+  uid=$(id -u "$user")
+  groups=" $(id -G "$user") "
+  dir=$(realpath -m "$1")
+  local blocked=() fix_u=() fix_g=() fix_o=()
+  path=
+  IFS=/ read -r -a parts <<<"${dir#/}"
+  for part in "" "${parts[@]}"; do
+    [ -n "$part" ] && path="$path/$part"
+    [ -d "${path:-/}" ] || break
+    read -r owner group mode < <(stat -c '%u %g %a' "${path:-/}")
+    mode=$((8#$mode))
+    if [ "$owner" = "$uid" ]; then bit=$((8#100)) class=u
+    elif [[ $groups == *" $group "* ]]; then bit=$((8#10)) class=g
+    else bit=1 class=o
+    fi
+    if ((mode & bit)); then continue; fi
+    blocked+=("${path:-/} (mode $(stat -c '%a' "${path:-/}"), owner $(stat -c '%U' "${path:-/}"))")
+    case $class in u) fix_u+=("${path:-/}") ;; g) fix_g+=("${path:-/}") ;; o) fix_o+=("${path:-/}") ;; esac
+  done
+  [ ${#blocked[@]} -eq 0 ] && return 0
+  {
+    printf '\nerror: layer dev runs PostgreSQL as user %s (initdb refuses root), and %s cannot enter\n' "$user" "$user"
+    printf '  %s\n' "${blocked[@]}"
+    printf 'on the way to the data directory %s. Nothing was built or initialised.\n' "$dir"
+    printf 'Either let it through (+x lets it pass, not list):\n\n'
+    [ ${#fix_u[@]} -gt 0 ] && printf '  chmod u+x %s\n' "${fix_u[*]}"
+    [ ${#fix_g[@]} -gt 0 ] && printf '  chmod g+x %s\n' "${fix_g[*]}"
+    [ ${#fix_o[@]} -gt 0 ] && printf '  chmod o+x %s\n' "${fix_o[*]}"
+    printf '\nor keep the data where it can reach, for example:\n\n  ./dev.sh --data-dir /var/tmp/layer-dev\n\n'
+  } >&2
+  exit 1
+}

@@ -123,6 +123,63 @@ fn server_user() -> Result<Option<User>> {
     ))
 }
 
+/// Checks that `user` (the account the server runs as) can enter every
+/// directory on the way to `dir`, before anything is initialised; if not,
+/// says which directories stop it and what to run.
+///
+/// Permission bits only (owner, then the user's groups, then others), as
+/// the kernel checks them for a user without capabilities.
+fn check_reachable(dir: &Path, user: &User) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let groups: Vec<u32> = std::ffi::CString::new(user.name.as_str())
+        .ok()
+        .and_then(|name| nix::unistd::getgrouplist(&name, user.gid).ok())
+        .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_else(|| vec![user.gid.as_raw()]);
+    // (directory, mode, owner, the chmod class that lets the user through)
+    let mut blocked: Vec<(PathBuf, u32, u32, char)> = Vec::new();
+    let mut path = PathBuf::new();
+    for part in dir.components() {
+        path.push(part);
+        let Ok(meta) = std::fs::metadata(&path) else { break };
+        let (bit, class) = if meta.uid() == user.uid.as_raw() {
+            (0o100, 'u')
+        } else if groups.contains(&meta.gid()) {
+            (0o010, 'g')
+        } else {
+            (0o001, 'o')
+        };
+        if meta.mode() & bit == 0 {
+            blocked.push((path.clone(), meta.mode() & 0o7777, meta.uid(), class));
+        }
+    }
+    if blocked.is_empty() {
+        return Ok(());
+    }
+    let owner =
+        |uid: u32| User::from_uid(Uid::from_raw(uid)).ok().flatten().map(|u| u.name).unwrap_or_else(|| uid.to_string());
+    let which: Vec<String> = blocked
+        .iter()
+        .map(|(p, mode, uid, _)| format!("{} (mode {mode:04o}, owner {})", p.display(), owner(*uid)))
+        .collect();
+    let mut fix = String::new();
+    for class in ['u', 'g', 'o'] {
+        let dirs: Vec<String> = blocked.iter().filter(|b| b.3 == class).map(|b| b.0.display().to_string()).collect();
+        if !dirs.is_empty() {
+            fix.push_str(&format!("\n  chmod {class}+x {}", dirs.join(" ")));
+        }
+    }
+    Err(PlatformError::Setup(format!(
+        "PostgreSQL runs as user {name} here (initdb refuses root), and {name} cannot enter {which} on the way \
+         to the data directory {dir}; nothing was initialised. Either let it through ({class}+x lets it pass, \
+         not list):\n{fix}\n\nor keep the data where it can reach, for example:\n\n  --data-dir /var/tmp/layer-dev",
+        name = user.name,
+        which = which.join(", "),
+        dir = dir.display(),
+        class = blocked[0].3,
+    )))
+}
+
 fn setup_err(what: &str, e: impl std::fmt::Display) -> PlatformError {
     PlatformError::Setup(format!("{what}: {e}"))
 }
@@ -177,6 +234,9 @@ impl EmbeddedPostgres {
         std::fs::create_dir_all(&opts.data_dir)
             .map_err(|e| setup_err(&format!("cannot create {}", opts.data_dir.display()), e))?;
         let data_dir = std::fs::canonicalize(&opts.data_dir).map_err(|e| setup_err("data dir", e))?;
+        if let Some(u) = &user {
+            check_reachable(&data_dir, u)?;
+        }
         let pgdata = data_dir.join("pg");
         let log_path = data_dir.join("postgres.log");
         let socket_dir = socket_dir_for(&data_dir);

@@ -233,6 +233,27 @@ fn a_fresh_dev_without_a_key_mints_and_prints_one() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// As root, a data directory under a directory PostgreSQL's user cannot
+/// enter is refused before anything is initialised, with the `chmod` to run.
+#[test]
+fn a_data_dir_postgres_cannot_reach_is_refused_with_the_chmod_to_run() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("not root: PostgreSQL runs as the caller, so no directory can stop it");
+        return;
+    }
+    let private = data_dir("private");
+    std::fs::create_dir_all(&private).unwrap();
+    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let dir = private.join("data");
+    let o = Command::new(BIN).args(["dev", "--listen", "127.0.0.1:0", "--data-dir"]).arg(&dir).output().unwrap();
+    let said = text(&o);
+    let _ = std::fs::remove_dir_all(&private);
+    assert!(!o.status.success(), "{said}");
+    assert!(said.contains(&format!("chmod o+x {}", private.display())), "{said}");
+    assert!(said.contains("mode 0700, owner root") && said.contains("nothing was initialised"), "{said}");
+    assert!(!said.contains("initialising PostgreSQL"), "it went on to initdb: {said}");
+}
+
 #[test]
 fn missing_postgres_binaries_say_what_to_install() {
     let o = Command::new(BIN)

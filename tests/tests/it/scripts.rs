@@ -72,6 +72,43 @@ fn without_docker_test_sh_counts_the_container_tests_as_skipped_and_says_why() -
     Ok(())
 }
 
+/// As root with the checkout under a directory other users cannot enter
+/// (mode 0700, as `mktemp -d` and `/root` make them), `./dev.sh` says which
+/// directory stops PostgreSQL's user and the `chmod` that lets it through,
+/// before it builds anything.
+#[test]
+fn dev_sh_as_root_under_a_private_directory_says_what_to_chmod_before_building() -> anyhow::Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("not root: ./dev.sh runs PostgreSQL as the caller, so no directory can stop it");
+        return Ok(());
+    }
+    let scratch = std::env::temp_dir().join(format!("layer-dev-sh-private-{}", std::process::id()));
+    let private = scratch.join("private");
+    let clone = private.join("clone");
+    std::fs::create_dir_all(clone.join("deploy"))?;
+    for f in ["dev.sh", "deploy/prereqs.sh"] {
+        std::fs::copy(workspace_dir().join(f), clone.join(f))?;
+    }
+    std::fs::set_permissions(&scratch, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let out = Command::new(clone.join("dev.sh")).output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // The same directory let through: it goes on to build (and, with no
+    // Cargo.toml in this copy, stops there).
+    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o701))?;
+    let after = Command::new(clone.join("dev.sh")).output()?;
+    let after = format!("{}{}", String::from_utf8_lossy(&after.stdout), String::from_utf8_lossy(&after.stderr));
+    let _ = std::fs::remove_dir_all(&scratch);
+    anyhow::ensure!(out.status.code() == Some(1), "{}: {text}", out.status);
+    anyhow::ensure!(text.contains(&format!("\n  chmod o+x {}\n", private.display())), "no chmod to run: {text}");
+    anyhow::ensure!(text.contains(&format!("{} (mode 700, owner root)", private.display())), "{text}");
+    anyhow::ensure!(text.contains(&format!("{}/.layer", clone.display())), "the data directory is not named: {text}");
+    anyhow::ensure!(text.contains("--data-dir"), "no other place is offered: {text}");
+    anyhow::ensure!(!text.contains("building"), "it built before saying so: {text}");
+    anyhow::ensure!(after.contains("building") && !after.contains("cannot enter"), "{after}");
+    Ok(())
+}
+
 /// Not root: `./dev.sh` installs nothing itself; it prints the one command
 /// that installs what is missing and stops before building anything.
 #[test]
