@@ -161,6 +161,10 @@ enum Command {
         /// Give up after this many seconds (default: wait).
         #[arg(long)]
         timeout: Option<u64>,
+        /// Give up when rows are left, none is processing and nothing has
+        /// moved for this many seconds (0: wait regardless).
+        #[arg(long, value_name = "SECONDS", default_value_t = run::DEFAULT_STALL_SECONDS)]
+        stall_timeout: u64,
         #[command(flatten)]
         remote: Remote,
     },
@@ -447,9 +451,10 @@ async fn run(cli: Cli) -> Result<()> {
             let c = client::Client::new(&remote.url, remote.api_key)?;
             commands::apply(&c, &files, remote.json).await
         }
-        Command::Run { files, timeout, remote } => {
+        Command::Run { files, timeout, stall_timeout, remote } => {
             let c = client::Client::new(&remote.url, remote.api_key)?;
-            run::run(&c, &files, timeout.map(std::time::Duration::from_secs)).await
+            let stall = (stall_timeout > 0).then(|| std::time::Duration::from_secs(stall_timeout));
+            run::run(&c, &files, timeout.map(std::time::Duration::from_secs), stall).await
         }
         Command::Keys { command, remote } => {
             let c = client::Client::new(&remote.url, remote.api_key)?;

@@ -5,6 +5,12 @@
 //! at 0/0 would show full); elsewhere a line every 2 s. Rates are rows a
 //! second with one decimal. A Function with nothing left to do says so with
 //! its real numbers (`already complete: 24 of 24 rows`).
+//!
+//! While it waits it shows the Function's conditions (`NoWorker`,
+//! `NoRunner`, ...) as the platform reports them, each once as a line when
+//! it appears. With rows left and none of them processing, it gives up once
+//! nothing has moved for the stall timeout (default
+//! [`DEFAULT_STALL_SECONDS`]), naming why, and exits non-zero.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -20,6 +26,10 @@ use serde_json::{Value, json};
 
 use crate::client::{ApiFailure, Client, seg};
 
+/// How long `layer run` waits, by default, with rows left and nothing
+/// processing or finishing, before it gives up.
+pub const DEFAULT_STALL_SECONDS: u64 = 120;
+
 /// One Function being watched: its counts before the apply, and what this
 /// run has seen since.
 struct Watched {
@@ -28,7 +38,12 @@ struct Watched {
     bar: Option<ProgressBar>,
     completed_at_start: i64,
     failed_at_start: i64,
+    /// When done, failed or processing last changed.
     last_progress: Instant,
+    /// (done, failed, processing) at the last poll.
+    seen: (i64, i64, i64),
+    /// The conditions already printed as lines.
+    said: Vec<String>,
     done: i64,
     failed_new: i64,
     /// Whether rows were pending or processing at some poll.
@@ -56,7 +71,9 @@ async fn status_if_exists(client: &Client, name: &str) -> Result<Option<UdfStatu
 
 /// Applies the files, starts discovery for every Function in them, and waits
 /// until their queues drain. Fails if rows ended in `failed`.
-pub async fn run(client: &Client, files: &[PathBuf], timeout: Option<Duration>) -> Result<()> {
+/// `stall`: give up when a Function has rows left, none processing, and
+/// nothing has moved for this long (`None`: wait regardless).
+pub async fn run(client: &Client, files: &[PathBuf], timeout: Option<Duration>, stall: Option<Duration>) -> Result<()> {
     let documents = crate::commands::read_documents(files)?;
     let names: Vec<String> = documents
         .iter()
@@ -95,6 +112,8 @@ pub async fn run(client: &Client, files: &[PathBuf], timeout: Option<Duration>) 
             completed_at_start: st.as_ref().map_or(0, completed),
             failed_at_start: st.as_ref().map_or(0, |s| s.failed_count),
             last_progress: Instant::now(),
+            seen: (0, 0, 0),
+            said: Vec::new(),
             done: 0,
             failed_new: 0,
             had_work: false,
@@ -114,6 +133,7 @@ pub async fn run(client: &Client, files: &[PathBuf], timeout: Option<Duration>) 
     let mut failed_total;
     loop {
         let mut all_drained = true;
+        let mut stalled_at: Option<String> = None;
         failed_total = 0;
         let line_due = !tty && last_line.elapsed() >= Duration::from_secs(2);
         for w in &mut watched {
@@ -124,10 +144,12 @@ pub async fn run(client: &Client, files: &[PathBuf], timeout: Option<Duration>) 
             let total = done + failed_new + remaining;
             failed_total += st.failed_count;
             w.had_work |= remaining > 0;
-            if done != w.done {
-                w.done = done;
+            let seen = (done, failed_new, st.processing_count);
+            if seen != w.seen {
+                w.seen = seen;
                 w.last_progress = Instant::now();
             }
+            w.done = done;
             w.failed_new = failed_new;
             let mut notes = Vec::new();
             if st.failed_count > 0 {
@@ -135,7 +157,21 @@ pub async fn run(client: &Client, files: &[PathBuf], timeout: Option<Duration>) 
             }
             if st.paused {
                 notes.push("paused".to_string());
-            } else if remaining > 0 && st.processing_count == 0 && w.last_progress.elapsed() > Duration::from_secs(10) {
+            }
+            for c in &st.conditions {
+                notes.push(c.reason.clone());
+                let line = format!("{}: {}: {}", w.name, c.reason, c.message);
+                if !w.said.contains(&line) {
+                    w.said.push(line.clone());
+                    multi.suspend(|| note!("{line}"))?;
+                }
+            }
+            if st.conditions.is_empty()
+                && !st.paused
+                && remaining > 0
+                && st.processing_count == 0
+                && w.last_progress.elapsed() > Duration::from_secs(10)
+            {
                 notes.push("waiting for workers: start one for this Function".to_string());
             }
             let msg = notes.join(", ");
@@ -157,10 +193,21 @@ pub async fn run(client: &Client, files: &[PathBuf], timeout: Option<Duration>) 
             if remaining > 0 {
                 all_drained = false;
             }
+            if let Some(stall) = stall
+                && remaining > 0
+                && st.processing_count == 0
+                && w.last_progress.elapsed() >= stall
+            {
+                stalled_at.get_or_insert_with(|| stalled(&w.name, &st, stall));
+            }
             w.status = Some(st);
         }
         if line_due {
             last_line = Instant::now();
+        }
+        if let Some(why) = stalled_at {
+            end_bars(&watched, true)?;
+            bail!("{why}");
         }
         if all_drained {
             break;
@@ -197,6 +244,23 @@ pub async fn run(client: &Client, files: &[PathBuf], timeout: Option<Duration>) 
         );
     }
     Ok(())
+}
+
+/// Why `layer run` gave up on a Function that stopped moving.
+fn stalled(name: &str, st: &UdfStatus, stall: Duration) -> String {
+    let why = if st.paused {
+        format!("it is paused: `layer udf resume {name}` goes on")
+    } else if let Some(c) = st.conditions.first() {
+        format!("{}: {}", c.reason, c.message)
+    } else {
+        format!("no worker is taking its rows: start one for {name}")
+    };
+    format!(
+        "{name}: nothing moved for {} s ({} rows pending, none processing); {why}. The rows stay queued; \
+         pass --stall-timeout 0 to wait regardless",
+        stall.as_secs(),
+        st.pending_count
+    )
 }
 
 /// Stops the bars where they are and puts the cursor below them (indicatif

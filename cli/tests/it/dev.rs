@@ -279,6 +279,18 @@ fn layer_run_drains_with_the_seed_worker_and_fails_on_failed_rows() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tag-products-pull");
     let o = layer(&dev.url, key, &["rows", "upsert", "products", "-f", &format!("{example}/products.jsonl")]);
     assert!(o.status.success(), "{}", text(&o));
+    let function = format!("{example}/function.yaml");
+    // No worker yet: it shows the Function's condition once, then gives up
+    // when nothing has moved for the stall timeout, and exits non-zero.
+    let o = layer(&dev.url, key, &["run", "-f", &function, "--stall-timeout", "2", "--timeout", "60"]);
+    let said = text(&o);
+    assert!(!o.status.success(), "{said}");
+    assert_eq!(said.matches("product-tags: NoWorker: 24 rows are pending").count(), 1, "{said}");
+    assert!(
+        said.contains("product-tags: nothing moved for 2 s (24 rows pending, none processing); NoWorker"),
+        "{said}"
+    );
+    assert!(!said.contains("did not drain within"), "{said}");
     let python = layer_tests::python_with_hevlayer().unwrap();
     let mut worker = Command::new(python)
         .arg(format!("{example}/worker.py"))
@@ -286,7 +298,6 @@ fn layer_run_drains_with_the_seed_worker_and_fails_on_failed_rows() {
         .env("LAYER_GATEWAY_API_KEY", key)
         .spawn()
         .unwrap();
-    let function = format!("{example}/function.yaml");
     let o = layer(&dev.url, key, &["run", "-f", &function, "--timeout", "60"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("product-tags: 24 rows done"), "{}", text(&o));
