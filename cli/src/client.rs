@@ -75,9 +75,13 @@ impl Client {
             let body: Option<ErrorBody> = serde_json::from_str(&text).ok();
             let failure = ApiFailure { status, body, text };
             if status == StatusCode::UNAUTHORIZED {
-                return Err(
-                    anyhow!(failure).context("the platform refused the API key: set LAYER_API_KEY or pass --api-key")
-                );
+                let why = if self.api_key.is_none() {
+                    "no API key set: set LAYER_API_KEY or pass --api-key (`layer dev` prints its admin key when it \
+                     first starts)"
+                } else {
+                    "the platform refused the API key (LAYER_API_KEY or --api-key): it is unknown, revoked or expired"
+                };
+                return Err(anyhow!(failure).context(why));
             }
             return Err(anyhow!(failure));
         }

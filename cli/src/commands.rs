@@ -51,6 +51,42 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
     out!("{}", serde_json::to_string_pretty(v)?)
 }
 
+/// An enum's wire name in lowercase (`pull`, `active`), the CLI's one
+/// spelling of enum values, never Rust's (`Pull`).
+fn wire_name(v: &impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => s.to_lowercase(),
+        _ => "-".to_string(),
+    }
+}
+
+/// Prints a table whose columns are as wide as their widest cell (the last
+/// column is not padded), so every row lines up whatever it holds.
+fn print_table(headers: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut out = String::new();
+        for (i, cell) in cells.enumerate() {
+            if i + 1 < widths.len() {
+                out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            } else {
+                out.push_str(cell);
+            }
+        }
+        out.trim_end().to_string()
+    };
+    out!("{}", line(&mut headers.iter().copied()))?;
+    for row in rows {
+        out!("{}", line(&mut row.iter().map(String::as_str)))?;
+    }
+    Ok(())
+}
+
 /// Every document of every file, each file read once (`-` is stdin).
 pub fn read_documents(files: &[PathBuf]) -> Result<Vec<Value>> {
     let mut documents = Vec::new();
@@ -172,18 +208,14 @@ pub async fn keys_list(client: &Client, all: bool, json_out: bool) -> Result<()>
     if list.keys.is_empty() {
         return out!("no keys{}", if all { "" } else { " (--all also lists revoked ones)" });
     }
-    out!("{:<22} {:<20} {:<8} {:<26} GRANTS", "KEY ID", "NAME", "PHASE", "CREATED")?;
-    for k in list.keys {
-        out!(
-            "{:<22} {:<20} {:<8} {:<26} {}",
-            k.key_id,
-            k.name,
-            format!("{:?}", k.phase),
-            k.created_at,
-            describe_entitlements(&k)
-        )?;
-    }
-    Ok(())
+    let rows: Vec<Vec<String>> = list
+        .keys
+        .iter()
+        .map(|k| {
+            vec![k.key_id.clone(), k.name.clone(), wire_name(&k.phase), k.created_at.clone(), describe_entitlements(k)]
+        })
+        .collect();
+    print_table(&["KEY ID", "NAME", "PHASE", "CREATED", "GRANTS"], &rows)
 }
 
 pub async fn keys_revoke(client: &Client, key_id: &str) -> Result<()> {
@@ -204,24 +236,26 @@ pub async fn udf_list(client: &Client, json_out: bool) -> Result<()> {
     if list.udfs.is_empty() {
         return out!("no Functions yet: `layer apply -f FILE` creates one");
     }
-    out!("{:<28} {:<9} {:<8} {:<7} {:<10} TARGETS", "NAME", "VERSION", "DISPATCH", "PAUSED", "REVISION")?;
-    for u in list.udfs {
-        let targets = if u.spec.target_namespaces.is_empty() {
-            "indexSelector".to_string()
-        } else {
-            u.spec.target_namespaces.join(",")
-        };
-        out!(
-            "{:<28} {:<9} {:<8} {:<7} {:<10} {}",
-            u.id,
-            u.spec.version,
-            format!("{:?}", u.spec.worker.dispatch).to_lowercase(),
-            u.paused,
-            u.revision,
-            targets
-        )?;
-    }
-    Ok(())
+    let rows: Vec<Vec<String>> = list
+        .udfs
+        .iter()
+        .map(|u| {
+            let targets = if u.spec.target_namespaces.is_empty() {
+                "indexSelector".to_string()
+            } else {
+                u.spec.target_namespaces.join(",")
+            };
+            vec![
+                u.id.clone(),
+                u.spec.version.clone(),
+                wire_name(&u.spec.worker.dispatch),
+                u.paused.to_string(),
+                u.revision.to_string(),
+                targets,
+            ]
+        })
+        .collect();
+    print_table(&["NAME", "VERSION", "DISPATCH", "PAUSED", "REVISION", "TARGETS"], &rows)
 }
 
 pub async fn udf_get(client: &Client, name: &str, json_out: bool) -> Result<()> {
@@ -240,8 +274,8 @@ pub async fn udf_get(client: &Client, name: &str, json_out: bool) -> Result<()> 
     )?;
     out!("paused:     {}", u.paused)?;
     out!(
-        "dispatch:   {:?}, batch {} rows, timeout {} s",
-        u.spec.worker.dispatch,
+        "dispatch:   {}, batch {} rows, timeout {} s",
+        wire_name(&u.spec.worker.dispatch),
         u.spec.worker.batch_size,
         u.spec.worker.timeout_seconds
     )?;
@@ -475,10 +509,18 @@ pub async fn rows_upsert(client: &Client, ns: &str, file: &Path, batch: usize) -
     out!("upserted {done} rows into {ns} in {:.2} s", started.elapsed().as_secs_f64())
 }
 
-/// `layer rows get NS ID`: the row as JSON.
+/// `layer rows get NS ID`: the row as JSON, in the shape `rows query`
+/// prints each row in (`id`, then its attributes, flat; `vector` where it
+/// has one), indented.
 pub async fn rows_get(client: &Client, ns: &str, id: &str) -> Result<()> {
     let d: Document = client.get(&format!("/v2/namespaces/{}/documents/{}", seg(ns), seg(id))).await?;
-    print_json(&d)
+    let mut row = serde_json::Map::new();
+    row.insert("id".into(), Value::String(d.id));
+    row.extend(d.attributes);
+    if let Some(v) = d.vector {
+        row.insert("vector".into(), json!(v));
+    }
+    print_json(&row)
 }
 
 /// Options of `layer rows query`.
@@ -506,6 +548,11 @@ pub async fn rows_query(client: &Client, ns: &str, q: QueryArgs) -> Result<()> {
     }
     if let Some(r) = q.rank_by {
         let (attr, dir) = r.split_once(':').unwrap_or((&r, "asc"));
+        if attr.is_empty() || !matches!(dir, "asc" | "desc") {
+            bail!(
+                "--rank-by {r}: write ATTRIBUTE or ATTRIBUTE:asc or ATTRIBUTE:desc, for example --rank-by title:desc"
+            );
+        }
         body["rank_by"] = json!([attr, dir]);
     }
     if let Some(a) = q.attributes {
@@ -590,7 +637,7 @@ pub async fn runners_list(client: &Client, json_out: bool) -> Result<()> {
             "{:<36} {:<12} {:<9} {:>5} {:>6} {:>4} {:>7}  {}",
             r.id,
             r.name,
-            format!("{:?}", r.state).to_lowercase(),
+            wire_name(&r.state),
             r.capacity.cpus,
             r.capacity.slots,
             r.capacity.gpus.len(),

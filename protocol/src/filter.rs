@@ -210,7 +210,8 @@ fn parse_node(v: &Value, path: &str, depth: usize, count: &mut usize) -> Result<
             };
             let Some(op) = Op::parse(op_name) else {
                 let names: Vec<&str> = Op::ALL.iter().map(|o| o.name()).collect();
-                let hint = crate::validate::suggest(op_name, names.iter().copied())
+                let hint = spelled_out(op_name)
+                    .or_else(|| crate::validate::suggest(op_name, names.iter().copied()))
                     .map(|s| format!(" (did you mean {s}?)"))
                     .unwrap_or_default();
                 return Err(err(
@@ -346,6 +347,25 @@ fn push_escaped(out: &mut String, c: char) {
     out.push(c);
 }
 
+/// The operator meant by a spelled-out name (`Equals`, `GreaterThan`,
+/// `not_equal`, `>=`), which spelling distance alone would not find.
+fn spelled_out(name: &str) -> Option<&'static str> {
+    let squashed: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || "<>=!".contains(*c)).collect();
+    Some(match squashed.to_ascii_lowercase().as_str() {
+        "equals" | "equal" | "equalto" | "is" | "=" | "==" => "Eq",
+        "notequals" | "notequal" | "notequalto" | "isnot" | "ne" | "neq" | "!=" | "<>" => "NotEq",
+        "lessthan" | "less" | "below" | "<" => "Lt",
+        "lessthanorequal" | "lessthanorequals" | "lessorequal" | "le" | "lte" | "atmost" | "<=" => "Lte",
+        "greaterthan" | "greater" | "above" | ">" => "Gt",
+        "greaterthanorequal" | "greaterthanorequals" | "greaterorequal" | "ge" | "atleast" | ">=" => "Gte",
+        "oneof" | "anyof" | "isin" => "In",
+        "notoneof" | "noneof" | "notanyof" => "NotIn",
+        "matches" | "like" => "Glob",
+        "ilike" => "IGlob",
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,7 +401,15 @@ mod tests {
     fn unknown_operator_is_named_with_path() {
         let e = parse(json!(["And", [["a", "Eq", 1], ["b", "Equals", 2]]])).unwrap_err();
         assert_eq!(e.path, "filters[1][1][1]");
-        assert!(e.message.contains("unknown filter operator \"Equals\""), "{}", e.message);
+        assert!(e.message.contains("unknown filter operator \"Equals\" (did you mean Eq?)"), "{}", e.message);
+        for (written, meant) in
+            [("eq", "Eq"), ("GreaterThan", "Gt"), ("not_equal", "NotEq"), (">=", "Gte"), ("Contain", "Contains")]
+        {
+            let e = parse(json!(["a", written, 1])).unwrap_err();
+            assert!(e.message.contains(&format!("(did you mean {meant}?)")), "{written}: {}", e.message);
+        }
+        let e = parse(json!(["a", "Frobnicate", 1])).unwrap_err();
+        assert!(!e.message.contains("did you mean"), "{}", e.message);
     }
 
     #[test]

@@ -636,3 +636,83 @@ spec:
     assert!(stderr(&o).contains("spec.paused: expected true or false, got \"yes\""), "{}", both(&o));
     Ok(())
 }
+
+/// One convention across the commands: `rows get` and `rows query` print a
+/// row in the same shape, enum values are lowercase, table columns line up
+/// whatever a key's name, errors about flags are worded for the flags, a
+/// missing key is called missing, and a spelled-out operator gets its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_speaks_one_convention() -> Result<()> {
+    let p = TestPlatform::start().await?;
+    p.upsert_rows("items", rows("i", 3)).await?;
+
+    // The same row, the same shape: `id` and the attributes, flat.
+    let got = layer(&p, &["rows", "get", "items", "i00001"]).await?;
+    ensure!(got.status.success(), "{}", both(&got));
+    let got: Value = serde_json::from_str(&stdout(&got))?;
+    let queried = layer(&p, &["rows", "query", "items", "--filter", r#"["id", "Eq", "i00001"]"#]).await?;
+    ensure!(queried.status.success(), "{}", both(&queried));
+    let queried: Value = serde_json::from_str(stdout(&queried).lines().next().unwrap_or_default())?;
+    ensure!(got["id"] == "i00001" && got["pad"] == "x".repeat(32) && got.get("attributes").is_none(), "{got}");
+    let keys = |v: &Value| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
+    ensure!(keys(&got) == keys(&queried), "rows get {got} and rows query {queried} differ in shape");
+
+    // Lowercase enum values, as in the resource YAML.
+    p.apply_function("tags", pull_spec("items")).await?;
+    let o = layer(&p, &["udf", "get", "tags"]).await?;
+    ensure!(stdout(&o).contains("dispatch:   pull, batch 32 rows"), "{}", both(&o));
+    let o = layer(&p, &["udf", "list"]).await?;
+    ensure!(stdout(&o).lines().nth(1).is_some_and(|l| l.split_whitespace().nth(2) == Some("pull")), "{}", both(&o));
+
+    // A worker key's long name does not push its row out of line.
+    let _runner = TestRunner::start(&p, |_| {}).await?;
+    let (s, r) = p.call(Method::GET, "/v2/runners", None).await?;
+    ensure!(s == 200, "{r}");
+    let runner = r["runners"][0].clone();
+    let udf = layer_platform::functions::store::get(&p.pool, "tags").await?;
+    layer_platform::auth::store::mint_worker_key(
+        &p.pool,
+        runner["id"].as_str().unwrap_or_default(),
+        runner["name"].as_str().unwrap_or_default(),
+        &udf,
+    )
+    .await?;
+    let o = layer(&p, &["keys", "list"]).await?;
+    let table = stdout(&o);
+    let mut lines = table.lines();
+    let header = lines.next().unwrap_or_default();
+    let (phase, created) = (header.find("PHASE").unwrap_or(0), header.find("CREATED").unwrap_or(0));
+    ensure!(phase > 0 && created > phase, "{table}");
+    let mut worker_rows = 0;
+    for line in lines {
+        ensure!(line.get(phase..).is_some_and(|rest| rest.starts_with("active ")), "PHASE out of line:\n{table}");
+        ensure!(line.get(created..).is_some_and(|rest| rest.starts_with("20")), "CREATED out of line:\n{table}");
+        worker_rows += usize::from(line.contains("worker tags on "));
+    }
+    ensure!(worker_rows == 1, "no worker key listed:\n{table}");
+
+    // Errors in the CLI's words.
+    let o = layer(&p, &["rows", "query", "items", "--rank-by", "pad:up"]).await?;
+    ensure!(!o.status.success(), "{}", both(&o));
+    ensure!(
+        stderr(&o).contains("--rank-by pad:up: write ATTRIBUTE or ATTRIBUTE:asc or ATTRIBUTE:desc"),
+        "{}",
+        both(&o)
+    );
+    let o = layer(&p, &["rows", "query", "items", "--filter", r#"["pad", "Equals", "x"]"#]).await?;
+    ensure!(!o.status.success() && stderr(&o).contains("(did you mean Eq?)"), "{}", both(&o));
+    let o = tokio::time::timeout(
+        Duration::from_secs(60),
+        layer_cmd(&p, &["udf", "list"]).env_remove("LAYER_API_KEY").output(),
+    )
+    .await??;
+    ensure!(!o.status.success() && stderr(&o).contains("no API key set: set LAYER_API_KEY"), "{}", both(&o));
+    ensure!(!stderr(&o).contains("refused"), "{}", both(&o));
+    let o = tokio::time::timeout(
+        Duration::from_secs(60),
+        layer_cmd(&p, &["udf", "list"]).env("LAYER_API_KEY", "lyr_not_a_key_0123456789").output(),
+    )
+    .await??;
+    ensure!(!o.status.success() && stderr(&o).contains("the platform refused the API key"), "{}", both(&o));
+    Ok(())
+}
