@@ -24,7 +24,7 @@ pub async fn connect(options: PgConnectOptions, max_connections: u32) -> Result<
     // queue statements on every run cost about 2 ms of the ~9 ms a single
     // row took from write to marker, and forcing custom plans bought no
     // throughput once claims and completions were written to look rows up
-    // by primary key (README, "Push dispatch").
+    // by primary key (docs/benchmarks.md, "What keeps the row path fast").
     let options = options.application_name("layer-platform");
     PgPoolOptions::new()
         .max_connections(max_connections)

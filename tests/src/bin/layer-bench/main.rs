@@ -1,5 +1,5 @@
-//! Benchmarks that print figures (never timed tests). See the README's
-//! "Benchmarks" section for how to run them and the figures recorded.
+//! Benchmarks that print figures (never timed tests). See docs/benchmarks.md
+//! for how to run them and the figures recorded.
 //!
 //! `upsert`: starts an embedded PostgreSQL with the same durable settings as
 //! `layer dev` and the platform in this process, then upserts `--rows`
