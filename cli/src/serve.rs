@@ -41,15 +41,31 @@ fn print_banner(addr: SocketAddr, minted: Option<&str>, data_dir: Option<&Path>)
     if let Some(dir) = data_dir {
         banner!("  data: {} (PostgreSQL log in postgres.log)", dir.display());
     }
+    print_minted(minted);
+}
+
+/// The admin key minted at the first start, in a block of its own.
+fn print_minted(minted: Option<&str>) {
     if let Some(key) = minted {
+        let rule = "  ".to_string() + &"=".repeat(76);
         banner!();
+        banner!("{rule}");
         banner!("  An admin API key was minted. It is shown this once and stored only as a hash:");
         banner!();
         banner!("    export LAYER_API_KEY={key}");
         banner!();
         banner!("  (Set LAYER_API_KEY before the first start to choose the key yourself.)");
+        banner!("{rule}");
     }
 }
+
+/// The first steps of the README's "A first session", which goes on from
+/// there (a test holds the two together).
+const FIRST_STEPS: [&str; 3] = [
+    "layer rows upsert products -f examples/tag-products/products.jsonl",
+    "layer run -f examples/tag-products/function.yaml",
+    "layer rows get products p002",
+];
 
 /// What to type next, in another terminal: the shortest path to rows
 /// worked on by a Function (the README's "A first session" goes on).
@@ -70,9 +86,11 @@ fn print_next_steps(addr: SocketAddr, minted: Option<&str>) {
     if addr.port() != 8080 || !addr.ip().is_loopback() {
         banner!("    export LAYER_URL=http://{addr}");
     }
-    banner!("    layer rows upsert products -f examples/tag-products/products.jsonl");
-    banner!("    layer run -f examples/tag-products/function.yaml");
-    banner!("    layer rows get products p002");
+    for step in FIRST_STEPS {
+        banner!("    {step}");
+    }
+    banner!();
+    banner!("  The README's \"A first session\" goes on from there.");
     banner!();
     banner!("  Stop with Ctrl-C (the data stays for the next start).");
 }
@@ -81,56 +99,75 @@ fn print_next_steps(addr: SocketAddr, minted: Option<&str>) {
 /// `<data dir>/layer-dev.pid`, which names our pid. The kernel drops the
 /// lock when the process ends, however it ends, so a PostgreSQL left by a
 /// killed run is still adopted, while one a live `layer dev` uses is never
-/// touched.
+/// touched. Dropped (a stop, or a start refused after the lock, say for a
+/// taken address), it removes the file before it lets the lock go.
 struct DataDirLock {
+    path: PathBuf,
     _file: std::fs::File,
+}
+
+impl Drop for DataDirLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 fn lock_data_dir(dir: &Path) -> Result<DataDirLock> {
     use std::io::{Read as _, Seek as _, Write as _};
+    use std::os::unix::fs::MetadataExt as _;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("layer-dev.pid");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            // The holder writes its pid right after locking: give it a moment.
-            let mut holder = String::new();
-            for _ in 0..20 {
-                holder.clear();
-                let _ = file.rewind();
-                let _ = file.read_to_string(&mut holder);
-                if !holder.trim().is_empty() {
-                    break;
+    // A holder removes the file as it stops: a lock taken on a file that
+    // was removed meanwhile is no lock on the path, so take it again.
+    for _ in 0..10 {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                // The holder writes its pid right after locking: give it a moment.
+                let mut holder = String::new();
+                for _ in 0..20 {
+                    holder.clear();
+                    let _ = file.rewind();
+                    let _ = file.read_to_string(&mut holder);
+                    if !holder.trim().is_empty() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                 }
-                std::thread::sleep(std::time::Duration::from_millis(10));
+                let who = match holder.split_whitespace().next() {
+                    Some(pid) => format!("pid {pid}"),
+                    None => "a process that has not written its pid yet".to_string(),
+                };
+                anyhow::bail!(
+                    "the data directory {} is in use by another `layer dev` ({who}); nothing was started and its \
+                     PostgreSQL was not touched. Stop that one first (Ctrl-C in its terminal), or give this one \
+                     its own --data-dir",
+                    dir.display()
+                );
             }
-            let who = match holder.split_whitespace().next() {
-                Some(pid) => format!("pid {pid}"),
-                None => "a process that has not written its pid yet".to_string(),
-            };
-            anyhow::bail!(
-                "the data directory {} is in use by another `layer dev` ({who}); nothing was started and its \
-                 PostgreSQL was not touched. Stop that one first (Ctrl-C in its terminal), or give this one its \
-                 own --data-dir",
-                dir.display()
-            );
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
         }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        let same = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
+        let held = file.metadata().ok().map(|m| (m.dev(), m.ino()));
+        if same.is_none() || same != held {
+            continue;
         }
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())?;
+        file.flush()?;
+        return Ok(DataDirLock { path, _file: file });
     }
-    file.set_len(0)?;
-    file.rewind()?;
-    writeln!(file, "{}", std::process::id())?;
-    file.flush()?;
-    Ok(DataDirLock { _file: file })
+    anyhow::bail!("cannot lock {}: it kept being removed and made again", path.display())
 }
 
 /// `layer dev`: embedded PostgreSQL plus the platform.
@@ -159,7 +196,6 @@ pub async fn dev(listen: SocketAddr, data_dir: PathBuf, api_key: Option<String>)
             return Err(e).context("starting the platform");
         }
     };
-    print_banner(started.addr, started.minted_admin_key.as_deref(), Some(&data_dir));
     let runner = async {
         let pool = db::connect(options, 1).await?;
         let key = layer_platform::auth::store::mint_local_runner_key(&pool).await?;
@@ -182,7 +218,11 @@ pub async fn dev(listen: SocketAddr, data_dir: PathBuf, api_key: Option<String>)
             return Err(e).context("starting the local runner");
         }
     };
+    // Printed once everything has started, after the start-up's log lines.
+    banner!("Layer platform listening on http://{}", started.addr);
+    banner!("  data: {} (PostgreSQL log in postgres.log)", data_dir.display());
     banner!("  runner {} on http://{} (runs push Functions' workers here)", runner.runner_id, runner.addr);
+    print_minted(started.minted_admin_key.as_deref());
     print_next_steps(started.addr, started.minted_admin_key.as_deref());
     signal.cancelled().await;
     runner_shutdown.cancel();

@@ -213,9 +213,14 @@ fn a_fresh_dev_without_a_key_mints_and_prints_one() {
     let dir = data_dir("mint");
     let mut dev = Dev::start(&dir, free_port(), None);
     dev.wait_healthy();
-    let out = std::fs::read_to_string(&dev.stdout).unwrap();
+    let out = dev.banner();
     let key =
         out.split("export LAYER_API_KEY=").nth(1).and_then(|s| s.split_whitespace().next()).expect(&out).to_string();
+    // The key in a block of its own, below everything start-up printed.
+    let block: Vec<&str> = out.split("=".repeat(76).as_str()).collect();
+    assert_eq!(block.len(), 3, "one ruled block: {out}");
+    assert!(block[1].contains("An admin API key was minted") && block[1].contains(&key), "{out}");
+    assert!(block[0].contains("runner ") && block[2].contains("Next, in another terminal"), "{out}");
     let o = layer(&dev.url, &key, &["keys", "list"]);
     assert!(o.status.success() && text(&o).contains("bootstrap-admin"), "{}", text(&o));
     // Use the key for a while (a bad one too), then look for it in every log.
@@ -471,6 +476,7 @@ fn a_taken_listen_address_is_refused_before_anything_is_initialised() {
         "{out}"
     );
     assert!(!dir.join("pg").exists(), "a PostgreSQL cluster was initialised for a start that could not listen");
+    assert!(!dir.join("layer-dev.pid").exists(), "the refused start left its pid file behind");
     drop(taken);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -570,11 +576,35 @@ fn the_readme_first_session_runs_line_by_line_as_written() {
     };
     let said = std::fs::read_to_string(&out).unwrap();
     assert!(status.success(), "the first session failed ({status}):\n{said}");
-    assert!(said.contains("0 pending, 0 processing, 0 failed"), "{said}");
-    assert!(said.contains("\"_hevlayer_udf_product_tags_v\": \"v1\""), "{said}");
+    assert!(said.contains("\"_hevlayer_udf_product_tags_push_v\": \"v1\""), "{said}");
     assert!(said.contains("dev") && said.contains("product-tags-push"), "{said}");
-    let o = layer(&dev.url, key, &["udf", "get", "product-tags-push"]);
-    assert!(text(&o).contains("0 pending, 0 processing, 0 failed"), "{}", text(&o));
+    // The last status it shows, and both Functions' now: nothing left, no
+    // problem the reader did not cause.
+    let last = said.rsplit("name:       product-tags").next().unwrap_or_default();
+    assert!(last.contains("0 pending, 0 processing, 0 failed") && !last.contains("problem:"), "{said}");
+    for f in ["product-tags", "product-tags-push"] {
+        let o = layer(&dev.url, key, &["udf", "get", f]);
+        assert!(text(&o).contains("0 pending, 0 processing, 0 failed"), "{f}: {}", text(&o));
+        assert!(!text(&o).contains("problem:"), "{f}: {}", text(&o));
+    }
+    // The banner's next steps are the session's first steps, in order.
+    let banner = dev.banner();
+    let steps: Vec<&str> = banner
+        .split("Next, in another terminal")
+        .nth(1)
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("layer "))
+        .collect();
+    let commands: Vec<&str> = block
+        .lines()
+        .filter(|l| l.starts_with("layer "))
+        .map(|l| l.split("  #").next().unwrap_or_default().trim_end())
+        .collect();
+    assert!(!steps.is_empty() && commands.starts_with(&steps), "banner {steps:?}, README {commands:?}");
+    // The minted key (none here: the test chose it) would be in its own block.
+    assert!(!banner.contains("was minted"), "{banner}");
 
     // The Python snippet runs as a script.
     let py = dir.with_extension("first.py");
