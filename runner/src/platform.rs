@@ -126,9 +126,10 @@ impl PlatformClient {
         Ok(resp)
     }
 
-    /// Reports a batch, retrying with backoff until the platform
-    /// acknowledges it (it does so only after the writeback commits), it
-    /// refuses it for good (4xx), or `give_up_after` passes.
+    /// Reports a batch, retrying with backoff (doubling from 100 ms to 5 s,
+    /// with jitter) until the platform acknowledges it (it does so only
+    /// after the writeback commits), it refuses it for good (4xx other than
+    /// 429: a data problem is never retried), or `give_up_after` passes.
     pub async fn report(
         &self,
         batch_id: i64,
@@ -165,7 +166,9 @@ impl PlatformClient {
                 return Err(format!("gave up after {} s: {error}", give_up_after.as_secs()));
             }
             tracing::warn!(batch_id, error = %error, "report failed; retrying");
-            tokio::time::sleep(pause).await;
+            // Each batch's report retries on its own task; the jitter keeps
+            // the batches of one outage from retrying in step.
+            tokio::time::sleep(pause.mul_f64(rand::random_range(0.5..=1.0))).await;
             pause = (pause * 2).min(Duration::from_secs(5));
         }
     }

@@ -5,7 +5,9 @@ with SIGKILL mid-batch), fail500, missing (the
 row is left out), dup (the row is answered twice), permanent, hog (takes
 HOG_MB megabytes of memory, 512 by default), tmpwrite (writes a file under
 /tmp, reads it back and answers with what it saw, or fails permanently
-with the OS error).
+with the OS error), nul (answers a NUL in an attribute value), nulkey (a
+NUL in an attribute name), nulerror (fails permanently with a NUL in its
+message).
 
 With GPU_LOCK_DIR set, the worker takes an exclusive lock on a file named
 after each GPU in CUDA_VISIBLE_DEVICES for as long as it lives, and says in
@@ -70,6 +72,15 @@ class Handler(BaseHTTPRequestHandler):
                 continue
             if mode == "permanent":
                 out.append({**ref, "error": {"kind": "permanent", "message": "cannot do " + item["id"]}})
+                continue
+            if mode == "nul":
+                out.append({**ref, "attributes": {"result": "bad\u0000" + item["id"]}})
+                continue
+            if mode == "nulkey":
+                out.append({**ref, "attributes": {"res\u0000ult": "ok"}})
+                continue
+            if mode == "nulerror":
+                out.append({**ref, "error": {"kind": "permanent", "message": "cannot\u0000 do it"}})
                 continue
             if mode == "tmpwrite":
                 try:

@@ -186,7 +186,18 @@ pub(crate) fn accept_result(
     let vector = vector.map(|v| crate::rows::plan::real_array_literal(v.into_iter().map(Some))).transpose();
     let reserved: Vec<&String> =
         attributes.keys().filter(|k| k.starts_with(layer_protocol::RESERVED_PREFIX) || k.as_str() == "id").collect();
-    let problem = if !reserved.is_empty() {
+    // PostgreSQL stores no NUL in jsonb: such a result is this row's
+    // failure alone, never its batch's.
+    let nul = attributes.iter().find_map(|(k, v)| {
+        if k.contains('\0') {
+            Some(format!("attributes.{}", k.replace('\0', "\\u0000")))
+        } else {
+            layer_protocol::validate::nul_byte_path(v, &format!("attributes.{k}"))
+        }
+    });
+    let problem = if let Some(path) = nul {
+        Some(format!("the result's {path}: {}", layer_protocol::validate::NUL_MESSAGE))
+    } else if !reserved.is_empty() {
         Some(format!(
             "the result sets {}: attributes with the reserved {} prefix (and `id`) belong to the platform; return other names",
             reserved.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", "),

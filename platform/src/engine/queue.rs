@@ -504,8 +504,13 @@ pub async fn complete(
     worker_id: &str,
     items: Vec<Completion>,
 ) -> Result<CompleteCounts> {
+    // A result for a row named with a NUL names no row: dropped, counted
+    // as not leased (no lease is held on such a row).
+    let named = items.len();
+    let items: Vec<Completion> = items.into_iter().filter(|c| !names_nul(&c.namespace, &c.id)).collect();
+    let unnamed = (named - items.len()) as u64;
     if items.is_empty() {
-        return Ok(CompleteCounts::default());
+        return Ok(CompleteCounts { not_leased: unnamed, ..CompleteCounts::default() });
     }
     let marker = FunctionSpec::marker_attribute(&udf.id);
     let stale_marker = FunctionSpec::stale_after_attribute(&udf.id);
@@ -533,7 +538,7 @@ pub async fn complete(
         .bind(stale_after)
         .fetch_one(&mut *conn)
         .await?;
-    let counts = CompleteCounts { written: written as u64, stale: stale as u64, not_leased: fenced as u64 };
+    let counts = CompleteCounts { written: written as u64, stale: stale as u64, not_leased: fenced as u64 + unnamed };
     let m = &crate::metrics::METRICS;
     m.rows_completed.with_label_values(&[&udf.id]).inc_by(counts.written);
     if counts.stale + counts.not_leased > 0 {
@@ -543,6 +548,11 @@ pub async fn complete(
         tracing::info!(udf = %udf.id, worker_id, stale = counts.stale, not_leased = counts.not_leased, "dropped results");
     }
     Ok(counts)
+}
+
+/// Whether a reported (namespace, id) holds a NUL, which no row's does.
+fn names_nul(namespace: &str, id: &str) -> bool {
+    namespace.contains('\0') || id.contains('\0')
 }
 
 /// One failure report.
@@ -650,6 +660,8 @@ pub async fn fail(conn: &mut sqlx::PgConnection, udf: &Udf, worker_id: &str, fai
     if failures.is_empty() {
         return Ok(0);
     }
+    // A row named with a NUL is no row (ids and namespaces hold none).
+    let failures: Vec<Failure> = failures.into_iter().filter(|f| !names_nul(&f.namespace, &f.id)).collect();
     let ns: Vec<&str> = failures.iter().map(|f| f.namespace.as_str()).collect();
     let ids: Vec<&str> = failures.iter().map(|f| f.id.as_str()).collect();
     let held: Vec<Held> =
@@ -660,7 +672,8 @@ pub async fn fail(conn: &mut sqlx::PgConnection, udf: &Udf, worker_id: &str, fai
     for f in failures {
         let Some(h) = held.get(&(f.namespace.clone(), f.id.clone())) else { continue };
         let next = next_state(h.attempts as u32, h.free_retries as u32, f.class, &udf.spec.retry, jitter());
-        let message: String = f.message.chars().take(4096).collect();
+        // The worker's words, storable: PostgreSQL's text holds no NUL.
+        let message: String = f.message.chars().take(4096).collect::<String>().replace('\0', "\\u0000");
         moves.push(Move { namespace: f.namespace, id: f.id, next, kind: f.class.as_str(), message });
     }
     transition(conn, &udf.id, moves).await

@@ -129,3 +129,21 @@ async fn rows_that_wait_for_a_busy_worker_are_charged_nothing() -> anyhow::Resul
     assert_eq!((st["counts"]["completed"].as_i64(), st["failed_count"].as_i64()), (Some(3), Some(0)), "{st}");
     Ok(())
 }
+
+/// A result PostgreSQL cannot store (a NUL in a value or a name) fails that
+/// row alone, permanently, saying why; a NUL in a worker's error message
+/// is stored escaped. The neighbours are written in the same batch, and the
+/// report is acknowledged at once (not retried until the leases expire).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_with_a_nul_fails_its_row_alone_and_its_neighbours_are_written() -> anyhow::Result<()> {
+    let bad = [("n1", "nul"), ("n2", "nulkey")];
+    isolates(Case { udf: "nuls", good: 6, bad: &bad, timeout: 10, kind: "permanent", says: "NUL (\\u0000)" }).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_error_message_with_a_nul_is_stored_escaped() -> anyhow::Result<()> {
+    let bad = [("e1", "nulerror")];
+    isolates(Case { udf: "nulerrors", good: 7, bad: &bad, timeout: 10, kind: "permanent", says: "cannot\\u0000 do it" })
+        .await
+}
