@@ -96,6 +96,17 @@ impl From<sqlx::Error> for PlatformError {
             let msg = db.message().to_string();
             match state.as_ref() {
                 "23505" => return Self::Conflict(format!("already exists: {msg}")),
+                // A reference to something that is gone (deleted meanwhile):
+                // PostgreSQL's detail names it, `Key (function_id)=(x) is
+                // not present in table "functions"`.
+                "23503" => {
+                    let detail = db
+                        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                        .and_then(|d| d.detail())
+                        .map(|d| d.replace('"', ""))
+                        .unwrap_or(msg);
+                    return Self::Conflict(format!("what this refers to no longer exists: {detail}"));
+                }
                 "2201B" => {
                     return Self::invalid("filters", format!("invalid regular expression: {msg}"));
                 }
@@ -117,9 +128,16 @@ impl From<sqlx::Error> for PlatformError {
                 _ => {}
             }
         }
+        // What is unavailable, in the platform's words: the OS's error text
+        // goes to the log, not to the client.
         match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                Self::Unavailable(format!("database unavailable: {e}"))
+            sqlx::Error::PoolTimedOut => {
+                Self::Unavailable("database unavailable: no connection came free in time; retry".into())
+            }
+            sqlx::Error::PoolClosed => Self::Unavailable("database unavailable: the platform is stopping".into()),
+            sqlx::Error::Io(io) => {
+                tracing::warn!(error = %io, "the connection to PostgreSQL failed");
+                Self::Unavailable("database unavailable: the connection to PostgreSQL failed; retry".into())
             }
             other => Self::Database(other),
         }
@@ -167,6 +185,14 @@ impl IntoResponse for ApiError {
         };
         let body =
             ErrorBody { error: e.code().to_string(), code: e.code().to_string(), message, field, errors, request_id };
-        (status, axum::Json(body)).into_response()
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == axum::http::StatusCode::UNAUTHORIZED {
+            // RFC 6750: how to authenticate.
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"layer\""),
+            );
+        }
+        response
     }
 }

@@ -36,27 +36,63 @@ pub struct Settings {
 }
 
 /// A JSON request body. Errors name the JSON path of the offending field
-/// (`upsert_rows[3].id: invalid type ...`) and an oversized body is a 413.
+/// (`upsert_rows[3].id: invalid type ...`), a NUL in any string or name is a
+/// 400 naming its path (PostgreSQL stores none), and an oversized body is a
+/// 413.
 pub struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError(PlatformError::PayloadTooLarge(
-                    "request body is larger than the platform's limit (--max-body-bytes); split the write".into(),
-                ))
-            } else {
-                ApiError(PlatformError::invalid("", e.body_text()))
-            }
-        })?;
-        if bytes.is_empty() {
-            return Err(ApiError(PlatformError::invalid("", "the request body is empty; expected a JSON object")));
-        }
+        let bytes = body_bytes(req, state).await?;
+        refuse_nul_json(&bytes)?;
         parse_json(&bytes).map(ApiJson)
     }
+}
+
+/// A worker's report of results, as [`ApiJson`] but letting NULs through:
+/// a result that holds one fails its row alone (see
+/// `engine::api::accept_result`), never the whole report.
+pub struct ReportJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ReportJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        parse_json(&body_bytes(req, state).await?).map(ReportJson)
+    }
+}
+
+/// The path of the first string or name holding a NUL in a JSON body, as
+/// a 400.
+fn refuse_nul_json(bytes: &[u8]) -> Result<(), ApiError> {
+    // A NUL can only be written `\u0000` in JSON: most bodies hold none.
+    if !bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+        return Ok(());
+    }
+    // A body that is not JSON gets the typed parser's error instead.
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else { return Ok(()) };
+    match layer_protocol::validate::nul_byte_path(&v, "") {
+        Some(path) => Err(ApiError(PlatformError::invalid(path, layer_protocol::validate::NUL_MESSAGE))),
+        None => Ok(()),
+    }
+}
+
+async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError(PlatformError::PayloadTooLarge(
+                "request body is larger than the platform's limit (--max-body-bytes); split the write".into(),
+            ))
+        } else {
+            ApiError(PlatformError::invalid("", e.body_text()))
+        }
+    })?;
+    if bytes.is_empty() {
+        return Err(ApiError(PlatformError::invalid("", "the request body is empty; expected a JSON object")));
+    }
+    Ok(bytes)
 }
 
 /// Parses JSON with the path of any error.
@@ -171,7 +207,14 @@ async fn metrics(State(state): State<AppState>) -> Response {
 async fn healthz(State(state): State<AppState>) -> Response {
     match sqlx::query("SELECT 1").execute(&state.pool).await {
         Ok(_) => axum::Json(serde_json::json!({"status": "ok"})).into_response(),
-        Err(e) => ApiError(PlatformError::Unavailable(format!("database unreachable: {e}"))).into_response(),
+        Err(e) => ApiError(match PlatformError::from(e) {
+            PlatformError::Database(e) => {
+                tracing::warn!(error = %e, "the health check's query failed");
+                PlatformError::Unavailable("database unreachable".into())
+            }
+            other => other,
+        })
+        .into_response(),
     }
 }
 
@@ -195,6 +238,37 @@ async fn wrong_method() -> Response {
     (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
 }
 
+/// Refuses a NUL written into the path or the query string (`%00`) with a
+/// 400 naming where (the query parameter, or `path`), before any handler
+/// can hand it to PostgreSQL.
+async fn refuse_nul_uri(req: Request, next: Next) -> Response {
+    let nul = |s: &str| s.to_ascii_lowercase().contains("%00");
+    let path = req.uri().path();
+    if nul(path) {
+        // Named by the route's parameter where the segment is one
+        // (`/v2/namespaces/{namespace}/query`: `namespace`).
+        let template = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_default();
+        let at = path.split('/').position(nul).unwrap_or_default();
+        let field = template
+            .split('/')
+            .nth(at)
+            .and_then(|t| t.strip_prefix('{').and_then(|t| t.strip_suffix('}')))
+            // The rows routes' `{ns}` is a namespace, as their errors say.
+            .map(|t| if t == "ns" { "namespace" } else { t })
+            .unwrap_or("path")
+            .to_string();
+        return ApiError(PlatformError::invalid(field, layer_protocol::validate::NUL_MESSAGE)).into_response();
+    }
+    if let Some(query) = req.uri().query()
+        && let Some(pair) = query.split('&').find(|p| nul(p))
+    {
+        let name = pair.split('=').next().unwrap_or_default();
+        let name = if nul(name) { "query" } else { name };
+        return ApiError(PlatformError::invalid(name, layer_protocol::validate::NUL_MESSAGE)).into_response();
+    }
+    next.run(req).await
+}
+
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     let authenticated = Router::new()
@@ -216,6 +290,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::runners::api::token_routes())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(from_fn(refuse_nul_uri))
         .layer(from_fn(trace_request))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(from_fn(request_context))

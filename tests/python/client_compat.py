@@ -141,7 +141,7 @@ async def main():
         nl = await c.list_namespaces(prefix="prod")
         assert [n.name for n in nl.namespaces] == ["products"]
         page = await c.list_namespaces(page_size=1)
-        assert [n.name for n in page.namespaces] == ["other"] and page.next_cursor == "other", page
+        assert [n.name for n in page.namespaces] == ["other"] and page.next_cursor, page
         page = await c.list_namespaces(page_size=1, cursor=page.next_cursor)
         assert [n.name for n in page.namespaces] == ["products"] and page.next_cursor is None, page
 

@@ -17,7 +17,7 @@ use super::queue::{self, Completion, Failure};
 use crate::auth::Principal;
 use crate::error::{ApiError, PlatformError, Result};
 use crate::functions::store;
-use crate::http::{ApiJson, AppState};
+use crate::http::{ApiJson, AppState, ReportJson};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -33,6 +33,9 @@ pub fn routes() -> Router<AppState> {
 fn check_worker(worker_id: &str) -> Result<()> {
     if worker_id.trim().is_empty() || worker_id.len() > 256 {
         return Err(PlatformError::invalid("worker_id", "must be 1-256 characters"));
+    }
+    if worker_id.contains('\0') {
+        return Err(PlatformError::invalid("worker_id", layer_protocol::validate::NUL_MESSAGE));
     }
     if worker_id.starts_with("runner/") {
         return Err(PlatformError::invalid(
@@ -139,10 +142,11 @@ async fn complete(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
-    ApiJson(req): ApiJson<CompleteRequest>,
+    ReportJson(req): ReportJson<CompleteRequest>,
 ) -> Result<Json<ItemsResponse>, ApiError> {
     let udf = udf_for_worker(&state, &p, &id, Scope::Write).await?;
     check_worker(&req.worker_id)?;
+    refuse_twice("items", req.items.iter().map(|i| (i.namespace.as_str(), i.id.as_str())))?;
     let mut completions = Vec::with_capacity(req.items.len());
     let mut refused = Vec::new();
     for item in req.items {
@@ -165,6 +169,21 @@ async fn complete(
         })
         .await?;
     Ok(Json(ItemsResponse { udf_id: udf.id, updated: written }))
+}
+
+/// Refuses a report that names one row twice: which of two results would
+/// be the row's is not the platform's to guess.
+pub(crate) fn refuse_twice<'a>(field: &str, rows: impl Iterator<Item = (&'a str, &'a str)>) -> Result<()> {
+    let mut seen = std::collections::HashMap::new();
+    for (i, (ns, id)) in rows.enumerate() {
+        if let Some(first) = seen.insert((ns, id), i) {
+            return Err(PlatformError::invalid(
+                format!("{field}[{i}]"),
+                format!("names row {ns}/{id} a second time ({field}[{first}] named it first); report each row once"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A pull-protocol span under the request's.
@@ -220,10 +239,11 @@ async fn fail(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
-    ApiJson(req): ApiJson<FailRequest>,
+    ReportJson(req): ReportJson<FailRequest>,
 ) -> Result<Json<ItemsResponse>, ApiError> {
     let udf = udf_for_worker(&state, &p, &id, Scope::Write).await?;
     check_worker(&req.worker_id)?;
+    refuse_twice("items", req.items.iter().map(|i| (i.namespace.as_str(), i.id.as_str())))?;
     let failures = req
         .items
         .into_iter()

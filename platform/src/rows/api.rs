@@ -86,8 +86,9 @@ async fn list(
 ) -> Result<Json<NamespaceList>, ApiError> {
     let page_size = int_param(&params, "page_size", 100, 1, 1000)?;
     let prefix = params.get("prefix").map(String::as_str).unwrap_or("");
+    let after = params.get("cursor").map(|c| store::parse_namespace_cursor(c)).transpose()?;
     let (mut namespaces, next_cursor) =
-        store::list_namespaces(&state.pool, prefix, params.get("cursor").map(String::as_str), page_size).await?;
+        store::list_namespaces(&state.pool, prefix, after.as_deref(), page_size).await?;
     namespaces.retain(|n| principal.can_see(&n.name));
     Ok(Json(NamespaceList { namespaces, next_cursor }))
 }

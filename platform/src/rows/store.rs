@@ -349,8 +349,26 @@ pub async fn list_namespaces(
             labels: r.labels.0,
         })
         .collect();
-    let next = if more { entries.last().map(|e| e.name.clone()) } else { None };
+    let next = if more { entries.last().map(|e| namespace_cursor(&e.name)) } else { None };
     Ok((entries, next))
+}
+
+/// The opaque cursor of a page of namespaces that ends at `name`.
+fn namespace_cursor(name: &str) -> String {
+    format!("n{}", hex::encode(name))
+}
+
+/// The name a cursor from [`list_namespaces`] ends at; anything else is a
+/// 400 naming `cursor`.
+pub fn parse_namespace_cursor(cursor: &str) -> Result<String> {
+    cursor
+        .strip_prefix('n')
+        .and_then(|h| hex::decode(h).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .filter(|name| !name.is_empty() && !name.contains('\0'))
+        .ok_or_else(|| {
+            PlatformError::invalid("cursor", "not a cursor this API gave out (next_cursor of the page before)")
+        })
 }
 
 /// Deletes a namespace and all its rows.

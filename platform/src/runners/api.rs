@@ -22,7 +22,7 @@ use crate::engine::api::accept_result;
 use crate::engine::policy::FailureClass;
 use crate::engine::queue::{self, Failure, batch_holder};
 use crate::error::{ApiError, PlatformError, Result};
-use crate::http::{ApiJson, AppState};
+use crate::http::{ApiJson, AppState, ReportJson};
 
 /// Routes that take an API key.
 pub fn routes() -> Router<AppState> {
@@ -279,7 +279,7 @@ async fn report(
     State(state): State<AppState>,
     Path((id, batch_id)): Path<(String, i64)>,
     headers: HeaderMap,
-    ApiJson(mut req): ApiJson<BatchReport>,
+    ReportJson(mut req): ReportJson<BatchReport>,
 ) -> Result<Json<ReportResponse>, ApiError> {
     authenticate_report(&state, &headers, &id, batch_id).await?;
     // One transaction: the writeback, the failures and the batch record
@@ -321,6 +321,7 @@ async fn report(
         writeback.set([KeyValue::new("layer.batch.dropped", n as i64)]);
         return Ok(Json(ReportResponse { batch_id, written: 0, failed: 0, dropped: n }));
     };
+    crate::engine::api::refuse_twice("results", req.results.iter().map(|r| (r.namespace.as_str(), r.id.as_str())))?;
     let holder = batch_holder(&id, batch_id);
     let mut completions = Vec::new();
     let mut failures = Vec::new();

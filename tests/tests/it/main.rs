@@ -8,6 +8,8 @@
 //!   (skipped by the `no-docker` profile)
 //! - `crashes`: workers that die, crash or hang mid-batch cost their
 //!   neighbours nothing
+//! - `edge`: bad input at the edge (NUL bytes, foreign cursors, reports
+//!   naming a row twice, 401s, missing references)
 //! - `engine_lifecycle`, `engine_python`, `engine_seed`: discovery, leases,
 //!   retries and writeback through pull workers, seed 000 as written
 //! - `filters`: the filter compiler against PostgreSQL
@@ -25,6 +27,7 @@ mod auth;
 mod client_compat;
 mod containers;
 mod crashes;
+mod edge;
 mod engine_lifecycle;
 mod engine_python;
 mod engine_seed;
