@@ -240,18 +240,50 @@ pub async fn get(pool: &PgPool, key_id: &str) -> Result<ApiKey> {
 }
 
 /// Revokes a key; revoking twice keeps the first time.
+/// An active key with the admin scope, in SQL over `api_keys k`.
+const ACTIVE_ADMIN: &str = "k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())
+     AND EXISTS (SELECT 1 FROM jsonb_each(k.entitlements) e WHERE e.value -> 'scopes' ? 'admin')";
+
+/// Refuses to take away the last active admin key (`what` it would do):
+/// no key could then mint, revoke or manage anything, and only the
+/// database could let anyone back in. Holds the admin keys' lock until
+/// `tx` ends, so two admins revoking each other cannot both succeed.
+async fn keep_an_admin(tx: &mut sqlx::PgConnection, key_id: &str, what: &str) -> Result<()> {
+    let last: bool = sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM api_keys k WHERE k.key_id = $1 AND {ACTIVE_ADMIN})
+            AND NOT EXISTS (SELECT 1 FROM api_keys k WHERE k.key_id <> $1 AND {ACTIVE_ADMIN})
+         FROM (SELECT pg_advisory_xact_lock(hashtextextended('layer.admin_keys', 0))) l"
+    ))
+    .bind(key_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if last {
+        return Err(PlatformError::Conflict(format!(
+            "key {key_id} is the last active admin key: {what} it would lock every admin out; mint another \
+             admin key first (`layer keys create NAME --scope admin`)"
+        )));
+    }
+    Ok(())
+}
+
 pub async fn revoke(pool: &PgPool, key_id: &str) -> Result<ApiKey> {
+    let mut tx = pool.begin().await?;
+    keep_an_admin(&mut tx, key_id, "revoking").await?;
     let row: Option<KeyRow> = sqlx::query_as(&format!(
         "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1 RETURNING {COLUMNS}"
     ))
     .bind(key_id)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
+    tx.commit().await?;
     row.map(|r| r.into_api(Utc::now())).ok_or_else(|| PlatformError::NotFound(format!("key {key_id} not found")))
 }
 
 pub async fn delete(pool: &PgPool, key_id: &str) -> Result<()> {
-    let n = sqlx::query("DELETE FROM api_keys WHERE key_id = $1").bind(key_id).execute(pool).await?.rows_affected();
+    let mut tx = pool.begin().await?;
+    keep_an_admin(&mut tx, key_id, "deleting").await?;
+    let n = sqlx::query("DELETE FROM api_keys WHERE key_id = $1").bind(key_id).execute(&mut *tx).await?.rows_affected();
+    tx.commit().await?;
     if n == 0 {
         return Err(PlatformError::NotFound(format!("key {key_id} not found")));
     }

@@ -208,3 +208,36 @@ async fn only_admin_keys_set_a_worker_command_on_every_path_and_revisions_name_t
     assert_eq!(revs["revisions"][0]["key_id"], admin_id.as_str(), "{revs}");
     Ok(())
 }
+
+/// The last active admin key can be neither revoked nor deleted (nobody
+/// could manage anything after it); once another admin key exists, it can.
+#[tokio::test]
+async fn the_last_admin_key_cannot_be_revoked_or_deleted() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let (_, keys) = p.call(Method::GET, "/v2/keys", None).await?;
+    let admins: Vec<String> = keys["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|k| k["entitlements"].to_string().contains("admin"))
+        .filter_map(|k| k["keyId"].as_str().map(String::from))
+        .collect();
+    assert_eq!(admins.len(), 1, "{keys}");
+    let first = &admins[0];
+    for (method, path) in
+        [(Method::POST, format!("/v2/keys/{first}/revoke")), (Method::DELETE, format!("/v2/keys/{first}"))]
+    {
+        let (s, body) = p.call(method, &path, None).await?;
+        assert_eq!(s, 409, "{path}: {body}");
+        assert!(body["message"].as_str().unwrap_or_default().contains("last active admin key"), "{body}");
+    }
+    let (s, _) = p.call(Method::GET, "/v2/udfs", None).await?;
+    assert_eq!(s, 200, "the admin key still works");
+    // With a second admin key, the first can go, through the second.
+    let second = p.mint_key(json!({"a": {"scopes": ["admin"]}})).await?;
+    let (s, body) = p.call_as(&second, Method::POST, &format!("/v2/keys/{first}/revoke"), None).await?;
+    assert_eq!(s, 200, "{body}");
+    let (s, _) = p.call(Method::GET, "/v2/udfs", None).await?;
+    assert_eq!(s, 403, "the revoked key is refused");
+    Ok(())
+}
