@@ -5,7 +5,8 @@
 #   the PostgreSQL server binaries   Debian package postgresql
 #   promtool                         Debian package prometheus
 #   debootstrap                      Debian package debootstrap (the Python image base)
-#   target/pyenv                     a venv with the public client, hevlayer==0.7.3
+#   target/pyenv                     a venv with the public client, hevlayer==0.7.3,
+#                                    and schemathesis==4.32.5 (API fuzzing)
 #   the example worker images        deploy/images/build.sh (needs Docker)
 #
 # First it prints the free disk space and refuses to start with less than
@@ -54,6 +55,10 @@ if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c 'import hevl
   mkdir -p target
   python3 -m venv target/pyenv
   target/pyenv/bin/pip install --quiet --disable-pip-version-check hevlayer==0.7.3
+fi
+if ! target/pyenv/bin/st --version 2>/dev/null | grep -q 4.32.5; then
+  say "installing schemathesis 4.32.5 into target/pyenv (the API fuzzing tests)"
+  target/pyenv/bin/pip install --quiet --disable-pip-version-check schemathesis==4.32.5
 fi
 
 # One temporary directory for everything this run writes there, removed on

@@ -885,7 +885,8 @@ pub struct UdfStatus {
 /// A problem with running a Function, in its status.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct UdfCondition {
-    /// `ReplicasRejected`, `PoolNotFound` or `NoRunner`.
+    /// `ReplicasRejected`, `PoolNotFound`, `NoRunner`, `NoWorker` or
+    /// `WorkerFailing`.
     pub reason: String,
     pub message: String,
 }

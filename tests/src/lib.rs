@@ -314,6 +314,36 @@ pub fn python_with_hevlayer() -> Result<PathBuf> {
     Ok(python)
 }
 
+/// The schemathesis release the API fuzzing tests run (PyPI).
+pub const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+
+/// The `st` command of schemathesis in the test venv (beside
+/// [`python_with_hevlayer`]'s interpreter), installed from PyPI on first
+/// use as `./test.sh` does.
+pub fn schemathesis() -> Result<PathBuf> {
+    let python = python_with_hevlayer()?;
+    let st = python.with_file_name("st");
+    let target = workspace_dir().join("target");
+    let _lock = FileLock::acquire(&target.join("pyenv.lock"))?;
+    let version = SCHEMATHESIS.trim_start_matches("schemathesis==");
+    let ok = |st: &std::path::Path| {
+        std::process::Command::new(st)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(version))
+    };
+    if ok(&st) {
+        return Ok(st);
+    }
+    let out = std::process::Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", SCHEMATHESIS])
+        .output()?;
+    if !out.status.success() || !ok(&st) {
+        bail!("could not install {SCHEMATHESIS} beside {}: {}", python.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(st)
+}
+
 /// Runs a Python script from `tests/python/` against a platform; fails with
 /// its output unless it exits 0.
 pub async fn run_python(script: &str, platform: &TestPlatform, extra_env: &[(&str, &str)]) -> Result<String> {

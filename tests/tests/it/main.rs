@@ -13,6 +13,7 @@
 //! - `engine_lifecycle`, `engine_python`, `engine_seed`: discovery, leases,
 //!   retries and writeback through pull workers, seed 000 as written
 //! - `filters`: the filter compiler against PostgreSQL
+//! - `fuzz`: the API fuzzed by schemathesis from its OpenAPI document
 //! - `gpus`: GPU binding through the simulated inventory
 //! - `observability`: metrics, traces, promtool
 //! - `openapi`: the served OpenAPI document against the routes
@@ -32,6 +33,7 @@ mod engine_lifecycle;
 mod engine_python;
 mod engine_seed;
 mod filters;
+mod fuzz;
 mod gpus;
 mod observability;
 mod openapi;
