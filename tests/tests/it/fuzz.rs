@@ -33,8 +33,12 @@ async fn schemathesis(p: &TestPlatform, args: &[&str]) -> anyhow::Result<()> {
     let mut all: Vec<&str> = vec!["run", &document, "-u", &p.url, "-H", &auth, "-w", "1"];
     all.extend(["--generation-database", "none", "--no-color", "--phases", "coverage,fuzzing"]);
     all.extend(args);
-    let run = tokio::process::Command::new(&st).args(&all).kill_on_drop(true).output();
+    // Its caches and reports go to a scratch directory, not the checkout.
+    let scratch = std::env::temp_dir().join(format!("layer-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let run = tokio::process::Command::new(&st).args(&all).current_dir(&scratch).kill_on_drop(true).output();
     let out = tokio::time::timeout(Duration::from_secs(180), run).await??;
+    let _ = std::fs::remove_dir_all(&scratch);
     let report = String::from_utf8_lossy(&out.stdout).replace(&p.admin_key, "<admin key>");
     anyhow::ensure!(
         out.status.success(),
