@@ -108,6 +108,16 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 /// Query-string parameters, parsed by hand so a bad one gets a clear error.
 pub type Params = axum::extract::Query<HashMap<String, String>>;
 
+/// Reads an optional boolean parameter: `true`/`1` or `false`/`0`;
+/// anything else is a 400 naming it.
+pub fn bool_param(params: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    match params.get(name).map(String::as_str) {
+        None | Some("false" | "0") => Ok(false),
+        Some("true" | "1") => Ok(true),
+        Some(other) => Err(ApiError(PlatformError::invalid(name, format!("\"{other}\" is not true or false")))),
+    }
+}
+
 /// Reads an optional integer parameter within bounds.
 pub fn int_param(
     params: &HashMap<String, String>,

@@ -108,7 +108,9 @@ pub fn parse_expires_after(s: &str) -> Result<Option<i64>, String> {
         return Ok(None);
     }
     let bad = || format!("\"{s}\" is not a lifetime: use a number followed by d, h, m or s (\"365d\"), or \"never\"");
-    let (digits, unit) = s.split_at(s.len().checked_sub(1).ok_or_else(bad)?);
+    // The unit is the last character, whatever its width in bytes.
+    let at = s.char_indices().last().map(|(i, _)| i).ok_or_else(bad)?;
+    let (digits, unit) = s.split_at(at);
     let n: i64 = digits.parse().map_err(|_| bad())?;
     let mult = match unit {
         "d" => 86_400,
@@ -142,5 +144,10 @@ mod tests {
         assert!(parse_expires_after("5y").is_err());
         assert!(parse_expires_after("").is_err());
         assert!(parse_expires_after("-3d").is_err());
+        // Found by fuzzing: a last character wider than one byte once
+        // split the string inside it and panicked.
+        for s in ["\u{80}", "5é", "3日", "😀"] {
+            assert!(parse_expires_after(s).unwrap_err().contains("is not a lifetime"), "{s}");
+        }
     }
 }

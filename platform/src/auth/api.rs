@@ -27,7 +27,7 @@ async fn list(
     params: Params,
 ) -> Result<Json<ApiKeyList>, ApiError> {
     p.require(Scope::Admin)?;
-    let include_revoked = params.get("includeRevoked").is_some_and(|v| v == "true" || v == "1");
+    let include_revoked = crate::http::bool_param(&params, "includeRevoked")?;
     Ok(Json(ApiKeyList { keys: store::list(&state.pool, include_revoked).await? }))
 }
 

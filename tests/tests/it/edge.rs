@@ -107,6 +107,11 @@ async fn cursors_are_the_apis_own_and_a_401_says_how_to_authenticate() -> anyhow
         let (s, r) = p.call(Method::GET, &format!("/v2/namespaces?cursor={bad}"), None).await?;
         anyhow::ensure!(s == 400 && r["field"] == "cursor", "cursor={bad}: {s} {r}");
     }
+    // A boolean parameter is true or false, nothing else.
+    let (s, r) = p.call(Method::GET, "/v2/keys?includeRevoked=maybe", None).await?;
+    anyhow::ensure!(s == 400 && r["field"] == "includeRevoked", "{s} {r}");
+    let (s, r) = p.call(Method::GET, "/v2/keys?includeRevoked=true", None).await?;
+    anyhow::ensure!(s == 200, "{s} {r}");
     // RFC 6750: a 401 says how to authenticate.
     for key in [None, Some("lyr_not_a_key_0123456789")] {
         let resp = p.request(Method::GET, "/v2/udfs", key).send().await?;
