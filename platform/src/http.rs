@@ -230,7 +230,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
 }
 
 async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], crate::openapi::DOCUMENT).into_response()
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], crate::openapi::document()).into_response()
 }
 
 async fn no_route() -> ApiError {
@@ -292,9 +292,10 @@ fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
+    let (keys, _) = crate::auth::api::routes().split_for_parts();
     let authenticated = Router::new()
         .merge(crate::rows::api::routes())
-        .merge(crate::auth::api::routes())
+        .merge(keys)
         .merge(crate::functions::api::routes())
         .merge(crate::engine::api::routes())
         .merge(crate::resources::api::routes())

@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 /// stable machine-readable identifier: `error` is what the `hevlayer` client
 /// reads, `code` is what our own tools read.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Error))]
 pub struct ErrorBody {
     pub error: String,
     pub code: String,
@@ -23,6 +25,7 @@ pub struct ErrorBody {
 
 /// One problem with one field of a request or resource.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FieldProblem {
     pub field: String,
     pub message: String,

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// What a key may do. `admin` implies `write`, which implies `read`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     Read,
@@ -25,6 +26,7 @@ pub const RUNNER_CLAIM: &str = "runner";
 
 /// One named grant of a key.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Entitlement {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -40,6 +42,7 @@ pub struct Entitlement {
 pub type Entitlements = BTreeMap<String, Entitlement>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum KeyPhase {
     Pending,
     Active,
@@ -49,6 +52,7 @@ pub enum KeyPhase {
 
 /// A key as listed; never carries the secret.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ApiKey {
     pub key_id: String,
@@ -57,6 +61,7 @@ pub struct ApiKey {
     pub owner: Option<String>,
     #[serde(default)]
     pub description: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = std::collections::HashMap<String, Entitlement>))]
     pub entitlements: Entitlements,
     #[serde(default)]
     pub expires_after: Option<String>,
@@ -71,12 +76,14 @@ pub struct ApiKey {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiKeyList {
     pub keys: Vec<ApiKey>,
 }
 
 /// `POST /v2/keys`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MintKeyRequest {
     pub name: String,
@@ -85,6 +92,7 @@ pub struct MintKeyRequest {
     #[serde(default)]
     pub description: Option<String>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<std::collections::HashMap<String, Entitlement>>))]
     pub entitlements: Option<Entitlements>,
     /// `30d`, `12h`, `90m`, `3600s`, or `never`. Defaults to `365d`.
     #[serde(default)]
@@ -93,6 +101,7 @@ pub struct MintKeyRequest {
 
 /// The answer to a mint: the key and, this once, its secret token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct MintKeyResponse {
     #[serde(flatten)]

@@ -138,6 +138,7 @@ pub struct NamespaceList {
 
 /// The plain acknowledgement (`StatusResponse` in the client).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatusResponse {
     pub status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

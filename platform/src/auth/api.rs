@@ -2,25 +2,34 @@
 //! except that a key may read itself.
 
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
+use layer_protocol::error::ErrorBody;
 use layer_protocol::keys::{ApiKey, ApiKeyList, MintKeyRequest, MintKeyResponse, Scope};
 use layer_protocol::namespace::StatusResponse;
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::Principal;
 use super::store;
 use crate::error::ApiError;
 use crate::http::{ApiJson, AppState, Params};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v2/keys", get(list).post(mint))
-        .route("/v2/keys/authenticate", post(authenticate))
-        .route("/v2/keys/{key_id}", get(get_key).delete(delete))
-        .route("/v2/keys/{key_id}/revoke", post(revoke))
+/// The keys routes with their part of the OpenAPI document, generated
+/// from the handlers' `#[utoipa::path]` and the wire types.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, mint))
+        .routes(routes!(authenticate))
+        .routes(routes!(get_key, delete))
+        .routes(routes!(revoke))
 }
 
+#[utoipa::path(get, path = "/v2/keys", tag = "keys", operation_id = "list_keys", summary = "List keys",
+    description = "Needs the `admin` scope.",
+    params(("includeRevoked" = Option<bool>, Query, description = "Revoked and expired keys too (default false)")),
+    responses((status = 200, description = "OK", body = ApiKeyList),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -31,6 +40,11 @@ async fn list(
     Ok(Json(ApiKeyList { keys: store::list(&state.pool, include_revoked).await? }))
 }
 
+#[utoipa::path(post, path = "/v2/keys", tag = "keys", operation_id = "mint_key",
+    summary = "Mint a key; the token is in this response only", description = "Needs the `admin` scope.",
+    request_body = MintKeyRequest,
+    responses((status = 200, description = "OK", body = MintKeyResponse),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn mint(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -42,6 +56,11 @@ async fn mint(
     Ok(Json(MintKeyResponse { key, token }))
 }
 
+#[utoipa::path(get, path = "/v2/keys/{key_id}", tag = "keys", operation_id = "get_key", summary = "Get a key",
+    description = "Needs the `admin` scope, except for the key itself.",
+    params(("key_id" = String, Path, description = "The key's id")),
+    responses((status = 200, description = "OK", body = ApiKey),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn get_key(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -53,6 +72,11 @@ async fn get_key(
     Ok(Json(store::get(&state.pool, &key_id).await?))
 }
 
+#[utoipa::path(post, path = "/v2/keys/{key_id}/revoke", tag = "keys", operation_id = "revoke_key",
+    summary = "Revoke a key", description = "Needs the `admin` scope. The last active admin key cannot be revoked (409).",
+    params(("key_id" = String, Path, description = "The key's id")),
+    responses((status = 200, description = "OK", body = ApiKey),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn revoke(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -64,6 +88,11 @@ async fn revoke(
     Ok(Json(key))
 }
 
+#[utoipa::path(delete, path = "/v2/keys/{key_id}", tag = "keys", operation_id = "delete_key",
+    summary = "Delete a key", description = "Needs the `admin` scope. The last active admin key cannot be deleted (409).",
+    params(("key_id" = String, Path, description = "The key's id")),
+    responses((status = 200, description = "OK", body = StatusResponse),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn delete(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -75,13 +104,18 @@ async fn delete(
     Ok(Json(StatusResponse::ok(format!("key {key_id} deleted"))))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AuthenticateRequest {
     token: String,
 }
 
 /// Token introspection for gateways in front of the platform (admin only).
+#[utoipa::path(post, path = "/v2/keys/authenticate", tag = "keys", operation_id = "authenticate_key",
+    summary = "Introspect a token", description = "Needs the `admin` scope.",
+    request_body = AuthenticateRequest,
+    responses((status = 200, description = "The key's id, name, owner, entitlements and expiry", body = Object),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn authenticate(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,

@@ -43,6 +43,14 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
                 continue;
             }
             let src = std::fs::read_to_string(&path).unwrap();
+            // Generated routes: `#[utoipa::path(get, path = "/v2/keys", ...`.
+            for (at, _) in src.match_indices("#[utoipa::path(") {
+                let rest = &src[at + 15..];
+                let method = rest.split(',').next().unwrap_or_default().trim().to_uppercase();
+                let Some(p) = rest.find("path = \"") else { continue };
+                let route = &rest[p + 8..];
+                out.insert((method, normalise(&route[..route.find('"').unwrap()])));
+            }
             for (at, _) in src.match_indices(".route(\"") {
                 let rest = &src[at + 8..];
                 let route_path = &rest[..rest.find('"').unwrap()];
@@ -79,7 +87,7 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
 }
 
 fn routes_in_document() -> BTreeSet<(String, String)> {
-    let doc: Value = serde_json::from_str(layer_platform::openapi::DOCUMENT).unwrap();
+    let doc: Value = serde_json::from_str(layer_platform::openapi::document()).unwrap();
     let mut out = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for method in item.as_object().unwrap().keys().filter(|k| *k != "parameters") {
