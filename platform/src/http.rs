@@ -300,7 +300,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::engine::api::routes())
         .merge(crate::resources::api::routes())
         .merge(crate::runners::api::routes())
-        .merge(crate::runners::records::routes())
+        .merge(crate::runners::records::routes().split_for_parts().0)
         .route("/openapi.json", get(openapi))
         .route_layer(from_fn_with_state(state.clone(), authenticate));
     let max_body = state.settings.max_body_bytes;

@@ -1,8 +1,8 @@
 //! The OpenAPI document of the whole API, served at `GET /openapi.json`.
 //!
 //! Being generated from the handlers (`#[utoipa::path]`) and the wire types
-//! (`utoipa::ToSchema`), one domain at a time: the keys routes are; the
-//! rest is still read from `openapi.json`, kept by hand, into which the
+//! (`utoipa::ToSchema`), one domain at a time: the keys and batch-record
+//! routes are; the rest is still read from `openapi.json`, kept by hand, into which the
 //! generated paths and schemas are merged. A test checks that every route
 //! the router serves is in the document and every documented one served,
 //! and the fuzz suite checks the answers against it.
@@ -16,8 +16,9 @@ const HAND_KEPT: &str = include_str!("openapi.json");
 
 /// The generated part: each migrated domain's router's document.
 fn generated() -> utoipa::openapi::OpenApi {
-    let (_, keys) = crate::auth::api::routes().split_for_parts();
-    keys
+    let (_, mut api) = crate::auth::api::routes().split_for_parts();
+    api.merge(crate::runners::records::routes().split_for_parts().1);
+    api
 }
 
 /// OpenAPI 3.1, JSON: the hand-kept document with the generated paths and

@@ -583,6 +583,7 @@ pub mod tokens {
 
 /// One batch's record (`GET /v2/batches/{id}`, `GET /v2/udfs/{id}/batches`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BatchRecord {
     pub id: i64,
     pub udf_id: String,
@@ -623,6 +624,8 @@ pub struct BatchRecord {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = BatchList))]
 pub struct ListBatchesResponse {
     pub batches: Vec<BatchRecord>,
     /// Pass as `cursor` for the next (older) page; absent on the last.
@@ -632,6 +635,7 @@ pub struct ListBatchesResponse {
 
 /// A row that spent its attempts (`GET /v2/udfs/{id}/failed`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FailedRow {
     pub namespace: String,
     pub id: String,
@@ -648,6 +652,8 @@ pub struct FailedRow {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = FailedRowList))]
 pub struct ListFailedResponse {
     pub rows: Vec<FailedRow>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

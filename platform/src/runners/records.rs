@@ -9,24 +9,67 @@
 //! Finished records are pruned after `EngineConfig::batch_retention`.
 
 use axum::extract::{Path, State};
-use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
+use layer_protocol::error::ErrorBody;
 use layer_protocol::keys::Scope;
 use layer_protocol::runner::{BatchRecord, FailedRow, ListBatchesResponse, ListFailedResponse};
 use sqlx::types::Json as SqlJson;
 use sqlx::{PgPool, Postgres, QueryBuilder};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, PlatformError, Result};
 use crate::http::{AppState, Params, int_param};
 use crate::time::rfc3339;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v2/udfs/{id}/batches", get(list_batches))
-        .route("/v2/batches/{id}", get(get_batch))
-        .route("/v2/udfs/{id}/failed", get(list_failed))
+/// The batch-record routes with their part of the OpenAPI document,
+/// generated from the handlers' `#[utoipa::path]` and the wire types.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list_batches)).routes(routes!(get_batch)).routes(routes!(list_failed))
+}
+
+/// The states of a batch record, for the `state` filter.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, non_camel_case_types)]
+enum BatchState {
+    dispatched,
+    reported,
+    abandoned,
+}
+
+/// The query of `GET /v2/udfs/{id}/batches` (read by hand from the query
+/// string, which names a bad value; this describes it).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct BatchQuery {
+    /// Only batches in this state.
+    #[param(inline)]
+    state: Option<BatchState>,
+    /// Only batches sent to this runner (its id).
+    runner: Option<String>,
+    /// Only batches dispatched at or after this RFC 3339 time.
+    #[param(format = DateTime)]
+    since: Option<String>,
+    /// At most this many (default 50).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// The previous page's `next_cursor`.
+    cursor: Option<String>,
+}
+
+/// The query of `GET /v2/udfs/{id}/failed`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct FailedQuery {
+    /// At most this many (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// The previous page's `next_cursor`.
+    cursor: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -94,6 +137,13 @@ fn next_page<T>(rows: &mut Vec<T>, limit: i64, cursor: impl Fn(&T) -> String) ->
 
 const STATES: [&str; 3] = ["dispatched", "reported", "abandoned"];
 
+#[utoipa::path(get, path = "/v2/udfs/{id}/batches", tag = "batches", operation_id = "list_batches",
+    summary = "A Function's batch records, newest first",
+    description = "Needs the `read` scope. Push batches with their runner, worker, GPUs, timings, outcome counts and \
+                   trace id. Finished records are kept for the platform's batch retention.",
+    params(("id" = String, Path, description = "The Function"), BatchQuery),
+    responses((status = 200, description = "OK", body = ListBatchesResponse),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn list_batches(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -130,6 +180,11 @@ async fn list_batches(
     Ok(Json(ListBatchesResponse { batches: rows.into_iter().map(Into::into).collect(), next_cursor }))
 }
 
+#[utoipa::path(get, path = "/v2/batches/{id}", tag = "batches", operation_id = "get_batch",
+    summary = "One batch record", description = "Needs the `read` scope.",
+    params(("id" = i64, Path, description = "The batch's id")),
+    responses((status = 200, description = "OK", body = BatchRecord),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn get_batch(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -163,6 +218,13 @@ struct FailedRowDb {
     updated_at: DateTime<Utc>,
 }
 
+#[utoipa::path(get, path = "/v2/udfs/{id}/failed", tag = "batches", operation_id = "list_failed_rows",
+    summary = "A Function's failed rows",
+    description = "Needs the `read` scope. Rows that spent their attempts, by namespace and id, with the class and \
+                   message of their last failure.",
+    params(("id" = String, Path, description = "The Function"), FailedQuery),
+    responses((status = 200, description = "OK", body = ListFailedResponse),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn list_failed(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
