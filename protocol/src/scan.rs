@@ -9,6 +9,7 @@ use serde_json::Value;
 
 /// What a scan collects.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ScanMode {
     /// The ids of the matching rows, in id order.
@@ -37,6 +38,7 @@ impl ScanMode {
 /// Where the client asks a scan to read from. This store has one copy of
 /// the rows, so every scan reads the origin (`effective_source`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ScanSource {
     #[default]
@@ -67,6 +69,7 @@ impl ScanSource {
 /// completion inside the request that creates them, so a job is seen
 /// `completed` or `failed`; `running` exists only inside that request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ScanStatus {
     /// Being computed by the request that created it.
@@ -93,12 +96,14 @@ impl ScanStatus {
 
 /// `POST /v2/namespaces/{ns}/scans`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateScanRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<ScanSource>,
     /// The same filter language as `/query` and `spec.filter`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<serde_json::Value>>))]
     pub filters: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ScanMode>,
@@ -108,27 +113,35 @@ pub struct CreateScanRequest {
     /// The default number of results per page of `/results` (1..=10000,
     /// default 1000): what `get_scan_results` answers without `limit`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 10000, default = 1000))]
     pub page_size: Option<i64>,
     /// How long the scan may run (1..=300 s, default 30). A scan that runs
     /// longer is cancelled and recorded as `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 300, default = 30))]
     pub timeout_seconds: Option<i64>,
     /// Accepted: every scan here is exhaustive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exhaustive: Option<bool>,
     /// Accepted (1..=64) and echoed; PostgreSQL plans the scan's parallelism.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 64))]
     pub threads: Option<i64>,
     /// Not supported by this store: refused with a 400.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub as_of: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub between: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub fts: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub hybrid_text: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub ann: Option<Value>,
 }
 
@@ -137,6 +150,7 @@ pub struct CreateScanRequest {
 /// `create_scan` hands back the count directly and `scan()` still finds
 /// the job's `id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScanJob {
     pub id: String,
     pub namespace: String,
@@ -191,12 +205,14 @@ pub struct ScanJob {
 
 /// `GET /v2/namespaces/{ns}/scans`: the namespace's scans, newest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScanJobList {
     pub scans: Vec<ScanJob>,
 }
 
 /// A page of an `ids` scan's results.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScanIdsResponse {
     pub ids: Vec<String>,
     /// All the ids the scan holds, across pages.
@@ -209,6 +225,7 @@ pub struct ScanIdsResponse {
 /// One distinct value and how many matching rows hold it (an array
 /// attribute counts each of its elements).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScanValue {
     /// Strings as themselves, other values as their JSON text.
     pub v: String,
@@ -217,6 +234,7 @@ pub struct ScanValue {
 
 /// A page of a `values` scan's results, most frequent first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScanValuesResponse {
     pub values: Vec<ScanValue>,
     /// All the distinct values the scan holds, across pages.
@@ -228,6 +246,7 @@ pub struct ScanValuesResponse {
 
 /// Either page shape, as `/results` answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(untagged)]
 pub enum ScanResults {
     Ids(ScanIdsResponse),

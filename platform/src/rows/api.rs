@@ -25,7 +25,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v2/namespaces/{ns}/query", post(query))
         .route("/v2/namespaces/{ns}/documents", post(fetch_many))
         .route("/v2/namespaces/{ns}/documents/{id}", get(fetch_one))
-        .merge(super::scans::routes())
+        .merge(super::scans::routes().split_for_parts().0)
 }
 
 pub(super) fn check_ns(principal: &Principal, ns: &str, scope: Scope) -> Result<()> {

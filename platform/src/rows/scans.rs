@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
+use layer_protocol::error::ErrorBody;
 use layer_protocol::filter::Filter;
 use layer_protocol::keys::Scope;
 use layer_protocol::namespace::StatusResponse;
@@ -16,6 +16,9 @@ use layer_protocol::scan::{
     CreateScanRequest, ScanIdsResponse, ScanJob, ScanJobList, ScanMode, ScanResults, ScanStatus, ScanValuesResponse,
 };
 use layer_protocol::validate::NUL_MESSAGE;
+
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::api::check_ns;
 use super::scan_store::{self, MAX_SCAN_RESULTS, ScanPlan};
@@ -31,11 +34,23 @@ pub const DEFAULT_PAGE_SIZE: i64 = 1000;
 pub const MAX_TIMEOUT_SECONDS: i64 = 300;
 pub const DEFAULT_TIMEOUT_SECONDS: i64 = 30;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v2/namespaces/{ns}/scans", post(create).get(list))
-        .route("/v2/namespaces/{ns}/scans/{scan_id}", get(get_one).delete(delete))
-        .route("/v2/namespaces/{ns}/scans/{scan_id}/results", get(results))
+/// The scan routes with their part of the OpenAPI document, generated
+/// from the handlers' `#[utoipa::path]` and the wire types.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(create, list)).routes(routes!(get_one, delete)).routes(routes!(results))
+}
+
+/// The query of a page of results.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct ResultsQuery {
+    /// How many (default: the scan's `page_size`).
+    #[param(minimum = 1, maximum = 10000)]
+    limit: Option<i64>,
+    /// 0-based; the previous page's `next_offset`.
+    #[param(minimum = 0)]
+    offset: Option<i64>,
 }
 
 fn in_range(field: &str, v: Option<i64>, default: i64, min: i64, max: i64) -> Result<i64> {
@@ -117,6 +132,15 @@ fn check_scan_id(ns: &str, id: &str) -> Result<()> {
     }
 }
 
+#[utoipa::path(post, path = "/v2/namespaces/{ns}/scans", tag = "scans", operation_id = "create_scan",
+    summary = "Scan rows with a filter: their ids (mode ids, the default), how many (count) or the distinct values of a field (values)",
+    description = "Needs the `read` scope on the namespace. The scan runs to completion in the request (at most \
+                   timeout_seconds) and answers with the job, already completed, or failed past its timeout; a count \
+                   scan's job also carries count and served_by (the client's ScanCountResponse). Results are paged from \
+                   GET .../results. Scans are kept for an hour, at most 100 per namespace; creating one prunes the \
+                   rest. as_of, between, fts, hybrid_text and ann are refused with a 400.",
+    params(("ns" = String, Path, description = "The namespace")), request_body = CreateScanRequest,
+    responses((status = 200, description = "OK", body = ScanJob), (status = "default", description = "Error", body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -129,6 +153,9 @@ async fn create(
     Ok(Json(row.to_job()))
 }
 
+#[utoipa::path(get, path = "/v2/namespaces/{ns}/scans", tag = "scans", operation_id = "list_scans",
+    summary = "The namespace's scans, newest first", description = "Needs the `read` scope on the namespace.",
+    params(("ns" = String, Path, description = "The namespace")), responses((status = 200, description = "OK", body = ScanJobList), (status = "default", description = "Error", body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -139,6 +166,9 @@ async fn list(
     Ok(Json(ScanJobList { scans: rows.iter().map(scan_store::ScanRow::to_job).collect() }))
 }
 
+#[utoipa::path(get, path = "/v2/namespaces/{ns}/scans/{scan_id}", tag = "scans", operation_id = "get_scan",
+    summary = "One scan job", description = "Needs the `read` scope on the namespace.",
+    params(("ns" = String, Path, description = "The namespace"), ("scan_id" = String, Path, description = "The scan's id")), responses((status = 200, description = "OK", body = ScanJob), (status = "default", description = "Error", body = ErrorBody)))]
 async fn get_one(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -149,6 +179,9 @@ async fn get_one(
     Ok(Json(scan_store::get(&state.pool, &ns, &id).await?.to_job()))
 }
 
+#[utoipa::path(delete, path = "/v2/namespaces/{ns}/scans/{scan_id}", tag = "scans", operation_id = "delete_scan",
+    summary = "Delete a scan and its results", description = "Needs the `read` scope on the namespace.",
+    params(("ns" = String, Path, description = "The namespace"), ("scan_id" = String, Path, description = "The scan's id")), responses((status = 200, description = "OK", body = StatusResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn delete(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -162,6 +195,12 @@ async fn delete(
 
 /// A page of results: `limit` (1..=10000, default the scan's `page_size`)
 /// from `offset` (default 0).
+#[utoipa::path(get, path = "/v2/namespaces/{ns}/scans/{scan_id}/results", tag = "scans",
+    operation_id = "get_scan_results",
+    summary = "A page of a scan's results: ids in id order, or values most frequent first",
+    description = "Needs the `read` scope on the namespace. A failed scan answers 409; a count scan has no results to \
+                   page (400).",
+    params(("ns" = String, Path, description = "The namespace"), ("scan_id" = String, Path, description = "The scan's id"), ResultsQuery), responses((status = 200, description = "OK", body = ScanResults), (status = "default", description = "Error", body = ErrorBody)))]
 async fn results(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
