@@ -294,7 +294,7 @@ fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 pub fn router(state: AppState) -> Router {
     let (keys, _) = crate::auth::api::routes().split_for_parts();
     let authenticated = Router::new()
-        .merge(crate::rows::api::routes())
+        .merge(crate::rows::api::routes().split_for_parts().0)
         .merge(keys)
         .merge(crate::functions::api::routes())
         .merge(crate::engine::api::routes())

@@ -2,7 +2,7 @@
 //!
 //! Being generated from the handlers (`#[utoipa::path]`) and the wire types
 //! (`utoipa::ToSchema`), one domain at a time: the keys, batch-record
-//! and scan routes are; the rest is still read from `openapi.json`, kept by hand, into which the
+//! and row (scans included) routes are; the rest is still read from `openapi.json`, kept by hand, into which the
 //! generated paths and schemas are merged. A test checks that every route
 //! the router serves is in the document and every documented one served,
 //! and the fuzz suite checks the answers against it.
@@ -18,7 +18,7 @@ const HAND_KEPT: &str = include_str!("openapi.json");
 fn generated() -> utoipa::openapi::OpenApi {
     let (_, mut api) = crate::auth::api::routes().split_for_parts();
     api.merge(crate::runners::records::routes().split_for_parts().1);
-    api.merge(crate::rows::scans::routes().split_for_parts().1);
+    api.merge(crate::rows::api::routes().split_for_parts().1);
     api
 }
 

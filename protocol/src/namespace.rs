@@ -12,19 +12,26 @@ pub type Attributes = Map<String, Value>;
 /// `POST /v2/namespaces/{ns}`: any combination of operations, applied in one
 /// transaction in the order deletes, upserts, patches, delete_by_filter.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct WriteRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<Object>>))]
     pub upsert_rows: Option<Vec<Attributes>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub upsert_columns: Option<Map<String, Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<Object>>))]
     pub patch_rows: Option<Vec<Attributes>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub patch_columns: Option<Map<String, Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<serde_json::Value>>))]
     pub deletes: Option<Vec<Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<serde_json::Value>>))]
     pub delete_by_filter: Option<Value>,
     /// Accepted for compatibility; only `cosine_distance` and
     /// `euclidean_squared` are allowed. Stored on the namespace.
@@ -32,11 +39,13 @@ pub struct WriteRequest {
     pub distance_metric: Option<String>,
     /// Accepted for compatibility and ignored: attributes are schemaless JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub schema: Option<Value>,
 }
 
 /// The answer to a write, matching the client's `TurbopufferWriteResponse`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WriteResponse {
     pub status: String,
     pub message: String,
@@ -44,15 +53,19 @@ pub struct WriteResponse {
     pub rows_upserted: u64,
     pub rows_patched: u64,
     pub rows_deleted: u64,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub billing: Map<String, Value>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub performance: Map<String, Value>,
 }
 
 /// `POST /v2/namespaces/{ns}/documents`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FetchDocumentsRequest {
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<serde_json::Value>))]
     pub ids: Vec<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub include_attributes: Option<Vec<String>>,
@@ -60,14 +73,17 @@ pub struct FetchDocumentsRequest {
 
 /// One stored row.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Document {
     pub id: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub attributes: Attributes,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vector: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FetchDocumentsResponse {
     pub documents: Vec<Document>,
     pub missing: Vec<String>,
@@ -75,6 +91,7 @@ pub struct FetchDocumentsResponse {
 
 /// `include_attributes`: `true` for all, `false` for none, or a list.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(untagged)]
 pub enum IncludeAttributes {
     All(bool),
@@ -83,27 +100,36 @@ pub enum IncludeAttributes {
 
 /// `POST /v2/namespaces/{ns}/query`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct QueryRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<serde_json::Value>>))]
     pub filters: Option<Value>,
     /// `["attr", "asc"|"desc"]`, or a list of those for ties.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<serde_json::Value>>))]
     pub rank_by: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 10000))]
     pub top_k: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub include_attributes: Option<IncludeAttributes>,
     /// Not supported by this store: nearest-neighbour search is refused with a 400.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub vector: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub nearest_to_id: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub as_of: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub between: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub cursor: Option<Value>,
     /// Sent by the client as `false`; accepted and ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -111,15 +137,20 @@ pub struct QueryRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QueryResponse {
     /// Each row is `{"id": ..., <attributes>...}`, as Turbopuffer returns them.
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<Object>))]
     pub rows: Vec<Attributes>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub billing: Map<String, Value>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub performance: Map<String, Value>,
 }
 
 /// One entry of `GET /v2/namespaces`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NamespaceEntry {
     pub name: String,
     pub row_count: i64,
@@ -130,6 +161,7 @@ pub struct NamespaceEntry {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NamespaceList {
     pub namespaces: Vec<NamespaceEntry>,
     #[serde(default)]

@@ -1,8 +1,8 @@
 //! `/v2/namespaces`: writes, fetches, queries, listing (scans are in [`super::scans`]).
 
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
+use layer_protocol::error::ErrorBody;
 use layer_protocol::filter::Filter;
 use layer_protocol::keys::Scope;
 use layer_protocol::namespace::{
@@ -11,6 +11,8 @@ use layer_protocol::namespace::{
 };
 use layer_protocol::validate::check_namespace_name;
 use serde_json::{Map, Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::plan::{normalize_id, plan};
 use super::store::{self, OrderBy, Query};
@@ -18,14 +20,40 @@ use crate::auth::Principal;
 use crate::error::{ApiError, PlatformError, Result};
 use crate::http::{ApiJson, AppState, Params, int_param};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v2/namespaces", get(list))
-        .route("/v2/namespaces/{ns}", post(write).delete(delete))
-        .route("/v2/namespaces/{ns}/query", post(query))
-        .route("/v2/namespaces/{ns}/documents", post(fetch_many))
-        .route("/v2/namespaces/{ns}/documents/{id}", get(fetch_one))
-        .merge(super::scans::routes().split_for_parts().0)
+/// The row routes (scans included) with their part of the OpenAPI
+/// document, generated from the handlers' `#[utoipa::path]` and the wire
+/// types.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(write, delete))
+        .routes(routes!(query))
+        .routes(routes!(fetch_many))
+        .routes(routes!(fetch_one))
+        .merge(super::scans::routes())
+}
+
+/// The query of `GET /v2/namespaces`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct ListQuery {
+    /// Only namespaces whose name starts with this.
+    prefix: Option<String>,
+    /// The previous page's `next_cursor`, as given.
+    cursor: Option<String>,
+    /// How many (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    page_size: Option<i64>,
+}
+
+/// The query of `GET /v2/namespaces/{ns}/documents/{id}`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct FetchQuery {
+    /// Comma-separated attribute names (default: all).
+    include_attributes: Option<String>,
 }
 
 pub(super) fn check_ns(principal: &Principal, ns: &str, scope: Scope) -> Result<()> {
@@ -39,6 +67,10 @@ fn millis(started: std::time::Instant) -> Map<String, Value> {
     m
 }
 
+#[utoipa::path(post, path = "/v2/namespaces/{ns}", tag = "rows", operation_id = "write_namespace",
+    summary = "Write rows: upsert_rows, upsert_columns, patch_rows, patch_columns, deletes, delete_by_filter (one transaction)",
+    description = "Needs the `write` scope.", params(("ns" = String, Path, description = "The namespace")), request_body = WriteRequest,
+    responses((status = 200, description = "OK", body = WriteResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn write(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -65,6 +97,9 @@ async fn write(
     }))
 }
 
+#[utoipa::path(delete, path = "/v2/namespaces/{ns}", tag = "rows", operation_id = "delete_namespace",
+    summary = "Delete a namespace and its rows", description = "Needs the `write` scope.", params(("ns" = String, Path, description = "The namespace")),
+    responses((status = 200, description = "OK", body = StatusResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn delete(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -79,6 +114,9 @@ async fn delete(
     }))
 }
 
+#[utoipa::path(get, path = "/v2/namespaces", tag = "rows", operation_id = "list_namespaces",
+    summary = "List namespaces", description = "Needs the `read` scope.", params(ListQuery),
+    responses((status = 200, description = "OK", body = NamespaceList), (status = "default", description = "Error", body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -93,6 +131,10 @@ async fn list(
     Ok(Json(NamespaceList { namespaces, next_cursor }))
 }
 
+#[utoipa::path(post, path = "/v2/namespaces/{ns}/documents", tag = "rows", operation_id = "fetch_documents",
+    summary = "Fetch documents by id", description = "Needs the `read` scope.", params(("ns" = String, Path, description = "The namespace")),
+    request_body = FetchDocumentsRequest,
+    responses((status = 200, description = "OK", body = FetchDocumentsResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn fetch_many(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -109,6 +151,10 @@ async fn fetch_many(
     Ok(Json(FetchDocumentsResponse { documents, missing }))
 }
 
+#[utoipa::path(get, path = "/v2/namespaces/{ns}/documents/{id}", tag = "rows", operation_id = "fetch_document",
+    summary = "Fetch one document", description = "Needs the `read` scope.",
+    params(("ns" = String, Path, description = "The namespace"), ("id" = String, Path, description = "The row's id"), FetchQuery),
+    responses((status = 200, description = "OK", body = layer_protocol::namespace::Document), (status = "default", description = "Error", body = ErrorBody)))]
 async fn fetch_one(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -153,6 +199,10 @@ fn parse_rank_by(v: &Value) -> Result<Vec<OrderBy>> {
     Ok(out)
 }
 
+#[utoipa::path(post, path = "/v2/namespaces/{ns}/query", tag = "rows", operation_id = "query_namespace",
+    summary = "Query rows with filters, rank_by on an attribute, top_k, include_attributes",
+    description = "Needs the `read` scope.", params(("ns" = String, Path, description = "The namespace")), request_body = QueryRequest,
+    responses((status = 200, description = "OK", body = QueryResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn query(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
