@@ -297,7 +297,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::rows::api::routes().split_for_parts().0)
         .merge(keys)
         .merge(crate::functions::api::routes())
-        .merge(crate::engine::api::routes())
+        .merge(crate::engine::api::routes().split_for_parts().0)
         .merge(crate::resources::api::routes())
         .merge(crate::runners::api::routes())
         .merge(crate::runners::records::routes().split_for_parts().0)

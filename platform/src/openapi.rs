@@ -2,7 +2,8 @@
 //!
 //! Being generated from the handlers (`#[utoipa::path]`) and the wire types
 //! (`utoipa::ToSchema`), one domain at a time: the keys, batch-record
-//! and row (scans included) routes are; the rest is still read from `openapi.json`, kept by hand, into which the
+//! row (scans included) and
+//! pull-protocol routes are; the rest is still read from `openapi.json`, kept by hand, into which the
 //! generated paths and schemas are merged. A test checks that every route
 //! the router serves is in the document and every documented one served,
 //! and the fuzz suite checks the answers against it.
@@ -19,6 +20,7 @@ fn generated() -> utoipa::openapi::OpenApi {
     let (_, mut api) = crate::auth::api::routes().split_for_parts();
     api.merge(crate::runners::records::routes().split_for_parts().1);
     api.merge(crate::rows::api::routes().split_for_parts().1);
+    api.merge(crate::engine::api::routes().split_for_parts().1);
     api
 }
 

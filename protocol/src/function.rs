@@ -852,6 +852,7 @@ pub struct GetUdfResponse {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UdfDiscoveryStatus {
     pub sweeps_completed: i64,
     pub last_completed_at: Option<String>,
@@ -864,6 +865,7 @@ pub struct UdfDiscoveryStatus {
 
 /// The client's `UdfStatus`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UdfStatus {
     pub udf_id: String,
     pub paused: bool,
@@ -882,11 +884,25 @@ pub struct UdfStatus {
     pub conditions: Vec<UdfCondition>,
 }
 
+/// The reasons of a [`UdfCondition`], for the OpenAPI document.
+#[cfg(feature = "openapi")]
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+enum ConditionReason {
+    ReplicasRejected,
+    PoolNotFound,
+    NoRunner,
+    NoWorker,
+    WorkerFailing,
+}
+
 /// A problem with running a Function, in its status.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UdfCondition {
     /// `ReplicasRejected`, `PoolNotFound`, `NoRunner`, `NoWorker` or
     /// `WorkerFailing`.
+    #[cfg_attr(feature = "openapi", schema(value_type = ConditionReason))]
     pub reason: String,
     pub message: String,
 }

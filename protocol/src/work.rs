@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 
 /// `POST /v2/udfs/{id}/claim`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClaimRequest {
     pub worker_id: String,
     /// Rows to lease; defaults to the Function's `worker.batch_size`.
@@ -17,14 +18,17 @@ pub struct ClaimRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClaimedItem {
     pub namespace: String,
     pub id: String,
     /// Every declared input, `null` where the row lacks it; `id` is the row id.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub input: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClaimResponse {
     pub udf_id: String,
     pub worker_id: String,
@@ -32,30 +36,36 @@ pub struct ClaimResponse {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ItemRef {
     pub namespace: String,
     pub id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatRequest {
     pub worker_id: String,
     pub items: Vec<ItemRef>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CompleteItem {
     pub namespace: String,
     pub id: String,
     #[serde(default)]
     pub vector: Option<Vec<f64>>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub vectors: Option<Value>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub attributes: Option<Map<String, Value>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CompleteRequest {
     pub worker_id: String,
     pub items: Vec<CompleteItem>,
@@ -63,6 +73,7 @@ pub struct CompleteRequest {
 
 /// How a worker classifies a failure.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ErrorKind {
     Transient,
@@ -70,6 +81,7 @@ pub enum ErrorKind {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FailItem {
     pub namespace: String,
     pub id: String,
@@ -79,6 +91,7 @@ pub struct FailItem {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FailRequest {
     pub worker_id: String,
     pub items: Vec<FailItem>,
@@ -86,12 +99,14 @@ pub struct FailRequest {
 
 /// The answer to complete, fail, heartbeat and reset-failed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ItemsResponse {
     pub udf_id: String,
     pub updated: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DiscoverRequest {
     /// Restrict the sweep to these of the Function's namespaces.
     #[serde(default)]
@@ -102,6 +117,7 @@ pub struct DiscoverRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DiscoverResponse {
     pub udf_id: String,
     pub enqueued: u64,

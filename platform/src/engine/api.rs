@@ -2,8 +2,8 @@
 //! heartbeat, discover, status, reset-failed.
 
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
+use layer_protocol::error::ErrorBody;
 use layer_protocol::function::{Udf, UdfStatus};
 use layer_protocol::keys::Scope;
 use layer_protocol::work::{
@@ -11,6 +11,8 @@ use layer_protocol::work::{
     FailRequest, HeartbeatRequest, ItemsResponse,
 };
 use layer_telemetry::trace::{Context, KeyValue, Span, SpanKind};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::policy::FailureClass;
 use super::queue::{self, Completion, Failure};
@@ -19,15 +21,17 @@ use crate::error::{ApiError, PlatformError, Result};
 use crate::functions::store;
 use crate::http::{ApiJson, AppState, ReportJson};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v2/udfs/{id}/claim", post(claim))
-        .route("/v2/udfs/{id}/items/complete", post(complete))
-        .route("/v2/udfs/{id}/items/fail", post(fail))
-        .route("/v2/udfs/{id}/items/heartbeat", post(heartbeat))
-        .route("/v2/udfs/{id}/discover", post(discover))
-        .route("/v2/udfs/{id}/status", get(status))
-        .route("/v2/udfs/{id}/reset-failed", post(reset_failed))
+/// The pull-protocol routes with their part of the OpenAPI document,
+/// generated from the handlers' `#[utoipa::path]` and the wire types.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(claim))
+        .routes(routes!(complete))
+        .routes(routes!(fail))
+        .routes(routes!(heartbeat))
+        .routes(routes!(discover))
+        .routes(routes!(status))
+        .routes(routes!(reset_failed))
 }
 
 fn check_worker(worker_id: &str) -> Result<()> {
@@ -86,6 +90,10 @@ async fn note_claim(state: &AppState, udf_id: &str) {
     }
 }
 
+#[utoipa::path(post, path = "/v2/udfs/{id}/claim", tag = "pull", operation_id = "claim",
+    summary = "Lease up to `limit` rows that need work (pull protocol)",
+    description = "Needs the `write` scope. Returns no items while the Function already has `schedule.maxInFlightBatches` claims holding leases, or is paused.", params(("id" = String, Path, description = "The Function")), request_body = ClaimRequest,
+    responses((status = 200, description = "OK", body = ClaimResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn claim(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -138,6 +146,10 @@ async fn claim(
     }))
 }
 
+#[utoipa::path(post, path = "/v2/udfs/{id}/items/complete", tag = "pull", operation_id = "complete_items",
+    summary = "Write results back with the completion marker (fenced by lease)",
+    description = "Needs the `write` scope. A result that cannot be stored fails its row alone; a report naming a row twice is a 400.", params(("id" = String, Path, description = "The Function")), request_body = CompleteRequest,
+    responses((status = 200, description = "OK", body = ItemsResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn complete(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -235,6 +247,10 @@ pub(crate) fn accept_result(
     }
 }
 
+#[utoipa::path(post, path = "/v2/udfs/{id}/items/fail", tag = "pull", operation_id = "fail_items",
+    summary = "Report transient or permanent failures",
+    description = "Needs the `write` scope.", params(("id" = String, Path, description = "The Function")), request_body = FailRequest,
+    responses((status = 200, description = "OK", body = ItemsResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn fail(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -270,6 +286,10 @@ async fn fail(
     Ok(Json(ItemsResponse { udf_id: udf.id, updated }))
 }
 
+#[utoipa::path(post, path = "/v2/udfs/{id}/items/heartbeat", tag = "pull", operation_id = "heartbeat_items",
+    summary = "Extend the leases a worker holds",
+    description = "Needs the `write` scope.", params(("id" = String, Path, description = "The Function")), request_body = HeartbeatRequest,
+    responses((status = 200, description = "OK", body = ItemsResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn heartbeat(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -283,6 +303,10 @@ async fn heartbeat(
     Ok(Json(ItemsResponse { udf_id: udf.id, updated }))
 }
 
+#[utoipa::path(post, path = "/v2/udfs/{id}/discover", tag = "pull", operation_id = "discover",
+    summary = "Sweep now; the body is optional",
+    description = "Needs the `write` scope. 409 while the Function is paused.", params(("id" = String, Path, description = "The Function")), request_body = Option<DiscoverRequest>,
+    responses((status = 200, description = "OK", body = DiscoverResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn discover(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -317,6 +341,10 @@ async fn discover(
     Ok(Json(DiscoverResponse { udf_id: udf.id, enqueued, namespaces }))
 }
 
+#[utoipa::path(get, path = "/v2/udfs/{id}/status", tag = "pull", operation_id = "udf_status",
+    summary = "Function status",
+    description = "Needs the `read` scope.", params(("id" = String, Path, description = "The Function")),
+    responses((status = 200, description = "OK", body = UdfStatus), (status = "default", description = "Error", body = ErrorBody)))]
 async fn status(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -326,6 +354,10 @@ async fn status(
     Ok(Json(crate::runners::status(&state.pool, &udf, state.settings.runners.lost_after).await?))
 }
 
+#[utoipa::path(post, path = "/v2/udfs/{id}/reset-failed", tag = "pull", operation_id = "reset_failed",
+    summary = "Put failed rows back in the queue",
+    description = "Needs the `write` scope.", params(("id" = String, Path, description = "The Function")),
+    responses((status = 200, description = "OK", body = ItemsResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn reset_failed(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
