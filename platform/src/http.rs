@@ -69,7 +69,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ReportJson<T> {
 /// a 400.
 fn refuse_nul_json(bytes: &[u8]) -> Result<(), ApiError> {
     // A NUL can only be written `\u0000` in JSON: most bodies hold none.
-    if !bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+    if !bytes.windows(6).any(|w| w == b"\\u0000") {
         return Ok(());
     }
     // A body that is not JSON gets the typed parser's error instead.
@@ -253,7 +253,7 @@ async fn wrong_method() -> Response {
 /// 400 naming where (the query parameter, or `path`), before any handler
 /// can hand it to PostgreSQL.
 async fn refuse_nul_uri(req: Request, next: Next) -> Response {
-    let nul = |s: &str| s.to_ascii_lowercase().contains("%00");
+    let nul = |s: &str| s.contains("%00");
     let path = req.uri().path();
     if nul(path) {
         // Named by the route's parameter where the segment is one
@@ -292,15 +292,12 @@ fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
-    let (keys, _) = crate::auth::api::routes().split_for_parts();
+    let (generated, _) = crate::openapi::generated_routes().split_for_parts();
     let authenticated = Router::new()
-        .merge(crate::rows::api::routes().split_for_parts().0)
-        .merge(keys)
+        .merge(generated)
         .merge(crate::functions::api::routes())
-        .merge(crate::engine::api::routes().split_for_parts().0)
         .merge(crate::resources::api::routes())
         .merge(crate::runners::api::routes())
-        .merge(crate::runners::records::routes().split_for_parts().0)
         .route("/openapi.json", get(openapi))
         .route_layer(from_fn_with_state(state.clone(), authenticate));
     let max_body = state.settings.max_body_bytes;
