@@ -716,3 +716,38 @@ async fn the_cli_speaks_one_convention() -> Result<()> {
     ensure!(!o.status.success() && stderr(&o).contains("the platform refused the API key"), "{}", both(&o));
     Ok(())
 }
+
+/// A Function paused while `layer run` waits: once nothing has moved for
+/// the stall timeout it gives up, says the Function is paused and how to go
+/// on, and exits non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layer_run_gives_up_on_a_paused_function_saying_how_to_go_on() -> Result<()> {
+    use tokio::io::AsyncBufReadExt as _;
+    let p = TestPlatform::start().await?;
+    p.upsert_rows("items", rows("i", 3)).await?;
+    let dir = scratch("paused");
+    let file = pull_function_file(&dir, "tags", "items");
+    let mut run = layer_cmd(&p, &["run", "-f", file.to_str().unwrap_or_default(), "--stall-timeout", "6"])
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(run.stderr.take().context("stderr")?).lines();
+    let mut said = String::new();
+    // Watching: it has printed the Function's condition (no worker yet).
+    while !said.contains("tags: NoWorker") {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await??;
+        said.push_str(&line.context("layer run ended before it watched")?);
+        said.push('\n');
+    }
+    let (s, r) = p.call(Method::POST, "/v2/udfs/tags/pause", None).await?;
+    ensure!(s == 200, "pause: {r}");
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await?? {
+        said.push_str(&line);
+        said.push('\n');
+    }
+    let status = run.wait().await?;
+    ensure!(!status.success(), "{said}");
+    ensure!(said.contains("tags: nothing moved for 6 s (3 rows pending, none processing)"), "{said}");
+    ensure!(said.contains("it is paused: `layer udf resume tags` goes on"), "{said}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
