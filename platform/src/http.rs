@@ -10,12 +10,15 @@ use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use serde::de::DeserializeOwned;
 use sqlx::PgPool;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+
+use layer_protocol::error::ErrorBody;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::{ApiError, PlatformError, REQUEST_ID};
 
@@ -208,6 +211,21 @@ async fn trace_request(req: Request, next: Next) -> Response {
     response
 }
 
+/// `/healthz` and `/metrics`, which need no key, with their document.
+pub(crate) fn public_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(metrics))
+}
+
+/// `/openapi.json`, with its own description.
+pub(crate) fn document_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(openapi))
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "platform", operation_id = "metrics", security(()),
+    summary = "Prometheus metrics (no key)",
+    description = "The Prometheus text format (0.0.4): queue depth, rows completed, failed, retried and dropped, batches in flight, batch latency, dispatch errors, lease expiries, sweep duration, runners. See docs/observability.md.",
+    responses((status = 200, description = "OK", body = String, content_type = "text/plain"),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn metrics(State(state): State<AppState>) -> Response {
     match crate::metrics::render(&state.pool, state.settings.runners.lost_after.as_secs_f64()).await {
         Ok(text) => ([(header::CONTENT_TYPE, layer_telemetry::metrics::CONTENT_TYPE)], text).into_response(),
@@ -215,9 +233,20 @@ async fn metrics(State(state): State<AppState>) -> Response {
     }
 }
 
+/// `GET /healthz`'s answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Health {
+    /// `ok`.
+    status: &'static str,
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "platform", operation_id = "healthz", security(()),
+    summary = "Liveness and database reachability (no key)",
+    responses((status = 200, description = "The platform is up and its database answers", body = Health),
+              (status = 503, description = "The database does not answer", body = ErrorBody)))]
 async fn healthz(State(state): State<AppState>) -> Response {
     match sqlx::query("SELECT 1").execute(&state.pool).await {
-        Ok(_) => axum::Json(serde_json::json!({"status": "ok"})).into_response(),
+        Ok(_) => axum::Json(Health { status: "ok" }).into_response(),
         Err(e) => ApiError(match PlatformError::from(e) {
             PlatformError::Database(e) => {
                 tracing::warn!(error = %e, "the health check's query failed");
@@ -229,6 +258,10 @@ async fn healthz(State(state): State<AppState>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/openapi.json", tag = "platform", operation_id = "openapi",
+    summary = "This document", description = "Needs any valid key.",
+    responses((status = 200, description = "OK", body = Object),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], crate::openapi::document()).into_response()
 }
@@ -292,21 +325,14 @@ fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
-    let (generated, _) = crate::openapi::generated_routes().split_for_parts();
-    let authenticated = Router::new()
-        .merge(generated)
-        .merge(crate::functions::api::routes())
-        .merge(crate::resources::api::routes())
-        .merge(crate::runners::api::routes())
-        .route("/openapi.json", get(openapi))
-        .route_layer(from_fn_with_state(state.clone(), authenticate));
+    let (with_key, _) = crate::openapi::key_routes().split_for_parts();
+    let authenticated = with_key.route_layer(from_fn_with_state(state.clone(), authenticate));
     let max_body = state.settings.max_body_bytes;
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+        .merge(crate::openapi::public_routes().split_for_parts().0)
         .merge(authenticated)
         // Runners authenticate these with the platform's tokens.
-        .merge(crate::runners::api::token_routes())
+        .merge(crate::openapi::token_routes().split_for_parts().0)
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         // A handler that panics answers a logged 500 with its request id,
@@ -364,6 +390,7 @@ pub fn router(state: AppState) -> Router {
 #[cfg(test)]
 mod tests {
     use axum::body::Body;
+    use axum::routing::get;
     use tower::ServiceExt as _;
 
     use super::*;

@@ -13,6 +13,7 @@ use crate::validate::{Case, Field, Obj, Problems, check_attribute_name, check_na
 
 /// How batches reach the worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Dispatch {
     /// Workers claim batches through `/v2/udfs/{id}/claim` (the `hevlayer` SDK loop).
@@ -22,6 +23,7 @@ pub enum Dispatch {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeClass {
     Cpu,
@@ -30,6 +32,7 @@ pub enum ComputeClass {
 
 /// What starts discovery of rows that need work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Trigger {
     /// Periodic sweeps, on apply, and on demand.
@@ -39,18 +42,25 @@ pub enum Trigger {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(required = false))]
     pub dispatch: Dispatch,
+    #[cfg_attr(feature = "openapi", schema(required = false))]
     pub compute_class: ComputeClass,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub port: Option<u16>,
+    #[cfg_attr(feature = "openapi", schema(required = false, minimum = 1, maximum = 10_000))]
     pub batch_size: u32,
+    #[cfg_attr(feature = "openapi", schema(required = false, minimum = 1, maximum = 86_400))]
     pub timeout_seconds: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub pod_spec: Option<Value>,
     /// A push worker started as a local process by the runner (argv), in
     /// place of an image.
@@ -68,6 +78,7 @@ pub struct WorkerSpec {
 /// quantities (kept as written; [`parse_cpu`] and [`parse_bytes`] read
 /// them). A container gets them as its limits.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerResources {
     /// CPUs: `2`, `0.5`, `500m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,6 +92,7 @@ pub struct WorkerResources {
     /// Whole NVIDIA GPUs bound to each worker (0 to 16). Omitted, a
     /// `computeClass: gpu` worker gets one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 16))]
     pub gpus: Option<u32>,
 }
 
@@ -177,10 +189,15 @@ pub fn resolve_resources(w: &WorkerSpec, pool: Option<&crate::resource::PoolReso
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleSpec {
+    #[cfg_attr(feature = "openapi", schema(required = false, minimum = 1, maximum = 86_400))]
     pub discovery_interval_seconds: u32,
+    #[cfg_attr(feature = "openapi", schema(required = false, minimum = 1, maximum = 86_400))]
     pub lease_seconds: u32,
+    #[cfg_attr(feature = "openapi", schema(required = false, minimum = 1, maximum = 10_000))]
     pub max_in_flight_batches: u32,
+    #[cfg_attr(feature = "openapi", schema(required = false, minimum = 1, maximum = 64))]
     pub max_concurrent_scans: u32,
     /// The `schedule` trigger: a cron expression (5 fields, or 6 with
     /// seconds first), evaluated in UTC. Set, it sweeps on each match.
@@ -214,13 +231,18 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RetrySpec {
+    #[cfg_attr(feature = "openapi", schema(required = false, minimum = 1, maximum = 100))]
     pub max_attempts: u32,
+    #[cfg_attr(feature = "openapi", schema(required = false, maximum = 86_400))]
     pub initial_backoff_seconds: u32,
+    #[cfg_attr(feature = "openapi", schema(required = false, maximum = 86_400))]
     pub max_backoff_seconds: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ScalingMode {
     Autoscale,
@@ -228,22 +250,29 @@ pub enum ScalingMode {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Replicas {
+    #[cfg_attr(feature = "openapi", schema(required = false, maximum = 1_000))]
     pub min: u32,
+    #[cfg_attr(feature = "openapi", schema(required = false, minimum = 1, maximum = 1_000))]
     pub max: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScalingSpec {
     /// A compute pool of `InfraRules/default`; omitted, `worker.compute_class` picks `cpu` or `gpu`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(required = false))]
     pub mode: ScalingMode,
+    #[cfg_attr(feature = "openapi", schema(required = false))]
     pub replicas: Replicas,
 }
 
 /// A Kubernetes-style label selector over `Index` labels.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LabelSelector {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub match_labels: BTreeMap<String, String>,
@@ -252,6 +281,7 @@ pub struct LabelSelector {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LabelExpression {
     pub key: String,
     pub operator: SelectorOp,
@@ -260,6 +290,7 @@ pub struct LabelExpression {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum SelectorOp {
     In,
     NotIn,
@@ -285,18 +316,27 @@ impl LabelSelector {
 
 /// The canonical Function spec.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = UdfSpec))]
 pub struct FunctionSpec {
+    #[cfg_attr(feature = "openapi", schema(required = false))]
     pub target_namespaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_selector: Option<LabelSelector>,
+    #[cfg_attr(feature = "openapi", schema(required = false, max_items = 256))]
     pub inputs: Vec<String>,
+    #[cfg_attr(feature = "openapi", schema(required = false, max_length = 64))]
     pub version: String,
     /// Stored exactly as given (array-form Turbopuffer filter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<serde_json::Value>>))]
     pub filter: Option<Value>,
     pub worker: WorkerSpec,
+    #[cfg_attr(feature = "openapi", schema(required = false))]
     pub schedule: ScheduleSpec,
+    #[cfg_attr(feature = "openapi", schema(required = false))]
     pub retry: RetrySpec,
+    #[cfg_attr(feature = "openapi", schema(required = false, value_type = Vec<TriggerName>))]
     pub triggers: Vec<Trigger>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scaling: Option<ScalingSpec>,
@@ -306,7 +346,19 @@ pub struct FunctionSpec {
     /// row gets `_hevlayer_udf_<fn>_stale_after` (epoch seconds) and is
     /// discovered again once that time has passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315_360_000))]
     pub stale_after_seconds: Option<u32>,
+}
+
+/// The triggers a spec may name: `schedule` is on while `schedule.cron`
+/// is set, and is not kept in the stored list.
+#[cfg(feature = "openapi")]
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, non_camel_case_types)]
+enum TriggerName {
+    discovery,
+    write,
+    schedule,
 }
 
 impl FunctionSpec {
@@ -827,6 +879,7 @@ fn label_selector(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option
 
 /// A Function as `/v2/udfs` returns it (the client's `Udf`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Udf {
     pub id: String,
     pub spec: FunctionSpec,
@@ -840,12 +893,14 @@ pub struct Udf {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UdfList {
     pub udfs: Vec<Udf>,
 }
 
 /// `GET /v2/udfs/{id}` (the client's `GetUdfResponse`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GetUdfResponse {
     pub udf: Udf,
     pub status: UdfStatus,
@@ -915,6 +970,7 @@ impl UdfCondition {
 
 /// One stored revision of a Function's spec.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Revision {
     pub revision: i32,
     pub created_at: String,
@@ -926,6 +982,7 @@ pub struct Revision {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RevisionList {
     pub revisions: Vec<Revision>,
 }

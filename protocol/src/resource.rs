@@ -61,6 +61,7 @@ impl Resource {
 /// An `Index`: a row-store namespace (`metadata.name`) and the labels that
 /// `indexSelector` matches.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IndexSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distance_metric: Option<String>,
@@ -68,11 +69,13 @@ pub struct IndexSpec {
 
 /// `InfraRules`: compute pools.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InfraRulesSpec {
     pub compute_pools: Vec<ComputePool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ComputePool {
     pub name: String,
     pub kind: String,
@@ -87,6 +90,7 @@ pub struct ComputePool {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Toleration {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
@@ -99,6 +103,7 @@ pub struct Toleration {
 
 /// Requests and limits, as Kubernetes quantities (`4Gi`, `"1"`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PoolResources {
     #[serde(default)]
     pub requests: BTreeMap<String, String>,
@@ -569,13 +574,18 @@ spec:
 
 /// `POST /v2/apply`: resource documents, applied all or nothing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ApplyRequest {
+    /// `Function`, `Index` and `InfraRules` documents, as in a resource
+    /// file (camelCase; see docs/resources.md).
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<Object>, min_items = 1))]
     pub documents: Vec<Value>,
 }
 
 /// What applying one document did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ApplyAction {
     Created,
@@ -584,6 +594,7 @@ pub enum ApplyAction {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApplyResult {
     pub kind: String,
     pub name: String,
@@ -594,12 +605,14 @@ pub struct ApplyResult {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApplyResponse {
     pub results: Vec<ApplyResult>,
 }
 
 /// An `Index` as `GET /v2/indexes` lists it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IndexInfo {
     pub name: String,
     pub labels: BTreeMap<String, String>,
@@ -610,8 +623,23 @@ pub struct IndexInfo {
 
 /// An `InfraRules` as `GET /v2/infrarules` lists it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InfraRulesInfo {
     pub name: String,
     pub spec: InfraRulesSpec,
     pub updated_at: String,
+}
+
+/// `GET /v2/indexes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct IndexList {
+    pub indexes: Vec<IndexInfo>,
+}
+
+/// `GET /v2/infrarules`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct InfraRulesList {
+    pub infra_rules: Vec<InfraRulesInfo>,
 }

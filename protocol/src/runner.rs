@@ -12,10 +12,12 @@ use crate::work::ClaimedItem;
 
 /// What a runner offers.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Capacity {
     pub cpus: u32,
     pub memory_bytes: u64,
     /// Batches the runner runs at once.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub slots: u32,
     #[serde(default)]
     pub gpus: Vec<GpuInfo>,
@@ -23,6 +25,7 @@ pub struct Capacity {
 
 /// One GPU, as the runner's inventory reports it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GpuInfo {
     pub index: u32,
     pub uuid: String,
@@ -33,9 +36,13 @@ pub struct GpuInfo {
 /// `POST /v2/runners`, with an API key that has the `runner` claim or the
 /// admin scope.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = RegisterRunner))]
 pub struct RegisterRequest {
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128, pattern = "\\S"))]
     pub name: String,
     /// Where the platform reaches the runner (`http://host:port`).
+    #[cfg_attr(feature = "openapi", schema(pattern = "^https?://"))]
     pub address: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -46,6 +53,7 @@ pub struct RegisterRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterResponse {
     pub runner_id: String,
     /// The runner's session token (a JWT) for heartbeats and deregistration;
@@ -60,6 +68,7 @@ pub struct RegisterResponse {
 
 /// A runner's state as the platform sees it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum RunnerState {
     /// Heartbeating and taking batches.
@@ -74,6 +83,7 @@ pub enum RunnerState {
 
 /// A warm (or starting) worker on a runner.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerView {
     pub udf_id: String,
     pub revision: i32,
@@ -100,6 +110,7 @@ pub struct WorkerView {
 
 /// How a runner's GPU stands, sampled with each heartbeat.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GpuStatus {
     pub uuid: String,
     /// `free`, `bound` (to `worker`) or `cordoned` (after an error; takes
@@ -121,6 +132,7 @@ pub struct GpuStatus {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunnerLoad {
     /// Batches accepted and not yet reported.
     pub batches: u32,
@@ -132,6 +144,7 @@ pub struct RunnerLoad {
 
 /// One line of a worker's output.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogLine {
     /// When the runner read it (Unix milliseconds).
     pub at_unix_ms: u64,
@@ -140,6 +153,7 @@ pub struct LogLine {
 
 /// A worker's recent output, as a runner keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerLogs {
     pub worker: String,
     pub udf_id: String,
@@ -158,6 +172,7 @@ pub struct RunnerLogs {
 
 /// A worker's output with the runner it ran on.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FunctionWorkerLogs {
     pub runner_id: String,
     pub runner_name: String,
@@ -167,6 +182,7 @@ pub struct FunctionWorkerLogs {
 
 /// A runner the platform could not ask for logs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UnreachableRunner {
     pub runner_id: String,
     pub runner_name: String,
@@ -176,6 +192,7 @@ pub struct UnreachableRunner {
 /// `GET /v2/udfs/{id}/logs`: the recent output of the Function's workers
 /// on every active runner.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FunctionLogs {
     pub udf_id: String,
     pub workers: Vec<FunctionWorkerLogs>,
@@ -185,6 +202,8 @@ pub struct FunctionLogs {
 
 /// `POST /v2/runners/{id}/heartbeat`, with the session token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = RunnerHeartbeatRequest))]
 pub struct HeartbeatRequest {
     /// `active` or `draining`.
     pub state: RunnerState,
@@ -195,6 +214,8 @@ pub struct HeartbeatRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = RunnerHeartbeatResponse))]
 pub struct HeartbeatResponse {
     /// A fresh session token once the current one is past half its life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -210,6 +231,7 @@ pub struct HeartbeatResponse {
 /// Pull workers of one Function that the platform's scaler assigned to a
 /// runner: `replicas` containers of the revision's image.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PullWorkers {
     pub udf_id: String,
     pub revision: i32,
@@ -220,6 +242,7 @@ pub struct PullWorkers {
 /// `POST /v2/runners/{id}/worker-slots`, with the session token: may this
 /// runner start one more push worker of the Function?
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerSlotRequest {
     pub udf_id: String,
     /// The push workers of the Function this runner has besides the one it
@@ -232,6 +255,7 @@ pub struct WorkerSlotRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerSlotResponse {
     pub granted: bool,
     /// The workers of the Function the fleet may run (`replicas.max`).
@@ -243,11 +267,13 @@ pub struct WorkerSlotResponse {
 /// `POST /v2/runners/{id}/worker-keys`, with the session token: a key for
 /// the workers of one Function on this runner.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerKeyRequest {
     pub udf_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerKeyResponse {
     pub udf_id: String,
     pub key_id: String,
@@ -260,6 +286,7 @@ pub struct WorkerKeyResponse {
 
 /// A runner in `GET /v2/runners`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunnerView {
     pub id: String,
     pub name: String,
@@ -275,12 +302,14 @@ pub struct RunnerView {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunnerList {
     pub runners: Vec<RunnerView>,
 }
 
 /// How the runner runs a Function's workers: the parts of the spec it needs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerPlan {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
@@ -329,6 +358,7 @@ pub struct BatchAssignment {
 
 /// How a row failed, as workers and runners classify it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
     /// Try again later (spends an attempt).
@@ -363,6 +393,7 @@ impl FailureKind {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RowError {
     pub kind: FailureKind,
     pub message: String,
@@ -370,10 +401,12 @@ pub struct RowError {
 
 /// One row's outcome: `attributes` (and optionally `vector`), or `error`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RowResult {
     pub namespace: String,
     pub id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub attributes: Option<Map<String, Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vector: Option<Vec<f64>>,
@@ -384,6 +417,7 @@ pub struct RowResult {
 /// `POST /v2/runners/{id}/batches/{batch_id}/report`, with the batch's
 /// report token. Idempotent: a repeat changes nothing and is acknowledged.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BatchReport {
     pub results: Vec<RowResult>,
     /// The worker that ran the batch (for the batch record).
@@ -404,6 +438,7 @@ pub struct BatchReport {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReportResponse {
     pub batch_id: i64,
     /// Results written with their markers.

@@ -1,26 +1,53 @@
 //! `/v2/udfs`: the Function API in the client's snake_case models.
 
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
-use layer_protocol::function::{GetUdfResponse, RevisionList, Udf, UdfList, validate_spec};
+use std::collections::BTreeMap;
+
+use axum::{Extension, Json};
+use layer_protocol::error::ErrorBody;
+use layer_protocol::function::{FunctionSpec, GetUdfResponse, RevisionList, Udf, UdfList, validate_spec};
 use layer_protocol::keys::Scope;
 use layer_protocol::namespace::StatusResponse;
 use layer_protocol::validate::{Case, Obj, Problems, check_resource_name, field};
 use serde_json::Value;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::store::{self, Author, FunctionInput};
 use crate::auth::Principal;
 use crate::error::{ApiError, PlatformError, Result};
 use crate::http::{ApiJson, AppState};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v2/udfs", get(list).post(create))
-        .route("/v2/udfs/{id}", get(get_one).put(update).delete(delete))
-        .route("/v2/udfs/{id}/revisions", get(revisions))
-        .route("/v2/udfs/{id}/pause", post(pause))
-        .route("/v2/udfs/{id}/resume", post(resume))
+/// The Function routes with their part of the OpenAPI document.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(get_one, update, delete))
+        .routes(routes!(revisions))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+}
+
+/// `POST /v2/udfs` (read by [`parse_body`], which names every problem;
+/// this describes it).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct CreateUdf {
+    /// The Function's name: lowercase letters, digits and `-`.
+    #[schema(pattern = "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+    id: String,
+    spec: FunctionSpec,
+    labels: Option<BTreeMap<String, String>>,
+}
+
+/// `PUT /v2/udfs/{id}`: as [`CreateUdf`], the id in the path.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct UpdateUdf {
+    /// The id in the path, if given.
+    id: Option<String>,
+    spec: FunctionSpec,
+    labels: Option<BTreeMap<String, String>>,
 }
 
 /// The caller as the author of a Function change (see
@@ -68,11 +95,20 @@ fn parse_body(body: &Value, id_from_path: Option<&str>) -> Result<FunctionInput>
     }
 }
 
+#[utoipa::path(get, path = "/v2/udfs", tag = "functions", operation_id = "list_udfs", summary = "List Functions",
+    description = "Needs the `read` scope.",
+    responses((status = 200, description = "OK", body = UdfList),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn list(State(state): State<AppState>, Extension(p): Extension<Principal>) -> Result<Json<UdfList>, ApiError> {
     p.require(Scope::Read)?;
     Ok(Json(UdfList { udfs: store::list(&state.pool).await? }))
 }
 
+#[utoipa::path(post, path = "/v2/udfs", tag = "functions", operation_id = "create_udf", summary = "Create a Function",
+    description = "Needs the `write` scope (`worker.command`, `worker.podSpec` and host settings: `admin`). A Function of that id must not exist (409).",
+    request_body = CreateUdf,
+    responses((status = 200, description = "OK", body = Udf),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -88,6 +124,12 @@ async fn create(
     Ok(Json(udf))
 }
 
+#[utoipa::path(put, path = "/v2/udfs/{id}", tag = "functions", operation_id = "update_udf",
+    summary = "Create or replace a Function", description = "Needs the `write` scope. A changed spec makes a new revision.",
+    params(("id" = String, Path, description = "The Function's id")),
+    request_body = UpdateUdf,
+    responses((status = 200, description = "OK", body = Udf),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn update(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -104,6 +146,11 @@ async fn update(
     Ok(Json(udf))
 }
 
+#[utoipa::path(get, path = "/v2/udfs/{id}", tag = "functions", operation_id = "get_udf",
+    summary = "Get a Function with its status", description = "Needs the `read` scope.",
+    params(("id" = String, Path, description = "The Function's id")),
+    responses((status = 200, description = "OK", body = GetUdfResponse),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn get_one(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -115,6 +162,11 @@ async fn get_one(
     Ok(Json(GetUdfResponse { udf, status }))
 }
 
+#[utoipa::path(get, path = "/v2/udfs/{id}/revisions", tag = "functions", operation_id = "list_udf_revisions",
+    summary = "A Function's revisions, newest first, with what changed", description = "Needs the `read` scope.",
+    params(("id" = String, Path, description = "The Function's id")),
+    responses((status = 200, description = "OK", body = RevisionList),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn revisions(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -124,6 +176,11 @@ async fn revisions(
     Ok(Json(RevisionList { revisions: store::revisions(&state.pool, &id).await? }))
 }
 
+#[utoipa::path(delete, path = "/v2/udfs/{id}", tag = "functions", operation_id = "delete_udf",
+    summary = "Delete a Function", description = "Needs the `write` scope. Attributes already written are kept.",
+    params(("id" = String, Path, description = "The Function's id")),
+    responses((status = 200, description = "OK", body = StatusResponse),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn delete(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -136,6 +193,11 @@ async fn delete(
     Ok(Json(StatusResponse::ok(format!("function {id} deleted; attributes already written are kept"))))
 }
 
+#[utoipa::path(post, path = "/v2/udfs/{id}/pause", tag = "functions", operation_id = "pause_udf",
+    summary = "Pause a Function", description = "Needs the `write` scope. Nothing new is leased; batches in flight finish.",
+    params(("id" = String, Path, description = "The Function's id")),
+    responses((status = 200, description = "OK", body = Udf),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn pause(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -147,6 +209,11 @@ async fn pause(
     Ok(Json(udf))
 }
 
+#[utoipa::path(post, path = "/v2/udfs/{id}/resume", tag = "functions", operation_id = "resume_udf",
+    summary = "Resume a paused Function", description = "Needs the `write` scope.",
+    params(("id" = String, Path, description = "The Function's id")),
+    responses((status = 200, description = "OK", body = Udf),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn resume(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,

@@ -1,12 +1,14 @@
 //! `POST /v2/apply`, `GET /v2/indexes`, `GET /v2/infrarules`.
 
 use axum::extract::State;
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
-use layer_protocol::error::FieldProblem;
+use axum::{Extension, Json};
+use layer_protocol::error::{ErrorBody, FieldProblem};
 use layer_protocol::keys::Scope;
-use layer_protocol::resource::{ApplyRequest, ApplyResponse, ApplyResult, Resource, validate_document};
-use serde_json::json;
+use layer_protocol::resource::{
+    ApplyRequest, ApplyResponse, ApplyResult, IndexList, InfraRulesList, Resource, validate_document,
+};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::store;
 use crate::auth::Principal;
@@ -15,15 +17,19 @@ use crate::functions::api::author;
 use crate::functions::store::{FunctionInput, upsert};
 use crate::http::{ApiJson, AppState};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v2/apply", post(apply))
-        .route("/v2/indexes", get(indexes))
-        .route("/v2/infrarules", get(infra_rules))
+/// The resource routes with their part of the OpenAPI document.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(apply)).routes(routes!(indexes)).routes(routes!(infra_rules))
 }
 
 /// Validates every document, then applies them all in one transaction: a
 /// file with one bad document changes nothing.
+#[utoipa::path(post, path = "/v2/apply", tag = "resources", operation_id = "apply_resources",
+    summary = "Apply resource documents, all or nothing",
+    description = "Needs the `write` scope (`InfraRules`: `admin`). Every document is validated first; one bad document changes nothing.",
+    request_body = ApplyRequest,
+    responses((status = 200, description = "OK", body = ApplyResponse),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn apply(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -101,19 +107,27 @@ fn describe(doc: &serde_json::Value, i: usize) -> String {
     }
 }
 
+#[utoipa::path(get, path = "/v2/indexes", tag = "resources", operation_id = "list_indexes",
+    summary = "List Index resources", description = "Needs the `read` scope; a key sees the Indexes of its namespaces.",
+    responses((status = 200, description = "OK", body = IndexList),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn indexes(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<IndexList>, ApiError> {
     p.require(Scope::Read)?;
     let list: Vec<_> = store::list_indexes(&state.pool).await?.into_iter().filter(|i| p.can_see(&i.name)).collect();
-    Ok(Json(json!({ "indexes": list })))
+    Ok(Json(IndexList { indexes: list }))
 }
 
+#[utoipa::path(get, path = "/v2/infrarules", tag = "resources", operation_id = "list_infra_rules",
+    summary = "List InfraRules resources (compute pools)", description = "Needs the `read` scope.",
+    responses((status = 200, description = "OK", body = InfraRulesList),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn infra_rules(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<InfraRulesList>, ApiError> {
     p.require(Scope::Read)?;
-    Ok(Json(json!({ "infra_rules": store::list_infra_rules(&state.pool).await? })))
+    Ok(Json(InfraRulesList { infra_rules: store::list_infra_rules(&state.pool).await? }))
 }

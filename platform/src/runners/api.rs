@@ -5,9 +5,10 @@
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
+use layer_protocol::error::ErrorBody;
 use layer_protocol::keys::Scope;
+use layer_protocol::namespace::StatusResponse;
 use layer_protocol::runner::tokens::{self, Purpose};
 use layer_protocol::runner::{
     BatchReport, FailureKind, FunctionLogs, FunctionWorkerLogs, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
@@ -15,6 +16,8 @@ use layer_protocol::runner::{
     WorkerKeyResponse, WorkerSlotRequest, WorkerSlotResponse,
 };
 use layer_telemetry::trace::{Context, KeyValue, Span, SpanKind};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::store::{self, RunnerRow};
 use crate::auth::Principal;
@@ -24,21 +27,28 @@ use crate::engine::queue::{self, Failure, batch_holder};
 use crate::error::{ApiError, PlatformError, Result};
 use crate::http::{ApiJson, AppState, ReportJson};
 
-/// Routes that take an API key.
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/v2/runners", get(list).post(register)).route("/v2/udfs/{id}/logs", get(function_logs))
+/// Routes that take an API key, with their part of the OpenAPI document.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list, register)).routes(routes!(function_logs))
 }
 
-/// Routes that take a runner token instead.
-pub fn token_routes() -> Router<AppState> {
-    Router::new()
-        .route("/v2/runners/{id}/heartbeat", post(heartbeat))
-        .route("/v2/runners/{id}/deregister", post(deregister))
-        .route("/v2/runners/{id}/worker-keys", post(worker_key))
-        .route("/v2/runners/{id}/worker-slots", post(worker_slot))
-        .route("/v2/runners/{id}/batches/{batch}/report", post(report))
+/// Routes that take a runner token instead, with their part of the
+/// OpenAPI document.
+pub fn token_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(heartbeat))
+        .routes(routes!(deregister))
+        .routes(routes!(worker_key))
+        .routes(routes!(worker_slot))
+        .routes(routes!(report))
 }
 
+#[utoipa::path(post, path = "/v2/runners", tag = "runners", operation_id = "register_runner",
+    summary = "Register a runner",
+    description = "Needs a key with the `runner` claim or the `admin` scope. The answer holds the runner's session token and signing key, shown once.",
+    request_body = RegisterRequest,
+    responses((status = 200, description = "OK", body = RegisterResponse),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn register(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -72,14 +82,22 @@ async fn register(
     }))
 }
 
+#[utoipa::path(get, path = "/v2/runners", tag = "runners", operation_id = "list_runners",
+    summary = "List runners with their state, load, workers and GPUs", description = "Needs the `read` scope.",
+    responses((status = 200, description = "OK", body = RunnerList),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn list(State(state): State<AppState>, Extension(p): Extension<Principal>) -> Result<Json<RunnerList>, ApiError> {
     p.require(Scope::Read)?;
     let rows = store::list(&state.pool, state.settings.runners.lost_after.as_secs_f64()).await?;
     Ok(Json(RunnerList { runners: rows.iter().map(RunnerRow::view).collect() }))
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct LogsQuery {
+    /// The last this many lines of each worker (default 100; more than
+    /// 500 reads as 500).
+    #[param(minimum = 0)]
     lines: Option<u32>,
 }
 
@@ -87,6 +105,12 @@ struct LogsQuery {
 /// 500) lines of each of the Function's workers, asked of every active or
 /// draining runner at once (3 s each); runners that do not answer are
 /// listed under `unreachable`.
+#[utoipa::path(get, path = "/v2/udfs/{id}/logs", tag = "functions", operation_id = "get_udf_logs",
+    summary = "The latest log lines of each of a Function's workers",
+    description = "Needs the `read` scope. Asked of every active or draining runner at once (3 s each); runners that do not answer are listed under `unreachable`.",
+    params(("id" = String, Path, description = "The Function's id"), LogsQuery),
+    responses((status = 200, description = "OK", body = FunctionLogs),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn function_logs(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -186,6 +210,13 @@ async fn authenticate_report(state: &AppState, headers: &HeaderMap, runner_id: &
     }
 }
 
+#[utoipa::path(post, path = "/v2/runners/{id}/heartbeat", tag = "runners", operation_id = "runner_heartbeat",
+    summary = "Runner heartbeat", security(("runnerToken" = [])),
+    description = "With the runner's session token (not an API key): extends the leases of the batches held; the answer carries a fresh token once the current one is past half-life, and the pull workers the runner should keep.",
+    params(("id" = String, Path, description = "The runner's id")),
+    request_body = HeartbeatRequest,
+    responses((status = 200, description = "OK", body = HeartbeatResponse),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn heartbeat(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -214,6 +245,13 @@ async fn heartbeat(
 /// `POST /v2/runners/{id}/worker-slots`: may the runner start one more
 /// push worker of the Function? Granted while the fleet holds fewer slots
 /// than its `replicas.max`; so `replicas.max` is a hard cap across runners.
+#[utoipa::path(post, path = "/v2/runners/{id}/worker-slots", tag = "runners", operation_id = "runner_worker_slot",
+    summary = "Ask for a slot to start one more push worker", security(("runnerToken" = [])),
+    description = "With the runner's session token. Granted while the fleet holds fewer slots than the Function's `replicas.max`.",
+    params(("id" = String, Path, description = "The runner's id")),
+    request_body = WorkerSlotRequest,
+    responses((status = 200, description = "OK", body = WorkerSlotResponse),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn worker_slot(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -236,6 +274,13 @@ async fn worker_slot(
 /// `POST /v2/runners/{id}/worker-keys`: a key for one Function's workers
 /// on this runner (see `auth::store::mint_worker_key`), replacing the one
 /// it had for them. The token is in the answer only.
+#[utoipa::path(post, path = "/v2/runners/{id}/worker-keys", tag = "runners", operation_id = "runner_worker_key",
+    summary = "Mint the key of one Function's workers on this runner", security(("runnerToken" = [])),
+    description = "With the runner's session token. Replaces the key the runner had for the Function's workers; the token is in this answer only.",
+    params(("id" = String, Path, description = "The runner's id")),
+    request_body = WorkerKeyRequest,
+    responses((status = 200, description = "OK", body = WorkerKeyResponse),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn worker_key(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -249,16 +294,22 @@ async fn worker_key(
     Ok(Json(WorkerKeyResponse { udf_id: udf.id, key_id: key.key_id, token: key.token, namespaces: key.namespaces }))
 }
 
+#[utoipa::path(post, path = "/v2/runners/{id}/deregister", tag = "runners", operation_id = "deregister_runner",
+    summary = "Deregister a runner", security(("runnerToken" = [])),
+    description = "With the runner's session token. Its leases go back to the queue and its workers' keys are deleted.",
+    params(("id" = String, Path, description = "The runner's id")),
+    responses((status = 200, description = "OK", body = StatusResponse),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn deregister(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<StatusResponse>, ApiError> {
     authenticate_runner(&state, &headers, &id, Purpose::Session).await?;
     store::deregister(&state.pool, &id).await?;
     crate::auth::store::delete_worker_keys(&state.pool, &id).await?;
     tracing::info!(runner_id = %id, "runner deregistered");
-    Ok(Json(serde_json::json!({"status": "ok"})))
+    Ok(Json(StatusResponse::ok(format!("runner {id} deregistered"))))
 }
 
 fn failure_class(kind: FailureKind) -> FailureClass {
@@ -275,6 +326,13 @@ fn failure_class(kind: FailureKind) -> FailureClass {
 /// Writes a batch's results back, then acknowledges. Idempotent: the
 /// batch's leases are held by `runner/<id>/batch/<n>`, so a repeated report
 /// finds nothing leased to write and the stored counts are returned.
+#[utoipa::path(post, path = "/v2/runners/{id}/batches/{batch}/report", tag = "runners", operation_id = "report_batch",
+    summary = "Report a batch's results", security(("runnerToken" = [])),
+    description = "With the batch's report token. Idempotent; acknowledged after the writeback commits. A result that cannot be stored fails its row alone.",
+    params(("id" = String, Path, description = "The runner's id"), ("batch" = i64, Path, description = "The batch's id")),
+    request_body = BatchReport,
+    responses((status = 200, description = "OK", body = ReportResponse),
+              (status = "default", description = "Error", body = ErrorBody)))]
 async fn report(
     State(state): State<AppState>,
     Path((id, batch_id)): Path<(String, i64)>,

@@ -104,8 +104,8 @@ fn every_route_is_documented_and_every_documented_route_exists() {
     assert!(source.len() > 20, "the route scan found too little: {source:?}");
     let undocumented: Vec<_> = source.difference(&document).collect();
     let unserved: Vec<_> = document.difference(&source).collect();
-    assert!(undocumented.is_empty(), "routes missing from openapi.json: {undocumented:?}");
-    assert!(unserved.is_empty(), "openapi.json lists routes the router lacks: {unserved:?}");
+    assert!(undocumented.is_empty(), "routes missing from the document: {undocumented:?}");
+    assert!(unserved.is_empty(), "the document lists routes the router lacks: {unserved:?}");
 }
 
 #[tokio::test]
