@@ -99,8 +99,20 @@ async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Ap
     Ok(bytes)
 }
 
-/// Parses JSON with the path of any error.
+/// Parses a JSON object with the path of any error. Every request body
+/// of the API is an object: an array is refused, not read field by field
+/// in order (which serde would do for a struct).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        Some(b'[') => {
+            return Err(ApiError(PlatformError::invalid(
+                "",
+                "the request body is a JSON array; expected a JSON object",
+            )));
+        }
+        _ => {}
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

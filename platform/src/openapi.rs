@@ -28,7 +28,9 @@ use crate::http::AppState;
     tags(
         (name = "rows", description = "Namespaces and their rows (the hevlayer client's API)"),
         (name = "functions", description = "Functions, their revisions, status, batches and failed rows"),
+        (name = "scans", description = "Scans of a namespace: ids or value counts, kept as jobs"),
         (name = "pull", description = "The pull protocol of hevlayer workers"),
+        (name = "batches", description = "Batch records and failed rows: what happened to the work"),
         (name = "resources", description = "Resource documents: Function, Index, InfraRules"),
         (name = "keys", description = "API keys"),
         (name = "runners", description = "Runners: registration, and their own calls with runner tokens"),

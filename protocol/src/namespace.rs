@@ -37,10 +37,11 @@ pub struct WriteRequest {
     /// `euclidean_squared` are allowed. Stored on the namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distance_metric: Option<String>,
-    /// Accepted for compatibility and ignored: attributes are schemaless JSON.
+    /// Accepted for compatibility and ignored (attributes are schemaless
+    /// JSON), but must be an object, as the client sends it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
-    pub schema: Option<Value>,
+    pub schema: Option<Map<String, Value>>,
 }
 
 /// The answer to a write, matching the client's `TurbopufferWriteResponse`.

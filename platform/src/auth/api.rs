@@ -27,7 +27,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 
 #[utoipa::path(get, path = "/v2/keys", tag = "keys", operation_id = "list_keys", summary = "List keys",
     description = "Needs the `admin` scope.",
-    params(("includeRevoked" = Option<bool>, Query, description = "Revoked and expired keys too (default false)")),
+    params(("includeRevoked" = Option<bool>, Query, description = "Revoked and expired keys too (default false)", example = true)),
     responses((status = 200, description = "OK", body = ApiKeyList),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn list(
@@ -42,7 +42,7 @@ async fn list(
 
 #[utoipa::path(post, path = "/v2/keys", tag = "keys", operation_id = "mint_key",
     summary = "Mint a key; the token is in this response only", description = "Needs the `admin` scope.",
-    request_body = MintKeyRequest,
+    request_body(content = MintKeyRequest, example = json!({"name": "tagger", "owner": "ml-team", "entitlements": {"items": "write"}, "expiresAfter": "30d"})),
     responses((status = 200, description = "OK", body = MintKeyResponse),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn mint(
@@ -58,7 +58,7 @@ async fn mint(
 
 #[utoipa::path(get, path = "/v2/keys/{key_id}", tag = "keys", operation_id = "get_key", summary = "Get a key",
     description = "Needs the `admin` scope, except for the key itself.",
-    params(("key_id" = String, Path, description = "The key's id")),
+    params(("key_id" = String, Path, description = "The key's id", example = "key_0000000000000000")),
     responses((status = 200, description = "OK", body = ApiKey),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn get_key(
@@ -74,7 +74,7 @@ async fn get_key(
 
 #[utoipa::path(post, path = "/v2/keys/{key_id}/revoke", tag = "keys", operation_id = "revoke_key",
     summary = "Revoke a key", description = "Needs the `admin` scope. The last active admin key cannot be revoked (409).",
-    params(("key_id" = String, Path, description = "The key's id")),
+    params(("key_id" = String, Path, description = "The key's id", example = "key_0000000000000000")),
     responses((status = 200, description = "OK", body = ApiKey),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn revoke(
@@ -90,7 +90,7 @@ async fn revoke(
 
 #[utoipa::path(delete, path = "/v2/keys/{key_id}", tag = "keys", operation_id = "delete_key",
     summary = "Delete a key", description = "Needs the `admin` scope. The last active admin key cannot be deleted (409).",
-    params(("key_id" = String, Path, description = "The key's id")),
+    params(("key_id" = String, Path, description = "The key's id", example = "key_0000000000000000")),
     responses((status = 200, description = "OK", body = StatusResponse),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn delete(
@@ -113,7 +113,7 @@ struct AuthenticateRequest {
 /// Token introspection for gateways in front of the platform (admin only).
 #[utoipa::path(post, path = "/v2/keys/authenticate", tag = "keys", operation_id = "authenticate_key",
     summary = "Introspect a token", description = "Needs the `admin` scope.",
-    request_body = AuthenticateRequest,
+    request_body(content = AuthenticateRequest, example = json!({"token": "lyr_notatoken"})),
     responses((status = 200, description = "The key's id, name, owner, entitlements and expiry", body = Object),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn authenticate(

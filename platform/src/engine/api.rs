@@ -92,7 +92,8 @@ async fn note_claim(state: &AppState, udf_id: &str) {
 
 #[utoipa::path(post, path = "/v2/udfs/{id}/claim", tag = "pull", operation_id = "claim",
     summary = "Lease up to `limit` rows that need work (pull protocol)",
-    description = "Needs the `write` scope. Returns no items while the Function already has `schedule.maxInFlightBatches` claims holding leases, or is paused.", params(("id" = String, Path, description = "The Function")), request_body = ClaimRequest,
+    description = "Needs the `write` scope. Returns no items while the Function already has `schedule.maxInFlightBatches` claims holding leases, or is paused.", params(("id" = String, Path, description = "The Function", example = "tags")), 
+    request_body(content = ClaimRequest, example = json!({"worker_id": "worker-1", "limit": 10})),
     responses((status = 200, description = "OK", body = ClaimResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn claim(
     State(state): State<AppState>,
@@ -148,7 +149,8 @@ async fn claim(
 
 #[utoipa::path(post, path = "/v2/udfs/{id}/items/complete", tag = "pull", operation_id = "complete_items",
     summary = "Write results back with the completion marker (fenced by lease)",
-    description = "Needs the `write` scope. A result that cannot be stored fails its row alone; a report naming a row twice is a 400.", params(("id" = String, Path, description = "The Function")), request_body = CompleteRequest,
+    description = "Needs the `write` scope. A result that cannot be stored fails its row alone; a report naming a row twice is a 400.", params(("id" = String, Path, description = "The Function", example = "tags")), 
+    request_body(content = CompleteRequest, example = json!({"worker_id": "worker-1", "items": [{"namespace": "items", "id": "a", "attributes": {"tags": ["camping"]}}]})),
     responses((status = 200, description = "OK", body = ItemsResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn complete(
     State(state): State<AppState>,
@@ -249,7 +251,8 @@ pub(crate) fn accept_result(
 
 #[utoipa::path(post, path = "/v2/udfs/{id}/items/fail", tag = "pull", operation_id = "fail_items",
     summary = "Report transient or permanent failures",
-    description = "Needs the `write` scope.", params(("id" = String, Path, description = "The Function")), request_body = FailRequest,
+    description = "Needs the `write` scope.", params(("id" = String, Path, description = "The Function", example = "tags")), 
+    request_body(content = FailRequest, example = json!({"worker_id": "worker-1", "items": [{"namespace": "items", "id": "b", "kind": "transient", "message": "model busy"}]})),
     responses((status = 200, description = "OK", body = ItemsResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn fail(
     State(state): State<AppState>,
@@ -288,7 +291,8 @@ async fn fail(
 
 #[utoipa::path(post, path = "/v2/udfs/{id}/items/heartbeat", tag = "pull", operation_id = "heartbeat_items",
     summary = "Extend the leases a worker holds",
-    description = "Needs the `write` scope.", params(("id" = String, Path, description = "The Function")), request_body = HeartbeatRequest,
+    description = "Needs the `write` scope.", params(("id" = String, Path, description = "The Function", example = "tags")), 
+    request_body(content = HeartbeatRequest, example = json!({"worker_id": "worker-1", "items": [{"namespace": "items", "id": "a"}]})),
     responses((status = 200, description = "OK", body = ItemsResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn heartbeat(
     State(state): State<AppState>,
@@ -305,7 +309,8 @@ async fn heartbeat(
 
 #[utoipa::path(post, path = "/v2/udfs/{id}/discover", tag = "pull", operation_id = "discover",
     summary = "Sweep now; the body is optional",
-    description = "Needs the `write` scope. 409 while the Function is paused.", params(("id" = String, Path, description = "The Function")), request_body = Option<DiscoverRequest>,
+    description = "Needs the `write` scope. 409 while the Function is paused.", params(("id" = String, Path, description = "The Function", example = "tags")), 
+    request_body(content = Option<DiscoverRequest>, example = json!({"namespaces": ["items"]})),
     responses((status = 200, description = "OK", body = DiscoverResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn discover(
     State(state): State<AppState>,
@@ -343,7 +348,7 @@ async fn discover(
 
 #[utoipa::path(get, path = "/v2/udfs/{id}/status", tag = "pull", operation_id = "udf_status",
     summary = "Function status",
-    description = "Needs the `read` scope.", params(("id" = String, Path, description = "The Function")),
+    description = "Needs the `read` scope.", params(("id" = String, Path, description = "The Function", example = "tags")),
     responses((status = 200, description = "OK", body = UdfStatus), (status = "default", description = "Error", body = ErrorBody)))]
 async fn status(
     State(state): State<AppState>,
@@ -356,7 +361,7 @@ async fn status(
 
 #[utoipa::path(post, path = "/v2/udfs/{id}/reset-failed", tag = "pull", operation_id = "reset_failed",
     summary = "Put failed rows back in the queue",
-    description = "Needs the `write` scope.", params(("id" = String, Path, description = "The Function")),
+    description = "Needs the `write` scope.", params(("id" = String, Path, description = "The Function", example = "tags")),
     responses((status = 200, description = "OK", body = ItemsResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn reset_failed(
     State(state): State<AppState>,

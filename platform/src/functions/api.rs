@@ -106,7 +106,7 @@ async fn list(State(state): State<AppState>, Extension(p): Extension<Principal>)
 
 #[utoipa::path(post, path = "/v2/udfs", tag = "functions", operation_id = "create_udf", summary = "Create a Function",
     description = "Needs the `write` scope (`worker.command`, `worker.podSpec` and host settings: `admin`). A Function of that id must not exist (409).",
-    request_body = CreateUdf,
+    request_body(content = CreateUdf, example = json!({"id": "tag-items", "spec": {"target_namespaces": ["items"], "inputs": ["id", "title"], "version": "v2", "worker": {"dispatch": "pull"}}, "labels": {"team": "ml"}})),
     responses((status = 200, description = "OK", body = Udf),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn create(
@@ -126,8 +126,8 @@ async fn create(
 
 #[utoipa::path(put, path = "/v2/udfs/{id}", tag = "functions", operation_id = "update_udf",
     summary = "Create or replace a Function", description = "Needs the `write` scope. A changed spec makes a new revision.",
-    params(("id" = String, Path, description = "The Function's id")),
-    request_body = UpdateUdf,
+    params(("id" = String, Path, description = "The Function's id", example = "tags")),
+    request_body(content = UpdateUdf, example = json!({"spec": {"target_namespaces": ["items"], "inputs": ["id", "title"], "version": "v2", "worker": {"dispatch": "pull"}}})),
     responses((status = 200, description = "OK", body = Udf),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn update(
@@ -148,7 +148,7 @@ async fn update(
 
 #[utoipa::path(get, path = "/v2/udfs/{id}", tag = "functions", operation_id = "get_udf",
     summary = "Get a Function with its status", description = "Needs the `read` scope.",
-    params(("id" = String, Path, description = "The Function's id")),
+    params(("id" = String, Path, description = "The Function's id", example = "tags")),
     responses((status = 200, description = "OK", body = GetUdfResponse),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn get_one(
@@ -164,7 +164,7 @@ async fn get_one(
 
 #[utoipa::path(get, path = "/v2/udfs/{id}/revisions", tag = "functions", operation_id = "list_udf_revisions",
     summary = "A Function's revisions, newest first, with what changed", description = "Needs the `read` scope.",
-    params(("id" = String, Path, description = "The Function's id")),
+    params(("id" = String, Path, description = "The Function's id", example = "tags")),
     responses((status = 200, description = "OK", body = RevisionList),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn revisions(
@@ -178,7 +178,7 @@ async fn revisions(
 
 #[utoipa::path(delete, path = "/v2/udfs/{id}", tag = "functions", operation_id = "delete_udf",
     summary = "Delete a Function", description = "Needs the `write` scope. Attributes already written are kept.",
-    params(("id" = String, Path, description = "The Function's id")),
+    params(("id" = String, Path, description = "The Function's id", example = "retired")),
     responses((status = 200, description = "OK", body = StatusResponse),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn delete(
@@ -195,7 +195,7 @@ async fn delete(
 
 #[utoipa::path(post, path = "/v2/udfs/{id}/pause", tag = "functions", operation_id = "pause_udf",
     summary = "Pause a Function", description = "Needs the `write` scope. Nothing new is leased; batches in flight finish.",
-    params(("id" = String, Path, description = "The Function's id")),
+    params(("id" = String, Path, description = "The Function's id", example = "tags")),
     responses((status = 200, description = "OK", body = Udf),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn pause(
@@ -211,7 +211,7 @@ async fn pause(
 
 #[utoipa::path(post, path = "/v2/udfs/{id}/resume", tag = "functions", operation_id = "resume_udf",
     summary = "Resume a paused Function", description = "Needs the `write` scope.",
-    params(("id" = String, Path, description = "The Function's id")),
+    params(("id" = String, Path, description = "The Function's id", example = "tags")),
     responses((status = 200, description = "OK", body = Udf),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn resume(

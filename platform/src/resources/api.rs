@@ -27,7 +27,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[utoipa::path(post, path = "/v2/apply", tag = "resources", operation_id = "apply_resources",
     summary = "Apply resource documents, all or nothing",
     description = "Needs the `write` scope (`InfraRules`: `admin`). Every document is validated first; one bad document changes nothing.",
-    request_body = ApplyRequest,
+    request_body(content = ApplyRequest, example = json!({"documents": [{"apiVersion": "hevlayer.com/v1alpha1", "kind": "Function",
+        "metadata": {"name": "tag-titles"},
+        "spec": {"targetNamespaces": ["items"], "inputs": ["title"], "worker": {"dispatch": "pull"}}}]})),
     responses((status = 200, description = "OK", body = ApplyResponse),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn apply(

@@ -39,11 +39,12 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[allow(dead_code)]
 struct ListQuery {
     /// Only namespaces whose name starts with this.
+    #[param(example = "it")]
     prefix: Option<String>,
     /// The previous page's `next_cursor`, as given.
     cursor: Option<String>,
     /// How many (default 100).
-    #[param(minimum = 1, maximum = 1000)]
+    #[param(minimum = 1, maximum = 1000, example = 10)]
     page_size: Option<i64>,
 }
 
@@ -53,6 +54,7 @@ struct ListQuery {
 #[allow(dead_code)]
 struct FetchQuery {
     /// Comma-separated attribute names (default: all).
+    #[param(example = "title")]
     include_attributes: Option<String>,
 }
 
@@ -69,7 +71,8 @@ fn millis(started: std::time::Instant) -> Map<String, Value> {
 
 #[utoipa::path(post, path = "/v2/namespaces/{ns}", tag = "rows", operation_id = "write_namespace",
     summary = "Write rows: upsert_rows, upsert_columns, patch_rows, patch_columns, deletes, delete_by_filter (one transaction)",
-    description = "Needs the `write` scope.", params(("ns" = String, Path, description = "The namespace")), request_body = WriteRequest,
+    description = "Needs the `write` scope.", params(("ns" = String, Path, description = "The namespace", example = "items")),
+    request_body(content = WriteRequest, example = json!({"upsert_rows": [{"id": "c", "title": "Stove"}]})),
     responses((status = 200, description = "OK", body = WriteResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn write(
     State(state): State<AppState>,
@@ -98,7 +101,7 @@ async fn write(
 }
 
 #[utoipa::path(delete, path = "/v2/namespaces/{ns}", tag = "rows", operation_id = "delete_namespace",
-    summary = "Delete a namespace and its rows", description = "Needs the `write` scope.", params(("ns" = String, Path, description = "The namespace")),
+    summary = "Delete a namespace and its rows", description = "Needs the `write` scope.", params(("ns" = String, Path, description = "The namespace", example = "scratch")),
     responses((status = 200, description = "OK", body = StatusResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn delete(
     State(state): State<AppState>,
@@ -132,8 +135,8 @@ async fn list(
 }
 
 #[utoipa::path(post, path = "/v2/namespaces/{ns}/documents", tag = "rows", operation_id = "fetch_documents",
-    summary = "Fetch documents by id", description = "Needs the `read` scope.", params(("ns" = String, Path, description = "The namespace")),
-    request_body = FetchDocumentsRequest,
+    summary = "Fetch documents by id", description = "Needs the `read` scope.", params(("ns" = String, Path, description = "The namespace", example = "items")),
+    request_body(content = FetchDocumentsRequest, example = json!({"ids": ["a", "b"], "include_attributes": ["title"]})),
     responses((status = 200, description = "OK", body = FetchDocumentsResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn fetch_many(
     State(state): State<AppState>,
@@ -153,7 +156,7 @@ async fn fetch_many(
 
 #[utoipa::path(get, path = "/v2/namespaces/{ns}/documents/{id}", tag = "rows", operation_id = "fetch_document",
     summary = "Fetch one document", description = "Needs the `read` scope.",
-    params(("ns" = String, Path, description = "The namespace"), ("id" = String, Path, description = "The row's id"), FetchQuery),
+    params(("ns" = String, Path, description = "The namespace", example = "items"), ("id" = String, Path, description = "The row's id", example = "a"), FetchQuery),
     responses((status = 200, description = "OK", body = layer_protocol::namespace::Document), (status = "default", description = "Error", body = ErrorBody)))]
 async fn fetch_one(
     State(state): State<AppState>,
@@ -201,7 +204,8 @@ fn parse_rank_by(v: &Value) -> Result<Vec<OrderBy>> {
 
 #[utoipa::path(post, path = "/v2/namespaces/{ns}/query", tag = "rows", operation_id = "query_namespace",
     summary = "Query rows with filters, rank_by on an attribute, top_k, include_attributes",
-    description = "Needs the `read` scope.", params(("ns" = String, Path, description = "The namespace")), request_body = QueryRequest,
+    description = "Needs the `read` scope.", params(("ns" = String, Path, description = "The namespace", example = "items")),
+    request_body(content = QueryRequest, example = json!({"filters": ["title", "Eq", "Tent"], "rank_by": ["id", "asc"], "top_k": 10})),
     responses((status = 200, description = "OK", body = QueryResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn query(
     State(state): State<AppState>,

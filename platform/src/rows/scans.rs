@@ -46,10 +46,10 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[allow(dead_code)]
 struct ResultsQuery {
     /// How many (default: the scan's `page_size`).
-    #[param(minimum = 1, maximum = 10000)]
+    #[param(minimum = 1, maximum = 10000, example = 100)]
     limit: Option<i64>,
     /// 0-based; the previous page's `next_offset`.
-    #[param(minimum = 0)]
+    #[param(minimum = 0, maximum = 1_000_000, example = 0)]
     offset: Option<i64>,
 }
 
@@ -139,7 +139,8 @@ fn check_scan_id(ns: &str, id: &str) -> Result<()> {
                    scan's job also carries count and served_by (the client's ScanCountResponse). Results are paged from \
                    GET .../results. Scans are kept for an hour, at most 100 per namespace; creating one prunes the \
                    rest. as_of, between, fts, hybrid_text and ann are refused with a 400.",
-    params(("ns" = String, Path, description = "The namespace")), request_body = CreateScanRequest,
+    params(("ns" = String, Path, description = "The namespace", example = "items")),
+    request_body(content = CreateScanRequest, example = json!({"mode": "ids", "filters": ["title", "Glob", "T*"]})),
     responses((status = 200, description = "OK", body = ScanJob), (status = "default", description = "Error", body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
@@ -155,7 +156,7 @@ async fn create(
 
 #[utoipa::path(get, path = "/v2/namespaces/{ns}/scans", tag = "scans", operation_id = "list_scans",
     summary = "The namespace's scans, newest first", description = "Needs the `read` scope on the namespace.",
-    params(("ns" = String, Path, description = "The namespace")), responses((status = 200, description = "OK", body = ScanJobList), (status = "default", description = "Error", body = ErrorBody)))]
+    params(("ns" = String, Path, description = "The namespace", example = "items")), responses((status = 200, description = "OK", body = ScanJobList), (status = "default", description = "Error", body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -168,7 +169,7 @@ async fn list(
 
 #[utoipa::path(get, path = "/v2/namespaces/{ns}/scans/{scan_id}", tag = "scans", operation_id = "get_scan",
     summary = "One scan job", description = "Needs the `read` scope on the namespace.",
-    params(("ns" = String, Path, description = "The namespace"), ("scan_id" = String, Path, description = "The scan's id")), responses((status = 200, description = "OK", body = ScanJob), (status = "default", description = "Error", body = ErrorBody)))]
+    params(("ns" = String, Path, description = "The namespace", example = "items"), ("scan_id" = String, Path, description = "The scan's id", example = "scan_00000000000000000000000000000000")), responses((status = 200, description = "OK", body = ScanJob), (status = "default", description = "Error", body = ErrorBody)))]
 async fn get_one(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -181,7 +182,7 @@ async fn get_one(
 
 #[utoipa::path(delete, path = "/v2/namespaces/{ns}/scans/{scan_id}", tag = "scans", operation_id = "delete_scan",
     summary = "Delete a scan and its results", description = "Needs the `read` scope on the namespace.",
-    params(("ns" = String, Path, description = "The namespace"), ("scan_id" = String, Path, description = "The scan's id")), responses((status = 200, description = "OK", body = StatusResponse), (status = "default", description = "Error", body = ErrorBody)))]
+    params(("ns" = String, Path, description = "The namespace", example = "items"), ("scan_id" = String, Path, description = "The scan's id", example = "scan_00000000000000000000000000000000")), responses((status = 200, description = "OK", body = StatusResponse), (status = "default", description = "Error", body = ErrorBody)))]
 async fn delete(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -200,7 +201,7 @@ async fn delete(
     summary = "A page of a scan's results: ids in id order, or values most frequent first",
     description = "Needs the `read` scope on the namespace. A failed scan answers 409; a count scan has no results to \
                    page (400).",
-    params(("ns" = String, Path, description = "The namespace"), ("scan_id" = String, Path, description = "The scan's id"), ResultsQuery), responses((status = 200, description = "OK", body = ScanResults), (status = "default", description = "Error", body = ErrorBody)))]
+    params(("ns" = String, Path, description = "The namespace", example = "items"), ("scan_id" = String, Path, description = "The scan's id", example = "scan_00000000000000000000000000000000"), ResultsQuery), responses((status = 200, description = "OK", body = ScanResults), (status = "default", description = "Error", body = ErrorBody)))]
 async fn results(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,

@@ -46,7 +46,7 @@ pub fn token_routes() -> OpenApiRouter<AppState> {
 #[utoipa::path(post, path = "/v2/runners", tag = "runners", operation_id = "register_runner",
     summary = "Register a runner",
     description = "Needs a key with the `runner` claim or the `admin` scope. The answer holds the runner's session token and signing key, shown once.",
-    request_body = RegisterRequest,
+    request_body(content = RegisterRequest, example = json!({"name": "gpu-node-1", "address": "http://10.0.0.7:7070", "labels": {"zone": "a"}, "capacity": {"cpus": 16, "memory_bytes": 68719476736_u64, "slots": 4}, "drivers": ["process"]})),
     responses((status = 200, description = "OK", body = RegisterResponse),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn register(
@@ -97,7 +97,7 @@ async fn list(State(state): State<AppState>, Extension(p): Extension<Principal>)
 struct LogsQuery {
     /// The last this many lines of each worker (default 100; more than
     /// 500 reads as 500).
-    #[param(minimum = 0)]
+    #[param(minimum = 0, example = 50)]
     lines: Option<u32>,
 }
 
@@ -108,7 +108,7 @@ struct LogsQuery {
 #[utoipa::path(get, path = "/v2/udfs/{id}/logs", tag = "functions", operation_id = "get_udf_logs",
     summary = "The latest log lines of each of a Function's workers",
     description = "Needs the `read` scope. Asked of every active or draining runner at once (3 s each); runners that do not answer are listed under `unreachable`.",
-    params(("id" = String, Path, description = "The Function's id"), LogsQuery),
+    params(("id" = String, Path, description = "The Function's id", example = "tags"), LogsQuery),
     responses((status = 200, description = "OK", body = FunctionLogs),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn function_logs(
@@ -213,8 +213,8 @@ async fn authenticate_report(state: &AppState, headers: &HeaderMap, runner_id: &
 #[utoipa::path(post, path = "/v2/runners/{id}/heartbeat", tag = "runners", operation_id = "runner_heartbeat",
     summary = "Runner heartbeat", security(("runnerToken" = [])),
     description = "With the runner's session token (not an API key): extends the leases of the batches held; the answer carries a fresh token once the current one is past half-life, and the pull workers the runner should keep.",
-    params(("id" = String, Path, description = "The runner's id")),
-    request_body = HeartbeatRequest,
+    params(("id" = String, Path, description = "The runner's id", example = "r-0000")),
+    request_body(content = HeartbeatRequest, example = json!({"state": "active", "load": {"batches": 1}, "batch_ids": [1]})),
     responses((status = 200, description = "OK", body = HeartbeatResponse),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn heartbeat(
@@ -248,8 +248,8 @@ async fn heartbeat(
 #[utoipa::path(post, path = "/v2/runners/{id}/worker-slots", tag = "runners", operation_id = "runner_worker_slot",
     summary = "Ask for a slot to start one more push worker", security(("runnerToken" = [])),
     description = "With the runner's session token. Granted while the fleet holds fewer slots than the Function's `replicas.max`.",
-    params(("id" = String, Path, description = "The runner's id")),
-    request_body = WorkerSlotRequest,
+    params(("id" = String, Path, description = "The runner's id", example = "r-0000")),
+    request_body(content = WorkerSlotRequest, example = json!({"udf_id": "tags"})),
     responses((status = 200, description = "OK", body = WorkerSlotResponse),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn worker_slot(
@@ -277,8 +277,8 @@ async fn worker_slot(
 #[utoipa::path(post, path = "/v2/runners/{id}/worker-keys", tag = "runners", operation_id = "runner_worker_key",
     summary = "Mint the key of one Function's workers on this runner", security(("runnerToken" = [])),
     description = "With the runner's session token. Replaces the key the runner had for the Function's workers; the token is in this answer only.",
-    params(("id" = String, Path, description = "The runner's id")),
-    request_body = WorkerKeyRequest,
+    params(("id" = String, Path, description = "The runner's id", example = "r-0000")),
+    request_body(content = WorkerKeyRequest, example = json!({"udf_id": "tags"})),
     responses((status = 200, description = "OK", body = WorkerKeyResponse),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn worker_key(
@@ -297,7 +297,7 @@ async fn worker_key(
 #[utoipa::path(post, path = "/v2/runners/{id}/deregister", tag = "runners", operation_id = "deregister_runner",
     summary = "Deregister a runner", security(("runnerToken" = [])),
     description = "With the runner's session token. Its leases go back to the queue and its workers' keys are deleted.",
-    params(("id" = String, Path, description = "The runner's id")),
+    params(("id" = String, Path, description = "The runner's id", example = "r-0000")),
     responses((status = 200, description = "OK", body = StatusResponse),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn deregister(
@@ -329,8 +329,8 @@ fn failure_class(kind: FailureKind) -> FailureClass {
 #[utoipa::path(post, path = "/v2/runners/{id}/batches/{batch}/report", tag = "runners", operation_id = "report_batch",
     summary = "Report a batch's results", security(("runnerToken" = [])),
     description = "With the batch's report token. Idempotent; acknowledged after the writeback commits. A result that cannot be stored fails its row alone.",
-    params(("id" = String, Path, description = "The runner's id"), ("batch" = i64, Path, description = "The batch's id")),
-    request_body = BatchReport,
+    params(("id" = String, Path, description = "The runner's id", example = "r-0000"), ("batch" = i64, Path, description = "The batch's id", example = 1)),
+    request_body(content = BatchReport, example = json!({"results": [{"namespace": "items", "id": "a", "attributes": {"tags": ["camping"]}}, {"namespace": "items", "id": "b", "error": {"kind": "permanent", "message": "no title"}}]})),
     responses((status = 200, description = "OK", body = ReportResponse),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn report(

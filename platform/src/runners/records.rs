@@ -54,7 +54,7 @@ struct BatchQuery {
     #[param(format = DateTime)]
     since: Option<String>,
     /// At most this many (default 50).
-    #[param(minimum = 1, maximum = 1000)]
+    #[param(minimum = 1, maximum = 1000, example = 10)]
     limit: Option<i64>,
     /// The previous page's `next_cursor`.
     cursor: Option<String>,
@@ -66,7 +66,7 @@ struct BatchQuery {
 #[allow(dead_code)]
 struct FailedQuery {
     /// At most this many (default 100).
-    #[param(minimum = 1, maximum = 1000)]
+    #[param(minimum = 1, maximum = 1000, example = 10)]
     limit: Option<i64>,
     /// The previous page's `next_cursor`.
     cursor: Option<String>,
@@ -141,7 +141,7 @@ const STATES: [&str; 3] = ["dispatched", "reported", "abandoned"];
     summary = "A Function's batch records, newest first",
     description = "Needs the `read` scope. Push batches with their runner, worker, GPUs, timings, outcome counts and \
                    trace id. Finished records are kept for the platform's batch retention.",
-    params(("id" = String, Path, description = "The Function"), BatchQuery),
+    params(("id" = String, Path, description = "The Function", example = "tags"), BatchQuery),
     responses((status = 200, description = "OK", body = ListBatchesResponse),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn list_batches(
@@ -182,7 +182,7 @@ async fn list_batches(
 
 #[utoipa::path(get, path = "/v2/batches/{id}", tag = "batches", operation_id = "get_batch",
     summary = "One batch record", description = "Needs the `read` scope.",
-    params(("id" = i64, Path, description = "The batch's id")),
+    params(("id" = i64, Path, description = "The batch's id", example = 1)),
     responses((status = 200, description = "OK", body = BatchRecord),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn get_batch(
@@ -222,7 +222,7 @@ struct FailedRowDb {
     summary = "A Function's failed rows",
     description = "Needs the `read` scope. Rows that spent their attempts, by namespace and id, with the class and \
                    message of their last failure.",
-    params(("id" = String, Path, description = "The Function"), FailedQuery),
+    params(("id" = String, Path, description = "The Function", example = "tags"), FailedQuery),
     responses((status = 200, description = "OK", body = ListFailedResponse),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn list_failed(

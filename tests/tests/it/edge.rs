@@ -166,3 +166,23 @@ async fn a_missing_reference_is_a_409_naming_it() -> anyhow::Result<()> {
     anyhow::ensure!(e.to_string().contains("(function_id)=(gone-fn) is not present in table functions"), "{e}");
     Ok(())
 }
+
+/// Every request body is a JSON object: an array is not read field by
+/// field in order (serde's way with structs), and a field kept only for
+/// compatibility must still have its documented type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_the_documented_object_is_a_400() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    p.upsert_rows("items", json!([{"id": "a", "title": "Tent"}])).await?;
+    let before = counts(&p).await?;
+    let (status, body) = raw(&p, Method::POST, "/v2/namespaces/items/query", Some(json!([null, null]))).await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().unwrap_or_default().contains("JSON array"), "{body}");
+    let write = json!({"upsert_rows": [{"id": "b"}], "schema": "AAA"});
+    let (status, body) = raw(&p, Method::POST, "/v2/namespaces/items", Some(write)).await?;
+    assert_eq!((status, body["field"].as_str()), (400, Some("schema")), "{body}");
+    let (status, body) = raw(&p, Method::POST, "/v2/namespaces/items", Some(json!([[{"id": "b"}]]))).await?;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(counts(&p).await?, before, "a refused body changed something");
+    Ok(())
+}

@@ -31,7 +31,7 @@ async fn schemathesis(p: &TestPlatform, args: &[&str]) -> anyhow::Result<()> {
     let auth = format!("Authorization: Bearer {}", p.admin_key);
     let document = format!("{}/openapi.json", p.url);
     let mut all: Vec<&str> = vec!["run", &document, "-u", &p.url, "-H", &auth, "-w", "1"];
-    all.extend(["--generation-database", "none", "--no-color", "--phases", "coverage,fuzzing"]);
+    all.extend(["--generation-database", "none", "--no-color"]);
     all.extend(args);
     // Its caches and reports go to a scratch directory, not the checkout.
     let scratch = std::env::temp_dir().join(format!("layer-fuzz-{}", std::process::id()));
@@ -54,24 +54,39 @@ async fn schemathesis(p: &TestPlatform, args: &[&str]) -> anyhow::Result<()> {
 async fn no_generated_request_yields_a_5xx_or_an_undocumented_response() -> anyhow::Result<()> {
     let p = platform().await?;
     let checks = "not_a_server_error,response_schema_conformance";
-    schemathesis(&p, &["--checks", checks, "--max-examples", "30", "--seed", "1"]).await
+    schemathesis(&p, &["--phases", "coverage,fuzzing", "--checks", checks, "--max-examples", "30", "--seed", "1"]).await
 }
 
+/// Each operation's documented examples (its parameters and request body,
+/// against the rows and Function of [`platform`]) are accepted: answered
+/// 2xx, or 404/409 where they name something absent or present, never a
+/// 400; and answered as documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_example_is_accepted_and_answered_as_documented() -> anyhow::Result<()> {
+    let p = platform().await?;
+    let checks = "not_a_server_error,response_schema_conformance,positive_data_acceptance";
+    schemathesis(&p, &["--phases", "examples", "--checks", checks, "--seed", "3"]).await
+}
+
+/// The fuzzing phase only: in negative mode schemathesis' coverage phase
+/// also sends each documented example as it is, which is valid and may
+/// change things (its invalid variations still run, for 5xx, in the test
+/// above).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_built_to_be_invalid_change_nothing() -> anyhow::Result<()> {
     let p = platform().await?;
     let counts = || async {
-        sqlx::query_as::<_, (i64, i64, i64, i64)>(
+        sqlx::query_as::<_, (i64, i64, i64, i64, i64)>(
             "SELECT (SELECT count(*) FROM rows), (SELECT count(*) FROM api_keys), (SELECT count(*) FROM functions),
-                    (SELECT count(*) FROM namespaces)",
+                    (SELECT count(*) FROM namespaces), (SELECT count(*) FROM runners)",
         )
         .fetch_one(&p.pool)
         .await
     };
     let before = counts().await?;
-    schemathesis(&p, &["--mode", "negative", "--checks", "not_a_server_error", "--max-examples", "20", "--seed", "2"])
-        .await?;
+    let args = ["--phases", "fuzzing", "--mode", "negative", "--checks", "not_a_server_error"];
+    schemathesis(&p, &[&args[..], &["--max-examples", "20", "--seed", "2"]].concat()).await?;
     let after = counts().await?;
-    anyhow::ensure!(before == after, "(rows, keys, Functions, namespaces) went from {before:?} to {after:?}");
+    anyhow::ensure!(before == after, "(rows, keys, Functions, namespaces, runners) went from {before:?} to {after:?}");
     Ok(())
 }

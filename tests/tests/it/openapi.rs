@@ -124,3 +124,48 @@ async fn documented_operations_are_served() -> anyhow::Result<()> {
     assert_eq!(body["openapi"], "3.1.0");
     Ok(())
 }
+
+/// Every operation that takes input documents an example of it (each path
+/// parameter, each required query parameter, the request body), which the
+/// fuzz suite sends and expects accepted: a new route without one fails
+/// here.
+#[test]
+fn every_operation_that_takes_input_documents_an_example() {
+    let doc: Value = serde_json::from_str(layer_platform::openapi::document()).unwrap();
+    let mut missing = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let needed = p["in"] == "path" || p["required"] == true;
+                if needed && p.get("example").is_none() {
+                    missing.push(format!("{method} {path}: parameter {}", p["name"]));
+                }
+            }
+            if let Some(body) = op.get("requestBody")
+                && body["content"]["application/json"].get("example").is_none()
+            {
+                missing.push(format!("{method} {path}: request body"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "no documented example: {missing:#?}");
+}
+
+/// The routes that take a runner token, which the fuzz suite reaches only
+/// as far as their 401: a runner registered with the documented example
+/// sends the documented examples of its own calls with its real id and
+/// token, and each answer is a 200 that validates against the document.
+#[tokio::test]
+async fn the_runner_routes_accept_their_examples_and_answer_as_documented() -> anyhow::Result<()> {
+    // The validator comes with schemathesis.
+    layer_tests::schemathesis()?;
+    let p = TestPlatform::start().await?;
+    p.upsert_rows("items", serde_json::json!([{"id": "a", "title": "Tent"}])).await?;
+    p.apply_function(
+        "tags",
+        serde_json::json!({"targetNamespaces": ["items"], "inputs": ["title"], "worker": {"dispatch": "pull"}}),
+    )
+    .await?;
+    layer_tests::run_python("runner_examples.py", &p, &[]).await?;
+    Ok(())
+}
