@@ -30,6 +30,8 @@ pub struct AppState {
     pub engine: crate::engine::Engine,
     /// Runners' signing keys, for checking report tokens without a lookup.
     pub runner_keys: crate::runners::KeyCache,
+    /// The client calls are sent to runners with.
+    pub http: reqwest::Client,
 }
 
 /// Limits the HTTP layer enforces.

@@ -15,6 +15,7 @@
 //! - [`openapi`]: the OpenAPI document served at `/openapi.json`.
 
 pub mod auth;
+pub mod calls;
 pub mod db;
 pub mod embedded;
 pub mod engine;
@@ -148,6 +149,11 @@ pub async fn start_on(
         settings: Arc::new(http::Settings { max_body_bytes: config.max_body_bytes, runners: config.runners.clone() }),
         engine,
         runner_keys: Default::default(),
+        // Calls to runners; each call sets its own timeout.
+        http: reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| PlatformError::Internal(format!("the HTTP client did not start: {e}")))?,
     };
     let app = http::router(state);
     tracing::info!(%addr, "platform listening");

@@ -24,6 +24,9 @@ pub struct Metrics {
     pub batch_duration: HistogramVec,
     pub batch_queue_wait: HistogramVec,
     pub sweep_duration: HistogramVec,
+    pub calls: IntCounterVec,
+    pub call_duration: HistogramVec,
+    pub call_cold_starts: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -74,6 +77,14 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "One discovery sweep of one Function.",
             &["udf"],
         ),
+        calls: counter(&r, "layer_calls_total", "Calls answered, by how they ended.", &["udf", "status"]),
+        call_duration: histogram(
+            &r,
+            "layer_call_duration_seconds",
+            "From a call's arrival to its answer, on the platform.",
+            &["udf"],
+        ),
+        call_cold_starts: counter(&r, "layer_call_cold_starts_total", "Calls that started a worker.", &["udf"]),
         registry: r,
     };
     // Both classes read 0 until the first error.

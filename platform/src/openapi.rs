@@ -32,6 +32,7 @@ use crate::http::AppState;
         (name = "pull", description = "The pull protocol of hevlayer workers"),
         (name = "batches", description = "Batch records and failed rows: what happened to the work"),
         (name = "resources", description = "Resource documents: Function, Index, InfraRules"),
+        (name = "calls", description = "Functions called over HTTP, and the records of their calls"),
         (name = "keys", description = "API keys"),
         (name = "runners", description = "Runners: registration, and their own calls with runner tokens"),
         (name = "platform", description = "Health, metrics, this document"),
@@ -62,6 +63,7 @@ pub(crate) fn key_routes() -> OpenApiRouter<AppState> {
         .merge(crate::runners::api::routes())
         .merge(crate::functions::api::routes())
         .merge(crate::resources::api::routes())
+        .merge(crate::calls::api::routes())
         .merge(crate::http::document_routes())
 }
 

@@ -12,9 +12,12 @@
 //!   validated with errors that name the field path.
 //! - [`validate`]: the path-aware field checks the resources are built from.
 //! - [`work`]: the pull protocol (claim, complete, fail, heartbeat, discover).
+//! - [`call`]: Functions called over HTTP: what the platform sends a runner,
+//!   what it answers, and the call record.
 //! - [`runner`]: registration, heartbeats, batches pushed to runners, reports,
 //!   token claims, and the push protocol to workers (`POST /run`).
 
+pub mod call;
 pub mod error;
 pub mod filter;
 pub mod function;

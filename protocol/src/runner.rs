@@ -473,6 +473,9 @@ pub struct TokenClaims {
     /// The batch a dispatch or report token is for; none on session tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<i64>,
+    /// The call a call token is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<String>,
 }
 
 pub const TOKEN_ISSUER: &str = "layer-platform";
@@ -493,7 +496,7 @@ pub mod tokens {
 
     /// What a token is for.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum Purpose {
+    pub enum Purpose<'a> {
         /// Runner → platform: heartbeats, deregistration.
         Session,
         /// Platform → runner: one batch.
@@ -502,19 +505,27 @@ pub mod tokens {
         Inspect,
         /// Runner → platform: the report of one batch.
         Report(i64),
+        /// Platform → runner: one call.
+        Call(&'a str),
     }
 
-    impl Purpose {
+    impl Purpose<'_> {
         fn audience(self) -> &'static str {
             match self {
-                Purpose::Dispatch(_) | Purpose::Inspect => AUDIENCE_RUNNER,
+                Purpose::Dispatch(_) | Purpose::Inspect | Purpose::Call(_) => AUDIENCE_RUNNER,
                 Purpose::Session | Purpose::Report(_) => AUDIENCE_PLATFORM,
             }
         }
         fn batch(self) -> Option<i64> {
             match self {
-                Purpose::Session | Purpose::Inspect => None,
+                Purpose::Session | Purpose::Inspect | Purpose::Call(_) => None,
                 Purpose::Dispatch(b) | Purpose::Report(b) => Some(b),
+            }
+        }
+        fn call(self) -> Option<String> {
+            match self {
+                Purpose::Call(c) => Some(c.to_string()),
+                _ => None,
             }
         }
     }
@@ -533,6 +544,7 @@ pub mod tokens {
             iat,
             exp: iat + ttl_seconds,
             batch: purpose.batch(),
+            call: purpose.call(),
         };
         // HS256 over a serialisable struct cannot fail.
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(key))
@@ -553,7 +565,7 @@ pub mod tokens {
         if c.sub != runner_id {
             return Err(format!("token refused: it was issued to runner {}, not {runner_id}", c.sub));
         }
-        if c.batch != purpose.batch() {
+        if c.batch != purpose.batch() || c.call != purpose.call() {
             return Err("token refused: it was issued for another purpose or batch".into());
         }
         Ok(c)
@@ -585,6 +597,12 @@ pub mod tokens {
             assert!(verify(key, &inspect, "r1", Purpose::Session).is_err());
             assert!(verify(key, &inspect, "r1", Purpose::Dispatch(7)).is_err());
             assert!(verify(key, &sign(key, "r1", Purpose::Session, 60), "r1", Purpose::Inspect).is_err());
+            // A call token is for that call alone.
+            let call = sign(key, "r1", Purpose::Call("call_a"), 60);
+            assert!(verify(key, &call, "r1", Purpose::Call("call_a")).is_ok());
+            assert!(verify(key, &call, "r1", Purpose::Call("call_b")).is_err());
+            assert!(verify(key, &call, "r1", Purpose::Inspect).is_err());
+            assert!(verify(key, &inspect, "r1", Purpose::Call("call_a")).is_err());
             let expired = {
                 let claims = TokenClaims {
                     iss: TOKEN_ISSUER.into(),
@@ -593,6 +611,7 @@ pub mod tokens {
                     iat: 1,
                     exp: now() - 1,
                     batch: None,
+                    call: None,
                 };
                 jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(key)).unwrap()
             };
@@ -607,6 +626,7 @@ pub mod tokens {
                     iat: 1,
                     exp: now() + 60,
                     batch: None,
+                    call: None,
                 },
                 &EncodingKey::from_secret(key),
             )

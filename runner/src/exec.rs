@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use layer_protocol::call::{CallAnswer, CallAssignment, CallOutcome};
 use layer_protocol::runner::{BatchAssignment, FailureKind, RowError, RowResult, RunRequest};
 use layer_protocol::work::ClaimedItem;
 use layer_telemetry::trace::{KeyValue, Span, SpanKind};
@@ -60,6 +61,19 @@ impl CallFailure {
         RowError { kind, message }
     }
 
+    /// What a call that failed so ends as.
+    fn call_outcome(&self) -> CallOutcome {
+        match self {
+            CallFailure::Timeout(_) => CallOutcome::TimedOut,
+            CallFailure::Overloaded => CallOutcome::Busy,
+            CallFailure::GpuLost(_) => CallOutcome::Unavailable,
+            CallFailure::Crashed(_)
+            | CallFailure::OutOfMemory(_)
+            | CallFailure::Status(..)
+            | CallFailure::Garbage(_) => CallOutcome::WorkerFailed,
+        }
+    }
+
     /// Whether splitting the batch could help: not for an overloaded worker.
     fn splits(&self) -> bool {
         !matches!(self, CallFailure::Overloaded | CallFailure::GpuLost(_))
@@ -97,6 +111,101 @@ impl Exec {
         let mut ran = Ran::default();
         let results = self.run_items(a, &a.items, &mut ran, span).await;
         (results, ran)
+    }
+
+    /// Runs one call: on a worker of the Function's pool, as a batch of
+    /// one item (`id`: the call id, `namespace`: empty, `input`: the
+    /// caller's object), with the batch's timeout and checks.
+    pub async fn run_call(&self, c: &CallAssignment, span: &Span) -> CallAnswer {
+        let a = BatchAssignment {
+            batch_id: 0,
+            udf_id: c.udf_id.clone(),
+            revision: c.revision,
+            version: c.version.clone(),
+            worker: c.worker.clone(),
+            items: vec![ClaimedItem { namespace: String::new(), id: c.call_id.clone(), input: c.input.clone() }],
+            report_token: String::new(),
+        };
+        let mut answer = CallAnswer {
+            outcome: CallOutcome::Unavailable,
+            output: None,
+            error: None,
+            worker: None,
+            cold_start: false,
+            gpus: Vec::new(),
+            acquire_ms: 0.0,
+            worker_ms: 0.0,
+        };
+        let wait = Duration::from_secs(u64::from(c.worker.timeout_seconds));
+        let started = std::time::Instant::now();
+        let acquiring = span.child("layer.worker.acquire", SpanKind::Internal, vec![]);
+        let acquired = self.pools.acquire(&c.udf_id, c.revision, &c.worker, wait).await;
+        answer.acquire_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let mut lease = match acquired {
+            Ok(l) => l,
+            Err(e) => {
+                let (outcome, m) = match e {
+                    AcquireError::StartFailed(m) => {
+                        (CallOutcome::WorkerFailed, format!("the worker did not start: {m}"))
+                    }
+                    AcquireError::Busy(m) => (CallOutcome::Busy, m),
+                    AcquireError::Unavailable(m) => (CallOutcome::Unavailable, m),
+                };
+                acquiring.error(m.clone());
+                acquiring.end();
+                answer.outcome = outcome;
+                answer.error = Some(m);
+                return answer;
+            }
+        };
+        let w = lease.worker();
+        acquiring.set([
+            KeyValue::new("layer.worker", w.name().to_string()),
+            KeyValue::new("layer.worker.cold_start", lease.cold),
+        ]);
+        acquiring.end();
+        crate::metrics::METRICS
+            .worker_acquisitions
+            .with_label_values(&[c.udf_id.as_str(), if lease.cold { "cold" } else { "warm" }])
+            .inc();
+        answer.worker = Some(w.name().to_string());
+        answer.gpus = w.gpus().uuids().to_vec();
+        answer.cold_start = lease.cold;
+        let calling = span.child(
+            "layer.worker.call",
+            SpanKind::Client,
+            vec![KeyValue::new("layer.worker", w.name().to_string())],
+        );
+        let started = std::time::Instant::now();
+        let outcome = self.call(&mut lease, &a, &a.items, &calling).await;
+        answer.worker_ms = started.elapsed().as_secs_f64() * 1000.0;
+        crate::metrics::METRICS.worker_call_duration.with_label_values(&[&c.udf_id]).observe(answer.worker_ms / 1000.0);
+        match outcome {
+            Ok(mut results) => match results.pop() {
+                Some(RowResult { error: None, attributes, .. }) => {
+                    answer.outcome = CallOutcome::Succeeded;
+                    answer.output = Some(attributes.unwrap_or_default());
+                }
+                Some(RowResult { error: Some(e), .. }) => {
+                    answer.outcome =
+                        if e.kind == FailureKind::Permanent { CallOutcome::Failed } else { CallOutcome::Transient };
+                    calling.error(e.message.clone());
+                    answer.error = Some(e.message);
+                }
+                None => {
+                    answer.outcome = CallOutcome::WorkerFailed;
+                    answer.error = Some("the worker's answer held no result".into());
+                }
+            },
+            Err(f) => {
+                let message = f.row_error().message;
+                calling.error(message.clone());
+                answer.outcome = f.call_outcome();
+                answer.error = Some(message);
+            }
+        }
+        calling.end();
+        answer
     }
 
     fn run_items<'a>(

@@ -6,6 +6,10 @@
 //!   puts the batch back at once, as a free retry); 401 for a bad token;
 //!   403 for a `worker.command` batch on a runner started without
 //!   `--allow-commands` (also a free retry on the platform's side).
+//! - `POST /v1/calls`: one call from the platform, signed with a call
+//!   token; answered when the worker has answered (a
+//!   [`layer_protocol::call::CallAnswer`]), 503 while draining, 403 for a
+//!   `worker.command` Function without `--allow-commands`.
 //! - `GET /v1/logs?udf=ID&lines=N`: the recent output of the Function's
 //!   workers (signed by the platform: an inspection token).
 //! - `GET /healthz`; `GET /v1/status`: load, workers and GPUs.
@@ -19,6 +23,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header::AUTHORIZATION};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use layer_protocol::call::CallAssignment;
 use layer_protocol::runner::tokens::{self, Purpose};
 use layer_protocol::runner::{BatchAssignment, BatchReport, RunnerLogs};
 use layer_telemetry::trace::{KeyValue, Span, SpanKind};
@@ -31,6 +36,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
         .route("/v1/status", get(status))
         .route("/v1/batches", post(accept))
+        .route("/v1/calls", post(call))
         .route("/v1/logs", get(logs))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(256 << 20))
@@ -138,6 +144,44 @@ async fn accept(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axu
     let s = shared.clone();
     shared.batches.spawn(tracing::Instrument::instrument(run_batch(s, assignment, span), logs));
     StatusCode::ACCEPTED.into_response()
+}
+
+async fn call(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let assignment: CallAssignment = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, "invalid_request", format!("not a call: {e}")),
+    };
+    let purpose = Purpose::Call(&assignment.call_id);
+    if let Err(e) = tokens::verify(&shared.signing_key, bearer(&headers), &shared.runner_id, purpose) {
+        tracing::warn!(call_id = %assignment.call_id, error = %e, "call refused: bad token");
+        return refuse(StatusCode::UNAUTHORIZED, "unauthorized", e);
+    }
+    if shared.is_draining() {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "draining", "the runner is draining".into());
+    }
+    if assignment.worker.command.is_some() && !shared.allow_commands {
+        return refuse(StatusCode::FORBIDDEN, "commands_not_allowed", crate::pool::COMMANDS_NOT_ALLOWED.into());
+    }
+    let span = Span::start(
+        "layer.runner.call",
+        SpanKind::Server,
+        &layer_telemetry::trace::extract(&headers),
+        None,
+        vec![
+            KeyValue::new("layer.udf", assignment.udf_id.clone()),
+            KeyValue::new("layer.revision", i64::from(assignment.revision)),
+            KeyValue::new("layer.call.id", assignment.call_id.clone()),
+            KeyValue::new("layer.runner", shared.runner_id.clone()),
+        ],
+    );
+    let logs = tracing::info_span!("call", call_id = %assignment.call_id, udf = %assignment.udf_id, trace_id = %span.trace_id());
+    let answer = tracing::Instrument::instrument(shared.exec.run_call(&assignment, &span), logs).await;
+    span.set([
+        KeyValue::new("layer.call.outcome", format!("{:?}", answer.outcome)),
+        KeyValue::new("layer.worker.cold_start", answer.cold_start),
+    ]);
+    span.end();
+    axum::Json(answer).into_response()
 }
 
 fn unix_ms() -> i64 {

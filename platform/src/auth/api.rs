@@ -42,7 +42,7 @@ async fn list(
 
 #[utoipa::path(post, path = "/v2/keys", tag = "keys", operation_id = "mint_key",
     summary = "Mint a key; the token is in this response only", description = "Needs the `admin` scope.",
-    request_body(content = MintKeyRequest, example = json!({"name": "tagger", "owner": "ml-team", "entitlements": {"items": "write"}, "expiresAfter": "30d"})),
+    request_body(content = MintKeyRequest, example = json!({"name": "tagger", "owner": "ml-team", "entitlements": {"tagging": {"scopes": ["write"], "namespaces": ["items"]}}, "expiresAfter": "30d"})),
     responses((status = 200, description = "OK", body = MintKeyResponse),
               (status = "default", description = "Error", body = ErrorBody)))]
 async fn mint(

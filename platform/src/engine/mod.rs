@@ -41,6 +41,8 @@ pub struct EngineConfig {
     pub runner_lost_after: Duration,
     /// Finished batch records older than this are deleted.
     pub batch_retention: Duration,
+    /// How long call records are kept after the call ended.
+    pub call_retention: Duration,
     /// Runners lost or deregistered longer than this leave the runner
     /// list (their batch records stay).
     pub runner_retention: Duration,
@@ -53,6 +55,7 @@ impl Default for EngineConfig {
             reap_interval: Duration::from_secs(1),
             runner_lost_after: Duration::from_secs(6),
             batch_retention: Duration::from_secs(7 * 24 * 3600),
+            call_retention: Duration::from_secs(7 * 24 * 3600),
             runner_retention: Duration::from_secs(24 * 3600),
         }
     }
@@ -303,6 +306,11 @@ async fn reaper_loop(pool: PgPool, config: EngineConfig, work_ready: Arc<Notify>
                 Ok(n) if n > 0 => tracing::info!(deleted = n, "pruned batch records past their retention"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "pruning batch records failed"),
+            }
+            match crate::calls::store::prune(&pool, config.call_retention).await {
+                Ok(n) if n > 0 => tracing::info!(deleted = n, "pruned call records past their retention"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning call records failed"),
             }
             match crate::runners::store::prune(&pool, config.runner_retention, None).await {
                 Ok(n) if n > 0 => {

@@ -174,7 +174,12 @@ fn bearer(headers: &HeaderMap) -> Result<&str> {
         .ok_or_else(|| PlatformError::Unauthorized("missing runner token: send `Authorization: Bearer <token>`".into()))
 }
 
-fn verify(key: &[u8], token: &str, runner_id: &str, purpose: Purpose) -> Result<layer_protocol::runner::TokenClaims> {
+fn verify(
+    key: &[u8],
+    token: &str,
+    runner_id: &str,
+    purpose: Purpose<'_>,
+) -> Result<layer_protocol::runner::TokenClaims> {
     tokens::verify(key, token, runner_id, purpose).map_err(|e| {
         tracing::warn!(runner_id, error = %e, "runner token refused");
         PlatformError::Unauthorized(e)
@@ -186,7 +191,7 @@ async fn authenticate_runner(
     state: &AppState,
     headers: &HeaderMap,
     runner_id: &str,
-    purpose: Purpose,
+    purpose: Purpose<'_>,
 ) -> Result<(RunnerRow, layer_protocol::runner::TokenClaims)> {
     let token = bearer(headers)?;
     let runner = match store::get(&state.pool, runner_id, state.settings.runners.lost_after.as_secs_f64()).await {

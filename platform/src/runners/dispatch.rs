@@ -232,6 +232,23 @@ fn place<'a>(
     runners: &'a mut [RunnerRow],
     cooldown: &HashMap<String, Instant>,
 ) -> Option<&'a mut RunnerRow> {
+    place_on(udf, s, runners, cooldown, true)
+}
+
+/// Picks a runner for one call of `udf`, as [`place`] picks one for a
+/// batch, except that a runner's batch slots do not limit its calls (a
+/// call waits for a worker of the Function on the runner instead).
+pub(crate) fn place_call<'a>(udf: &Udf, s: &Scheduling, runners: &'a mut [RunnerRow]) -> Option<&'a mut RunnerRow> {
+    place_on(udf, s, runners, &HashMap::new(), false)
+}
+
+fn place_on<'a>(
+    udf: &Udf,
+    s: &Scheduling,
+    runners: &'a mut [RunnerRow],
+    cooldown: &HashMap<String, Instant>,
+    slots: bool,
+) -> Option<&'a mut RunnerRow> {
     let gpus = s.plan.gpus as usize;
     // `replicas.max` holds across the fleet: once that many workers of the
     // revision run (or are about to: a runner with a batch of it in flight
@@ -247,7 +264,7 @@ fn place<'a>(
         .iter_mut()
         .filter(|r| !full || hosted(r) > 0)
         .filter(|r| r.state() == RunnerState::Active)
-        .filter(|r| r.in_flight < i64::from(r.capacity.0.slots))
+        .filter(|r| !slots || r.in_flight < i64::from(r.capacity.0.slots))
         .filter(|r| cooldown.get(&r.id).is_none_or(|t| Instant::now() >= *t))
         .filter(|r| Need::ALL.iter().all(|n| n.met(s, r)))
         .min_by_key(|r| {

@@ -25,6 +25,7 @@
 //! - `writethrough`: seed 000's write-through pattern
 
 mod auth;
+mod calls;
 mod client_compat;
 mod containers;
 mod crashes;

@@ -220,6 +220,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() -> anyhow::Result<()> {
             iat: now - 120,
             exp: now - 60,
             batch: None,
+            call: None,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(&key))?
     };

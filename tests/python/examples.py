@@ -1,6 +1,10 @@
-"""The runner routes' documented examples, sent as a runner sends them.
+"""The documented examples: each valid against its own schema, and the
+runner routes' examples sent as a runner sends them.
 
-Schemathesis reaches the routes that take a runner token only as far as
+Schemathesis sends the examples of the routes that take an API key, but
+takes one that breaks its schema for a negative case and expects nothing
+of it; here every example of a request body or parameter must validate
+against the schema it illustrates. Schemathesis reaches the routes that take a runner token only as far as
 their 401 (it holds an API key). Here a runner registers with the
 documented example of `POST /v2/runners`, then sends the documented
 examples of its own calls with its real id and session token; each must
@@ -58,6 +62,21 @@ def main():
         assert not errors, f"{method} {template}: the answer {answer} is not as documented: {errors[0].message}"
         print(f"ok {method} {template}")
         return answer
+
+    problems = []
+    for template, item in doc["paths"].items():
+        for method, op in item.items():
+            examples = [(f"parameter {p['name']}", p["schema"], p["example"]) for p in op.get("parameters", [])
+                        if "example" in p]
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {})
+            if "example" in body:
+                examples.append(("request body", body["schema"], body["example"]))
+            for what, schema, example in examples:
+                schema = dict(schema, components=components)
+                for e in jsonschema_rs.Draft202012Validator(schema).iter_errors(example):
+                    problems.append(f"{method.upper()} {template}: the example of its {what} is invalid: {e.message}")
+    assert not problems, "\n".join(problems)
+    print("ok: every example validates against its schema")
 
     registered = check("POST", "/v2/runners", KEY)
     rid, token = registered["runner_id"], registered["token"]

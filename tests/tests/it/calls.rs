@@ -1,0 +1,166 @@
+//! Functions called over HTTP (`POST /v2/udfs/{id}/calls`), through a real
+//! runner and real worker processes: the answer, its headers, its record,
+//! and every way a call can fail, each with its status and problem.
+
+use std::time::{Duration, Instant};
+
+use layer_tests::{TestPlatform, TestRunner, workspace_dir};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// (status, headers, body) of a call with a JSON body.
+async fn call(p: &TestPlatform, udf: &str, body: Value) -> anyhow::Result<(u16, reqwest::header::HeaderMap, Value)> {
+    let r = p.request(Method::POST, &format!("/v2/udfs/{udf}/calls"), Some(&p.admin_key)).json(&body).send().await?;
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await?;
+    Ok((status, headers, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+}
+
+fn header<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
+    h.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default()
+}
+
+/// The call's record, once written (it is written after the answer).
+async fn record(p: &TestPlatform, call_id: &str) -> anyhow::Result<Value> {
+    let start = Instant::now();
+    loop {
+        let (status, body) = p.call(Method::GET, &format!("/v2/calls/{call_id}"), None).await?;
+        if status == 200 {
+            return Ok(body);
+        }
+        anyhow::ensure!(status == 404, "GET /v2/calls/{call_id}: {status} {body}");
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "call {call_id} never recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The seed's Python example, run as a local process.
+async fn tag_products(p: &TestPlatform) -> anyhow::Result<()> {
+    let doc = std::fs::read_to_string(workspace_dir().join("examples/tag-products/function.yaml"))?;
+    let mut doc: Value = serde_json::to_value(layer_protocol::resource::parse_documents(&doc)?.remove(0))?;
+    doc["spec"]["worker"]["command"] = json!(["python3", workspace_dir().join("examples/tag-products/worker.py")]);
+    p.apply_function("tag-products", doc["spec"].clone()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_answers_a_call_with_its_tags_and_the_call_is_recorded() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let runner = TestRunner::start(&p, |_| {}).await?;
+    tag_products(&p).await?;
+
+    let input = json!({"id": "p1", "title": "Wireless speaker", "description": "waterproof"});
+    let (status, h, body) = call(&p, "tag-products", input.clone()).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"tags": ["wireless", "waterproof"]}));
+    let first = header(&h, "layer-call-id").to_string();
+    assert!(first.starts_with("call_"), "{h:?}");
+    assert_eq!(header(&h, "layer-revision"), "1");
+    let timing = header(&h, "server-timing");
+    assert!(
+        timing.starts_with("cold-start;dur=") && timing.contains("worker;dur="),
+        "a first call starts a worker: {timing}"
+    );
+
+    // The worker stays warm: the next call waits for it, starts none.
+    let (status, h, body) = call(&p, "tag-products", json!({"id": "p2", "title": "Lamp"})).await?;
+    assert_eq!((status, body), (200, json!({"tags": ["uncategorized"]})));
+    assert!(header(&h, "server-timing").starts_with("queue;dur="), "{h:?}");
+    let second = header(&h, "layer-call-id").to_string();
+
+    let r = record(&p, &first).await?;
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["http_status"], 200);
+    assert_eq!(r["udf_id"], "tag-products");
+    assert_eq!(r["revision"], 1);
+    assert_eq!(r["runner_id"], runner.id.as_str());
+    assert_eq!(r["cold_start"], true);
+    assert_eq!(r["request_bytes"], input.to_string().len());
+    assert_eq!(r["response_bytes"], json!({"tags": ["wireless", "waterproof"]}).to_string().len());
+    assert!(r["worker"].as_str().is_some_and(|w| !w.is_empty()), "{r}");
+    assert_eq!(r["trace_id"].as_str().map(str::len), Some(32), "{r}");
+    assert_eq!(record(&p, &second).await?["cold_start"], false);
+
+    // Listed newest first, a page at a time.
+    let (_, page) = p.call(Method::GET, "/v2/udfs/tag-products/calls?limit=1", None).await?;
+    assert_eq!(page["calls"][0]["call_id"], second.as_str(), "{page}");
+    let cursor = page["next_cursor"].as_str().expect("a next page").to_string();
+    let (_, page) = p.call(Method::GET, &format!("/v2/udfs/tag-products/calls?limit=1&cursor={cursor}"), None).await?;
+    assert_eq!(page["calls"][0]["call_id"], first.as_str(), "{page}");
+    assert!(page.get("next_cursor").is_none(), "{page}");
+    let (_, none) = p.call(Method::GET, "/v2/udfs/tag-products/calls?status=failed", None).await?;
+    assert_eq!(none["calls"], json!([]));
+
+    // A permanent error of the Function is the caller's 422.
+    let (status, h, body) = call(&p, "tag-products", json!({"id": "p3"})).await?;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(header(&h, "content-type"), "application/problem+json");
+    assert_eq!(body["code"], "function_error");
+    assert!(body["detail"].as_str().unwrap_or_default().contains("missing title"), "{body}");
+    let failed = record(&p, header(&h, "layer-call-id")).await?;
+    assert_eq!((failed["status"].as_str(), failed["http_status"].as_u64()), (Some("failed"), Some(422)));
+    runner.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_cannot_run_are_refused_before_anything_is_sent() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    // No runner yet: the Function exists, but nothing can take the call.
+    tag_products(&p).await?;
+    let (status, h, body) = call(&p, "tag-products", json!({"title": "x"})).await?;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(header(&h, "retry-after"), "1");
+    assert!(body["detail"].as_str().unwrap_or_default().contains("no runner is active"), "{body}");
+
+    let (status, h, body) = call(&p, "no-such-function", json!({})).await?;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{body}");
+    assert_eq!(header(&h, "content-type"), "application/problem+json");
+    assert!(h.get("layer-call-id").is_none(), "nothing was accepted: {h:?}");
+
+    p.call(Method::POST, "/v2/udfs/tag-products/pause", None).await?;
+    let (status, _, body) = call(&p, "tag-products", json!({})).await?;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["detail"].as_str().unwrap_or_default().contains("paused"), "{body}");
+
+    p.apply_function("pulled", json!({"targetNamespaces": ["items"], "worker": {"dispatch": "pull"}})).await?;
+    let (status, _, body) = call(&p, "pulled", json!({})).await?;
+    assert_eq!((status, body["code"].as_str()), (409, Some("not_callable")), "{body}");
+
+    // A key that may only read may not call.
+    let reader = p.mint_key(json!({"r": {"scopes": ["read"]}})).await?;
+    let r = p.request(Method::POST, "/v2/udfs/tag-products/calls", Some(&reader)).json(&json!({})).send().await?;
+    assert_eq!(r.status().as_u16(), 403);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_crashes_hangs_or_answers_garbage_is_a_502_or_504() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let runner = TestRunner::start(&p, |_| {}).await?;
+    let script = workspace_dir().join("tests/python/push_worker.py");
+    let spec = json!({"targetNamespaces": ["jobs"], "inputs": ["mode"],
+                      "worker": {"dispatch": "push", "command": ["python3", script], "timeoutSeconds": 2},
+                      "schedule": {"leaseSeconds": 30}});
+    p.apply_function("jobs", spec).await?;
+
+    let (status, h, body) = call(&p, "jobs", json!({"mode": "crash"})).await?;
+    assert_eq!((status, body["code"].as_str()), (502, Some("worker_failed")), "{body}");
+    assert!(body["detail"].as_str().unwrap_or_default().contains("crashed"), "{body}");
+    assert_eq!(body["call_id"].as_str(), Some(header(&h, "layer-call-id")));
+
+    let (status, _, body) = call(&p, "jobs", json!({"mode": "garbage"})).await?;
+    assert_eq!((status, body["code"].as_str()), (502, Some("worker_failed")), "{body}");
+
+    let (status, h, body) = call(&p, "jobs", json!({"mode": "hang"})).await?;
+    assert_eq!((status, body["code"].as_str()), (504, Some("timeout")), "{body}");
+    let r = record(&p, header(&h, "layer-call-id")).await?;
+    assert_eq!((r["status"].as_str(), r["http_status"].as_u64()), (Some("timed_out"), Some(504)), "{r}");
+
+    // The replaced worker answers the next call.
+    let (status, _, body) = call(&p, "jobs", json!({"mode": "ok"})).await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["result"].as_str().is_some_and(|r| r.starts_with("ok:call_")), "{body}");
+    runner.stop().await?;
+    Ok(())
+}
