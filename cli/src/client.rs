@@ -88,6 +88,24 @@ impl Client {
         serde_json::from_str(&text).with_context(|| format!("unexpected answer from the platform: {text}"))
     }
 
+    /// Sends a body as it is and returns the answer as it is, whatever
+    /// its status: a call's output or its problem.
+    pub async fn send_raw(&self, method: Method, path: &str, body: Vec<u8>) -> Result<reqwest::Response> {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(key) = &self.api_key {
+            req = req.bearer_auth(key);
+        }
+        if !body.is_empty() {
+            req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+        }
+        req.send().await.map_err(|e| {
+            anyhow!(
+                "cannot reach the platform at {}: {e}\n  is `layer dev` (or `layer platform`) running? set LAYER_URL or --url to point elsewhere",
+                self.base
+            )
+        })
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.call::<(), T>(Method::GET, path, None).await
     }

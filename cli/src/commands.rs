@@ -647,3 +647,105 @@ pub async fn runners_list(client: &Client, json_out: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// `-d`: JSON as written, `@file` a file's, `@-` standard input's.
+fn call_body(data: Option<&str>) -> Result<Vec<u8>> {
+    let text = match data {
+        None => return Ok(Vec::new()),
+        Some(d) => match d.strip_prefix('@') {
+            Some(file) => read_input(Path::new(file))?,
+            None => d.to_string(),
+        },
+    };
+    // Checked here, so a typo is named before anything is sent.
+    serde_json::from_str::<Value>(&text).context("-d is not JSON")?;
+    Ok(text.into_bytes())
+}
+
+/// `layer invoke`: calls a Function and writes its answer to standard
+/// output; a problem goes to standard error as its title and detail, and
+/// the command fails.
+pub async fn invoke(client: &Client, name: &str, data: Option<&str>) -> Result<()> {
+    let body = call_body(data)?;
+    let r = client.send_raw(reqwest::Method::POST, &format!("/v2/udfs/{}/calls", seg(name)), body).await?;
+    let status = r.status();
+    let call_id = r.headers().get("layer-call-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let bytes = r.bytes().await.context("reading the answer")?;
+    if !status.is_success() {
+        let problem: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let title = problem["title"].as_str().map_or_else(|| status.to_string(), str::to_string);
+        let detail = problem["detail"].as_str().or(problem["message"].as_str()).unwrap_or_default();
+        let call = call_id.map(|c| format!(" (call {c})")).unwrap_or_default();
+        bail!("{title}{call}: {detail}");
+    }
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout.write_all(&bytes).and_then(|()| {
+        // A terminal gets the line ended; a pipe gets the bytes as they came.
+        if stdout.is_terminal() && !bytes.ends_with(b"\n") { stdout.write_all(b"\n") } else { Ok(()) }
+    });
+    match written.and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(OutputClosed.into()),
+        other => other.context("writing the answer"),
+    }
+}
+
+/// `layer calls NAME`: a Function's calls, newest first.
+pub async fn calls_list(client: &Client, name: &str, status: Option<&str>, limit: u32, json_out: bool) -> Result<()> {
+    let mut query = format!("limit={limit}");
+    if let Some(s) = status {
+        query.push_str(&format!("&status={}", seg(s)));
+    }
+    let r: layer_protocol::call::CallList = client.get(&format!("/v2/udfs/{}/calls?{query}", seg(name))).await?;
+    if json_out {
+        return print_json(&r);
+    }
+    if r.calls.is_empty() {
+        return out!("no calls of {name} recorded (calls are kept for the platform's call retention)");
+    }
+    let rows: Vec<Vec<String>> = r
+        .calls
+        .iter()
+        .map(|c| {
+            let worker = match &c.worker {
+                Some(w) if c.cold_start => format!("{w} (cold)"),
+                Some(w) => w.clone(),
+                None => "-".into(),
+            };
+            vec![
+                c.call_id.clone(),
+                wire_name(&c.status),
+                c.http_status.to_string(),
+                c.queued_at.clone(),
+                millis_between(Some(&c.queued_at), Some(&c.finished_at)),
+                c.revision.to_string(),
+                worker,
+                c.error.clone().unwrap_or_default().chars().take(60).collect(),
+            ]
+        })
+        .collect();
+    print_table(&["CALL", "STATUS", "HTTP", "ARRIVED", "MS", "REVISION", "WORKER", "ERROR"], &rows)
+}
+
+/// `layer calls get CALL_ID`: one call's record.
+pub async fn calls_get(client: &Client, call_id: &str, json_out: bool) -> Result<()> {
+    let c: layer_protocol::call::CallRecord = client.get(&format!("/v2/calls/{}", seg(call_id))).await?;
+    if json_out {
+        return print_json(&c);
+    }
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    out!("call:      {}", c.call_id)?;
+    out!("function:  {} (revision {})", c.udf_id, c.revision)?;
+    out!("status:    {} (HTTP {})", wire_name(&c.status), c.http_status)?;
+    out!("runner:    {}", or_dash(&c.runner_id))?;
+    out!("worker:    {}{}", or_dash(&c.worker), if c.cold_start { " (cold start)" } else { "" })?;
+    out!("key:       {}", or_dash(&c.key_id))?;
+    out!("arrived:   {}", c.queued_at)?;
+    out!("started:   {}", or_dash(&c.started_at))?;
+    out!("finished:  {} ({} ms)", c.finished_at, millis_between(Some(&c.queued_at), Some(&c.finished_at)))?;
+    out!("bytes:     {} in, {} out", c.request_bytes, c.response_bytes)?;
+    out!("trace:     {}", or_dash(&c.trace_id))?;
+    if let Some(e) = &c.error {
+        out!("error:     {e}")?;
+    }
+    Ok(())
+}

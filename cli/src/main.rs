@@ -89,6 +89,9 @@ enum Command {
         /// How long finished batch records are kept.
         #[arg(long, env = "LAYER_BATCH_RETENTION_HOURS", default_value_t = 168)]
         batch_retention_hours: u64,
+        /// How long the records of calls are kept after they ended.
+        #[arg(long, env = "LAYER_CALL_RETENTION_HOURS", default_value_t = 168)]
+        call_retention_hours: u64,
         /// How long a lost or deregistered runner stays in the runner list
         /// (at least 1; its batch records stay for their own retention).
         #[arg(long, env = "LAYER_RUNNER_RETENTION_HOURS", default_value_t = 24)]
@@ -189,6 +192,33 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Call a Function over HTTP and print its answer (JSON in, JSON out).
+    Invoke {
+        /// The Function's name.
+        function: String,
+        /// The input: JSON, `@file.json`, or `@-` for standard input
+        /// (none: no arguments).
+        #[arg(short = 'd', long = "data")]
+        data: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// A Function's calls, newest first; `layer calls get CALL_ID` shows one.
+    #[command(args_conflicts_with_subcommands = true)]
+    Calls {
+        #[command(subcommand)]
+        command: Option<CallsCommand>,
+        /// The Function whose calls to list.
+        function: Option<String>,
+        /// Only calls that ended so: succeeded, failed, timed_out, rejected.
+        #[arg(long)]
+        status: Option<String>,
+        /// Calls to show, at most.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// The recent output of a Function's workers, per worker, from every
     /// active runner.
     Logs {
@@ -197,6 +227,17 @@ enum Command {
         /// Lines per worker (1-500).
         #[arg(long, short = 'n', default_value_t = 100)]
         lines: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Subcommand)]
+enum CallsCommand {
+    /// One call's record: status, timings, worker, trace.
+    Get {
+        /// The call's id (`Layer-Call-Id`).
+        call_id: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -394,6 +435,7 @@ async fn run(cli: Cli) -> Result<()> {
             max_body_bytes,
             api_key,
             batch_retention_hours,
+            call_retention_hours,
             runner_retention_hours,
         } => {
             let _traces = init_telemetry("layer-platform")?;
@@ -404,6 +446,7 @@ async fn run(cli: Cli) -> Result<()> {
                 max_body_bytes,
                 api_key,
                 batch_retention: std::time::Duration::from_secs(batch_retention_hours.max(1) * 3600),
+                call_retention: std::time::Duration::from_secs(call_retention_hours.max(1) * 3600),
                 runner_retention: std::time::Duration::from_secs(runner_retention_hours.max(1) * 3600),
             })
             .await
@@ -438,6 +481,21 @@ async fn run(cli: Cli) -> Result<()> {
                 simulated_gpus,
             })
             .await
+        }
+        Command::Invoke { function, data, remote } => {
+            let c = client::Client::new(&remote.url, remote.api_key)?;
+            commands::invoke(&c, &function, data.as_deref()).await
+        }
+        Command::Calls { command: Some(CallsCommand::Get { call_id, remote }), .. } => {
+            let c = client::Client::new(&remote.url, remote.api_key)?;
+            commands::calls_get(&c, &call_id, remote.json).await
+        }
+        Command::Calls { command: None, function, status, limit, remote } => {
+            let Some(function) = function else {
+                anyhow::bail!("name a Function (`layer calls NAME`), or a call (`layer calls get CALL_ID`)");
+            };
+            let c = client::Client::new(&remote.url, remote.api_key)?;
+            commands::calls_list(&c, &function, status.as_deref(), limit, remote.json).await
         }
         Command::Logs { function, lines, remote } => {
             let c = client::Client::new(&remote.url, remote.api_key)?;

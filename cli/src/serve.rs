@@ -289,6 +289,7 @@ pub struct PlatformArgs {
     pub max_body_bytes: usize,
     pub api_key: Option<String>,
     pub batch_retention: std::time::Duration,
+    pub call_retention: std::time::Duration,
     pub runner_retention: std::time::Duration,
 }
 
@@ -302,6 +303,7 @@ pub async fn platform(args: PlatformArgs) -> Result<()> {
     config.max_body_bytes = args.max_body_bytes;
     config.bootstrap_admin_key = args.api_key;
     config.engine.batch_retention = args.batch_retention;
+    config.engine.call_retention = args.call_retention;
     config.engine.runner_retention = args.runner_retention;
     let started = layer_platform::start(config, shutdown).await.context("starting the platform")?;
     print_banner(started.addr, started.minted_admin_key.as_deref(), None);

@@ -751,3 +751,56 @@ async fn layer_run_gives_up_on_a_paused_function_saying_how_to_go_on() -> Result
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// `layer invoke` writes the answer to stdout and fails with the problem's
+/// title on stderr; `layer calls` lists the calls and `layer calls get`
+/// shows one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layer_invoke_prints_the_answer_or_the_problem_and_layer_calls_lists_them() -> Result<()> {
+    let p = TestPlatform::start().await?;
+    let runner = TestRunner::start(&p, |_| {}).await?;
+    let ws = layer_tests::workspace_dir();
+    let worker = ws.join("examples/tag-products/worker.py");
+    let spec = json!({"targetNamespaces": ["products"], "inputs": ["id", "title"],
+                      "worker": {"dispatch": "push", "command": ["python3", worker]}});
+    p.apply_function("tagger", spec).await?;
+
+    let o = layer(&p, &["invoke", "tagger", "-d", r#"{"id": "p1", "title": "Wireless mouse"}"#]).await?;
+    ensure!(o.status.success(), "{}", both(&o));
+    ensure!(stdout(&o) == r#"{"tags":["wireless"]}"#, "the answer as it came: {}", both(&o));
+
+    let dir = scratch("invoke");
+    let input = dir.join("input.json");
+    std::fs::write(&input, r#"{"id": "p2"}"#)?;
+    let o = layer(&p, &["invoke", "tagger", "-d", &format!("@{}", input.display())]).await?;
+    ensure!(o.status.code() == Some(1) && stdout(&o).is_empty(), "{}", both(&o));
+    let err = stderr(&o);
+    ensure!(err.contains("The Function refused the input") && err.contains("p2: missing title"), "{err}");
+    ensure!(err.contains("(call call_"), "the call id is named: {err}");
+
+    let o = layer(&p, &["invoke", "tagger", "-d", "{not json"]).await?;
+    ensure!(!o.status.success() && stderr(&o).contains("-d is not JSON"), "{}", both(&o));
+    let o = layer(&p, &["invoke", "no-such-fn"]).await?;
+    ensure!(!o.status.success() && stderr(&o).contains("No such Function"), "{}", both(&o));
+
+    // Both calls are listed once recorded (after their answers).
+    let listed = wait_for("two recorded calls", "failed", || {
+        let o = std::process::Command::new(BIN)
+            .args(["calls", "tagger"])
+            .env("LAYER_URL", &p.url)
+            .env("LAYER_API_KEY", &p.admin_key)
+            .output()
+            .expect("layer calls runs");
+        // Both records, whichever was written first.
+        let text = stdout(&o);
+        if text.contains("succeeded") { text } else { String::new() }
+    })
+    .await?;
+    ensure!(listed.starts_with("CALL") && listed.contains("succeeded") && listed.contains("422"), "{listed}");
+    let id = listed.lines().nth(1).and_then(|l| l.split_whitespace().next()).context("a call row")?.to_string();
+    let o = layer(&p, &["calls", "get", &id]).await?;
+    ensure!(o.status.success() && stdout(&o).contains(&format!("call:      {id}")), "{}", both(&o));
+    ensure!(stdout(&o).contains("status:    failed (HTTP 422)"), "the newest call failed: {}", both(&o));
+    runner.stop().await?;
+    Ok(())
+}

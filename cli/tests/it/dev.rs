@@ -579,6 +579,7 @@ fn the_readme_first_session_runs_line_by_line_as_written() {
     assert!(said.contains("\"_hevlayer_udf_product_tags_push_v\": \"v1\""), "{said}");
     assert!(said.contains("dev") && said.contains("product-tags-push"), "{said}");
     assert!(said.contains(r#"{"tags":["wireless"]}"#), "the call's answer: {said}");
+    assert!(said.contains(r#"{"tags":["waterproof"]}"#), "layer invoke's answer: {said}");
     // The last status it shows, and both Functions' now: nothing left, no
     // problem the reader did not cause.
     let last = said.rsplit("name:       product-tags").next().unwrap_or_default();
