@@ -21,8 +21,15 @@ pub struct CallAssignment {
     pub revision: i32,
     pub version: String,
     pub worker: WorkerPlan,
-    /// The item's `input`: the caller's JSON object.
+    /// The item's `input`: the caller's JSON object (`run` protocol).
+    #[serde(default)]
     pub input: Map<String, Value>,
+    /// The caller's body as it came, base64 (`invoke` protocol).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// The caller's `Content-Type` (`invoke` protocol).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
 }
 
 /// How a call ended, on the runner.
@@ -63,10 +70,24 @@ pub struct CallAnswer {
     pub cold_start: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<String>,
+    /// With the `invoke` protocol: the worker's answer, passed to the
+    /// caller as it is (any status, `succeeded` included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passthrough: Option<Passthrough>,
     /// Milliseconds spent getting a worker (a cold start included).
     pub acquire_ms: f64,
     /// Milliseconds of the worker's call.
     pub worker_ms: f64,
+}
+
+/// A worker's own answer to an `invoke` call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Passthrough {
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// The body, base64.
+    pub body: String,
 }
 
 /// Where a call stands. Synchronous calls are recorded once they end.

@@ -30,6 +30,28 @@ pub enum ComputeClass {
     Gpu,
 }
 
+/// How a call of the Function reaches its worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum CallProtocol {
+    /// `POST /run` with a batch of one item (the caller's JSON object as its
+    /// `input`); the item's `attributes` are the answer. A row worker
+    /// answers calls unchanged.
+    #[default]
+    Run,
+    /// `POST /invoke` with the caller's body and `Content-Type` as they
+    /// came; the worker's status, content type and body go back to the
+    /// caller as they are.
+    Invoke,
+}
+
+impl CallProtocol {
+    fn is_run(&self) -> bool {
+        *self == CallProtocol::Run
+    }
+}
+
 /// What starts discovery of rows that need work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -72,6 +94,10 @@ pub struct WorkerSpec {
     /// Limits for each worker (containers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<WorkerResources>,
+    /// How calls reach the worker: `run` (default) or `invoke`.
+    #[serde(default, skip_serializing_if = "CallProtocol::is_run")]
+    #[cfg_attr(feature = "openapi", schema(required = false))]
+    pub protocol: CallProtocol,
 }
 
 /// `spec.worker.resources`: what one worker may use, as Kubernetes-style
@@ -430,6 +456,7 @@ const WORKER_FIELDS: &[Field] = &[
     field("command", "command"),
     field("env", "env"),
     field("resources", "resources"),
+    field("protocol", "protocol"),
 ];
 const RESOURCE_FIELDS: &[Field] =
     &[field("cpu", "cpu"), field("memory", "memory"), field("ephemeralDisk", "ephemeral_disk"), field("gpus", "gpus")];
@@ -666,6 +693,10 @@ fn worker_spec(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<Wo
         }
     }
     let resources = o.get(WORKER_FIELDS[10]).and_then(|v| worker_resources(p, &o.path_of(WORKER_FIELDS[10]), v, case));
+    let protocol = match o.one_of(p, WORKER_FIELDS[11], &["run", "invoke"]).as_deref() {
+        Some("invoke") => CallProtocol::Invoke,
+        _ => CallProtocol::Run,
+    };
     Some(WorkerSpec {
         image,
         url,
@@ -678,6 +709,7 @@ fn worker_spec(p: &mut Problems, path: &str, v: &Value, case: Case) -> Option<Wo
         command,
         env,
         resources,
+        protocol,
     })
 }
 
@@ -1032,6 +1064,19 @@ mod tests {
         assert_eq!(s.schedule.lease_seconds, 120);
         assert_eq!(s.retry.max_attempts, 8);
         assert_eq!(s.triggers, vec![Trigger::Discovery]);
+    }
+
+    #[test]
+    fn calls_speak_run_unless_the_worker_says_invoke() {
+        let s = check(json!({"targetNamespaces": ["a"], "worker": {}}), Case::Camel).unwrap().spec;
+        assert_eq!(s.worker.protocol, CallProtocol::Run);
+        // The default is not written out: stored specs stay as they were.
+        assert!(serde_json::to_value(&s.worker).unwrap().get("protocol").is_none());
+        let s = check(json!({"targetNamespaces": ["a"], "worker": {"protocol": "invoke"}}), Case::Camel).unwrap().spec;
+        assert_eq!(s.worker.protocol, CallProtocol::Invoke);
+        assert_eq!(serde_json::to_value(&s.worker).unwrap()["protocol"], "invoke");
+        let e = check(json!({"targetNamespaces": ["a"], "worker": {"protocol": "grpc"}}), Case::Camel).unwrap_err();
+        assert!(e.iter().any(|m| m.starts_with("spec.worker.protocol") && m.contains("grpc")), "{e:?}");
     }
 
     #[test]

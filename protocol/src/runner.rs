@@ -336,6 +336,9 @@ pub struct WorkerPlan {
     /// Whole GPUs bound to each worker, exclusively.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub gpus: u32,
+    /// How calls reach the worker.
+    #[serde(default)]
+    pub protocol: crate::function::CallProtocol,
 }
 
 fn is_zero(n: &u32) -> bool {

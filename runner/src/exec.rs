@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use layer_protocol::call::{CallAnswer, CallAssignment, CallOutcome};
+use layer_protocol::call::{CallAnswer, CallAssignment, CallOutcome, Passthrough};
+use layer_protocol::function::CallProtocol;
 use layer_protocol::runner::{BatchAssignment, FailureKind, RowError, RowResult, RunRequest};
 use layer_protocol::work::ClaimedItem;
 use layer_telemetry::trace::{KeyValue, Span, SpanKind};
@@ -133,6 +134,7 @@ impl Exec {
             worker: None,
             cold_start: false,
             gpus: Vec::new(),
+            passthrough: None,
             acquire_ms: 0.0,
             worker_ms: 0.0,
         };
@@ -177,6 +179,25 @@ impl Exec {
             vec![KeyValue::new("layer.worker", w.name().to_string())],
         );
         let started = std::time::Instant::now();
+        if c.worker.protocol == CallProtocol::Invoke {
+            let outcome = self.invoke(&mut lease, c, &calling).await;
+            answer.worker_ms = started.elapsed().as_secs_f64() * 1000.0;
+            match outcome {
+                Ok(p) => {
+                    calling.set([KeyValue::new("http.response.status_code", i64::from(p.status))]);
+                    answer.outcome = CallOutcome::Succeeded;
+                    answer.passthrough = Some(p);
+                }
+                Err(f) => {
+                    let message = f.row_error().message;
+                    calling.error(message.clone());
+                    answer.outcome = f.call_outcome();
+                    answer.error = Some(message);
+                }
+            }
+            calling.end();
+            return answer;
+        }
         let outcome = self.call(&mut lease, &a, &a.items, &calling).await;
         answer.worker_ms = started.elapsed().as_secs_f64() * 1000.0;
         crate::metrics::METRICS.worker_call_duration.with_label_values(&[&c.udf_id]).observe(answer.worker_ms / 1000.0);
@@ -308,46 +329,11 @@ impl Exec {
             items: items.to_vec(),
         };
         let url = format!("{}/run", lease.worker().base_url());
-        let timeout = Duration::from_secs(u64::from(a.worker.timeout_seconds));
         // The worker joins the batch's trace through `traceparent`.
         let mut headers = http::HeaderMap::new();
         span.inject(&mut headers);
-        let call = async {
-            let response = self.http.post(&url).headers(headers).json(&body).send().await.map_err(|e| e.to_string())?;
-            let status = response.status();
-            let bytes = read_capped(response, self.max_response_bytes).await?;
-            Ok::<_, String>((status, bytes))
-        };
-        // A cordon of one of the worker's GPUs ends the call: its work is
-        // handed back as a free retry.
-        let lost = lease.worker().gpus().lost();
-        let outcome = tokio::select! {
-            o = tokio::time::timeout(timeout, call) => o,
-            _ = lost.cancelled() => {
-                let reason = lease.worker().gpus().lost_reason().unwrap_or_else(|| "a GPU was cordoned".into());
-                lease.discard();
-                return Err(CallFailure::GpuLost(reason));
-            }
-        };
-        let (status, bytes) = match outcome {
-            Err(_) => {
-                // Stage one was dropping the call; stage two kills the
-                // worker (its process group) and a new one replaces it.
-                lease.discard();
-                return Err(CallFailure::Timeout(a.worker.timeout_seconds));
-            }
-            Ok(Err(e)) => {
-                lease.discard();
-                // Give a dying worker a moment to be reaped, so its exit
-                // (an OOM kill, say) names the cause.
-                return Err(match lease.worker_mut().exit_within(Duration::from_millis(500)).await {
-                    Some((detail, true)) => CallFailure::OutOfMemory(detail),
-                    Some((detail, false)) => CallFailure::Crashed(detail),
-                    None => CallFailure::Crashed(e),
-                });
-            }
-            Ok(Ok(r)) => r,
-        };
+        let request = self.http.post(&url).headers(headers).json(&body);
+        let (status, _, bytes) = self.exchange(lease, request, a.worker.timeout_seconds).await?;
         if status.as_u16() == 429 {
             return Err(CallFailure::Overloaded);
         }
@@ -361,6 +347,77 @@ impl Exec {
                 lease.discard();
                 Err(CallFailure::Garbage(m))
             }
+        }
+    }
+
+    /// `POST /invoke` with the caller's body and content type; the
+    /// worker's answer, whatever its status, is the caller's.
+    async fn invoke(
+        &self,
+        lease: &mut WorkerLease,
+        c: &CallAssignment,
+        span: &Span,
+    ) -> Result<Passthrough, CallFailure> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let body = c.body.as_deref().and_then(|b| b64.decode(b).ok()).unwrap_or_default();
+        let mut headers = http::HeaderMap::new();
+        span.inject(&mut headers);
+        if let Some(ct) = c.content_type.as_deref().and_then(|t| http::HeaderValue::from_str(t).ok()) {
+            headers.insert(http::header::CONTENT_TYPE, ct);
+        }
+        let request = self.http.post(format!("{}/invoke", lease.worker().base_url())).headers(headers).body(body);
+        let (status, content_type, bytes) = self.exchange(lease, request, c.worker.timeout_seconds).await?;
+        Ok(Passthrough { status: status.as_u16(), content_type, body: b64.encode(bytes) })
+    }
+
+    /// Sends one request to a worker with the timeout enforced, a cordon
+    /// of its GPUs watched and its answer size-capped; a worker that times
+    /// out, dies or loses a GPU is discarded.
+    async fn exchange(
+        &self,
+        lease: &mut WorkerLease,
+        request: reqwest::RequestBuilder,
+        timeout_seconds: u32,
+    ) -> Result<(reqwest::StatusCode, Option<String>, Vec<u8>), CallFailure> {
+        let timeout = Duration::from_secs(u64::from(timeout_seconds));
+        let call = async {
+            let response = request.send().await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let content_type =
+                response.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let bytes = read_capped(response, self.max_response_bytes).await?;
+            Ok::<_, String>((status, content_type, bytes))
+        };
+        // A cordon of one of the worker's GPUs ends the call: its work is
+        // handed back as a free retry.
+        let lost = lease.worker().gpus().lost();
+        let outcome = tokio::select! {
+            o = tokio::time::timeout(timeout, call) => o,
+            _ = lost.cancelled() => {
+                let reason = lease.worker().gpus().lost_reason().unwrap_or_else(|| "a GPU was cordoned".into());
+                lease.discard();
+                return Err(CallFailure::GpuLost(reason));
+            }
+        };
+        match outcome {
+            Err(_) => {
+                // Stage one was dropping the call; stage two kills the
+                // worker (its process group) and a new one replaces it.
+                lease.discard();
+                Err(CallFailure::Timeout(timeout_seconds))
+            }
+            Ok(Err(e)) => {
+                lease.discard();
+                // Give a dying worker a moment to be reaped, so its exit
+                // (an OOM kill, say) names the cause.
+                Err(match lease.worker_mut().exit_within(Duration::from_millis(500)).await {
+                    Some((detail, true)) => CallFailure::OutOfMemory(detail),
+                    Some((detail, false)) => CallFailure::Crashed(detail),
+                    None => CallFailure::Crashed(e),
+                })
+            }
+            Ok(Ok(r)) => Ok(r),
         }
     }
 }

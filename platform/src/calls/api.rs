@@ -24,7 +24,7 @@ use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use layer_protocol::call::{CallAnswer, CallAssignment, CallList, CallOutcome, CallRecord, CallStatus};
 use layer_protocol::error::ErrorBody;
-use layer_protocol::function::{Dispatch, Udf};
+use layer_protocol::function::{CallProtocol, Dispatch, Udf};
 use layer_protocol::keys::Scope;
 use layer_protocol::runner::tokens::{self, Purpose};
 use layer_telemetry::trace::{Context, KeyValue, Span, SpanKind, new_trace_id, span_trace_id};
@@ -163,6 +163,14 @@ fn input_of(body: &[u8]) -> Result<Map<String, Value>, Problem> {
     })
 }
 
+/// What a call carries to its worker.
+enum Payload {
+    /// `run`: the item's input.
+    Input(Map<String, Value>),
+    /// `invoke`: the caller's body and content type.
+    Raw(Bytes, Option<String>),
+}
+
 /// What a call did, for its answer and its record.
 struct Ran {
     udf: Udf,
@@ -198,13 +206,7 @@ async fn callable(state: &AppState, p: &Principal, id: &str) -> Result<Udf, Prob
 }
 
 /// Places the call on a runner and waits for its answer.
-async fn run(
-    state: &AppState,
-    udf: Udf,
-    call_id: &str,
-    input: Map<String, Value>,
-    span: &Span,
-) -> Result<Ran, Problem> {
+async fn run(state: &AppState, udf: Udf, call_id: &str, payload: Payload, span: &Span) -> Result<Ran, Problem> {
     let pools = compute_pools(crate::resources::store::list_infra_rules(&state.pool).await?);
     let sched = scheduling(&udf, &pools).map_err(|c| {
         Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "No runner can run the Function", c.message)
@@ -225,6 +227,13 @@ async fn run(
         .retry_after(1));
     };
     let token = tokens::sign(&runner.signing_key, &runner.id, Purpose::Call(call_id), tokens::DISPATCH_TTL_SECONDS);
+    let (input, body, content_type) = match payload {
+        Payload::Input(i) => (i, None, None),
+        Payload::Raw(b, ct) => {
+            use base64::Engine as _;
+            (Map::new(), Some(base64::engine::general_purpose::STANDARD.encode(b)), ct)
+        }
+    };
     let assignment = CallAssignment {
         call_id: call_id.to_string(),
         udf_id: udf.id.clone(),
@@ -232,6 +241,8 @@ async fn run(
         version: udf.spec.version.clone(),
         worker: sched.plan.clone(),
         input,
+        body,
+        content_type,
     };
     let url = format!("{}/v1/calls", runner.address.trim_end_matches('/'));
     let mut headers = http::HeaderMap::new();
@@ -262,16 +273,39 @@ async fn run(
     Ok(Ran { runner_id: runner.id.clone(), udf, answer, dispatched })
 }
 
+/// A worker's answer, for the caller.
+struct Output {
+    status: StatusCode,
+    content_type: String,
+    body: Vec<u8>,
+}
+
 /// The HTTP answer to a call that ran, with its record's status.
-fn answer_of(ran: &Ran) -> (Result<Vec<u8>, Problem>, CallStatus) {
+fn answer_of(ran: &Ran) -> (Result<Output, Problem>, CallStatus) {
     let a = &ran.answer;
     let error = a.error.clone().unwrap_or_default();
     let problem = |status, code, title| Problem::new(status, code, title, error.clone());
     match a.outcome {
-        CallOutcome::Succeeded => {
-            let body = serde_json::to_vec(&a.output.clone().unwrap_or_default()).unwrap_or_default();
-            (Ok(body), CallStatus::Succeeded)
-        }
+        CallOutcome::Succeeded => match &a.passthrough {
+            // `invoke`: the worker's own answer, as it is.
+            Some(p) => {
+                use base64::Engine as _;
+                let body = base64::engine::general_purpose::STANDARD.decode(&p.body).unwrap_or_default();
+                let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::BAD_GATEWAY);
+                let content_type = p.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
+                let recorded = if status.is_client_error() || status.is_server_error() {
+                    CallStatus::Failed
+                } else {
+                    CallStatus::Succeeded
+                };
+                (Ok(Output { status, content_type, body }), recorded)
+            }
+            None => {
+                let body = serde_json::to_vec(&a.output.clone().unwrap_or_default()).unwrap_or_default();
+                let output = Output { status: StatusCode::OK, content_type: "application/json".into(), body };
+                (Ok(output), CallStatus::Succeeded)
+            }
+        },
         CallOutcome::Failed => (
             Err(problem(StatusCode::UNPROCESSABLE_ENTITY, "function_error", "The Function refused the input")),
             CallStatus::Failed,
@@ -332,6 +366,7 @@ async fn call(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
@@ -353,9 +388,16 @@ async fn call(
                 .into_response();
         }
     };
-    let input = match input_of(&body) {
-        Ok(i) => i,
-        Err(problem) => return problem.into_response(),
+    // `run`: the body is the item's input; `invoke`: it goes as it came.
+    let payload = match udf.spec.worker.protocol {
+        CallProtocol::Run => match input_of(&body) {
+            Ok(i) => Payload::Input(i),
+            Err(problem) => return problem.into_response(),
+        },
+        CallProtocol::Invoke => {
+            let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+            Payload::Raw(body.clone(), content_type)
+        }
     };
     let attrs = vec![
         KeyValue::new("layer.udf", udf.id.clone()),
@@ -393,7 +435,7 @@ async fn call(
         error: None,
     };
     let revision = udf.revision;
-    let (outcome, timing) = match run(&state, udf, &call_id, input, &span).await {
+    let (outcome, timing) = match run(&state, udf, &call_id, payload, &span).await {
         Ok(ran) => {
             let (outcome, status) = answer_of(&ran);
             let a = &ran.answer;
@@ -418,9 +460,11 @@ async fn call(
         }
     };
     let mut response = match outcome {
-        Ok(body) => {
-            record.response_bytes = body.len() as i64;
-            ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+        Ok(out) => {
+            record.response_bytes = out.body.len() as i64;
+            let content_type = HeaderValue::from_str(&out.content_type)
+                .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
+            (out.status, [(header::CONTENT_TYPE, content_type)], out.body).into_response()
         }
         Err(mut problem) => {
             problem.call_id = Some(call_id.clone());

@@ -77,6 +77,7 @@ pub fn worker_plan(udf: &Udf, pool: Option<&ComputePool>) -> WorkerPlan {
         memory_bytes: r.memory_bytes,
         ephemeral_disk_bytes: r.ephemeral_disk_bytes,
         gpus: r.gpus,
+        protocol: w.protocol,
     }
 }
 

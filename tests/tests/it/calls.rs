@@ -164,3 +164,40 @@ async fn a_worker_that_crashes_hangs_or_answers_garbage_is_a_502_or_504() -> any
     runner.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_echo_worker_answers_through_invoke_with_the_callers_bytes_and_content_type() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let runner = TestRunner::start(&p, |_| {}).await?;
+    let doc = std::fs::read_to_string(workspace_dir().join("examples/echo-rust/function.yaml"))?;
+    let mut doc: Value = serde_json::to_value(layer_protocol::resource::parse_documents(&doc)?.remove(0))?;
+    doc["spec"]["worker"]["command"] = json!([layer_tests::echo_worker_binary()?]);
+    assert_eq!(doc["spec"]["worker"]["protocol"], "invoke", "the example speaks invoke: {doc}");
+    p.apply_function("echo", doc["spec"].clone()).await?;
+
+    let text = "hello, layer \u{1F44B}\nnot JSON at all";
+    let r = p
+        .request(Method::POST, "/v2/udfs/echo/calls", Some(&p.admin_key))
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(text)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(header(r.headers(), "content-type"), "text/plain; charset=utf-8");
+    let call_id = header(r.headers(), "layer-call-id").to_string();
+    assert_eq!(r.text().await?, text, "the bytes as they came");
+    let rec = record(&p, &call_id).await?;
+    assert_eq!(
+        (rec["request_bytes"].as_u64(), rec["response_bytes"].as_u64()),
+        (Some(text.len() as u64), Some(text.len() as u64))
+    );
+
+    // Binary bytes with no content type pass through too.
+    let bytes: Vec<u8> = (0..=255u8).collect();
+    let r = p.request(Method::POST, "/v2/udfs/echo/calls", Some(&p.admin_key)).body(bytes.clone()).send().await?;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(header(r.headers(), "content-type"), "application/octet-stream");
+    assert_eq!(r.bytes().await?.to_vec(), bytes);
+    runner.stop().await?;
+    Ok(())
+}

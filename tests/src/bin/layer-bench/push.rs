@@ -292,6 +292,7 @@ pub async fn w6(samples: usize) -> Result<()> {
         memory_bytes: None,
         ephemeral_disk_bytes: None,
         gpus: 0,
+        protocol: Default::default(),
     };
     let env = layer_runner::pool::process::WorkerEnv { udf_id: "w6".into(), ..Default::default() };
     let http = reqwest::Client::new();
