@@ -143,6 +143,7 @@ pub struct CreateKey {
     pub name: String,
     pub scopes: Vec<String>,
     pub namespaces: Vec<String>,
+    pub functions: Vec<String>,
     pub claims: Vec<String>,
     pub expires_after: Option<String>,
     pub description: Option<String>,
@@ -157,11 +158,13 @@ pub async fn keys_create(client: &Client, k: CreateKey, json_out: bool) -> Resul
             "read" => Ok(Scope::Read),
             "write" => Ok(Scope::Write),
             "admin" => Ok(Scope::Admin),
-            other => Err(anyhow!("--scope {other}: use read, write or admin")),
+            "invoke" => Ok(Scope::Invoke),
+            other => Err(anyhow!("--scope {other}: use read, write, admin or invoke")),
         })
         .collect::<Result<Vec<_>>>()?;
     let ent = Entitlement {
         scopes: (!scopes.is_empty()).then_some(scopes),
+        functions: (!k.functions.is_empty()).then_some(k.functions),
         namespaces: (!k.namespaces.is_empty()).then_some(k.namespaces),
         claims: (!k.claims.is_empty()).then_some(k.claims),
     };

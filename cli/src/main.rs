@@ -249,12 +249,16 @@ enum KeysCommand {
     Create {
         /// A name for the key, shown by `layer keys list`.
         name: String,
-        /// read, write or admin (repeatable). Default: read.
+        /// read, write, admin or invoke (repeatable). Default: read.
         #[arg(long = "scope")]
         scopes: Vec<String>,
         /// Restrict the key to these namespaces (repeatable; `prefix*` allowed).
         #[arg(long = "namespace")]
         namespaces: Vec<String>,
+        /// With `--scope invoke`: the Functions the key may call, and nothing
+        /// else (repeatable; `prefix*` allowed).
+        #[arg(long = "function")]
+        functions: Vec<String>,
         /// Claims, such as `runner` (repeatable).
         #[arg(long = "claim")]
         claims: Vec<String>,
@@ -517,8 +521,26 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Keys { command, remote } => {
             let c = client::Client::new(&remote.url, remote.api_key)?;
             match command {
-                KeysCommand::Create { name, scopes, namespaces, claims, expires_after, description, owner } => {
-                    let k = commands::CreateKey { name, scopes, namespaces, claims, expires_after, description, owner };
+                KeysCommand::Create {
+                    name,
+                    scopes,
+                    namespaces,
+                    functions,
+                    claims,
+                    expires_after,
+                    description,
+                    owner,
+                } => {
+                    let k = commands::CreateKey {
+                        name,
+                        scopes,
+                        namespaces,
+                        functions,
+                        claims,
+                        expires_after,
+                        description,
+                        owner,
+                    };
                     commands::keys_create(&c, k, remote.json).await
                 }
                 KeysCommand::List { all } => commands::keys_list(&c, all, remote.json).await,

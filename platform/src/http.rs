@@ -153,6 +153,17 @@ pub fn int_param(
     }
 }
 
+/// As [`authenticate`], but a request with no `Authorization` header goes
+/// on as [`crate::auth::Principal::anonymous`], for the handler to refuse
+/// unless what it serves allows it (a Function's `calls.anonymous`).
+async fn authenticate_or_anonymous(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if req.headers().contains_key(header::AUTHORIZATION) {
+        return authenticate(State(state), req, next).await;
+    }
+    req.extensions_mut().insert(crate::auth::Principal::anonymous());
+    next.run(req).await
+}
+
 /// Resolves the bearer token to a [`crate::auth::Principal`] for the handlers.
 async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
@@ -341,10 +352,13 @@ fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 pub fn router(state: AppState) -> Router {
     let (with_key, _) = crate::openapi::key_routes().split_for_parts();
     let authenticated = with_key.route_layer(from_fn_with_state(state.clone(), authenticate));
+    let (open, _) = crate::openapi::open_routes().split_for_parts();
+    let open = open.route_layer(from_fn_with_state(state.clone(), authenticate_or_anonymous));
     let max_body = state.settings.max_body_bytes;
     Router::new()
         .merge(crate::openapi::public_routes().split_for_parts().0)
         .merge(authenticated)
+        .merge(open)
         // Runners authenticate these with the platform's tokens.
         .merge(crate::openapi::token_routes().split_for_parts().0)
         .fallback(no_route)

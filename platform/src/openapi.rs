@@ -67,6 +67,12 @@ pub(crate) fn key_routes() -> OpenApiRouter<AppState> {
         .merge(crate::http::document_routes())
 }
 
+/// The routes that take an API key or, where what they serve allows it,
+/// none: calling a Function.
+pub(crate) fn open_routes() -> OpenApiRouter<AppState> {
+    crate::calls::api::call_routes()
+}
+
 /// The routes runners call with the platform's tokens instead of an API
 /// key.
 pub(crate) fn token_routes() -> OpenApiRouter<AppState> {
@@ -84,6 +90,7 @@ pub fn document() -> &'static str {
         let routes = OpenApiRouter::with_openapi(Base::openapi())
             .merge(key_routes())
             .merge(token_routes())
+            .merge(open_routes())
             .merge(public_routes());
         routes.split_for_parts().1.to_json().expect("the document serialises")
     });

@@ -374,6 +374,26 @@ pub struct FunctionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315_360_000))]
     pub stale_after_seconds: Option<u32>,
+    /// How the Function is called over HTTP.
+    #[serde(default, skip_serializing_if = "CallsSpec::is_default")]
+    #[cfg_attr(feature = "openapi", schema(required = false))]
+    pub calls: CallsSpec,
+}
+
+/// `spec.calls`: the Function as an HTTP endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CallsSpec {
+    /// Whether a request without an API key may call the Function (off by
+    /// default; see docs/security.md before turning it on).
+    #[serde(default)]
+    pub anonymous: bool,
+}
+
+impl CallsSpec {
+    fn is_default(&self) -> bool {
+        *self == CallsSpec::default()
+    }
 }
 
 /// The triggers a spec may name: `schedule` is on while `schedule.cron`
@@ -429,7 +449,9 @@ const SPEC_FIELDS: &[Field] = &[
     field("invalidates", "invalidates"),
     field("paused", "paused"),
     field("staleAfterSeconds", "stale_after_seconds"),
+    field("calls", "calls"),
 ];
+const CALLS_FIELDS: &[Field] = &[field("anonymous", "anonymous")];
 const F_TARGETS: Field = SPEC_FIELDS[0];
 const F_SELECTOR: Field = SPEC_FIELDS[1];
 const F_INPUTS: Field = SPEC_FIELDS[2];
@@ -443,6 +465,7 @@ const F_SCALING: Field = SPEC_FIELDS[9];
 const F_INVALIDATES: Field = SPEC_FIELDS[10];
 const F_PAUSED: Field = SPEC_FIELDS[11];
 const F_STALE_AFTER: Field = SPEC_FIELDS[12];
+const F_CALLS: Field = SPEC_FIELDS[13];
 
 const WORKER_FIELDS: &[Field] = &[
     field("image", "image"),
@@ -619,6 +642,13 @@ pub fn validate_spec(p: &mut Problems, path: &str, value: &Value, case: Case) ->
     let invalidates = obj.string_list(p, F_INVALIDATES).unwrap_or_default();
     let paused = obj.boolean(p, F_PAUSED);
     let stale_after_seconds = obj.int(p, F_STALE_AFTER, 1, limits::STALE_AFTER_SECONDS).map(|n| n as u32);
+    let calls = match obj.get(F_CALLS) {
+        None => CallsSpec::default(),
+        Some(v) => match Obj::open(p, &obj.path_of(F_CALLS), v, case, CALLS_FIELDS) {
+            Some(c) => CallsSpec { anonymous: c.boolean(p, CALLS_FIELDS[0]).unwrap_or(false) },
+            None => CallsSpec::default(),
+        },
+    };
 
     if !p.is_empty() && start {
         return None;
@@ -637,6 +667,7 @@ pub fn validate_spec(p: &mut Problems, path: &str, value: &Value, case: Case) ->
             scaling,
             invalidates,
             stale_after_seconds,
+            calls,
         },
         paused,
     })

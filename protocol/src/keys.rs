@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// What a key may do. `admin` implies `write`, which implies `read`.
+/// What a key may do. `admin` implies `write`, which implies `read` and
+/// `invoke`; `invoke` (calling Functions over HTTP) implies nothing else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
@@ -12,12 +13,26 @@ pub enum Scope {
     Read,
     Write,
     Admin,
+    Invoke,
 }
 
 impl Scope {
     /// Whether holding `self` is enough for an operation that needs `needed`.
     pub fn covers(self, needed: Scope) -> bool {
-        self >= needed
+        match (self, needed) {
+            (Scope::Admin, _) => true,
+            (Scope::Write, Scope::Read | Scope::Write | Scope::Invoke) => true,
+            (s, n) => s == n,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Admin => "admin",
+            Scope::Invoke => "invoke",
+        }
     }
 }
 
@@ -35,6 +50,11 @@ pub struct Entitlement {
     /// ending in `*` matches a prefix); other namespaces answer 404.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespaces: Option<Vec<String>>,
+    /// When present, the grant applies only to calls of these Functions
+    /// (an entry ending in `*` matches a prefix), and to nothing else;
+    /// other Functions answer 404.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub functions: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claims: Option<Vec<String>>,
 }

@@ -22,8 +22,48 @@ fn pattern_matches(pattern: &str, namespace: &str) -> bool {
 }
 
 impl Principal {
+    /// (scope, namespace restriction) of every grant over rows and the
+    /// platform: `invoke`, and grants restricted to Functions
+    /// (`functions`), reach calls alone (see [`Principal::require_call`]).
     fn grants(&self) -> impl Iterator<Item = (Scope, Option<&Vec<String>>)> {
-        self.entitlements.values().flat_map(|e| e.scopes.iter().flatten().map(move |s| (*s, e.namespaces.as_ref())))
+        self.entitlements.values().filter(|e| e.functions.is_none()).flat_map(|e| {
+            e.scopes.iter().flatten().filter(|s| **s != Scope::Invoke).map(move |s| (*s, e.namespaces.as_ref()))
+        })
+    }
+
+    /// The key that makes no request: an anonymous call of a Function that
+    /// allows them. It holds nothing.
+    pub fn anonymous() -> Self {
+        Principal { key_id: String::new(), entitlements: Default::default() }
+    }
+
+    pub fn is_anonymous(&self) -> bool {
+        self.key_id.is_empty()
+    }
+
+    /// Checks that the key may call Function `udf_id`: the `invoke` scope
+    /// (or `write`, or `admin`) on a grant without a namespace restriction,
+    /// for every Function or for this one. A key whose grants name other
+    /// Functions only is told there is no such Function (404); a key that
+    /// may call none, that it lacks the scope (403).
+    pub fn require_call(&self, udf_id: &str) -> Result<(), PlatformError> {
+        let invokers = || {
+            self.entitlements
+                .values()
+                .filter(|e| e.namespaces.is_none() && e.scopes.iter().flatten().any(|s| s.covers(Scope::Invoke)))
+        };
+        let allowed =
+            invokers().any(|e| e.functions.as_ref().is_none_or(|list| list.iter().any(|p| pattern_matches(p, udf_id))));
+        if allowed {
+            Ok(())
+        } else if invokers().next().is_some() {
+            Err(PlatformError::NotFound(format!("function {udf_id} not found")))
+        } else {
+            Err(PlatformError::Forbidden(format!(
+                "key {} lacks the invoke scope calling a Function needs",
+                self.key_id
+            )))
+        }
     }
 
     /// Whether the key holds `needed` for the whole platform (no namespace
@@ -88,11 +128,7 @@ impl Principal {
 }
 
 fn scope_name(s: Scope) -> &'static str {
-    match s {
-        Scope::Read => "read",
-        Scope::Write => "write",
-        Scope::Admin => "admin",
-    }
+    s.as_str()
 }
 
 #[cfg(test)]
@@ -103,6 +139,7 @@ mod tests {
     fn principal(scopes: Vec<Scope>, namespaces: Option<Vec<&str>>) -> Principal {
         let e = Entitlement {
             scopes: Some(scopes),
+            functions: None,
             namespaces: namespaces.map(|v| v.into_iter().map(String::from).collect()),
             claims: None,
         };
@@ -123,6 +160,27 @@ mod tests {
         let p = principal(vec![Scope::Read], None);
         assert!(p.require_namespace("a", Scope::Read).is_ok());
         assert!(matches!(p.require_namespace("a", Scope::Write), Err(PlatformError::Forbidden(_))));
+    }
+
+    #[test]
+    fn an_invoke_key_calls_its_functions_and_does_nothing_else() {
+        let mut p = principal(vec![Scope::Invoke], None);
+        p.entitlements.get_mut("main").unwrap().functions = Some(vec!["tag-products".into(), "echo-*".into()]);
+        assert!(p.require_call("tag-products").is_ok());
+        assert!(p.require_call("echo-v2").is_ok());
+        assert!(matches!(p.require_call("other"), Err(PlatformError::NotFound(_))));
+        assert!(matches!(p.require(Scope::Read), Err(PlatformError::Forbidden(_))));
+        assert!(matches!(p.require_namespace("a", Scope::Read), Err(PlatformError::NotFound(_))));
+        // Unrestricted, it calls any Function, and still reads nothing.
+        let p = principal(vec![Scope::Invoke], None);
+        assert!(p.require_call("anything").is_ok());
+        assert!(matches!(p.require(Scope::Read), Err(PlatformError::Forbidden(_))));
+        assert!(!p.can_see("a"), "an invoke key sees no namespace");
+        // Write and admin keys may call; read keys may not.
+        assert!(principal(vec![Scope::Write], None).require_call("x").is_ok());
+        assert!(principal(vec![Scope::Admin], None).require_call("x").is_ok());
+        assert!(matches!(principal(vec![Scope::Read], None).require_call("x"), Err(PlatformError::Forbidden(_))));
+        assert!(Principal::anonymous().require_call("x").is_err());
     }
 
     #[test]

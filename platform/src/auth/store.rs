@@ -53,7 +53,11 @@ impl KeyRow {
 
 /// The entitlements of the bootstrap admin key.
 pub fn admin_entitlements() -> Entitlements {
-    [("admin".to_string(), Entitlement { scopes: Some(vec![Scope::Admin]), namespaces: None, claims: None })].into()
+    [(
+        "admin".to_string(),
+        Entitlement { scopes: Some(vec![Scope::Admin]), functions: None, namespaces: None, claims: None },
+    )]
+    .into()
 }
 
 /// Validates a mint request; a key without entitlements gets read-only access.
@@ -63,15 +67,37 @@ fn check_mint(req: &MintKeyRequest) -> Result<(Entitlements, Option<i64>)> {
     }
     let entitlements = match &req.entitlements {
         Some(e) if !e.is_empty() => e.clone(),
-        _ => [("default".to_string(), Entitlement { scopes: Some(vec![Scope::Read]), namespaces: None, claims: None })]
-            .into(),
+        _ => [(
+            "default".to_string(),
+            Entitlement { scopes: Some(vec![Scope::Read]), functions: None, namespaces: None, claims: None },
+        )]
+        .into(),
     };
     for (name, e) in &entitlements {
         if e.scopes.as_ref().is_none_or(Vec::is_empty) && e.claims.as_ref().is_none_or(Vec::is_empty) {
             return Err(PlatformError::invalid(
                 format!("entitlements.{name}"),
-                "grants nothing: give scopes (read, write, admin) or claims",
+                "grants nothing: give scopes (read, write, admin, invoke) or claims",
             ));
+        }
+        if let Some(list) = &e.functions {
+            if e.scopes.iter().flatten().any(|s| *s != Scope::Invoke) || e.namespaces.is_some() {
+                return Err(PlatformError::invalid(
+                    format!("entitlements.{name}.functions"),
+                    "names the Functions an invoke grant may call: give it scopes [invoke] and no namespaces",
+                ));
+            }
+            for (i, f) in list.iter().enumerate() {
+                let bare = f.strip_suffix('*').unwrap_or(f);
+                if !bare.is_empty()
+                    && layer_protocol::validate::check_resource_name(bare.trim_end_matches('-')).is_err()
+                {
+                    return Err(PlatformError::invalid(
+                        format!("entitlements.{name}.functions[{i}]"),
+                        format!("\"{f}\" is not a Function name or prefix pattern (name*)"),
+                    ));
+                }
+            }
         }
         if let Some(list) = &e.namespaces {
             for (i, ns) in list.iter().enumerate() {
@@ -130,6 +156,7 @@ pub async fn mint_local_runner_key(pool: &PgPool) -> Result<String> {
     sqlx::query("DELETE FROM api_keys WHERE name = $1").bind(NAME).execute(pool).await?;
     let entitlement = layer_protocol::keys::Entitlement {
         scopes: Some(vec![layer_protocol::keys::Scope::Read]),
+        functions: None,
         namespaces: None,
         claims: Some(vec!["runner".into()]),
     };
@@ -319,6 +346,7 @@ pub async fn mint_worker_key(
     namespaces.sort();
     let entitlement = Entitlement {
         scopes: Some(vec![Scope::Write]),
+        functions: None,
         namespaces: Some(namespaces.clone()),
         claims: Some(vec![format!("{}{}", super::principal::WORKER_CLAIM, udf.id)]),
     };

@@ -39,9 +39,16 @@ use crate::error::{ApiError, PlatformError, REQUEST_ID};
 use crate::http::{AppState, Params, int_param};
 use crate::runners::dispatch::{compute_pools, place_call, scheduling, unmet};
 
-/// The call routes with their part of the OpenAPI document.
+/// The routes of call records, which take an API key, with their part of
+/// the OpenAPI document.
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(call, list)).routes(routes!(get_call))
+    OpenApiRouter::new().routes(routes!(list)).routes(routes!(get_call))
+}
+
+/// Calling a Function, which takes an API key, or none where the Function
+/// allows anonymous calls.
+pub fn call_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(call))
 }
 
 /// The id of the call an answer is for.
@@ -71,6 +78,9 @@ struct Problem {
     /// Seconds to wait before calling again (429, 503).
     #[serde(skip)]
     retry_after: Option<u32>,
+    /// A 401 says how to authenticate.
+    #[serde(skip)]
+    www_authenticate: bool,
 }
 
 impl Problem {
@@ -84,6 +94,7 @@ impl Problem {
             call_id: None,
             request_id: REQUEST_ID.try_with(Clone::clone).ok().filter(|r| !r.is_empty()),
             retry_after: None,
+            www_authenticate: status == StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -129,6 +140,9 @@ impl IntoResponse for Problem {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if let Some(s) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.www_authenticate {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"layer\""));
         }
         if let Some(id) = self.call_id.as_deref().and_then(|i| HeaderValue::from_str(i).ok()) {
             headers.insert(CALL_ID, id);
@@ -181,7 +195,16 @@ struct Ran {
 
 /// The Function, if the caller may call it and it can be called now.
 async fn callable(state: &AppState, p: &Principal, id: &str) -> Result<Udf, Problem> {
-    p.require(Scope::Write)?;
+    if p.is_anonymous() {
+        // Without a key, an unknown Function and one that wants a key look
+        // the same: nothing is learnt about which Functions exist.
+        let open = crate::functions::store::get(&state.pool, id).await.ok().filter(|u| u.spec.calls.anonymous);
+        return open.ok_or_else(|| {
+            let m = "missing API key: send `Authorization: Bearer <api key>` (this Function takes no anonymous calls)";
+            Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "Not authenticated", m)
+        });
+    }
+    p.require_call(id)?;
     let udf = crate::functions::store::get(&state.pool, id).await?;
     if udf.paused {
         return Err(Problem::new(
@@ -343,11 +366,12 @@ fn server_timing(a: &CallAnswer, total_ms: f64) -> String {
 
 #[utoipa::path(post, path = "/v2/udfs/{id}/calls", tag = "calls", operation_id = "call_udf",
     summary = "Call a Function and wait for its answer",
-    description = "Needs the `write` scope. The body is the Function's input: nothing for no arguments, a JSON \
+    description = "Needs the `invoke` scope (which `write` and `admin` imply), for every Function or for this one; no key at all where the Function has `calls.anonymous`. The body is the Function's input: nothing for no arguments, a JSON \
                    object for several (the worker's item `input`), any other JSON value for one (`{\"input\": value}`). \
                    The answer is the worker's output (the item's `attributes`), with `Layer-Call-Id`, `Layer-Revision` \
                    and `Server-Timing`. Errors are `application/problem+json`.",
     params(("id" = String, Path, description = "The Function's id", example = "tags")),
+    security(("bearer" = []), ()),
     request_body(content = Object, description = "The input", example = json!({"id": "p1", "title": "Wireless waterproof speaker"})),
     responses(
         (status = 200, description = "The Function's output", body = Object,
@@ -424,7 +448,7 @@ async fn call(
         http_status: 0,
         runner_id: None,
         worker: None,
-        key_id: Some(p.key_id.clone()),
+        key_id: (!p.is_anonymous()).then(|| p.key_id.clone()),
         request_bytes: body.len() as i64,
         response_bytes: 0,
         queued_at,

@@ -74,8 +74,12 @@ impl Author<'_> {
 /// or changing one needs the admin scope; so does changing the environment
 /// of a worker that is not an image (it is that process's environment). An
 /// image runs in a hardened container and stays open to `write` keys.
-/// Returns the field that needs admin, if any.
+/// Opening the Function to calls without a key (`calls.anonymous`) needs
+/// the admin scope too. Returns the field that needs admin, if any.
 pub fn field_needing_admin(old: Option<&FunctionSpec>, new: &FunctionSpec) -> Option<&'static str> {
+    if new.calls.anonymous && !old.is_some_and(|o| o.calls.anonymous) {
+        return Some("spec.calls.anonymous");
+    }
     let (was, now) = (old.map(|s| &s.worker), &new.worker);
     if now.command.is_some() && was.is_none_or(|w| w.command != now.command) {
         return Some("spec.worker.command");
@@ -118,12 +122,14 @@ pub async fn upsert(
         if !author.may_run_commands {
             let what = if field.ends_with("command") {
                 "a command runs as a process on the runners' hosts"
+            } else if field.ends_with("anonymous") {
+                "it lets anyone who can reach the platform call the Function"
             } else {
                 "it is the environment of a process on the runners' hosts (the worker has no image)"
             };
+            let tail = if field.ends_with("anonymous") { "" } else { " (a worker.image does not)" };
             return Err(PlatformError::Forbidden(format!(
-                "{field}: key {} lacks the admin scope: {what}, so setting or changing it needs an admin key \
-                 (a worker.image does not)",
+                "{field}: key {} lacks the admin scope: {what}, so setting or changing it needs an admin key{tail}",
                 key_id.unwrap_or("?")
             )));
         }

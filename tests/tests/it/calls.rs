@@ -201,3 +201,69 @@ async fn the_echo_worker_answers_through_invoke_with_the_callers_bytes_and_conte
     runner.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invoke_key_calls_its_functions_alone_and_anonymous_calls_are_an_admins_opt_in() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let runner = TestRunner::start(&p, |_| {}).await?;
+    tag_products(&p).await?;
+    p.apply_function("other", json!({"targetNamespaces": ["x"], "worker": {"dispatch": "pull"}})).await?;
+    let input = json!({"id": "p1", "title": "Wireless mouse"});
+
+    // A key that may call tag-products, and do nothing else.
+    let caller = p.mint_key(json!({"calls": {"scopes": ["invoke"], "functions": ["tag-products"]}})).await?;
+    let as_caller = |m: Method, path: &str| p.request(m, path, Some(&caller));
+    // (`mint_key` names its keys "t".)
+    let key_id: String = sqlx::query_scalar("SELECT key_id FROM api_keys WHERE name = 't'").fetch_one(&p.pool).await?;
+    let r = as_caller(Method::POST, "/v2/udfs/tag-products/calls").json(&input).send().await?;
+    assert_eq!(r.status().as_u16(), 200);
+    let rec = record(&p, header(r.headers(), "layer-call-id")).await?;
+    assert_eq!(rec["key_id"], key_id.as_str(), "the record names the calling key: {rec}");
+    let r = as_caller(Method::POST, "/v2/udfs/other/calls").json(&input).send().await?;
+    assert_eq!(r.status().as_u16(), 404, "another Function is not there for it");
+    for path in ["/v2/udfs", "/v2/udfs/tag-products", "/v2/udfs/tag-products/calls", "/v2/namespaces/x/scans"] {
+        let r = as_caller(Method::GET, path).send().await?;
+        assert!(matches!(r.status().as_u16(), 403 | 404), "{path}: {}", r.status());
+    }
+    let listed: Value = as_caller(Method::GET, "/v2/namespaces").send().await?.json().await?;
+    assert_eq!(listed["namespaces"], json!([]), "it sees no namespace: {listed}");
+    // A grant of functions must be an invoke grant.
+    let (status, body) = p
+        .call(
+            Method::POST,
+            "/v2/keys",
+            Some(json!({"name": "x", "entitlements":
+            {"w": {"scopes": ["write"], "functions": ["tag-products"]}}})),
+        )
+        .await?;
+    assert_eq!((status, body["field"].as_str()), (400, Some("entitlements.w.functions")), "{body}");
+
+    // No key: a 401 that says how to authenticate, for a Function that
+    // does not take anonymous calls and for one that does not exist alike.
+    for udf in ["tag-products", "no-such-function"] {
+        let r = p.request(Method::POST, &format!("/v2/udfs/{udf}/calls"), None).json(&input).send().await?;
+        assert_eq!(r.status().as_u16(), 401, "{udf}");
+        assert_eq!(header(r.headers(), "www-authenticate"), "Bearer realm=\"layer\"");
+    }
+    // Opening the Function needs an admin: a write key may not.
+    let writer = p.mint_key(json!({"w": {"scopes": ["write"]}})).await?;
+    let doc = std::fs::read_to_string(workspace_dir().join("examples/tag-products/function.yaml"))?;
+    let mut doc: Value = serde_json::to_value(layer_protocol::resource::parse_documents(&doc)?.remove(0))?;
+    doc["spec"]["worker"]["command"] = json!(["python3", workspace_dir().join("examples/tag-products/worker.py")]);
+    doc["metadata"]["name"] = json!("tag-products");
+    doc["spec"]["calls"] = json!({"anonymous": true});
+    let apply = json!({"documents": [doc]});
+    let (status, body) = p.call_as(&writer, Method::POST, "/v2/apply", Some(apply.clone())).await?;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["message"].as_str().unwrap_or_default().contains("spec.calls.anonymous"), "{body}");
+    let (status, body) = p.call(Method::POST, "/v2/apply", Some(apply)).await?;
+    assert_eq!(status, 200, "{body}");
+    let r = p.request(Method::POST, "/v2/udfs/tag-products/calls", None).json(&input).send().await?;
+    assert_eq!(r.status().as_u16(), 200);
+    let rec = record(&p, header(r.headers(), "layer-call-id")).await?;
+    assert!(rec.get("key_id").is_none(), "an anonymous call has no key: {rec}");
+    let r = p.request(Method::POST, "/v2/udfs/other/calls", None).json(&input).send().await?;
+    assert_eq!(r.status().as_u16(), 401, "other Functions still want a key");
+    runner.stop().await?;
+    Ok(())
+}
