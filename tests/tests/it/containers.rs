@@ -48,14 +48,24 @@ fn containers_of(runner: &str) -> anyhow::Result<Vec<String>> {
 
 /// How many containers of a test runner the engine created between two
 /// Unix times (`docker events`, which answers at once for a past window).
-fn containers_created(runner: &str, since: f64, until: f64) -> anyhow::Result<usize> {
+/// When (Unix seconds) the engine created each container of a runner from
+/// `since` until now, oldest first.
+fn containers_created(runner: &str, since: f64) -> anyhow::Result<Vec<f64>> {
     let filter = format!("label=com.hevlayer.layer.runner={runner}");
+    let until = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
     let out = Command::new("docker")
         .args(["events", "--since", &format!("{since:.3}"), "--until", &format!("{until:.3}")])
-        .args(["--filter", &filter, "--filter", "type=container", "--filter", "event=create", "--format", "{{.ID}}"])
+        .args(["--filter", &filter, "--filter", "type=container", "--filter", "event=create"])
+        .args(["--format", "{{.TimeNano}}"])
         .output()?;
     anyhow::ensure!(out.status.success(), "docker events: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count())
+    let mut at: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<f64>().ok())
+        .map(|n| n / 1e9)
+        .collect();
+    at.sort_by(f64::total_cmp);
+    Ok(at)
 }
 
 fn inspect(id: &str) -> anyhow::Result<Value> {
@@ -208,6 +218,17 @@ async fn the_python_classifier_image_tags_every_product_and_a_stopped_runner_lea
     assert_eq!(d["attributes"]["tags"], json!(["wireless", "waterproof"]), "{d}");
     // replicas.min keeps one warm container.
     assert_eq!(containers_of(&name)?.len(), 1);
+    // The same container answers a call of the Function, warm.
+    let r = p
+        .request(Method::POST, "/v2/udfs/product-tags-image/calls", Some(&p.admin_key))
+        .json(&json!({"id": "c1", "title": "Waterproof jacket"}))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    let timing = r.headers().get("server-timing").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert!(timing.starts_with("queue;"), "the warm container took it: {timing}");
+    assert_eq!(r.json::<Value>().await?, json!({"tags": ["waterproof"]}));
+    assert_eq!(containers_of(&name)?.len(), 1, "no container was started for the call");
     runner.stop().await?;
     assert_eq!(containers_of(&name)?, Vec::<String>::new(), "a stopped runner removes its containers");
     Ok(())
@@ -573,17 +594,25 @@ async fn a_pull_worker_that_exits_backs_off_and_its_status_says_why() -> anyhow:
     let runner = TestRunner::start(&p, |c| c.name = name.clone()).await?;
     let c = condition(&p, "crashy", "WorkerFailing", "has no attribute 'no_such_function'").await?;
     assert!(c["message"].as_str().unwrap_or("").contains("exit code"), "{c}");
-    // Counted from the engine's own record of the containers created in the
-    // 12 s from the runner's start (each lives too briefly for a poll to
-    // see them all; and the window must not start wherever the status
-    // happened to show the failure, by when the pause may have grown).
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
-    if now < since + 12.0 {
-        tokio::time::sleep(Duration::from_secs_f64(since + 12.0 - now)).await;
-    }
-    let created = containers_created(&name, since, since + 12.0)?;
-    // 1 s, 2 s, 4 s, 8 s between starts: a handful, not one per tick.
-    assert!((2..=6).contains(&created), "{created} containers created in 12 s");
+    // Read from the engine's own record of the containers created since the
+    // runner's start (each lives too briefly for a poll to see them all):
+    // the pauses between starts grow (1 s, 2 s, 4 s, ...), where a worker
+    // restarted on every tick would leave even gaps. Each gap also holds
+    // the start of a container, however long the machine takes for it, so
+    // the test compares the gaps with each other, not with a clock.
+    let started = Instant::now();
+    let created = loop {
+        let created = containers_created(&name, since)?;
+        if created.len() >= 4 {
+            break created;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "only {} containers created: {created:?}", created.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let gaps: Vec<f64> = created.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps[0] >= 0.5, "a pause before the first restart: {gaps:?}");
+    // 4 s against 1 s of pause: the third gap is longer by about 3 s.
+    assert!(gaps[2] - gaps[0] > 1.5, "the pause grows: {gaps:?}");
 
     // An image that does not exist says so.
     p.apply_function("crashy", spec("layer/no-such-image:dev", json!({}))).await?;
