@@ -32,6 +32,8 @@ pub struct AppState {
     pub runner_keys: crate::runners::KeyCache,
     /// The client calls are sent to runners with.
     pub http: reqwest::Client,
+    /// What calls are placed by, shared across calls.
+    pub calls: Arc<crate::calls::Catalog>,
 }
 
 /// Limits the HTTP layer enforces.

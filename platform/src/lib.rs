@@ -144,7 +144,9 @@ pub async fn start_on(
     let mut scaling = config.scaling.clone();
     scaling.lost_after = config.runners.lost_after;
     duties.spawn(runners::scaling::run(pool.clone(), scaling, shutdown.clone()));
+    let calls = calls::Catalog::new(pool.clone(), engine.functions_generation(), config.runners.lost_after);
     let state = http::AppState {
+        calls: Arc::new(calls),
         pool: pool.clone(),
         settings: Arc::new(http::Settings { max_body_bytes: config.max_body_bytes, runners: config.runners.clone() }),
         engine,

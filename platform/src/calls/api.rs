@@ -13,6 +13,7 @@
 // its size does not matter.
 #![allow(clippy::result_large_err)]
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -37,7 +38,8 @@ use super::store::{self, CallRow};
 use crate::auth::Principal;
 use crate::error::{ApiError, PlatformError, REQUEST_ID};
 use crate::http::{AppState, Params, int_param};
-use crate::runners::dispatch::{compute_pools, place_call, scheduling, unmet};
+use super::Snapshot;
+use crate::runners::dispatch::{place_call, scheduling, unmet};
 
 /// The routes of call records, which take an API key, with their part of
 /// the OpenAPI document.
@@ -194,18 +196,31 @@ struct Ran {
 }
 
 /// The Function, if the caller may call it and it can be called now.
-async fn callable(state: &AppState, p: &Principal, id: &str) -> Result<Udf, Problem> {
+/// The Function, from the shared snapshot; one created since it was read
+/// (on another replica) is read from the database, and the snapshot with it.
+async fn function(state: &AppState, snapshot: &mut Arc<Snapshot>, id: &str) -> Result<Udf, PlatformError> {
+    if let Some(u) = snapshot.functions.get(id) {
+        return Ok(u.clone());
+    }
+    let udf = crate::functions::store::get(&state.pool, id).await?;
+    state.calls.forget().await;
+    *snapshot = state.calls.get().await?;
+    Ok(udf)
+}
+
+async fn callable(state: &AppState, p: &Principal, id: &str) -> Result<(Udf, Arc<Snapshot>), Problem> {
+    let mut snapshot = state.calls.get().await?;
     if p.is_anonymous() {
         // Without a key, an unknown Function and one that wants a key look
         // the same: nothing is learnt about which Functions exist.
-        let open = crate::functions::store::get(&state.pool, id).await.ok().filter(|u| u.spec.calls.anonymous);
-        return open.ok_or_else(|| {
+        let open = function(state, &mut snapshot, id).await.ok().filter(|u| u.spec.calls.anonymous);
+        return open.map(|u| (u, snapshot)).ok_or_else(|| {
             let m = "missing API key: send `Authorization: Bearer <api key>` (this Function takes no anonymous calls)";
             Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "Not authenticated", m)
         });
     }
     p.require_call(id)?;
-    let udf = crate::functions::store::get(&state.pool, id).await?;
+    let udf = function(state, &mut snapshot, id).await?;
     if udf.paused {
         return Err(Problem::new(
             StatusCode::CONFLICT,
@@ -225,18 +240,22 @@ async fn callable(state: &AppState, p: &Principal, id: &str) -> Result<Udf, Prob
             ),
         ));
     }
-    Ok(udf)
+    Ok((udf, snapshot))
 }
 
 /// Places the call on a runner and waits for its answer.
-async fn run(state: &AppState, udf: Udf, call_id: &str, payload: Payload, span: &Span) -> Result<Ran, Problem> {
-    let pools = compute_pools(crate::resources::store::list_infra_rules(&state.pool).await?);
-    let sched = scheduling(&udf, &pools).map_err(|c| {
+async fn run(
+    state: &AppState,
+    (udf, snapshot): (Udf, Arc<Snapshot>),
+    call_id: &str,
+    payload: Payload,
+    span: &Span,
+) -> Result<Ran, Problem> {
+    let sched = scheduling(&udf, &snapshot.pools).map_err(|c| {
         Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "No runner can run the Function", c.message)
             .retry_after(5)
     })?;
-    let lost_after = state.settings.runners.lost_after.as_secs_f64();
-    let mut runners = crate::runners::store::list(&state.pool, lost_after).await?;
+    let mut runners = snapshot.runners.clone();
     let Some(runner) = place_call(&udf, &sched, &mut runners) else {
         let why = unmet(&sched, &runners).unwrap_or_else(|| {
             format!("every runner that can run it holds replicas.max ({}) workers of it", sched.plan.replicas_max)
@@ -396,7 +415,7 @@ async fn call(
     let arrived = Instant::now();
     let queued_at = Utc::now();
     let call_id = format!("call_{}", uuid::Uuid::new_v4().simple());
-    let udf = match callable(&state, &p, &id).await {
+    let (udf, snapshot) = match callable(&state, &p, &id).await {
         Ok(u) => u,
         Err(problem) => return problem.into_response(),
     };
@@ -459,7 +478,7 @@ async fn call(
         error: None,
     };
     let revision = udf.revision;
-    let (outcome, timing) = match run(&state, udf, &call_id, payload, &span).await {
+    let (outcome, timing) = match run(&state, (udf, snapshot), &call_id, payload, &span).await {
         Ok(ran) => {
             let (outcome, status) = answer_of(&ran);
             let a = &ran.answer;

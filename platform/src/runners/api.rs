@@ -73,6 +73,7 @@ async fn register(
     let (id, key) = store::register(&state.pool, &p.key_id, &req).await?;
     tracing::info!(runner_id = %id, name = %req.name, address = %req.address, "runner registered");
     state.engine.work_ready().notify_one();
+    state.calls.forget().await;
     Ok(Json(RegisterResponse {
         token: tokens::sign(&key, &id, Purpose::Session, tokens::SESSION_TTL_SECONDS),
         token_expires_in_seconds: tokens::SESSION_TTL_SECONDS,
@@ -234,6 +235,7 @@ async fn heartbeat(
     if was_lost && req.state == RunnerState::Active {
         tracing::info!(runner_id = %id, "runner is back");
         state.engine.work_ready().notify_one();
+        state.calls.forget().await;
     }
     // Rotate before expiry: a fresh token once past half-life.
     let token = (tokens::seconds_left(&claims) < tokens::SESSION_TTL_SECONDS / 2)
@@ -314,6 +316,7 @@ async fn deregister(
     store::deregister(&state.pool, &id).await?;
     crate::auth::store::delete_worker_keys(&state.pool, &id).await?;
     tracing::info!(runner_id = %id, "runner deregistered");
+    state.calls.forget().await;
     Ok(Json(StatusResponse::ok(format!("runner {id} deregistered"))))
 }
 

@@ -22,6 +22,10 @@
 //! `containers` (W6): write-to-marker with a cold and a warm worker
 //! container, and the container's start alone.
 //!
+//! `calls` (W3): the overhead of a call through platform and runner over
+//! calling the same warm worker directly, at idle and at half the peak,
+//! the peak calls/s, and a two-hop nginx chain as the reference.
+//!
 //! `discovery`: a namespace of `--rows` rows that are already complete, then
 //! `--new` rows written; prints how long the incremental sweep takes.
 
@@ -30,6 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
 
+mod calls;
 mod ceiling;
 mod drain;
 mod push;
@@ -94,6 +99,16 @@ enum Bench {
     Containers {
         #[arg(long, default_value_t = 10)]
         samples: usize,
+    },
+    /// W3: calls through platform and runner against the worker alone and
+    /// a two-hop nginx chain.
+    Calls {
+        /// Calls per idle measurement.
+        #[arg(long, default_value_t = 2_000)]
+        samples: usize,
+        /// Concurrent callers for the peak.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
     },
     /// Incremental discovery over a large, already complete namespace.
     Discovery {
@@ -224,6 +239,7 @@ async fn main() -> Result<()> {
         Bench::Push { rows, batch, workers, slots } => push::w1_push(rows, &batch, workers, slots).await,
         Bench::Latency { samples } => push::w2(samples).await,
         Bench::Containers { samples } => push::w6(samples).await,
+        Bench::Calls { samples, clients } => calls::w3(samples, clients).await,
         Bench::Discovery { rows, new, repeat } => drain::discovery(rows, new, repeat).await,
     }
 }

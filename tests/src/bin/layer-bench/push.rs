@@ -13,7 +13,7 @@ use crate::drain::{
     KEY, Platform, call, cpu_seconds, fill, layer_binary, postgres_cpu, postmaster_pid, start_platform, status,
 };
 
-struct Runner(Child);
+pub(crate) struct Runner(Child);
 
 impl Drop for Runner {
     fn drop(&mut self) {
@@ -22,7 +22,7 @@ impl Drop for Runner {
     }
 }
 
-fn echo_binary() -> Result<PathBuf> {
+pub(crate) fn echo_binary() -> Result<PathBuf> {
     let bin = std::env::current_exe()?.parent().context("exe dir")?.join("layer-echo-worker");
     if !bin.exists() {
         bail!("{} is missing: build it with `cargo build --release -p layer-echo-worker`", bin.display());
@@ -30,7 +30,7 @@ fn echo_binary() -> Result<PathBuf> {
     Ok(bin)
 }
 
-async fn start_runner(http: &reqwest::Client, platform: &Platform, slots: u32) -> Result<Runner> {
+pub(crate) async fn start_runner(http: &reqwest::Client, platform: &Platform, slots: u32) -> Result<Runner> {
     start_runner_with(http, platform, slots, &[]).await
 }
 
@@ -68,7 +68,7 @@ fn tree_cpu(pid: u32) -> f64 {
     cpu_seconds(pid, false) + children
 }
 
-async fn stop_runner(http: &reqwest::Client, platform: &Platform, runner: Runner) -> Result<()> {
+pub(crate) async fn stop_runner(http: &reqwest::Client, platform: &Platform, runner: Runner) -> Result<()> {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(runner.0.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
     let start = Instant::now();
     loop {
@@ -83,7 +83,7 @@ async fn stop_runner(http: &reqwest::Client, platform: &Platform, runner: Runner
     Ok(())
 }
 
-async fn with_platform<F, Fut>(tag: &str, body: F) -> Result<()>
+pub(crate) async fn with_platform<F, Fut>(tag: &str, body: F) -> Result<()>
 where
     F: FnOnce(reqwest::Client, Platform, u32, String) -> Fut,
     Fut: std::future::Future<Output = Result<()>>,
