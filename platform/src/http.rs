@@ -34,6 +34,10 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// What calls are placed by, shared across calls.
     pub calls: Arc<crate::calls::Catalog>,
+    /// Writes the records of calls.
+    pub recorder: crate::calls::store::Recorder,
+    /// API keys checked within the last second.
+    pub keys: Arc<crate::auth::store::KeyCache>,
 }
 
 /// Limits the HTTP layer enforces.
@@ -182,7 +186,7 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
             .into_response();
         }
     };
-    match crate::auth::store::authenticate(&state.pool, &token).await {
+    match state.keys.authenticate(&state.pool, &token).await {
         Ok(principal) => {
             tracing::Span::current().record("key_id", principal.key_id.as_str());
             req.extensions_mut().insert(principal);

@@ -147,6 +147,8 @@ pub async fn start_on(
     let calls = calls::Catalog::new(pool.clone(), engine.functions_generation(), config.runners.lost_after);
     let state = http::AppState {
         calls: Arc::new(calls),
+        recorder: calls::store::Recorder::spawn(pool.clone()),
+        keys: Default::default(),
         pool: pool.clone(),
         settings: Arc::new(http::Settings { max_body_bytes: config.max_body_bytes, runners: config.runners.clone() }),
         engine,

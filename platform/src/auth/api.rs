@@ -84,6 +84,7 @@ async fn revoke(
 ) -> Result<Json<ApiKey>, ApiError> {
     p.require(Scope::Admin)?;
     let key = store::revoke(&state.pool, &key_id).await?;
+    state.keys.forget();
     tracing::info!(key_id = %key_id, by = %p.key_id, "revoked api key");
     Ok(Json(key))
 }
@@ -100,6 +101,7 @@ async fn delete(
 ) -> Result<Json<StatusResponse>, ApiError> {
     p.require(Scope::Admin)?;
     store::delete(&state.pool, &key_id).await?;
+    state.keys.forget();
     tracing::info!(key_id = %key_id, by = %p.key_id, "deleted api key");
     Ok(Json(StatusResponse::ok(format!("key {key_id} deleted"))))
 }

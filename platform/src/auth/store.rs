@@ -218,6 +218,11 @@ struct AuthRow {
 /// Resolves a bearer token to a principal: 401 when unknown, 403 when
 /// revoked or expired.
 pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Principal> {
+    authenticate_for(pool, token).await.map(|(p, _)| p)
+}
+
+/// [`authenticate`], with the key's expiry for [`KeyCache`].
+async fn authenticate_for(pool: &PgPool, token: &str) -> Result<(Principal, Option<DateTime<Utc>>)> {
     let hash = hash_token(token);
     let row: Option<AuthRow> = sqlx::query_as(
         "SELECT key_id, entitlements, token_hash, revoked_at, expires_at, last_seen_at, now() AS now
@@ -244,7 +249,52 @@ pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Principal> {
     if last_seen_at.is_none_or(|t| (now - t).num_seconds() >= 60) {
         sqlx::query("UPDATE api_keys SET last_seen_at = now() WHERE key_id = $1").bind(&key_id).execute(pool).await?;
     }
-    Ok(Principal { key_id, entitlements: entitlements.0 })
+    Ok((Principal { key_id, entitlements: entitlements.0 }, expires_at))
+}
+
+/// Keys this replica checked within the last second, by the hash of their
+/// token, so a caller making many requests costs one lookup a second, not
+/// one a request. Revoking or deleting a key here forgets them all; on
+/// another replica the key is refused at most [`KeyCache::FOR`] later. An
+/// expiry is checked on every use.
+#[derive(Default)]
+pub struct KeyCache {
+    keys: std::sync::Mutex<std::collections::HashMap<Vec<u8>, CachedKey>>,
+}
+
+/// A checked key, its expiry, and when it was checked.
+type CachedKey = (Principal, Option<DateTime<Utc>>, std::time::Instant);
+
+impl KeyCache {
+    pub const FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+    pub async fn authenticate(&self, pool: &PgPool, token: &str) -> Result<Principal> {
+        let hash = hash_token(token);
+        let hit = self.keys.lock().unwrap_or_else(|e| e.into_inner()).get(&hash).cloned();
+        if let Some((p, expires_at, at)) = hit
+            && at.elapsed() < Self::FOR
+        {
+            if let Some(exp) = expires_at
+                && exp <= Utc::now()
+            {
+                return Err(PlatformError::Forbidden(format!("key {} expired at {}", p.key_id, rfc3339(exp))));
+            }
+            return Ok(p);
+        }
+        let (p, expires_at) = authenticate_for(pool, token).await?;
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded: past a few thousand keys in a second, start over.
+        if keys.len() > 10_000 {
+            keys.clear();
+        }
+        keys.insert(hash, (p.clone(), expires_at, std::time::Instant::now()));
+        Ok(p)
+    }
+
+    /// Forgets every key (one was revoked or deleted).
+    pub fn forget(&self) {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
 
 pub async fn list(pool: &PgPool, include_revoked: bool) -> Result<Vec<ApiKey>> {

@@ -34,11 +34,11 @@ use serde_json::{Map, Value};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::Snapshot;
 use super::store::{self, CallRow};
 use crate::auth::Principal;
 use crate::error::{ApiError, PlatformError, REQUEST_ID};
 use crate::http::{AppState, Params, int_param};
-use super::Snapshot;
 use crate::runners::dispatch::{place_call, scheduling, unmet};
 
 /// The routes of call records, which take an API key, with their part of
@@ -535,12 +535,7 @@ async fn call(
     metrics.calls.with_label_values(&[&record.function_id, &record.status]).inc();
     metrics.call_duration.with_label_values(&[&record.function_id]).observe(arrived.elapsed().as_secs_f64());
     // The record is written once the answer is on its way.
-    let pool = state.pool.clone();
-    tokio::spawn(async move {
-        if let Err(e) = store::insert(&pool, &record).await {
-            tracing::warn!(call_id = %record.call_id, error = %e, "recording a call failed");
-        }
-    });
+    state.recorder.record(record);
     response
 }
 

@@ -63,7 +63,8 @@ impl Catalog {
         {
             return Ok(s.clone());
         }
-        let functions = crate::functions::store::list(&self.pool).await?.into_iter().map(|u| (u.id.clone(), u)).collect();
+        let functions =
+            crate::functions::store::list(&self.pool).await?.into_iter().map(|u| (u.id.clone(), u)).collect();
         let rules = crate::resources::store::list_infra_rules(&self.pool).await?;
         let runners = crate::runners::store::list(&self.pool, self.lost_after_seconds).await?;
         let snapshot = Arc::new(Snapshot {

@@ -55,32 +55,80 @@ impl From<CallRow> for CallRecord {
 const COLUMNS: &str = "SELECT call_id, function_id, revision, status, http_status, runner_id, worker, key_id, \
      request_bytes, response_bytes, queued_at, started_at, finished_at, cold_start, trace_id, error FROM calls";
 
-pub async fn insert(pool: &PgPool, r: &CallRow) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO calls (call_id, function_id, revision, status, http_status, runner_id, worker, key_id,
-                            request_bytes, response_bytes, queued_at, started_at, finished_at, cold_start,
-                            trace_id, error)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-    )
-    .bind(&r.call_id)
-    .bind(&r.function_id)
-    .bind(r.revision)
-    .bind(&r.status)
-    .bind(r.http_status)
-    .bind(&r.runner_id)
-    .bind(&r.worker)
-    .bind(&r.key_id)
-    .bind(r.request_bytes)
-    .bind(r.response_bytes)
-    .bind(r.queued_at)
-    .bind(r.started_at)
-    .bind(r.finished_at)
-    .bind(r.cold_start)
-    .bind(&r.trace_id)
-    .bind(&r.error)
-    .execute(pool)
-    .await?;
+/// Writes records in one statement.
+pub async fn insert(pool: &PgPool, rows: &[CallRow]) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut qb = QueryBuilder::<Postgres>::new(
+        "INSERT INTO calls (call_id, function_id, revision, status, http_status, runner_id, worker, key_id, \
+         request_bytes, response_bytes, queued_at, started_at, finished_at, cold_start, trace_id, error) ",
+    );
+    qb.push_values(rows, |mut b, r| {
+        b.push_bind(&r.call_id)
+            .push_bind(&r.function_id)
+            .push_bind(r.revision)
+            .push_bind(&r.status)
+            .push_bind(r.http_status)
+            .push_bind(&r.runner_id)
+            .push_bind(&r.worker)
+            .push_bind(&r.key_id)
+            .push_bind(r.request_bytes)
+            .push_bind(r.response_bytes)
+            .push_bind(r.queued_at)
+            .push_bind(r.started_at)
+            .push_bind(r.finished_at)
+            .push_bind(r.cold_start)
+            .push_bind(&r.trace_id)
+            .push_bind(&r.error);
+    });
+    qb.push(" ON CONFLICT (call_id) DO NOTHING");
+    qb.build().execute(pool).await?;
     Ok(())
+}
+
+/// Records calls off their callers' path: each call's record goes to a
+/// queue that one task writes, as many at a time as have gathered (up to
+/// [`Recorder::BATCH`]), so calls at a high rate cost one statement per
+/// batch, not per call. Records still queued when the platform dies are
+/// lost (their calls were answered).
+#[derive(Clone)]
+pub struct Recorder {
+    tx: tokio::sync::mpsc::Sender<CallRow>,
+}
+
+impl Recorder {
+    const BATCH: usize = 500;
+
+    /// Starts the writing task; it ends once every `Recorder` is dropped and
+    /// the queue is written.
+    pub fn spawn(pool: PgPool) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<CallRow>(10_000);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(Self::BATCH);
+            while rx.recv_many(&mut batch, Self::BATCH).await > 0 {
+                if let Err(e) = insert(&pool, &batch).await {
+                    tracing::warn!(records = batch.len(), error = %e, "recording calls failed");
+                }
+                batch.clear();
+            }
+        });
+        Recorder { tx }
+    }
+
+    /// Queues a record; with the queue full (the database far behind), the
+    /// record is written by a task of its own.
+    pub fn record(&self, row: CallRow) {
+        if let Err(
+            tokio::sync::mpsc::error::TrySendError::Full(row) | tokio::sync::mpsc::error::TrySendError::Closed(row),
+        ) = self.tx.try_send(row)
+        {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(row).await;
+            });
+        }
+    }
 }
 
 pub async fn get(pool: &PgPool, call_id: &str) -> Result<CallRecord> {

@@ -188,6 +188,8 @@ async fn delete(
 ) -> Result<Json<StatusResponse>, ApiError> {
     p.require(Scope::Write)?;
     store::delete(&state.pool, &id).await?;
+    // Its workers' keys went with it.
+    state.keys.forget();
     state.engine.functions_changed();
     tracing::info!(udf = %id, "function deleted");
     Ok(Json(StatusResponse::ok(format!("function {id} deleted; attributes already written are kept"))))

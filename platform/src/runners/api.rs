@@ -297,6 +297,8 @@ async fn worker_key(
     let (runner, _) = authenticate_runner(&state, &headers, &id, Purpose::Session).await?;
     let udf = crate::functions::store::get(&state.pool, &req.udf_id).await?;
     let key = crate::auth::store::mint_worker_key(&state.pool, &id, &runner.name, &udf).await?;
+    // The key it replaced is gone.
+    state.keys.forget();
     tracing::info!(runner_id = %id, udf = %udf.id, key_id = %key.key_id, "minted a worker key");
     Ok(Json(WorkerKeyResponse { udf_id: udf.id, key_id: key.key_id, token: key.token, namespaces: key.namespaces }))
 }
@@ -315,6 +317,7 @@ async fn deregister(
     authenticate_runner(&state, &headers, &id, Purpose::Session).await?;
     store::deregister(&state.pool, &id).await?;
     crate::auth::store::delete_worker_keys(&state.pool, &id).await?;
+    state.keys.forget();
     tracing::info!(runner_id = %id, "runner deregistered");
     state.calls.forget().await;
     Ok(Json(StatusResponse::ok(format!("runner {id} deregistered"))))

@@ -17,12 +17,14 @@ use serde_json::{Value, json};
 use crate::drain::{KEY, call};
 use crate::push::{echo_binary, start_runner, stop_runner, with_platform};
 
-/// A child process killed when dropped.
+/// A child process stopped when dropped: asked to (SIGTERM), so a master
+/// such as nginx's takes its workers with it.
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let _ = self.0.wait();
     }
 }
