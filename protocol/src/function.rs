@@ -381,13 +381,28 @@ pub struct FunctionSpec {
 }
 
 /// `spec.calls`: the Function as an HTTP endpoint.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CallsSpec {
     /// Whether a request without an API key may call the Function (off by
     /// default; see docs/security.md before turning it on).
     #[serde(default)]
     pub anonymous: bool,
+    /// The most calls of the Function one platform replica holds at once,
+    /// waiting for a worker or running; past it a call is a 429 at once.
+    #[serde(default = "default_call_queue")]
+    #[cfg_attr(feature = "openapi", schema(required = false, minimum = 1, maximum = 100_000))]
+    pub queue: u32,
+}
+
+fn default_call_queue() -> u32 {
+    limits::CALL_QUEUE.0 as u32
+}
+
+impl Default for CallsSpec {
+    fn default() -> Self {
+        CallsSpec { anonymous: false, queue: default_call_queue() }
+    }
 }
 
 impl CallsSpec {
@@ -433,6 +448,8 @@ pub mod limits {
     pub const REPLICAS: (i64, i64) = (0, 1_000);
     pub const INPUTS: usize = 256;
     pub const STALE_AFTER_SECONDS: i64 = 10 * 365 * 86_400;
+    /// `calls.queue`: (default, most).
+    pub const CALL_QUEUE: (i64, i64) = (100, 100_000);
 }
 
 const SPEC_FIELDS: &[Field] = &[
@@ -451,7 +468,7 @@ const SPEC_FIELDS: &[Field] = &[
     field("staleAfterSeconds", "stale_after_seconds"),
     field("calls", "calls"),
 ];
-const CALLS_FIELDS: &[Field] = &[field("anonymous", "anonymous")];
+const CALLS_FIELDS: &[Field] = &[field("anonymous", "anonymous"), field("queue", "queue")];
 const F_TARGETS: Field = SPEC_FIELDS[0];
 const F_SELECTOR: Field = SPEC_FIELDS[1];
 const F_INPUTS: Field = SPEC_FIELDS[2];
@@ -645,7 +662,12 @@ pub fn validate_spec(p: &mut Problems, path: &str, value: &Value, case: Case) ->
     let calls = match obj.get(F_CALLS) {
         None => CallsSpec::default(),
         Some(v) => match Obj::open(p, &obj.path_of(F_CALLS), v, case, CALLS_FIELDS) {
-            Some(c) => CallsSpec { anonymous: c.boolean(p, CALLS_FIELDS[0]).unwrap_or(false) },
+            Some(c) => CallsSpec {
+                anonymous: c.boolean(p, CALLS_FIELDS[0]).unwrap_or(false),
+                queue: c
+                    .int(p, CALLS_FIELDS[1], 1, limits::CALL_QUEUE.1)
+                    .map_or(limits::CALL_QUEUE.0 as u32, |n| n as u32),
+            },
             None => CallsSpec::default(),
         },
     };

@@ -400,7 +400,7 @@ fn server_timing(a: &CallAnswer, total_ms: f64) -> String {
         (status = 404, description = "No such Function", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The Function is paused, or is a pull Function", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The Function refused the input (a permanent error)", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Every worker of the Function is busy", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The Function's call queue is full, or no worker of it came free in time", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The worker crashed or answered garbage", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "No runner can take it, or the Function failed transiently", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "The Function did not answer within timeoutSeconds", body = Problem, content_type = "application/problem+json"),
@@ -418,6 +418,16 @@ async fn call(
     let (udf, snapshot) = match callable(&state, &p, &id).await {
         Ok(u) => u,
         Err(problem) => return problem.into_response(),
+    };
+    // Held until the answer is built.
+    let Some(_place) = state.calls.enter(&udf.id, udf.spec.calls.queue) else {
+        let m = format!(
+            "function {id} already holds calls.queue ({}) calls waiting for a worker or running; try again",
+            udf.spec.calls.queue
+        );
+        return Problem::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", "The Function's call queue is full", m)
+            .retry_after(1)
+            .into_response();
     };
     let body = match body {
         Ok(b) => b,

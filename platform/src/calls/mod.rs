@@ -38,6 +38,26 @@ pub struct Catalog {
     generation: Arc<AtomicU64>,
     lost_after_seconds: f64,
     snapshot: tokio::sync::Mutex<Option<Arc<Snapshot>>>,
+    /// Calls of each Function this replica holds now.
+    in_flight: Arc<std::sync::Mutex<HashMap<String, u32>>>,
+}
+
+/// A call's place in its Function's queue, given back when dropped.
+pub struct Place {
+    in_flight: Arc<std::sync::Mutex<HashMap<String, u32>>>,
+    udf_id: String,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.udf_id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.udf_id);
+            }
+        }
+    }
 }
 
 pub struct Snapshot {
@@ -50,7 +70,25 @@ pub struct Snapshot {
 
 impl Catalog {
     pub fn new(pool: PgPool, generation: Arc<AtomicU64>, lost_after: Duration) -> Self {
-        Catalog { pool, generation, lost_after_seconds: lost_after.as_secs_f64(), snapshot: Default::default() }
+        Catalog {
+            pool,
+            generation,
+            lost_after_seconds: lost_after.as_secs_f64(),
+            snapshot: Default::default(),
+            in_flight: Default::default(),
+        }
+    }
+
+    /// A place for one more call of `udf_id`, unless `queue` calls of it
+    /// are already held here (waiting for a worker or running).
+    pub fn enter(&self, udf_id: &str, queue: u32) -> Option<Place> {
+        let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(udf_id.to_string()).or_insert(0);
+        if *n >= queue {
+            return None;
+        }
+        *n += 1;
+        Some(Place { in_flight: self.in_flight.clone(), udf_id: udf_id.to_string() })
     }
 
     /// The current snapshot, read again if it is stale.

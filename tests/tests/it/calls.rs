@@ -267,3 +267,44 @@ async fn an_invoke_key_calls_its_functions_alone_and_anonymous_calls_are_an_admi
     runner.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_call_queue_is_a_429_at_once() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let runner = TestRunner::start(&p, |_| {}).await?;
+    let script = workspace_dir().join("tests/python/push_worker.py");
+    let spec = json!({"targetNamespaces": ["jobs"], "inputs": ["mode"],
+                      "worker": {"dispatch": "push", "command": ["python3", script], "timeoutSeconds": 3},
+                      "schedule": {"leaseSeconds": 30}, "calls": {"queue": 1}});
+    p.apply_function("jobs", spec).await?;
+    let status_url = format!("http://{}/v1/status", runner.addr);
+    let http = reqwest::Client::new();
+    // One call holds the only place (its worker hangs until the timeout);
+    // once its worker is busy, a second call is refused at once.
+    let holding = call(&p, "jobs", json!({"mode": "hang"}));
+    let refused = async {
+        let start = Instant::now();
+        loop {
+            let status: Value = http.get(&status_url).send().await?.json().await?;
+            if status["workers"].as_array().is_some_and(|w| w.iter().any(|w| w["state"] == "busy")) {
+                break;
+            }
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "no worker ever busy: {status}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let t = Instant::now();
+        let answer = call(&p, "jobs", json!({"mode": "ok"})).await?;
+        Ok::<_, anyhow::Error>((answer, t.elapsed()))
+    };
+    let (held, refused) = tokio::join!(holding, refused);
+    let ((status, h, body), took) = refused?;
+    assert_eq!((status, body["code"].as_str()), (429, Some("queue_full")), "{body}");
+    assert_eq!(header(&h, "retry-after"), "1");
+    assert!(took < Duration::from_secs(2), "refused at once, not after a wait: {took:?}");
+    assert_eq!(held?.0, 504, "the held call timed out as its worker hung");
+    // The place is given back: the next call runs.
+    let (status, _, body) = call(&p, "jobs", json!({"mode": "ok"})).await?;
+    assert_eq!(status, 200, "{body}");
+    runner.stop().await?;
+    Ok(())
+}

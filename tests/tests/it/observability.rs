@@ -24,6 +24,68 @@ fn worker_spec(env: Value) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_is_one_trace_across_platform_runner_and_worker() -> anyhow::Result<()> {
+    let (otlp, spans) = otlp_receiver().await?;
+    let traces =
+        layer_telemetry::init_traces("layer-test", layer_telemetry::TraceExport::Endpoint(format!("{otlp}/v1/traces")))
+            .map_err(anyhow::Error::msg)?;
+    let p = TestPlatform::start().await?;
+    let runner = TestRunner::start(&p, |_| {}).await?;
+    p.apply_function("traced", worker_spec(json!({"OTEL_EXPORTER_OTLP_ENDPOINT": otlp}))).await?;
+    let r = p
+        .request(Method::POST, "/v2/udfs/traced/calls", Some(&p.admin_key))
+        .json(&json!({"mode": "ok"}))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    let call_id = r.headers().get("layer-call-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    // The record names the trace (it is written after the answer).
+    let start = Instant::now();
+    let record = loop {
+        let (status, record) = p.call(Method::GET, &format!("/v2/calls/{call_id}"), None).await?;
+        if status == 200 {
+            break record;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "call {call_id} never recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let trace_id = record["trace_id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(trace_id.len(), 32, "{record}");
+
+    let request = "POST /v2/udfs/{id}/calls";
+    let want = [request, "layer.call", "layer.runner.call", "layer.worker.acquire", "layer.worker.call", "worker.run"];
+    let start = Instant::now();
+    let got: Vec<GotSpan> = loop {
+        traces.flush();
+        let got: Vec<GotSpan> = spans.lock().unwrap().iter().filter(|s| s.trace_id == trace_id).cloned().collect();
+        if want.iter().all(|w| got.iter().any(|s| s.name == *w)) {
+            break got;
+        }
+        let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "spans of trace {trace_id} so far: {names:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let by_name: HashMap<&str, &GotSpan> = got.iter().map(|s| (s.name.as_str(), s)).collect();
+    let by_id: HashMap<&str, &GotSpan> = got.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let parent_of = |name: &str| -> String {
+        let s = by_name[name];
+        by_id.get(s.parent_id.as_str()).map(|p| p.name.clone()).unwrap_or_else(|| format!("<{}>", s.parent_id))
+    };
+    let roots: Vec<&str> = got.iter().filter(|s| s.parent_id.is_empty()).map(|s| s.name.as_str()).collect();
+    assert_eq!(roots, [request], "{got:#?}");
+    assert_eq!(parent_of("layer.call"), request);
+    assert_eq!(parent_of("layer.runner.call"), "layer.call", "the runner continues the platform's trace");
+    assert_eq!(parent_of("layer.worker.acquire"), "layer.runner.call");
+    assert_eq!(parent_of("layer.worker.call"), "layer.runner.call");
+    assert_eq!(parent_of("worker.run"), "layer.worker.call", "the worker joins through traceparent");
+    assert_eq!(by_name["layer.call"].attrs["layer.call.id"], call_id);
+    assert_eq!(by_name["layer.call"].attrs["layer.call.status"], "succeeded");
+    assert_eq!(by_name["layer.worker.acquire"].attrs["layer.worker.cold_start"], "true", "the call started a worker");
+    runner.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_push_batch_is_one_trace_across_platform_runner_and_worker() -> anyhow::Result<()> {
     let (otlp, spans) = otlp_receiver().await?;
     let traces =
