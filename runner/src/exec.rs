@@ -14,7 +14,7 @@ use layer_protocol::work::ClaimedItem;
 use layer_telemetry::trace::{KeyValue, Span, SpanKind};
 use serde_json::{Map, Value};
 
-use crate::pool::{AcquireError, Pools, WorkerLease};
+use crate::pool::{AcquireError, Pools, Want, WorkerLease};
 
 /// What a batch run needs.
 #[derive(Clone)]
@@ -141,7 +141,7 @@ impl Exec {
         let wait = Duration::from_secs(u64::from(c.worker.timeout_seconds));
         let started = std::time::Instant::now();
         let acquiring = span.child("layer.worker.acquire", SpanKind::Internal, vec![]);
-        let acquired = self.pools.acquire(&c.udf_id, c.revision, &c.worker, wait).await;
+        let acquired = self.pools.acquire(&c.udf_id, c.revision, &c.worker, wait, Want::Call).await;
         answer.acquire_ms = started.elapsed().as_secs_f64() * 1000.0;
         let mut lease = match acquired {
             Ok(l) => l,
@@ -242,7 +242,7 @@ impl Exec {
             }
             let wait = Duration::from_secs(u64::from(a.worker.lease_seconds) / 2);
             let acquiring = span.child("layer.worker.acquire", SpanKind::Internal, vec![]);
-            let mut lease = match self.pools.acquire(&a.udf_id, a.revision, &a.worker, wait).await {
+            let mut lease = match self.pools.acquire(&a.udf_id, a.revision, &a.worker, wait, Want::Batch).await {
                 Ok(l) => l,
                 Err(AcquireError::StartFailed(m)) => {
                     acquiring.error(format!("the worker did not start: {m}"));

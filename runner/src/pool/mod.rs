@@ -214,13 +214,54 @@ struct Pool {
     next_start: Instant,
     retired: bool,
     freed: Arc<Notify>,
+    /// Whether the last idle worker taken while both calls and batches
+    /// waited went to a call: the next goes to a batch.
+    last_to_call: bool,
+}
+
+/// What a worker is wanted for. When a worker comes free while calls and
+/// batches of its Function both wait for one, they take turns: a call
+/// waits for at most two batches to end (usually one), and a stream of
+/// calls cannot keep batches out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    Batch,
+    Call,
 }
 
 #[derive(Default)]
 struct Inner {
     /// Pools by Function id, each Function's current revision last.
     pools: HashMap<(String, i32), Pool>,
+    /// Batches and calls waiting for a worker, by pool.
+    waiting: HashMap<(String, i32), [usize; 2]>,
     serial: u64,
+}
+
+/// Counts a wait for a worker while it lasts.
+struct Waiting<'a> {
+    pools: &'a Pools,
+    key: (String, i32),
+    want: Want,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(pools: &'a Pools, key: (String, i32), want: Want) -> Self {
+        pools.lock().waiting.entry(key.clone()).or_default()[want as usize] += 1;
+        Waiting { pools, key, want }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.pools.lock();
+        if let Some(w) = inner.waiting.get_mut(&self.key) {
+            w[self.want as usize] -= 1;
+            if *w == [0, 0] {
+                inner.waiting.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// The runner's pools.
@@ -293,16 +334,17 @@ impl Pools {
         self.lock().pools.iter().filter(|((id, _), _)| id == udf_id).map(|(_, p)| p.count).sum()
     }
 
-    /// A worker for one batch of `udf_id` at `revision`, waiting at most
-    /// `wait` for one to come free.
+    /// A worker for one batch (or call: `want`) of `udf_id` at `revision`,
+    /// waiting at most `wait` for one to come free.
     pub async fn acquire(
         &self,
         udf_id: &str,
         revision: i32,
         plan: &WorkerPlan,
         wait: Duration,
+        want: Want,
     ) -> Result<WorkerLease, AcquireError> {
-        self.acquire_as(udf_id, revision, plan, wait, true).await
+        self.acquire_as(udf_id, revision, plan, wait, true, want).await
     }
 
     /// [`Pools::acquire`]; with `evict`, idle workers of other Functions
@@ -314,9 +356,11 @@ impl Pools {
         plan: &WorkerPlan,
         wait: Duration,
         evict: bool,
+        want: Want,
     ) -> Result<WorkerLease, AcquireError> {
         let key = (udf_id.to_string(), revision);
         let deadline = Instant::now() + wait;
+        let _waiting = Waiting::new(self, key.clone(), want);
         let mut short_of_gpus = None;
         let mut fleet_full: Option<String> = None;
         loop {
@@ -325,6 +369,7 @@ impl Pools {
                 self.retire_older(&mut inner, udf_id, revision);
                 inner.serial += 1;
                 let serial = inner.serial;
+                let others = inner.waiting.get(&key).map_or(0, |w| w[1 - want as usize]);
                 let pool = inner.pools.entry(key.clone()).or_insert_with(|| Pool {
                     revision,
                     plan: plan.clone(),
@@ -336,10 +381,13 @@ impl Pools {
                     next_start: Instant::now(),
                     retired: false,
                     freed: Arc::new(Notify::new()),
+                    last_to_call: false,
                 });
                 pool.plan = plan.clone();
+                // Calls and batches both waiting take turns (see [`Want`]).
+                let my_turn = others == 0 || (want == Want::Call) != pool.last_to_call;
                 // The most recently used idle worker: the warmest.
-                while let Some(mut idle) = pool.idle.pop() {
+                while my_turn && let Some(mut idle) = pool.idle.pop() {
                     if idle.worker.has_exited() {
                         tracing::warn!(worker = %idle.worker.name(), "idle worker had exited; replacing it");
                         pool.count -= 1;
@@ -352,6 +400,7 @@ impl Pools {
                         continue;
                     }
                     pool.busy.push(idle.worker.view(udf_id, revision, "busy"));
+                    pool.last_to_call = want == Want::Call;
                     return Ok(WorkerLease {
                         worker: Some(idle.worker),
                         key,
@@ -594,7 +643,7 @@ impl Pools {
         for (id, rev, plan) in wanted {
             // Acquiring and dropping at once leaves a warm idle worker. It
             // takes no GPU from another Function's idle worker.
-            if let Ok(lease) = self.acquire_as(&id, rev, &plan, Duration::ZERO, false).await {
+            if let Ok(lease) = self.acquire_as(&id, rev, &plan, Duration::ZERO, false, Want::Batch).await {
                 drop(lease);
             }
         }

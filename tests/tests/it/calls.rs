@@ -308,3 +308,66 @@ async fn a_full_call_queue_is_a_429_at_once() -> anyhow::Result<()> {
     runner.stop().await?;
     Ok(())
 }
+
+/// Calls and batches of one Function share its workers: while a drain of
+/// 100,000 rows keeps every worker busy, a call takes the next worker that
+/// comes free (calls and waiting batches take turns), so it is answered
+/// within about one batch's time plus its idle latency, not after the
+/// drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_is_answered_during_a_drain_of_the_same_function() -> anyhow::Result<()> {
+    let p = TestPlatform::start().await?;
+    let runner = TestRunner::start(&p, |_| {}).await?;
+    // Rows are queued as they are written (the write trigger).
+    let spec = json!({"targetNamespaces": ["bulk"], "inputs": ["id"], "triggers": ["discovery", "write"],
+                      "worker": {"dispatch": "push", "command": [layer_tests::echo_worker_binary()?],
+                                 "batchSize": 100, "timeoutSeconds": 30},
+                      "schedule": {"maxInFlightBatches": 8},
+                      "scaling": {"mode": "fixed", "replicas": {"min": 2, "max": 2}}});
+    p.apply_function("bulk", spec).await?;
+    // Idle: what a call costs with a warm worker free.
+    call(&p, "bulk", json!({"id": "warm-up"})).await?;
+    let t = Instant::now();
+    let (status, _, _) = call(&p, "bulk", json!({"id": "idle"})).await?;
+    assert_eq!(status, 200);
+    let idle = t.elapsed();
+
+    for chunk in 0..20 {
+        let rows: Vec<Value> = (0..5_000).map(|i| json!({"id": format!("r{}", chunk * 5_000 + i)})).collect();
+        p.upsert_rows("bulk", json!(rows)).await?;
+    }
+    let start = Instant::now();
+    loop {
+        let (_, st) = p.call(Method::GET, "/v2/udfs/bulk/status", None).await?;
+        if st["processing_count"].as_u64() > Some(0) {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "the drain never started: {st}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut during = Vec::new();
+    for i in 0..5 {
+        let t = Instant::now();
+        let (status, _, body) = call(&p, "bulk", json!({"id": format!("during-{i}")})).await?;
+        assert_eq!(status, 200, "{body}");
+        during.push(t.elapsed());
+    }
+    let (_, st) = p.call(Method::GET, "/v2/udfs/bulk/status", None).await?;
+    let left = st["pending_count"].as_u64().unwrap_or(0) + st["processing_count"].as_u64().unwrap_or(0);
+    assert!(left > 0, "the calls were answered while the drain ran: {st}");
+    let st = p.drained("bulk", Duration::from_secs(600)).await?;
+    assert_eq!(st["counts"]["completed"], 100_000, "{st}");
+
+    // The longest batch, from the dispatch of its lease to its report.
+    let longest: f64 = sqlx::query_scalar(
+        "SELECT coalesce(max(extract(epoch FROM finished_at - dispatched_at)), 0)::float8 FROM batches",
+    )
+    .fetch_one(&p.pool)
+    .await?;
+    let bound = Duration::from_secs_f64(longest) + idle + Duration::from_secs(1);
+    for d in &during {
+        assert!(*d <= bound, "a call took {d:?} during the drain; batches took up to {longest:.3} s, idle {idle:?}");
+    }
+    runner.stop().await?;
+    Ok(())
+}
