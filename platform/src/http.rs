@@ -142,6 +142,34 @@ pub fn bool_param(params: &HashMap<String, String>, name: &str) -> Result<bool, 
     }
 }
 
+/// Reads an optional RFC 3339 time parameter; a bad one is a 400 naming it.
+pub fn time_param(
+    params: &HashMap<String, String>,
+    name: &str,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+    params
+        .get(name)
+        .map(|s| {
+            chrono::DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&chrono::Utc)).map_err(|e| {
+                ApiError(PlatformError::invalid(
+                    name,
+                    format!("\"{s}\" is not an RFC 3339 time ({e}); e.g. 2026-01-31T12:00:00Z"),
+                ))
+            })
+        })
+        .transpose()
+}
+
+/// Pages read `limit + 1` rows: the extra one says there is a next page,
+/// which starts after the last row kept; returns its cursor.
+pub fn next_page<T>(rows: &mut Vec<T>, limit: i64, cursor: impl Fn(&T) -> String) -> Option<String> {
+    if rows.len() as i64 <= limit {
+        return None;
+    }
+    rows.truncate(limit as usize);
+    rows.last().map(cursor)
+}
+
 /// Reads an optional integer parameter within bounds.
 pub fn int_param(
     params: &HashMap<String, String>,

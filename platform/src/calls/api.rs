@@ -38,7 +38,7 @@ use super::Snapshot;
 use super::store::{self, CallRow};
 use crate::auth::Principal;
 use crate::error::{ApiError, PlatformError, REQUEST_ID};
-use crate::http::{AppState, Params, int_param};
+use crate::http::{AppState, Params, int_param, next_page, time_param};
 use crate::runners::dispatch::{place_call, scheduling, unmet};
 
 /// The routes of call records, which take an API key, with their part of
@@ -255,9 +255,8 @@ async fn run(
         Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "No runner can run the Function", c.message)
             .retry_after(5)
     })?;
-    let mut runners = snapshot.runners.clone();
-    let Some(runner) = place_call(&udf, &sched, &mut runners) else {
-        let why = unmet(&sched, &runners).unwrap_or_else(|| {
+    let Some(runner) = place_call(&udf, &sched, &snapshot.runners) else {
+        let why = unmet(&sched, &snapshot.runners).unwrap_or_else(|| {
             format!("every runner that can run it holds replicas.max ({}) workers of it", sched.plan.replicas_max)
         });
         return Err(Problem::new(
@@ -570,20 +569,6 @@ struct ListQuery {
     cursor: Option<String>,
 }
 
-fn time_param(params: &Params, name: &str) -> Result<Option<DateTime<Utc>>, PlatformError> {
-    params
-        .get(name)
-        .map(|s| {
-            DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|e| {
-                PlatformError::invalid(
-                    name,
-                    format!("\"{s}\" is not an RFC 3339 time ({e}); e.g. 2026-01-31T12:00:00Z"),
-                )
-            })
-        })
-        .transpose()
-}
-
 /// A cursor is the last row's arrival (microseconds) and id.
 fn parse_cursor(c: &str) -> Result<(DateTime<Utc>, String), PlatformError> {
     let bad = || PlatformError::invalid("cursor", "not a cursor this API gave out (next_cursor of the page before)");
@@ -622,12 +607,8 @@ async fn list(
         limit: int_param(&params, "limit", 50, 1, 1000)?,
     };
     let mut rows = store::list(&state.pool, &id, &filter).await?;
-    let next_cursor = if rows.len() as i64 > filter.limit {
-        rows.truncate(filter.limit as usize);
-        rows.last().map(|r| format!("{}.{}", r.queued_at.timestamp_micros(), r.call_id))
-    } else {
-        None
-    };
+    let next_cursor =
+        next_page(&mut rows, filter.limit, |r| format!("{}.{}", r.queued_at.timestamp_micros(), r.call_id));
     Ok(Json(CallList { calls: rows.into_iter().map(Into::into).collect(), next_cursor }))
 }
 

@@ -233,23 +233,25 @@ fn place<'a>(
     runners: &'a mut [RunnerRow],
     cooldown: &HashMap<String, Instant>,
 ) -> Option<&'a mut RunnerRow> {
-    place_on(udf, s, runners, cooldown, true)
+    let at = pick(udf, s, runners, cooldown, true)?;
+    runners.get_mut(at)
 }
 
 /// Picks a runner for one call of `udf`, as [`place`] picks one for a
 /// batch, except that a runner's batch slots do not limit its calls (a
 /// call waits for a worker of the Function on the runner instead).
-pub(crate) fn place_call<'a>(udf: &Udf, s: &Scheduling, runners: &'a mut [RunnerRow]) -> Option<&'a mut RunnerRow> {
-    place_on(udf, s, runners, &HashMap::new(), false)
+pub(crate) fn place_call<'a>(udf: &Udf, s: &Scheduling, runners: &'a [RunnerRow]) -> Option<&'a RunnerRow> {
+    runners.get(pick(udf, s, runners, &HashMap::new(), false)?)
 }
 
-fn place_on<'a>(
+/// The index of the runner [`place`] (`slots`) or [`place_call`] picks.
+fn pick(
     udf: &Udf,
     s: &Scheduling,
-    runners: &'a mut [RunnerRow],
+    runners: &[RunnerRow],
     cooldown: &HashMap<String, Instant>,
     slots: bool,
-) -> Option<&'a mut RunnerRow> {
+) -> Option<usize> {
     let gpus = s.plan.gpus as usize;
     // `replicas.max` holds across the fleet: once that many workers of the
     // revision run (or are about to: a runner with a batch of it in flight
@@ -262,17 +264,19 @@ fn place_on<'a>(
     let fleet: usize = runners.iter().filter(|r| r.state() == RunnerState::Active).map(hosted).sum();
     let full = fleet >= s.plan.replicas_max as usize;
     runners
-        .iter_mut()
-        .filter(|r| !full || hosted(r) > 0)
-        .filter(|r| r.state() == RunnerState::Active)
-        .filter(|r| !slots || r.in_flight < i64::from(r.capacity.0.slots))
-        .filter(|r| cooldown.get(&r.id).is_none_or(|t| Instant::now() >= *t))
-        .filter(|r| Need::ALL.iter().all(|n| n.met(s, r)))
-        .min_by_key(|r| {
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !full || hosted(r) > 0)
+        .filter(|(_, r)| r.state() == RunnerState::Active)
+        .filter(|(_, r)| !slots || r.in_flight < i64::from(r.capacity.0.slots))
+        .filter(|(_, r)| cooldown.get(&r.id).is_none_or(|t| Instant::now() >= *t))
+        .filter(|(_, r)| Need::ALL.iter().all(|n| n.met(s, r)))
+        .min_by_key(|(_, r)| {
             let warm =
                 r.load.0.workers.iter().any(|w| w.udf_id == udf.id && w.revision == udf.revision && w.state == "idle");
             (!warm, gpus > 0 && gpu_counts(r).1 < gpus, r.in_flight)
         })
+        .map(|(i, _)| i)
 }
 
 /// The first [`Need`] no active or draining runner meets, in words.

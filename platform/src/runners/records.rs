@@ -21,7 +21,7 @@ use utoipa_axum::routes;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, PlatformError, Result};
-use crate::http::{AppState, Params, int_param};
+use crate::http::{AppState, Params, int_param, next_page, time_param};
 use crate::time::rfc3339;
 
 /// The batch-record routes with their part of the OpenAPI document,
@@ -125,16 +125,6 @@ const RECORD_COLUMNS: &str = "SELECT id, function_id, revision, runner_id, state
      worker, gpus, cold_start, error, trace_id, queued_at, dispatched_at, started_at, ended_at, finished_at \
      FROM batches";
 
-/// Pages read `limit + 1` rows: the extra one says there is a next page,
-/// which starts after the last row kept.
-fn next_page<T>(rows: &mut Vec<T>, limit: i64, cursor: impl Fn(&T) -> String) -> Option<String> {
-    if rows.len() as i64 <= limit {
-        return None;
-    }
-    rows.truncate(limit as usize);
-    rows.last().map(cursor)
-}
-
 const STATES: [&str; 3] = ["dispatched", "reported", "abandoned"];
 
 #[utoipa::path(get, path = "/v2/udfs/{id}/batches", tag = "batches", operation_id = "list_batches",
@@ -164,11 +154,8 @@ async fn list_batches(
     if let Some(r) = params.get("runner") {
         qb.push(" AND runner_id = ").push_bind(r.clone());
     }
-    if let Some(s) = params.get("since") {
-        let since = DateTime::parse_from_rfc3339(s).map_err(|e| {
-            PlatformError::invalid("since", format!("\"{s}\" is not an RFC 3339 time ({e}); e.g. 2026-01-31T12:00:00Z"))
-        })?;
-        qb.push(" AND dispatched_at >= ").push_bind(since.with_timezone(&Utc));
+    if let Some(since) = time_param(&params, "since")? {
+        qb.push(" AND dispatched_at >= ").push_bind(since);
     }
     if let Some(c) = params.get("cursor") {
         let before: i64 = c.parse().map_err(|_| PlatformError::invalid("cursor", "not a cursor from next_cursor"))?;
