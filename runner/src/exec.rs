@@ -94,6 +94,13 @@ fn failed(items: &[ClaimedItem], error: &RowError) -> Vec<RowResult> {
         .collect()
 }
 
+/// A worker's answer to a call: its one item's result (`run`), or its own
+/// HTTP answer (`invoke`).
+enum Answered {
+    Item(Option<RowResult>),
+    Passthrough(Passthrough),
+}
+
 /// What ran a batch, for its report and its spans.
 #[derive(Debug, Clone, Default)]
 pub struct Ran {
@@ -179,45 +186,34 @@ impl Exec {
             vec![KeyValue::new("layer.worker", w.name().to_string())],
         );
         let started = std::time::Instant::now();
-        if c.worker.protocol == CallProtocol::Invoke {
-            let outcome = self.invoke(&mut lease, c, &calling).await;
-            answer.worker_ms = started.elapsed().as_secs_f64() * 1000.0;
-            match outcome {
-                Ok(p) => {
-                    calling.set([KeyValue::new("http.response.status_code", i64::from(p.status))]);
-                    answer.outcome = CallOutcome::Succeeded;
-                    answer.passthrough = Some(p);
-                }
-                Err(f) => {
-                    let message = f.row_error().message;
-                    calling.error(message.clone());
-                    answer.outcome = f.call_outcome();
-                    answer.error = Some(message);
-                }
+        let outcome = match c.worker.protocol {
+            CallProtocol::Invoke => self.invoke(&mut lease, c, &calling).await.map(Answered::Passthrough),
+            CallProtocol::Run => {
+                self.call(&mut lease, &a, &a.items, &calling).await.map(|mut r| Answered::Item(r.pop()))
             }
-            calling.end();
-            return answer;
-        }
-        let outcome = self.call(&mut lease, &a, &a.items, &calling).await;
+        };
         answer.worker_ms = started.elapsed().as_secs_f64() * 1000.0;
         crate::metrics::METRICS.worker_call_duration.with_label_values(&[&c.udf_id]).observe(answer.worker_ms / 1000.0);
         match outcome {
-            Ok(mut results) => match results.pop() {
-                Some(RowResult { error: None, attributes, .. }) => {
-                    answer.outcome = CallOutcome::Succeeded;
-                    answer.output = Some(attributes.unwrap_or_default());
-                }
-                Some(RowResult { error: Some(e), .. }) => {
-                    answer.outcome =
-                        if e.kind == FailureKind::Permanent { CallOutcome::Failed } else { CallOutcome::Transient };
-                    calling.error(e.message.clone());
-                    answer.error = Some(e.message);
-                }
-                None => {
-                    answer.outcome = CallOutcome::WorkerFailed;
-                    answer.error = Some("the worker's answer held no result".into());
-                }
-            },
+            Ok(Answered::Passthrough(p)) => {
+                calling.set([KeyValue::new("http.response.status_code", i64::from(p.status))]);
+                answer.outcome = CallOutcome::Succeeded;
+                answer.passthrough = Some(p);
+            }
+            Ok(Answered::Item(Some(RowResult { error: None, attributes, .. }))) => {
+                answer.outcome = CallOutcome::Succeeded;
+                answer.output = Some(attributes.unwrap_or_default());
+            }
+            Ok(Answered::Item(Some(RowResult { error: Some(e), .. }))) => {
+                answer.outcome =
+                    if e.kind == FailureKind::Permanent { CallOutcome::Failed } else { CallOutcome::Transient };
+                calling.error(e.message.clone());
+                answer.error = Some(e.message);
+            }
+            Ok(Answered::Item(None)) => {
+                answer.outcome = CallOutcome::WorkerFailed;
+                answer.error = Some("the worker's answer held no result".into());
+            }
             Err(f) => {
                 let message = f.row_error().message;
                 calling.error(message.clone());
