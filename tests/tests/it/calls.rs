@@ -99,6 +99,15 @@ async fn the_python_example_answers_a_call_with_its_tags_and_the_call_is_recorde
     assert!(body["detail"].as_str().unwrap_or_default().contains("missing title"), "{body}");
     let failed = record(&p, header(&h, "layer-call-id")).await?;
     assert_eq!((failed["status"].as_str(), failed["http_status"].as_u64()), (Some("failed"), Some(422)));
+
+    // The platform's metrics count the calls by how they ended, and the
+    // one cold start.
+    let (text, m) = layer_tests::scrape(&p.url).await?;
+    let sample = |k: &str| m.get(k).copied().unwrap_or_default();
+    assert_eq!(sample(r#"layer_calls_total{status="succeeded",udf="tag-products"}"#), 2.0, "{text}");
+    assert_eq!(sample(r#"layer_calls_total{status="failed",udf="tag-products"}"#), 1.0, "{text}");
+    assert_eq!(sample(r#"layer_call_cold_starts_total{udf="tag-products"}"#), 1.0, "{text}");
+    assert_eq!(sample(r#"layer_call_duration_seconds_count{udf="tag-products"}"#), 3.0, "{text}");
     runner.stop().await?;
     Ok(())
 }

@@ -12,6 +12,37 @@ use layer_tests::{TestPlatform, TestRunner, workspace_dir};
 use reqwest::Method;
 use serde_json::{Value, json};
 
+/// The spans of trace `trace_id`, once every span named in `want` has
+/// arrived (flushing the exporter while waiting).
+async fn trace_with(
+    traces: &layer_telemetry::TraceGuard,
+    spans: &layer_tests::otlp::Spans,
+    trace_id: &str,
+    want: &[&str],
+) -> anyhow::Result<Vec<GotSpan>> {
+    let start = Instant::now();
+    loop {
+        traces.flush();
+        let got: Vec<GotSpan> = spans.lock().unwrap().iter().filter(|s| s.trace_id == trace_id).cloned().collect();
+        if want.iter().all(|w| got.iter().any(|s| s.name == *w)) {
+            return Ok(got);
+        }
+        let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "spans of trace {trace_id} so far: {names:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The name of the parent of the span named `name`, or `<id>` when the
+/// parent is not among `got`.
+fn parent_name(got: &[GotSpan], name: &str) -> String {
+    let s = got.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no span {name}: {got:#?}"));
+    got.iter()
+        .find(|p| p.span_id == s.parent_id)
+        .map(|p| p.name.clone())
+        .unwrap_or_else(|| format!("<{}>", s.parent_id))
+}
+
 fn worker_spec(env: Value) -> Value {
     let script = workspace_dir().join("tests/python/push_worker.py");
     json!({
@@ -54,23 +85,9 @@ async fn a_call_is_one_trace_across_platform_runner_and_worker() -> anyhow::Resu
 
     let request = "POST /v2/udfs/{id}/calls";
     let want = [request, "layer.call", "layer.runner.call", "layer.worker.acquire", "layer.worker.call", "worker.run"];
-    let start = Instant::now();
-    let got: Vec<GotSpan> = loop {
-        traces.flush();
-        let got: Vec<GotSpan> = spans.lock().unwrap().iter().filter(|s| s.trace_id == trace_id).cloned().collect();
-        if want.iter().all(|w| got.iter().any(|s| s.name == *w)) {
-            break got;
-        }
-        let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "spans of trace {trace_id} so far: {names:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let got = trace_with(&traces, &spans, &trace_id, &want).await?;
     let by_name: HashMap<&str, &GotSpan> = got.iter().map(|s| (s.name.as_str(), s)).collect();
-    let by_id: HashMap<&str, &GotSpan> = got.iter().map(|s| (s.span_id.as_str(), s)).collect();
-    let parent_of = |name: &str| -> String {
-        let s = by_name[name];
-        by_id.get(s.parent_id.as_str()).map(|p| p.name.clone()).unwrap_or_else(|| format!("<{}>", s.parent_id))
-    };
+    let parent_of = |name: &str| parent_name(&got, name);
     let roots: Vec<&str> = got.iter().filter(|s| s.parent_id.is_empty()).map(|s| s.name.as_str()).collect();
     assert_eq!(roots, [request], "{got:#?}");
     assert_eq!(parent_of("layer.call"), request);
@@ -110,29 +127,15 @@ async fn a_push_batch_is_one_trace_across_platform_runner_and_worker() -> anyhow
 
     // Every span of the batch arrives, in one trace, the worker's too.
     let want: Vec<&str> = BATCH_SPANS.iter().copied().chain(["worker.run"]).collect();
-    let start = Instant::now();
-    let got: Vec<GotSpan> = loop {
-        traces.flush();
-        let got: Vec<GotSpan> = spans.lock().unwrap().iter().filter(|s| s.trace_id == trace_id).cloned().collect();
-        if want.iter().all(|w| got.iter().any(|s| s.name == *w)) {
-            break got;
-        }
-        let names: Vec<&str> = got.iter().map(|s| s.name.as_str()).collect();
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "spans of trace {trace_id} so far: {names:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let got = trace_with(&traces, &spans, &trace_id, &want).await?;
     let by_name: HashMap<&str, &GotSpan> = got.iter().map(|s| (s.name.as_str(), s)).collect();
-    let by_id: HashMap<&str, &GotSpan> = got.iter().map(|s| (s.span_id.as_str(), s)).collect();
-    let parent_of = |name: &str| -> String {
-        let s = by_name[name];
-        by_id.get(s.parent_id.as_str()).map(|p| p.name.clone()).unwrap_or_else(|| format!("<{}>", s.parent_id))
-    };
+    let parent_of = |name: &str| parent_name(&got, name);
     // One root; every other span's parent is in the trace.
     let roots: Vec<&str> = got.iter().filter(|s| s.parent_id.is_empty()).map(|s| s.name.as_str()).collect();
     assert_eq!(roots, ["layer.batch"], "{got:#?}");
     for s in &got {
         assert!(
-            s.parent_id.is_empty() || by_id.contains_key(s.parent_id.as_str()),
+            s.parent_id.is_empty() || got.iter().any(|p| p.span_id == s.parent_id),
             "{} has no parent: {got:#?}",
             s.name
         );
@@ -190,16 +193,7 @@ async fn a_push_batch_is_one_trace_across_platform_runner_and_worker() -> anyhow
     assert_eq!(st["failed_count"], 1, "{st}");
     let (_, list) = p.call(Method::GET, "/v2/udfs/broken/batches", None).await?;
     let broken_trace = list["batches"][0]["trace_id"].as_str().unwrap().to_string();
-    let start = Instant::now();
-    let got: Vec<GotSpan> = loop {
-        traces.flush();
-        let got: Vec<GotSpan> = spans.lock().unwrap().iter().filter(|s| s.trace_id == broken_trace).cloned().collect();
-        if BATCH_SPANS.iter().all(|w| got.iter().any(|s| s.name == *w)) {
-            break got;
-        }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "spans of the broken batch: {got:#?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let got = trace_with(&traces, &spans, &broken_trace, &BATCH_SPANS).await?;
     let span = |name: &str| got.iter().find(|s| s.name == name).unwrap();
     assert!(span("layer.worker.call").error, "{got:#?}");
     assert!(!span("layer.runner.batch").error, "the batch itself was reported: {got:#?}");
